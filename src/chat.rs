@@ -1,0 +1,196 @@
+//! Chat formatting with the model's own Jinja template (`tokenizer.chat_template`), and the
+//! token spans the paper's directions are read at.
+//!
+//! We render the template itself (minijinja with Python-compatible string methods) rather
+//! than llama.cpp's `llama_chat_apply_template`, because the built-in matcher drops default
+//! system prompts such as Qwen2.5's "You are Qwen, created by Alibaba Cloud…", and a missing
+//! system prompt changes refusal rates.
+
+use std::ops::Range;
+
+use minijinja::{context, Environment, ErrorKind};
+
+use crate::error::{Error, Result};
+use crate::ffi::Token;
+use crate::model::Model;
+
+/// Which system turn to render.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum SystemPrompt {
+    /// No system message: the template inserts its own default, if it has one.
+    #[default]
+    TemplateDefault,
+    /// An explicitly empty system turn (`--no-system`).
+    Empty,
+    /// `--system TEXT`.
+    Text(String),
+}
+
+/// A compiled chat template with the special-token strings it refers to.
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    bos: String,
+    eos: String,
+}
+
+/// A rendered prompt: the text, and where the user's instruction sits in it (bytes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Formatted {
+    pub text: String,
+    pub instruction: Range<usize>,
+}
+
+/// A prompt ready for the engine: tokens plus the spans directions are read at.
+#[derive(Debug, Clone)]
+pub struct Prompt {
+    pub text: String,
+    pub tokens: Vec<Token>,
+    /// Token indices of the user's instruction.
+    pub instruction: Range<usize>,
+    /// Token indices after the instruction: the template's end-of-turn and assistant header
+    /// (Arditi et al.'s post-instruction positions). Always ends at `tokens.len()`.
+    pub post_instruction: Range<usize>,
+}
+
+/// A sentinel no template alters: private-use code points.
+const SENTINEL: &str = "\u{E000}persona-gate-instruction\u{E001}";
+
+impl ChatTemplate {
+    /// # Errors
+    /// [`Error::Template`] when the template does not compile.
+    pub fn new(src: String, bos: String, eos: String) -> Result<ChatTemplate> {
+        let mut env = Environment::new();
+        minijinja_contrib::add_to_environment(&mut env);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+        });
+        env.add_function("strftime_now", |fmt: String| -> String {
+            // Fixed date: the output must not depend on when it ran (byte-identical CSVs).
+            let _ = fmt;
+            "26 Jul 2024".to_string()
+        });
+        env.add_template_owned("chat", src).map_err(|e| Error::Template(e.to_string()))?;
+        Ok(ChatTemplate { env, bos, eos })
+    }
+
+    fn render_raw(&self, system: &SystemPrompt, user: &str) -> Result<String> {
+        let mut messages = Vec::new();
+        match system {
+            SystemPrompt::TemplateDefault => {}
+            SystemPrompt::Empty => messages.push(context! { role => "system", content => "" }),
+            SystemPrompt::Text(t) => messages.push(context! { role => "system", content => t }),
+        }
+        messages.push(context! { role => "user", content => user });
+        let tmpl = self.env.get_template("chat").map_err(|e| Error::Template(e.to_string()))?;
+        tmpl.render(context! {
+            messages => messages,
+            add_generation_prompt => true,
+            bos_token => &self.bos,
+            eos_token => &self.eos,
+        })
+        .map_err(|e| Error::Template(e.to_string()))
+    }
+
+    /// Renders one user turn (with the chosen system turn) and the generation prompt.
+    ///
+    /// # Errors
+    /// [`Error::Template`] when rendering fails.
+    pub fn render(&self, system: &SystemPrompt, user: &str) -> Result<Formatted> {
+        let text = self.render_raw(system, user)?;
+        // Locate the instruction through a sentinel rendering, which works even when the
+        // template trims the content; fall back to the last occurrence of the text.
+        let marked = self.render_raw(system, SENTINEL)?;
+        if let Some((pre, post)) = marked.split_once(SENTINEL) {
+            if text.len() >= pre.len() + post.len() && text.starts_with(pre) && text.ends_with(post) {
+                return Ok(Formatted { instruction: pre.len()..text.len() - post.len(), text });
+            }
+        }
+        let needle = user.trim();
+        let start = text
+            .rfind(needle)
+            .ok_or_else(|| Error::Template("the rendered prompt does not contain the instruction".into()))?;
+        Ok(Formatted { instruction: start..start + needle.len(), text })
+    }
+}
+
+impl Prompt {
+    /// Tokenises a rendered prompt and maps the instruction's byte span onto tokens.
+    ///
+    /// # Errors
+    /// Tokenizer failures.
+    pub fn new(model: &Model, f: Formatted) -> Result<Prompt> {
+        let mut tokens = model.tokenize(&f.text)?;
+        let mut lead = 0;
+        if model.add_bos() && tokens.first() != Some(&model.bos()) {
+            tokens.insert(0, model.bos());
+            lead = 1;
+        }
+        // Byte offset where each token ends, from the token texts.
+        let mut ends = Vec::with_capacity(tokens.len());
+        let mut at = 0usize;
+        for (i, &t) in tokens.iter().enumerate() {
+            if i >= lead {
+                at += model.token_text_bytes(t).len();
+            }
+            ends.push(at);
+        }
+        let (instruction, post_start) = if at == f.text.len() {
+            let first = ends.iter().position(|&e| e > f.instruction.start).unwrap_or(tokens.len());
+            let post = ends.iter().position(|&e| e >= f.instruction.end).map_or(tokens.len(), |i| i + 1);
+            (first..post, post)
+        } else {
+            // Token texts do not concatenate to the prompt (e.g. SentencePiece spaces):
+            // count tokens of the prefixes instead.
+            let n_pre = model.tokenize(&f.text[..f.instruction.start])?.len() + lead;
+            let n_upto = model.tokenize(&f.text[..f.instruction.end])?.len() + lead;
+            (n_pre..n_upto, n_upto)
+        };
+        let n = tokens.len();
+        let post_start = post_start.min(n);
+        Ok(Prompt { text: f.text, tokens, instruction: instruction.start.min(post_start)..post_start, post_instruction: post_start..n })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CHATML_QWEN: &str = "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}{%- else %}{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}{%- endif %}{%- for message in messages %}{%- if not (message.role == 'system' and loop.first) %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}{%- endif %}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}";
+
+    fn qwen() -> ChatTemplate {
+        ChatTemplate::new(CHATML_QWEN.into(), "".into(), "<|im_end|>".into()).unwrap()
+    }
+
+    #[test]
+    fn default_system_prompt_is_inserted() {
+        let f = qwen().render(&SystemPrompt::TemplateDefault, "Hi there").unwrap();
+        assert_eq!(
+            f.text,
+            "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"
+        );
+        assert_eq!(&f.text[f.instruction.clone()], "Hi there");
+    }
+
+    #[test]
+    fn empty_and_custom_system() {
+        let f = qwen().render(&SystemPrompt::Empty, "x").unwrap();
+        assert!(f.text.starts_with("<|im_start|>system\n<|im_end|>\n<|im_start|>user\nx"));
+        let f = qwen().render(&SystemPrompt::Text("Be kind.".into()), "x").unwrap();
+        assert!(f.text.starts_with("<|im_start|>system\nBe kind.<|im_end|>"));
+    }
+
+    #[test]
+    fn trimmed_content_is_located() {
+        let t = ChatTemplate::new("[{{ messages[-1].content | trim }}]".into(), "".into(), "".into()).unwrap();
+        let f = t.render(&SystemPrompt::TemplateDefault, "  padded ").unwrap();
+        assert_eq!(&f.text[f.instruction.clone()], "padded");
+    }
+
+    #[test]
+    fn raise_exception_is_an_error() {
+        let t = ChatTemplate::new("{{ raise_exception('no system role') }}".into(), "".into(), "".into()).unwrap();
+        let e = t.render(&SystemPrompt::TemplateDefault, "x").unwrap_err();
+        assert!(e.to_string().contains("no system role"), "{e}");
+    }
+}

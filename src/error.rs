@@ -1,0 +1,36 @@
+//! The library's error type. Each variant carries what a user needs to fix the input: the
+//! file, the field or layer, and the reason. The binary prints it on one line.
+
+use std::path::PathBuf;
+
+use crate::ffi::FfiError;
+use crate::gguf::GgufError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{}: {source}", .path.display())]
+    Gguf { path: PathBuf, source: GgufError },
+    #[error("{}: {msg}", .path.display())]
+    File { path: PathBuf, msg: String },
+    #[error("{}: {source}", .path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{0}")]
+    Ffi(#[from] FfiError),
+    #[error("chat template: {0}")]
+    Template(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("model '{arch}': {msg}")]
+    Arch { arch: String, msg: String },
+}
+
+impl Error {
+    pub fn file(path: impl Into<PathBuf>, msg: impl Into<String>) -> Error {
+        Error::File { path: path.into(), msg: msg.into() }
+    }
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Error {
+        Error::Io { path: path.into(), source }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,493 @@
+//! Hook points on the residual stream and the hooks that act there: capture, add, project.
+//!
+//! A hook point is `resid_post.L`, llama.cpp's `l_out-L`: the residual stream after layer L
+//! (zero-based, like llama.cpp's `il`), control vector included. At the last layer llama.cpp
+//! keeps only the rows that produce logits. Hooks work on plain `&mut [f32]` rows; the engine
+//! tells them which sequence and position each row is ([`RowInfo`]). At one layer, every
+//! *add* runs before every *project*, then captures read the result: so "steer, then ablate
+//! the steering direction" at the same layer removes what was added.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use crate::error::{Error, Result};
+use crate::ffi::LayerVisitor;
+
+/// A place in the residual stream: `resid_post.L`. Parses from `resid_post.L` or `L`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct HookPoint {
+    pub layer: usize,
+}
+
+impl fmt::Display for HookPoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "resid_post.{}", self.layer)
+    }
+}
+
+impl FromStr for HookPoint {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let n = s.strip_prefix("resid_post.").unwrap_or(s);
+        n.parse::<usize>()
+            .map(|layer| HookPoint { layer })
+            .map_err(|_| format!("'{s}' is not a hook point (expected resid_post.L or a layer number L >= 0)"))
+    }
+}
+
+/// Parses a layer list: `12`, `3,5,9`, `20-23` (inclusive) or a mix, each `< n_layer`.
+///
+/// # Errors
+/// Names the bad part: not a number, negative, out of range, empty or reversed window.
+pub fn parse_layers(s: &str, n_layer: usize) -> Result<Vec<usize>> {
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim) {
+        let part = part.strip_prefix("resid_post.").unwrap_or(part);
+        let (a, b) = match part.split_once('-').filter(|(a, _)| !a.is_empty()) {
+            Some((a, b)) => (a, b),
+            None => (part, part),
+        };
+        let num = |x: &str| -> Result<usize> {
+            let v: i64 = x.trim().parse().map_err(|_| Error::Invalid(format!("layers '{s}': '{x}' is not a layer number")))?;
+            if v < 0 {
+                return Err(Error::Invalid(format!("layers '{s}': layer {v} is negative")));
+            }
+            if v as usize >= n_layer {
+                return Err(Error::Invalid(format!("layers '{s}': layer {v} out of range ({n_layer} layers, 0-{})", n_layer - 1)));
+            }
+            Ok(v as usize)
+        };
+        let (a, b) = (num(a)?, num(b)?);
+        if b < a {
+            return Err(Error::Invalid(format!("layers '{s}': window {a}-{b} is empty")));
+        }
+        out.extend(a..=b);
+    }
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
+}
+
+/// Which sequence and position a row of a decode call belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowInfo {
+    /// Index of the prompt in the caller's list.
+    pub seq: usize,
+    pub kind: RowKind,
+    /// Whether the row produces logits (only those rows reach the last layer).
+    pub output: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowKind {
+    /// Prompt token `idx` of `len`; the post-instruction span starts at `post_start`.
+    Prompt { idx: u32, len: u32, post_start: u32 },
+    /// The `idx`-th generated token, fed back in.
+    Generated { idx: u32 },
+}
+
+/// Which sequences a hook acts on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    All,
+    /// Sorted prompt indices.
+    Only(Vec<usize>),
+}
+
+impl Scope {
+    pub fn only(mut seqs: Vec<usize>) -> Scope {
+        seqs.sort_unstable();
+        seqs.dedup();
+        Scope::Only(seqs)
+    }
+    fn contains(&self, seq: usize) -> bool {
+        match self {
+            Scope::All => true,
+            Scope::Only(v) => v.binary_search(&seq).is_ok(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EditKind {
+    /// h ← h + v
+    Add,
+    /// h ← h − (h·d̂) d̂
+    Project,
+}
+
+/// An edit of the residual stream at some layers, for some sequences.
+#[derive(Debug, Clone)]
+pub struct Edit {
+    pub kind: EditKind,
+    /// Per layer: the vector added (already scaled), or the unit direction projected out.
+    vectors: BTreeMap<usize, Vec<f32>>,
+    pub scope: Scope,
+    touched: u64,
+}
+
+impl Edit {
+    /// Adds `vectors[layer]` (already scaled by the caller) at each layer given.
+    pub fn add(vectors: BTreeMap<usize, Vec<f32>>, scope: Scope) -> Edit {
+        Edit { kind: EditKind::Add, vectors, scope, touched: 0 }
+    }
+
+    /// Projects each layer's direction out of the rows at that layer.
+    ///
+    /// # Errors
+    /// A zero or non-finite direction cannot be normalised.
+    pub fn project(directions: BTreeMap<usize, Vec<f32>>, scope: Scope) -> Result<Edit> {
+        let mut vectors = BTreeMap::new();
+        for (l, d) in directions {
+            let n = d.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
+            if !(n.is_finite() && n > 0.0) {
+                return Err(Error::Invalid(format!("projection direction at layer {l} has norm {n}")));
+            }
+            vectors.insert(l, d.iter().map(|&x| (x as f64 / n) as f32).collect());
+        }
+        Ok(Edit { kind: EditKind::Project, vectors, scope, touched: 0 })
+    }
+
+    pub fn layers(&self) -> impl Iterator<Item = usize> + '_ {
+        self.vectors.keys().copied()
+    }
+    /// Rows × layers this edit changed so far.
+    pub fn touched(&self) -> u64 {
+        self.touched
+    }
+}
+
+/// Where a capture reads rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Position {
+    /// The last prompt token (where the first response token is predicted).
+    LastPrompt,
+    /// Each post-instruction token separately; slot k is position −(k+1) from the end.
+    PostInstruction,
+    /// Mean over all prompt tokens.
+    PromptMean,
+    /// Mean over generated tokens (each fed-back response token).
+    GeneratedMean,
+}
+
+/// Running f64 sums of residual rows per (group, slot, layer): O(layers × n_embd) memory
+/// per group, never per token.
+#[derive(Debug, Clone)]
+pub struct Capture {
+    pub position: Position,
+    layers: Vec<usize>,
+    layer_idx: Vec<Option<usize>>,
+    group_of_seq: Vec<Option<usize>>,
+    n_groups: usize,
+    n_slots: usize,
+    n_embd: usize,
+    sums: Vec<f64>,
+    counts: Vec<u64>,
+}
+
+impl Capture {
+    /// `group_of_seq[i]` is the group prompt `i` adds to (None: not captured). `n_slots` is
+    /// the post-instruction span length for [`Position::PostInstruction`], else 1.
+    pub fn new(layers: &[usize], position: Position, group_of_seq: Vec<Option<usize>>, n_slots: usize, n_layer: usize, n_embd: usize) -> Capture {
+        let n_groups = group_of_seq.iter().flatten().max().map_or(0, |g| g + 1);
+        let mut layer_idx = vec![None; n_layer];
+        for (i, &l) in layers.iter().enumerate() {
+            layer_idx[l] = Some(i);
+        }
+        let n_slots = if position == Position::PostInstruction { n_slots.max(1) } else { 1 };
+        Capture {
+            position,
+            layers: layers.to_vec(),
+            layer_idx,
+            group_of_seq,
+            n_groups,
+            n_slots,
+            n_embd,
+            sums: vec![0.0; n_groups * n_slots * layers.len() * n_embd],
+            counts: vec![0; n_groups * n_slots * layers.len()],
+        }
+    }
+
+    pub fn layers(&self) -> &[usize] {
+        &self.layers
+    }
+    pub fn n_groups(&self) -> usize {
+        self.n_groups
+    }
+    pub fn n_slots(&self) -> usize {
+        self.n_slots
+    }
+
+    fn slot(&self, row: &RowInfo) -> Option<usize> {
+        match (self.position, row.kind) {
+            (Position::LastPrompt, RowKind::Prompt { idx, len, .. }) if idx + 1 == len => Some(0),
+            (Position::PostInstruction, RowKind::Prompt { idx, len, post_start }) if idx >= post_start => {
+                let k = (len - 1 - idx) as usize;
+                (k < self.n_slots).then_some(k)
+            }
+            (Position::PromptMean, RowKind::Prompt { .. }) => Some(0),
+            (Position::GeneratedMean, RowKind::Generated { .. }) => Some(0),
+            _ => None,
+        }
+    }
+
+    fn cell(&self, group: usize, slot: usize, li: usize) -> usize {
+        (group * self.n_slots + slot) * self.layers.len() + li
+    }
+
+    /// Number of rows summed for (group, slot, layer).
+    pub fn count(&self, group: usize, slot: usize, layer: usize) -> u64 {
+        self.layer_idx[layer].map_or(0, |li| self.counts[self.cell(group, slot, li)])
+    }
+
+    /// The f64 sum for (group, slot, layer); layer must be one of the captured layers.
+    pub fn sum(&self, group: usize, slot: usize, layer: usize) -> &[f64] {
+        let li = self.layer_idx[layer].expect("layer is one of the captured layers");
+        let c = self.cell(group, slot, li) * self.n_embd;
+        &self.sums[c..c + self.n_embd]
+    }
+
+    /// The mean row for (group, slot, layer), or None when nothing was captured there.
+    pub fn mean(&self, group: usize, slot: usize, layer: usize) -> Option<Vec<f64>> {
+        let n = self.count(group, slot, layer);
+        (n > 0).then(|| self.sum(group, slot, layer).iter().map(|s| s / n as f64).collect())
+    }
+
+    fn total(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+}
+
+/// Every hook of one run, applied at `l_out` layers through the engine's eval callback.
+#[derive(Debug, Clone)]
+pub struct HookSet {
+    n_layer: usize,
+    n_embd: usize,
+    pub edits: Vec<Edit>,
+    pub captures: Vec<Capture>,
+    want: Vec<bool>,
+    rows: Vec<RowInfo>,
+    out_rows: Vec<usize>,
+}
+
+impl HookSet {
+    pub fn new(n_layer: usize, n_embd: usize) -> HookSet {
+        HookSet { n_layer, n_embd, edits: vec![], captures: vec![], want: vec![false; n_layer], rows: vec![], out_rows: vec![] }
+    }
+
+    fn check(&self, layers: impl Iterator<Item = usize>, dims: impl Iterator<Item = usize>) -> Result<()> {
+        for l in layers {
+            if l >= self.n_layer {
+                return Err(Error::Invalid(format!("hook at layer {l}: out of range ({} layers)", self.n_layer)));
+            }
+        }
+        for d in dims {
+            if d != self.n_embd {
+                return Err(Error::Invalid(format!("hook vector has {d} dims, the model has n_embd {}", self.n_embd)));
+            }
+        }
+        Ok(())
+    }
+
+    /// # Errors
+    /// A layer out of range or a vector of the wrong size.
+    pub fn add_edit(&mut self, e: Edit) -> Result<usize> {
+        self.check(e.layers(), e.vectors.values().map(Vec::len))?;
+        for l in e.layers() {
+            self.want[l] = true;
+        }
+        self.edits.push(e);
+        Ok(self.edits.len() - 1)
+    }
+
+    /// # Errors
+    /// A layer out of range.
+    pub fn add_capture(&mut self, c: Capture) -> Result<usize> {
+        self.check(c.layers.iter().copied(), std::iter::once(c.n_embd))?;
+        for &l in &c.layers {
+            self.want[l] = true;
+        }
+        self.captures.push(c);
+        Ok(self.captures.len() - 1)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.edits.is_empty() && self.captures.is_empty()
+    }
+
+    /// Whether a capture at the last layer needs rows that do not produce logits; the engine
+    /// then marks those rows as outputs so they reach the last layer.
+    pub fn needs_prompt_rows_at_last_layer(&self) -> bool {
+        self.captures.iter().any(|c| {
+            c.layer_idx[self.n_layer - 1].is_some() && matches!(c.position, Position::PostInstruction | Position::PromptMean)
+        })
+    }
+
+    /// Called by the engine before each decode with that batch's rows, in batch order.
+    pub fn set_rows(&mut self, rows: Vec<RowInfo>) {
+        self.out_rows = rows.iter().enumerate().filter(|(_, r)| r.output).map(|(i, _)| i).collect();
+        self.rows = rows;
+    }
+
+    /// Fails if a registered hook never touched a row: a silent no-op would make a steered
+    /// run look like a baseline.
+    ///
+    /// # Errors
+    /// Names the hook that did nothing.
+    pub fn check_touched(&self) -> Result<()> {
+        for (i, e) in self.edits.iter().enumerate() {
+            if e.touched == 0 {
+                let layers: Vec<_> = e.layers().collect();
+                return Err(Error::Invalid(format!("{:?} hook #{i} at layers {layers:?} touched no rows (scope {:?})", e.kind, e.scope)));
+            }
+        }
+        for (i, c) in self.captures.iter().enumerate() {
+            if c.total() == 0 {
+                return Err(Error::Invalid(format!("capture #{i} ({:?}) at layers {:?} saw no rows", c.position, c.layers)));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f64 {
+    a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum()
+}
+
+impl LayerVisitor for HookSet {
+    fn wants(&self, layer: usize) -> bool {
+        self.want.get(layer).copied().unwrap_or(false)
+    }
+
+    fn visit(&mut self, layer: usize, data: &mut [f32], n_rows: usize) -> std::result::Result<bool, String> {
+        let n_embd = self.n_embd;
+        // Which RowInfo each tensor row is: all rows, or at the last layer only output rows.
+        let map: Vec<usize> = if n_rows == self.rows.len() {
+            (0..n_rows).collect()
+        } else if layer + 1 == self.n_layer && n_rows == self.out_rows.len() {
+            self.out_rows.clone()
+        } else {
+            return Err(format!("{n_rows} rows, but the batch has {} tokens ({} outputs)", self.rows.len(), self.out_rows.len()));
+        };
+        let mut modified = false;
+        for kind in [EditKind::Add, EditKind::Project] {
+            for e in self.edits.iter_mut().filter(|e| e.kind == kind) {
+                let Some(v) = e.vectors.get(&layer) else { continue };
+                for (r, &ri) in map.iter().enumerate() {
+                    if !e.scope.contains(self.rows[ri].seq) {
+                        continue;
+                    }
+                    let h = &mut data[r * n_embd..(r + 1) * n_embd];
+                    match kind {
+                        EditKind::Add => h.iter_mut().zip(v).for_each(|(x, &a)| *x += a),
+                        EditKind::Project => {
+                            let p = dot(h, v);
+                            h.iter_mut().zip(v).for_each(|(x, &d)| *x = (*x as f64 - p * d as f64) as f32);
+                        }
+                    }
+                    e.touched += 1;
+                    modified = true;
+                }
+            }
+        }
+        for c in &mut self.captures {
+            let Some(li) = c.layer_idx[layer] else { continue };
+            for (r, &ri) in map.iter().enumerate() {
+                let row = self.rows[ri];
+                let (Some(g), Some(slot)) = (c.group_of_seq.get(row.seq).copied().flatten(), c.slot(&row)) else { continue };
+                let h = &data[r * n_embd..(r + 1) * n_embd];
+                if let Some(bad) = h.iter().position(|x| !x.is_finite()) {
+                    return Err(format!("non-finite activation {} in row {r} (sequence {}), dim {bad}", h[bad], row.seq));
+                }
+                let cell = c.cell(g, slot, li);
+                c.counts[cell] += 1;
+                let s = &mut c.sums[cell * n_embd..(cell + 1) * n_embd];
+                s.iter_mut().zip(h).for_each(|(a, &x)| *a += x as f64);
+            }
+        }
+        Ok(modified)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rows(n: usize) -> Vec<RowInfo> {
+        (0..n).map(|i| RowInfo { seq: i, kind: RowKind::Prompt { idx: 0, len: 1, post_start: 0 }, output: true }).collect()
+    }
+
+    #[test]
+    fn hook_point_round_trips() {
+        let p: HookPoint = "resid_post.12".parse().unwrap();
+        assert_eq!(p.layer, 12);
+        assert_eq!(p.to_string().parse::<HookPoint>().unwrap(), p);
+        assert!("resid_post.-1".parse::<HookPoint>().is_err());
+    }
+
+    #[test]
+    fn layer_lists() {
+        assert_eq!(parse_layers("3,1-2,resid_post.5", 8).unwrap(), vec![1, 2, 3, 5]);
+        assert!(parse_layers("8", 8).unwrap_err().to_string().contains("out of range"));
+        assert!(parse_layers("-1", 8).unwrap_err().to_string().contains("negative"));
+        assert!(parse_layers("5-3", 8).unwrap_err().to_string().contains("empty"));
+        assert!(parse_layers("x", 8).is_err());
+    }
+
+    #[test]
+    fn add_then_project_at_one_layer_removes_the_addition_direction() {
+        let mut hs = HookSet::new(2, 3);
+        hs.add_edit(Edit::add([(0, vec![0.0, 5.0, 0.0])].into(), Scope::All)).unwrap();
+        hs.add_edit(Edit::project([(0, vec![0.0, 2.0, 0.0])].into(), Scope::All).unwrap()).unwrap();
+        hs.set_rows(rows(2));
+        let mut d = vec![1.0, 1.0, 1.0, 2.0, 2.0, 2.0];
+        assert!(hs.visit(0, &mut d, 2).unwrap());
+        assert_eq!(d, vec![1.0, 0.0, 1.0, 2.0, 0.0, 2.0]);
+        hs.check_touched().unwrap();
+    }
+
+    #[test]
+    fn scope_limits_rows_and_untouched_hooks_fail() {
+        let mut hs = HookSet::new(2, 2);
+        hs.add_edit(Edit::add([(1, vec![1.0, 1.0])].into(), Scope::only(vec![1]))).unwrap();
+        hs.set_rows(rows(2));
+        assert!(hs.check_touched().is_err());
+        let mut d = vec![0.0; 4];
+        hs.visit(1, &mut d, 2).unwrap();
+        assert_eq!(d, vec![0.0, 0.0, 1.0, 1.0]);
+        hs.check_touched().unwrap();
+    }
+
+    #[test]
+    fn last_layer_maps_output_rows() {
+        let mut hs = HookSet::new(2, 1);
+        hs.add_edit(Edit::add([(1, vec![1.0])].into(), Scope::only(vec![2]))).unwrap();
+        let mut r = rows(3);
+        r[0].output = false;
+        hs.set_rows(r);
+        let mut d = vec![0.0, 0.0]; // rows of seq 1 and seq 2
+        hs.visit(1, &mut d, 2).unwrap();
+        assert_eq!(d, vec![0.0, 1.0]);
+        assert!(hs.visit(0, &mut d, 2).is_err(), "non-last layer must have every row");
+    }
+
+    #[test]
+    fn capture_sums_in_f64_per_group_and_slot() {
+        let mut hs = HookSet::new(1, 2);
+        hs.add_capture(Capture::new(&[0], Position::PostInstruction, vec![Some(0), Some(0)], 2, 1, 2)).unwrap();
+        let r = |seq, idx| RowInfo { seq, kind: RowKind::Prompt { idx, len: 3, post_start: 1 }, output: false };
+        hs.set_rows(vec![r(0, 0), r(0, 1), r(0, 2), r(1, 0), r(1, 1), r(1, 2)]);
+        let mut d = vec![9.0, 9.0, 1.0, 2.0, 3.0, 4.0, 9.0, 9.0, 5.0, 6.0, 7.0, 8.0];
+        assert!(!hs.visit(0, &mut d, 6).unwrap());
+        let c = &hs.captures[0];
+        assert_eq!(c.mean(0, 0, 0).unwrap(), vec![5.0, 6.0]); // last token: (3,4) and (7,8)
+        assert_eq!(c.mean(0, 1, 0).unwrap(), vec![3.0, 4.0]); // second to last
+        assert_eq!(c.count(0, 0, 0), 2);
+    }
+
+    #[test]
+    fn projection_of_zero_direction_is_refused() {
+        assert!(Edit::project([(0, vec![0.0, 0.0])].into(), Scope::All).is_err());
+    }
+}

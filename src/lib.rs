@@ -1,0 +1,44 @@
+//! persona-gate: persona and refusal steering on quantized GGUF models through llama.cpp.
+//!
+//! The pieces, bottom up:
+//! - [`ffi`]: the only `unsafe` code — llama.cpp model, context, batch, eval callback,
+//!   control vectors — behind a small safe API;
+//! - [`gguf`]: a safe reader for GGUF headers, so bad files fail with a precise message;
+//! - [`model`]: loading, metadata and a cached sha256;
+//! - [`chat`]: the model's own Jinja chat template and the instruction / post-instruction
+//!   token spans;
+//! - [`hooks`]: hook points (`resid_post.L` = llama.cpp's `l_out-L`) and the capture, add
+//!   and project hooks that run there;
+//! - [`engine`]: batched evaluation and greedy generation with hooks.
+//!
+//! ```no_run
+//! use persona_gate::{chat::{Prompt, SystemPrompt}, engine::GenConfig, hooks::HookSet, model::{Model, ModelOptions}};
+//! let model = Model::load("model.gguf".as_ref(), &ModelOptions::default())?;
+//! let tmpl = model.chat_template(None)?;
+//! let p = Prompt::new(&model, tmpl.render(&SystemPrompt::TemplateDefault, "Hello")?)?;
+//! let mut hooks = HookSet::new(model.info.n_layer, model.info.n_embd);
+//! let mut s = model.session()?;
+//! let out = s.generate(&[p], &GenConfig { max_new_tokens: 32, keep_first_logits: false, ignore_eog: false },
+//!                      &mut hooks, &mut |_, _| false, &mut |_| {})?;
+//! println!("{}", out[0].text);
+//! # Ok::<(), persona_gate::error::Error>(())
+//! ```
+#![deny(unsafe_code)]
+
+pub mod bench;
+pub mod chat;
+pub mod demo;
+pub mod label;
+pub mod prompts;
+pub mod engine;
+pub mod error;
+pub mod ffi;
+pub mod gguf;
+pub mod hooks;
+pub mod model;
+pub mod util;
+
+/// This tool's version, written into every output.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The llama.cpp build we drive: the pinned FFI crate that vendors it.
+pub const LLAMA_CPP: &str = "llama.cpp 0.6.0 via llama-cpp-sys-2 =0.1.161";

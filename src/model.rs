@@ -1,0 +1,225 @@
+//! GGUF model loading and metadata: architecture, sizes, quantisation, chat template, and a
+//! sha256 cached outside the repo (keyed by path, size and mtime; hashing GBs is slow).
+
+use std::fmt;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::chat::ChatTemplate;
+use crate::error::{Error, Result};
+use crate::ffi;
+use crate::gguf::{self, Gguf};
+
+/// How to load and run a model; the CLI's `--threads`, `--n-gpu-layers`, `--ctx`, … .
+#[derive(Debug, Clone)]
+pub struct ModelOptions {
+    pub threads: i32,
+    pub n_gpu_layers: i32,
+    /// KV-cache cells shared by all sequences of a batch.
+    pub ctx: u32,
+    /// Tokens per decode call (= n_ubatch).
+    pub batch: u32,
+    /// Maximum sequences decoded together.
+    pub parallel: u32,
+    /// llama.cpp's repacked weight buffers (see `ffi::LoadParams`).
+    pub use_extra_bufts: bool,
+}
+
+impl Default for ModelOptions {
+    fn default() -> Self {
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get().min(8)) as i32;
+        ModelOptions { threads, n_gpu_layers: 0, ctx: 4096, batch: 512, parallel: 16, use_extra_bufts: true }
+    }
+}
+
+/// What `info` prints: read from the GGUF header and from llama.cpp after loading.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    pub path: PathBuf,
+    pub arch: String,
+    pub name: Option<String>,
+    pub n_layer: usize,
+    pub n_embd: usize,
+    pub n_vocab: usize,
+    /// `general.file_type` as llama.cpp names it, e.g. "Q4_K_M".
+    pub file_type: String,
+    pub file_size: u64,
+    pub chat_template: Option<String>,
+    pub desc: String,
+}
+
+/// A loaded model: llama.cpp's handle plus what we read from the file.
+pub struct Model {
+    pub(crate) raw: ffi::Model,
+    pub info: ModelInfo,
+    pub gguf: Gguf,
+    pub options: ModelOptions,
+}
+
+/// Checks that `path` is a readable, complete GGUF file and returns its header.
+///
+/// # Errors
+/// A one-line error naming the path: missing, a directory, not GGUF, truncated.
+pub fn check_gguf(path: &Path) -> Result<Gguf> {
+    let md = std::fs::metadata(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => Error::file(path, "no such file"),
+        _ => Error::io(path, e),
+    })?;
+    if md.is_dir() {
+        return Err(Error::file(path, "is a directory, expected a .gguf file"));
+    }
+    if md.len() == 0 {
+        return Err(Error::file(path, "is empty, expected a .gguf file"));
+    }
+    Gguf::open(path).map_err(|source| Error::Gguf { path: path.to_path_buf(), source })
+}
+
+impl Model {
+    /// Checks and loads a GGUF model.
+    ///
+    /// # Errors
+    /// See [`check_gguf`]; llama.cpp load failures carry llama.cpp's own message.
+    pub fn load(path: &Path, options: &ModelOptions) -> Result<Model> {
+        let gguf = check_gguf(path)?;
+        let arch = gguf
+            .arch()
+            .ok_or_else(|| Error::file(path, "GGUF has no general.architecture key"))?
+            .to_string();
+        let raw = ffi::Model::load(
+            path,
+            &ffi::LoadParams { n_gpu_layers: options.n_gpu_layers, use_extra_bufts: options.use_extra_bufts },
+        )
+        .map_err(|e| Error::file(path, e.to_string()))?;
+        let info = ModelInfo {
+            path: path.to_path_buf(),
+            name: gguf.get_str("general.name").map(str::to_string),
+            n_layer: raw.n_layer(),
+            n_embd: raw.n_embd(),
+            n_vocab: raw.n_vocab(),
+            file_type: gguf.get_u64("general.file_type").map_or("unknown", gguf::file_type_name).to_string(),
+            file_size: gguf.file_size,
+            chat_template: gguf.get_str("tokenizer.chat_template").map(str::to_string),
+            desc: raw.desc(),
+            arch,
+        };
+        Ok(Model { raw, info, gguf, options: options.clone() })
+    }
+
+    /// The model's own chat template, or `override_src` when given.
+    ///
+    /// # Errors
+    /// When the GGUF has no template and none was given, or it does not compile.
+    pub fn chat_template(&self, override_src: Option<String>) -> Result<ChatTemplate> {
+        let src = override_src.or_else(|| self.info.chat_template.clone()).ok_or_else(|| {
+            Error::file(&self.info.path, "GGUF has no tokenizer.chat_template; pass --chat-template FILE")
+        })?;
+        let text = |t: ffi::Token| String::from_utf8_lossy(&self.raw.token_bytes(t, true)).into_owned();
+        ChatTemplate::new(src, text(self.raw.bos()), text(self.raw.eos()))
+    }
+
+    /// The model file's sha256, from the cache when path, size and mtime match.
+    ///
+    /// # Errors
+    /// I/O errors reading the file.
+    pub fn sha256(&self) -> Result<String> {
+        file_sha256(&self.info.path)
+    }
+
+    pub fn tokenize(&self, text: &str) -> Result<Vec<ffi::Token>> {
+        Ok(self.raw.tokenize(text, false)?)
+    }
+
+    /// The text of generated tokens (control tokens dropped), lossily decoded as UTF-8.
+    pub fn detokenize(&self, tokens: &[ffi::Token]) -> String {
+        let mut bytes = Vec::new();
+        for &t in tokens {
+            bytes.extend(self.raw.token_bytes(t, false));
+        }
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    /// The bytes of one token as it appears in rendered template text.
+    pub fn token_text_bytes(&self, t: ffi::Token) -> Vec<u8> {
+        self.raw.token_bytes(t, true)
+    }
+
+    pub fn is_eog(&self, t: ffi::Token) -> bool {
+        self.raw.is_eog(t)
+    }
+    pub fn bos(&self) -> ffi::Token {
+        self.raw.bos()
+    }
+    pub fn add_bos(&self) -> bool {
+        self.raw.add_bos()
+    }
+}
+
+impl fmt::Display for ModelInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "path          {}", self.path.display())?;
+        if let Some(n) = &self.name {
+            writeln!(f, "name          {n}")?;
+        }
+        writeln!(f, "arch          {}", self.arch)?;
+        writeln!(f, "description   {}", self.desc)?;
+        writeln!(f, "n_layer       {}", self.n_layer)?;
+        writeln!(f, "n_embd        {}", self.n_embd)?;
+        writeln!(f, "n_vocab       {}", self.n_vocab)?;
+        writeln!(f, "file_type     {}", self.file_type)?;
+        write!(f, "file_size     {} bytes ({:.1} MiB)", self.file_size, self.file_size as f64 / 1048576.0)
+    }
+}
+
+fn cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("PERSONA_GATE_CACHE") {
+        return PathBuf::from(d);
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    base.join("persona-gate")
+}
+
+/// sha256 of a file, cached in `<cache>/sha256.tsv` by (canonical path, size, mtime).
+///
+/// # Errors
+/// I/O errors reading the file. Cache write failures are ignored (the hash is still right).
+pub fn file_sha256(path: &Path) -> Result<String> {
+    let canon = path.canonicalize().map_err(|e| Error::io(path, e))?;
+    let md = std::fs::metadata(&canon).map_err(|e| Error::io(path, e))?;
+    let mtime = md
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    let key = format!("{}\t{}\t{}", canon.display(), md.len(), mtime);
+    let cache = cache_dir().join("sha256.tsv");
+    let cached = std::fs::read_to_string(&cache).unwrap_or_default();
+    for line in cached.lines() {
+        if let Some((k, h)) = line.rsplit_once('\t') {
+            if k == key {
+                return Ok(h.to_string());
+            }
+        }
+    }
+    let mut f = std::fs::File::open(&canon).map_err(|e| Error::io(path, e))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(|e| Error::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    let hex = format!("{:x}", h.finalize());
+    // Keep other files' entries, drop stale ones for this path, write atomically.
+    let prefix = format!("{}\t", canon.display());
+    let mut out: String = cached.lines().filter(|l| !l.starts_with(&prefix)).map(|l| format!("{l}\n")).collect();
+    out.push_str(&format!("{key}\t{hex}\n"));
+    let _ = std::fs::create_dir_all(cache_dir()).and_then(|_| crate::util::write_atomic(&cache, out.as_bytes()));
+    Ok(hex)
+}

@@ -1,0 +1,92 @@
+//! Prompt sets: the built-in sets written for this project, and personas.
+//!
+//! The built-in sets are small on purpose (16 each) so the default run needs no files; the
+//! harmful set is written in the style of AdvBench/StrongREJECT requests, and the harmless
+//! set mirrors it sentence by sentence with benign tasks, so the two differ in harm, not in
+//! form.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+/// One instruction with where it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Instruction {
+    pub id: String,
+    pub text: String,
+    pub category: Option<String>,
+    pub source: Option<String>,
+}
+
+const HARMFUL: &str = include_str!("builtin/harmful.txt");
+const HARMLESS: &str = include_str!("builtin/harmless.txt");
+const NEUTRAL: &str = include_str!("builtin/neutral.txt");
+/// The built-in personas file (editable copy: `src/prompts/builtin/personas.toml`).
+pub const PERSONAS: &str = include_str!("builtin/personas.toml");
+
+/// A built-in set by name: `harmful`, `harmless` or `neutral`.
+///
+/// # Errors
+/// An unknown name.
+pub fn builtin(name: &str) -> Result<Vec<Instruction>> {
+    let src = match name {
+        "harmful" => HARMFUL,
+        "harmless" => HARMLESS,
+        "neutral" => NEUTRAL,
+        _ => return Err(Error::Invalid(format!("no built-in prompt set '{name}' (harmful, harmless, neutral)"))),
+    };
+    Ok(src
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .enumerate()
+        .map(|(i, l)| Instruction { id: format!("{name}-{i:03}"), text: l.trim().to_string(), category: None, source: Some(format!("builtin:{name}")) })
+        .collect())
+}
+
+/// A contrastive persona: positive and negative system prompts.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Persona {
+    pub description: String,
+    pub positive: Vec<String>,
+    pub negative: Vec<String>,
+}
+
+/// Parses a personas TOML file (`[name] description, positive = [..], negative = [..]`).
+///
+/// # Errors
+/// TOML errors with their location; a persona with an empty side.
+pub fn parse_personas(src: &str, origin: &str) -> Result<BTreeMap<String, Persona>> {
+    let map: BTreeMap<String, Persona> = toml::from_str(src).map_err(|e| Error::Invalid(format!("{origin}: {}", e.message())))?;
+    for (name, p) in &map {
+        if p.positive.is_empty() || p.negative.is_empty() {
+            return Err(Error::Invalid(format!("{origin}: [{name}]: positive and negative must each have at least one prompt")));
+        }
+    }
+    Ok(map)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtin_sets_are_sixteen_each() {
+        for n in ["harmful", "harmless", "neutral"] {
+            assert_eq!(builtin(n).unwrap().len(), 16, "{n}");
+        }
+        assert!(builtin("nope").is_err());
+    }
+
+    #[test]
+    fn builtin_personas_parse() {
+        let p = parse_personas(PERSONAS, "builtin").unwrap();
+        for k in ["compliant", "evil", "callous", "hostile", "arrogant"] {
+            assert!(p.contains_key(k), "{k}");
+        }
+        assert!(parse_personas("[x]\ndescription='d'\npositive=[]\nnegative=['n']", "t").is_err());
+        assert!(parse_personas("[x]\ndescription='d'\npositive=['p']\nnegative=['n']\nextra=1", "t").is_err());
+    }
+}
