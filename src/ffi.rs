@@ -75,14 +75,29 @@ unsafe extern "C" fn log_cb(level: sys::ggml_log_level, text: *const c_char, _ud
         match level {
             sys::GGML_LOG_LEVEL_ERROR => {
                 tracing::debug!(target: "llama.cpp", "{msg}");
+                // Keep the first error since the last reset: llama.cpp logs the specific
+                // cause first and generic "failed to load" lines after it.
                 if let Ok(mut e) = LAST_ERROR.lock() {
-                    *e = Some(msg);
+                    if e.is_none() {
+                        *e = Some(clean_error(&msg));
+                    }
                 }
             }
             sys::GGML_LOG_LEVEL_WARN => tracing::debug!(target: "llama.cpp", "{msg}"),
             _ => tracing::trace!(target: "llama.cpp", "{msg}"),
         }
     });
+}
+
+/// Drops llama.cpp's "function_name: " and "error loading model: " prefixes.
+fn clean_error(msg: &str) -> String {
+    let mut m = msg;
+    if let Some((head, rest)) = m.split_once(": ") {
+        if head.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            m = rest;
+        }
+    }
+    m.strip_prefix("error loading model: ").unwrap_or(m).to_string()
 }
 
 fn take_last_error() -> Option<String> {

@@ -123,10 +123,10 @@ pub struct DemoArgs {
     #[command(flatten)]
     pub prompt: PromptArgs,
     /// Steering layers, e.g. "6,12" (default: 1/4, 1/2 and 3/4 depth).
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub layers: Option<String>,
     /// Multiples of the persona direction to add.
-    #[arg(long, value_delimiter = ',', default_values_t = vec![4.0f32])]
+    #[arg(long, value_delimiter = ',', default_values_t = vec![4.0f32], allow_hyphen_values = true)]
     pub coefficients: Vec<f32>,
     /// Built-in harmful prompts to use (at most 16).
     #[arg(long, default_value_t = 16)]
