@@ -611,3 +611,38 @@ pub fn quantize(input: &Path, output: &Path, ftype: u32, n_threads: i32, allow_r
     }
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------------
+// ggml's own GGUF reader, to prove files we write are what llama.cpp reads
+
+/// Reads a GGUF file with ggml's parser (the one `--control-vector` uses): the value of
+/// `general.architecture` and each tensor's (name, ggml type, bytes).
+///
+/// # Errors
+/// [`FfiError::Load`] when ggml rejects the file.
+pub fn ggml_read_gguf(path: &Path) -> Result<(Option<String>, Vec<(String, u32, usize)>), FfiError> {
+    init();
+    let c = cpath(path)?;
+    take_last_error();
+    // SAFETY: no_alloc with a null ctx reads metadata only; the context is freed below and
+    // strings are copied out before that.
+    unsafe {
+        let params = sys::gguf_init_params { no_alloc: true, ctx: std::ptr::null_mut() };
+        let g = sys::gguf_init_from_file(c.as_ptr(), params);
+        if g.is_null() {
+            return Err(FfiError::Load(take_last_error()));
+        }
+        let key = CString::new("general.architecture").expect("no NUL");
+        let k = sys::gguf_find_key(g, key.as_ptr());
+        let arch = (k >= 0).then(|| CStr::from_ptr(sys::gguf_get_val_str(g, k)).to_string_lossy().into_owned());
+        let n = sys::gguf_get_n_tensors(g);
+        let tensors = (0..n)
+            .map(|i| {
+                let name = CStr::from_ptr(sys::gguf_get_tensor_name(g, i)).to_string_lossy().into_owned();
+                (name, sys::gguf_get_tensor_type(g, i), sys::gguf_get_tensor_size(g, i))
+            })
+            .collect();
+        sys::gguf_free(g);
+        Ok((arch, tensors))
+    }
+}

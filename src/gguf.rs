@@ -379,3 +379,16 @@ mod tests {
         assert!(matches!(Gguf::parse(Cursor::new(&b), 8), Err(GgufError::BadMagic(_))));
     }
 }
+
+#[cfg(test)]
+mod ggml_tests {
+    /// Our block table must agree with ggml's own for every type we know.
+    #[test]
+    fn type_table_matches_ggml() {
+        for t in 0..40u32 {
+            if let Some(ours) = super::ggml_type_layout(t) {
+                assert_eq!(ours, crate::ffi::ggml_type_layout(t), "ggml type {t}");
+            }
+        }
+    }
+}

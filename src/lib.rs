@@ -28,6 +28,7 @@
 pub mod bench;
 pub mod chat;
 pub mod demo;
+pub mod directions;
 pub mod label;
 pub mod prompts;
 pub mod engine;
@@ -36,6 +37,7 @@ pub mod ffi;
 pub mod gguf;
 pub mod hooks;
 pub mod model;
+pub mod plot;
 pub mod util;
 
 /// This tool's version, written into every output.

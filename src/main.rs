@@ -13,7 +13,9 @@ use persona_gate::chat::{ChatTemplate, Prompt};
 use persona_gate::engine::GenConfig;
 use persona_gate::hooks::HookSet;
 use persona_gate::model::Model;
-use persona_gate::{bench, demo, ffi, hooks, label, prompts};
+use persona_gate::directions::{self, cvec, select, DirectionFile, PersonaPositions, RefusalPositions};
+use persona_gate::prompts::load as sets;
+use persona_gate::{bench, demo, ffi, hooks, label, plot, prompts, util};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -46,6 +48,31 @@ fn template(model: &Model, p: &cli::PromptArgs) -> Result<ChatTemplate> {
         None => None,
     };
     Ok(model.chat_template(src)?)
+}
+
+/// A progress bar on stderr; hidden when stderr is not a terminal.
+fn bar(total: usize, what: &str) -> indicatif::ProgressBar {
+    let b = indicatif::ProgressBar::new(total as u64);
+    b.set_style(
+        indicatif::ProgressStyle::with_template("{msg:>12} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    b.set_message(what.to_string());
+    b
+}
+
+fn load_set(spec: &str, a: &cli::SetArgs, flag: &str) -> Result<Vec<prompts::Instruction>> {
+    let v = sets::resolve(spec, a.field.as_deref()).with_context(|| format!("--{flag}"))?;
+    Ok(sets::sample(v, a.n, a.seed))
+}
+
+fn render_set(model: &Model, tmpl: &ChatTemplate, p: &cli::PromptArgs, v: &[prompts::Instruction]) -> Result<Vec<Prompt>> {
+    v.iter().map(|i| Ok(Prompt::new(model, tmpl.render(&p.system(), &i.text)?)?)).collect()
+}
+
+fn write_file(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
+    util::write_atomic(path, bytes).with_context(|| format!("{}", path.display()))
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -122,6 +149,121 @@ fn run(cli: Cli) -> Result<()> {
                 writeln!(out, "  {:<28} {:<14} {:.3}", r.hooks.name(), test, r.tokens_per_s / base)?;
             }
         }
+        Command::Extract(cli::ExtractCmd::Refusal(a)) => {
+            let model = load(&a.model)?;
+            let tmpl = template(&model, &a.prompt)?;
+            let harmful = load_set(&a.harmful, &a.set, "harmful")?;
+            let harmless = load_set(&a.harmless, &a.set, "harmless")?;
+            let pos = if a.positions == "last" { RefusalPositions::Last } else { RefusalPositions::PostInstruction };
+            let f = directions::extract_refusal(&model, &tmpl, &a.prompt.system(), &harmful, &harmless, pos)?;
+            f.save(&a.out)?;
+            writeln!(out, "wrote {} ({} directions from {} harmful and {} harmless prompts)", a.out.display(), f.directions.len(), harmful.len(), harmless.len())?;
+            print_norms(out, &f)?;
+        }
+        Command::Extract(cli::ExtractCmd::Persona(a)) => {
+            let model = load(&a.model)?;
+            let tmpl = template(&model, &a.prompt)?;
+            let (src, origin) = match &a.personas {
+                Some(p) => (std::fs::read_to_string(p).with_context(|| format!("--personas {}", p.display()))?, p.display().to_string()),
+                None => (prompts::PERSONAS.to_string(), "built-in personas".to_string()),
+            };
+            let all = prompts::parse_personas(&src, &origin)?;
+            let persona = all.get(&a.persona).with_context(|| {
+                format!("--persona: no persona '{}' in {origin} (has: {})", a.persona, all.keys().cloned().collect::<Vec<_>>().join(", "))
+            })?;
+            let questions = load_set(&a.questions, &a.set, "questions")?;
+            let at = if a.at == "response" { PersonaPositions::Response { max_new_tokens: a.max_new_tokens } } else { PersonaPositions::Last };
+            let f = directions::extract_persona(&model, &tmpl, &a.persona, persona, &questions, at)?;
+            f.save(&a.out)?;
+            writeln!(out, "wrote {} (persona '{}': {} + {} system prompts x {} questions)", a.out.display(), a.persona, persona.positive.len(), persona.negative.len(), questions.len())?;
+            print_norms(out, &f)?;
+        }
+        Command::Select(a) => {
+            let model = load(&a.model)?;
+            let tmpl = template(&model, &a.prompt)?;
+            let f = DirectionFile::load(&a.directions)?;
+            f.check_model(&model.info).with_context(|| format!("{}", a.directions.display()))?;
+            let layers = match &a.layers {
+                Some(s) => hooks::parse_layers(s, model.info.n_layer).context("--layers")?,
+                None => (0..model.info.n_layer).collect(),
+            };
+            anyhow::ensure!(a.coefficient.is_finite(), "--coefficient: {} is not a finite number", a.coefficient);
+            let harmful = render_set(&model, &tmpl, &a.prompt, &load_set(&a.harmful_val, &a.set, "harmful-val")?)?;
+            if f.meta.get("kind").map(String::as_str) == Some("persona") {
+                let d = f.get(None)?;
+                let b = bar(layers.len(), "layers");
+                let (base, ranked) = select::rank_persona_layers(&model, d, a.coefficient, &harmful, &layers, a.chunk, &mut |k, _| b.set_position(k as u64))?;
+                b.finish_and_clear();
+                let mut w = csv::Writer::from_writer(Vec::new());
+                w.write_record(["layer", "coefficient", "mean_refusal_score", "delta_vs_baseline"])?;
+                for (l, sc) in &ranked {
+                    w.write_record([l.to_string(), a.coefficient.to_string(), format!("{sc:.6}"), format!("{:.6}", sc - base)])?;
+                }
+                let bytes = w.into_inner()?;
+                match &a.csv {
+                    Some(p) => write_file(p, &bytes)?,
+                    None => out.write_all(&bytes)?,
+                }
+                let (l, sc) = ranked[0];
+                writeln!(out, "baseline mean refusal score {base:.3}; steering with {} x {} lowers it most at layer {l} ({sc:.3})", a.coefficient, d.name)?;
+            } else {
+                let harmless = render_set(&model, &tmpl, &a.prompt, &load_set(&a.harmless_val, &a.set, "harmless-val")?)?;
+                let n = f.directions.len() * layers.len() * 3;
+                let b = bar(n, "candidates");
+                let sel = select::select_refusal(&model, &f, &harmful, &harmless, &layers, a.chunk, &mut |k, _| b.set_position(k as u64))?;
+                b.finish_and_clear();
+                let bytes = sel.to_csv();
+                match &a.csv {
+                    Some(p) => write_file(p, &bytes)?,
+                    None => out.write_all(&bytes)?,
+                }
+                writeln!(out, "{}", sel.explain())?;
+            }
+        }
+        Command::Directions(cli::DirectionsCmd::Cos(a)) => {
+            let (fa, fb) = (DirectionFile::load(&a.a)?, DirectionFile::load(&a.b)?);
+            let da = fa.get(a.a_name.as_deref()).with_context(|| format!("{}", a.a.display()))?;
+            let db = fb.get(a.b_name.as_deref()).with_context(|| format!("{}", a.b.display()))?;
+            let cos = directions::cosine_per_layer(da, db)?;
+            let mut w = csv::Writer::from_writer(Vec::new());
+            w.write_record(["layer", "a", "b", "cosine"])?;
+            for (l, c) in cos.iter().enumerate() {
+                w.write_record([l.to_string(), da.name.clone(), db.name.clone(), format!("{c:.6}")])?;
+            }
+            let bytes = w.into_inner()?;
+            match &a.csv {
+                Some(p) => write_file(p, &bytes)?,
+                None => out.write_all(&bytes)?,
+            }
+            if let Some(p) = &a.svg {
+                let s = plot::Series { name: format!("{} vs {}", da.name, db.name), points: cos.iter().enumerate().map(|(l, &c)| (l as f64, c)).collect(), band: None };
+                write_file(p, plot::line_plot("cosine similarity per layer", "layer (resid_post)", "cosine", &[s], Some((-1.0, 1.0))).as_bytes())?;
+            }
+        }
+        Command::ExportCvec(a) => {
+            let f = DirectionFile::load(&a.directions)?;
+            let d = f.get(a.name.as_deref()).with_context(|| format!("{}", a.directions.display()))?;
+            let layers = hooks::parse_layers(&a.layers, d.n_layer()).context("--layers")?;
+            let arch = f.meta.get("arch").cloned().unwrap_or_else(|| "any".into());
+            let bytes = cvec::export(d, &arch, a.coefficient, &layers).map_err(anyhow::Error::msg).context("export-cvec")?;
+            write_file(&a.out, &bytes)?;
+            writeln!(out, "wrote {}: {} x {} at layers {:?} ({} for llama.cpp --control-vector)", a.out.display(), a.coefficient, d.name, layers, arch)?;
+        }
+        Command::Inspect(a) => {
+            let f = DirectionFile::load(&a.file)?;
+            for (k, v) in f.meta.iter().filter(|(k, _)| !k.starts_with("norms.")) {
+                writeln!(out, "{k:<18} {v}")?;
+            }
+            print_norms(out, &f)?;
+        }
+    }
+    Ok(())
+}
+
+fn print_norms(out: &mut dyn Write, f: &DirectionFile) -> Result<()> {
+    for d in &f.directions {
+        let n: Vec<String> = d.norms().iter().map(|x| format!("{x:.2}")).collect();
+        writeln!(out, "{:<18} [{} x {}] norms by layer: {}", d.name, d.n_layer(), d.n_embd(), n.join(" "))?;
     }
     Ok(())
 }

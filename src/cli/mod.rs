@@ -27,6 +27,163 @@ pub enum Command {
     Demo(DemoArgs),
     /// Throughput with and without hooks (prompt and generated tokens/s).
     Bench(BenchArgs),
+    /// Extract a refusal or persona direction into a safetensors file.
+    #[command(subcommand)]
+    Extract(ExtractCmd),
+    /// Score refusal-direction candidates (position x layer) and choose one, or rank the
+    /// steering layers of a persona direction.
+    Select(SelectArgs),
+    /// Compare direction files.
+    #[command(subcommand)]
+    Directions(DirectionsCmd),
+    /// Write a direction x coefficient x layers as a llama.cpp control-vector GGUF.
+    ExportCvec(ExportCvecArgs),
+    /// Print a direction file's metadata, directions and per-layer norms.
+    Inspect(InspectArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct SetArgs {
+    /// JSON/JSONL field or CSV column holding the instruction (default: instruction,
+    /// forbidden_prompt, goal or prompt, whichever exists).
+    #[arg(long)]
+    pub field: Option<String>,
+    /// Use a seeded sample of this many instructions from each set.
+    #[arg(long)]
+    pub n: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ExtractCmd {
+    /// Mean(harmful) - mean(harmless) at the post-instruction tokens (Arditi et al.).
+    Refusal(ExtractRefusalArgs),
+    /// Mean(positive persona) - mean(negative persona) over neutral questions.
+    Persona(ExtractPersonaArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ExtractRefusalArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub prompt: PromptArgs,
+    #[command(flatten)]
+    pub set: SetArgs,
+    /// Harmful instructions: a .json/.jsonl/.csv/.txt file or builtin:harmful.
+    #[arg(long, default_value = "builtin:harmful")]
+    pub harmful: String,
+    /// Harmless instructions: a file or builtin:harmless.
+    #[arg(long, default_value = "builtin:harmless")]
+    pub harmless: String,
+    /// post: every post-instruction token (each a candidate); last: the last prompt token.
+    #[arg(long, default_value = "post", value_parser = ["post", "last"])]
+    pub positions: String,
+    /// Output .safetensors file.
+    #[arg(long, short = 'o')]
+    pub out: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct ExtractPersonaArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub prompt: PromptArgs,
+    #[command(flatten)]
+    pub set: SetArgs,
+    /// Persona name in the personas file.
+    #[arg(long, default_value = "compliant")]
+    pub persona: String,
+    /// Personas TOML file (default: the built-in one).
+    #[arg(long)]
+    pub personas: Option<PathBuf>,
+    /// Neutral questions: a file or builtin:neutral.
+    #[arg(long, default_value = "builtin:neutral")]
+    pub questions: String,
+    /// last: the last prompt token; response: mean over generated response tokens.
+    #[arg(long, default_value = "last", value_parser = ["last", "response"])]
+    pub at: String,
+    /// Response tokens generated per question with --at response.
+    #[arg(long, default_value_t = 32)]
+    pub max_new_tokens: usize,
+    #[arg(long, short = 'o')]
+    pub out: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct SelectArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub prompt: PromptArgs,
+    #[command(flatten)]
+    pub set: SetArgs,
+    /// Direction file from `extract`.
+    #[arg(long, short = 'd')]
+    pub directions: PathBuf,
+    /// Harmful validation instructions.
+    #[arg(long, default_value = "builtin:harmful")]
+    pub harmful_val: String,
+    /// Harmless validation instructions (refusal selection only).
+    #[arg(long, default_value = "builtin:harmless")]
+    pub harmless_val: String,
+    /// Candidate layers (default: all).
+    #[arg(long, allow_hyphen_values = true)]
+    pub layers: Option<String>,
+    /// Persona ranking: the multiple of the persona row added at each layer.
+    #[arg(long, default_value_t = 4.0, allow_hyphen_values = true)]
+    pub coefficient: f32,
+    /// Conditions evaluated together through per-sequence hooks.
+    #[arg(long, default_value_t = 4)]
+    pub chunk: usize,
+    /// Write every candidate's scores here (CSV).
+    #[arg(long)]
+    pub csv: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DirectionsCmd {
+    /// Per-layer cosine similarity between two directions (CSV on stdout or --csv, SVG plot).
+    Cos(CosArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct CosArgs {
+    pub a: PathBuf,
+    pub b: PathBuf,
+    /// Direction name in A (needed when A holds several).
+    #[arg(long)]
+    pub a_name: Option<String>,
+    #[arg(long)]
+    pub b_name: Option<String>,
+    #[arg(long)]
+    pub csv: Option<PathBuf>,
+    /// Write a line plot of cosine vs layer.
+    #[arg(long)]
+    pub svg: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct ExportCvecArgs {
+    #[arg(long, short = 'd')]
+    pub directions: PathBuf,
+    /// Direction name (needed when the file holds several).
+    #[arg(long)]
+    pub name: Option<String>,
+    #[arg(long, allow_hyphen_values = true)]
+    pub coefficient: f32,
+    /// Layers, e.g. "10-14" (each >= 1: llama.cpp control vectors start at layer 1).
+    #[arg(long, allow_hyphen_values = true)]
+    pub layers: String,
+    #[arg(long, short = 'o')]
+    pub out: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct InspectArgs {
+    pub file: PathBuf,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -5,6 +5,8 @@
 //! set mirrors it sentence by sentence with benign tasks, so the two differ in harm, not in
 //! form.
 
+pub mod load;
+
 use std::collections::BTreeMap;
 
 use serde::Deserialize;

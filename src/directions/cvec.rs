@@ -1,0 +1,137 @@
+//! llama.cpp control-vector GGUF files: export a direction × coefficient × layer range in the
+//! format `llama-cli --control-vector` and `cvector-generator` use (tensors `direction.<il>`,
+//! F32, one per layer from 1, `general.architecture = controlvector`), and import such files
+//! (from cvector-generator or repeng) as directions.
+
+use std::collections::BTreeMap;
+use std::io::Cursor;
+
+use super::{Direction, DirectionFile};
+use crate::gguf::Gguf;
+
+const ALIGN: usize = 32;
+
+fn put_str(b: &mut Vec<u8>, s: &str) {
+    b.extend((s.len() as u64).to_le_bytes());
+    b.extend(s.as_bytes());
+}
+
+fn pad(b: &mut Vec<u8>) {
+    while b.len() % ALIGN != 0 {
+        b.push(0);
+    }
+}
+
+/// The control vector α·d[l] for `layers` (each ≥ 1), as GGUF bytes; other layers are left
+/// out (llama.cpp treats them as zero).
+///
+/// # Errors
+/// Layer 0 (llama.cpp has no slot for it), a layer out of range, a non-finite coefficient.
+pub fn export(d: &Direction, arch: &str, coefficient: f32, layers: &[usize]) -> Result<Vec<u8>, String> {
+    if !coefficient.is_finite() {
+        return Err(format!("coefficient {coefficient} is not finite"));
+    }
+    if layers.is_empty() {
+        return Err("no layers to export".into());
+    }
+    for &l in layers {
+        if l == 0 {
+            return Err("layer 0 cannot be exported: llama.cpp control vectors start at layer 1".into());
+        }
+        if l >= d.n_layer() {
+            return Err(format!("layer {l} out of range ({} layers)", d.n_layer()));
+        }
+    }
+    let ne = d.n_embd();
+    let mut b = b"GGUF".to_vec();
+    b.extend(3u32.to_le_bytes());
+    b.extend((layers.len() as u64).to_le_bytes());
+    b.extend(3u64.to_le_bytes());
+    put_str(&mut b, "general.architecture");
+    b.extend(8u32.to_le_bytes());
+    put_str(&mut b, "controlvector");
+    put_str(&mut b, "controlvector.model_hint");
+    b.extend(8u32.to_le_bytes());
+    put_str(&mut b, arch);
+    put_str(&mut b, "controlvector.layer_count");
+    b.extend(5u32.to_le_bytes());
+    b.extend((layers.len() as i32).to_le_bytes());
+    let tensor_bytes = (ne * 4).div_ceil(ALIGN) * ALIGN;
+    for (i, &l) in layers.iter().enumerate() {
+        put_str(&mut b, &format!("direction.{l}"));
+        b.extend(1u32.to_le_bytes());
+        b.extend((ne as u64).to_le_bytes());
+        b.extend(0u32.to_le_bytes()); // GGML_TYPE_F32
+        b.extend(((i * tensor_bytes) as u64).to_le_bytes());
+    }
+    pad(&mut b);
+    for &l in layers {
+        for &x in &d.rows[l] {
+            b.extend((x * coefficient).to_le_bytes());
+        }
+        pad(&mut b);
+    }
+    Ok(b)
+}
+
+/// Reads a control-vector GGUF as one direction (`cvec`), zero rows where the file has no
+/// tensor. The number of layers is the highest tensor index + 1 unless the caller checks it
+/// against a model (`DirectionFile::check_model` does).
+///
+/// # Errors
+/// Not a GGUF, a tensor not named `direction.<il>` with il ≥ 1, not F32 1-D, sizes differ.
+pub fn import(bytes: &[u8]) -> Result<DirectionFile, String> {
+    let g = Gguf::parse(Cursor::new(bytes), bytes.len() as u64).map_err(|e| e.to_string())?;
+    let mut rows: BTreeMap<usize, Vec<f32>> = BTreeMap::new();
+    let mut n_embd = None;
+    for t in &g.tensors {
+        let il: usize = t
+            .name
+            .strip_prefix("direction.")
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| format!("tensor '{}' is not named direction.<layer>", t.name))?;
+        if il == 0 {
+            return Err(format!("tensor '{}': layer 0 has no control-vector slot", t.name));
+        }
+        if t.ggml_type != 0 || t.dims.len() != 1 {
+            return Err(format!("tensor '{}': expected a 1-D F32 tensor", t.name));
+        }
+        let ne = t.dims[0] as usize;
+        if *n_embd.get_or_insert(ne) != ne {
+            return Err(format!("tensor '{}' has {ne} elements, others have {}", t.name, n_embd.unwrap_or(0)));
+        }
+        let start = t.offset as usize;
+        let raw = bytes.get(start..start + ne * 4).ok_or_else(|| format!("tensor '{}' runs past the end of the file", t.name))?;
+        rows.insert(il, raw.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect());
+    }
+    let n_embd = n_embd.ok_or("no direction tensors in the file")?;
+    let n_layer = rows.keys().next_back().map_or(0, |l| l + 1);
+    let layers: Vec<String> = rows.keys().map(usize::to_string).collect();
+    let full: Vec<Vec<f32>> = (0..n_layer).map(|l| rows.remove(&l).unwrap_or_else(|| vec![0.0; n_embd])).collect();
+    let mut meta = BTreeMap::new();
+    meta.insert("kind".into(), "control-vector".into());
+    meta.insert("arch".into(), g.get_str("controlvector.model_hint").unwrap_or("any").to_string());
+    meta.insert("cvec_layers".into(), layers.join(","));
+    DirectionFile::new(vec![Direction { name: "cvec".into(), rows: full }], meta).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn export_import_round_trip() {
+        let d = Direction { name: "x".into(), rows: (0..4).map(|l| vec![l as f32, 1.0, -2.0]).collect() };
+        let b = export(&d, "llama", 2.0, &[1, 3]).unwrap();
+        let f = import(&b).unwrap();
+        let c = f.get(None).unwrap();
+        assert_eq!(c.rows, vec![vec![0.0; 3], vec![2.0, 2.0, -4.0], vec![0.0; 3], vec![6.0, 2.0, -4.0]]);
+        assert_eq!(f.meta["arch"], "llama");
+        assert!(export(&d, "llama", 1.0, &[0]).is_err());
+        assert!(export(&d, "llama", f32::NAN, &[1]).is_err());
+        assert!(export(&d, "llama", 1.0, &[4]).is_err());
+        for n in 0..b.len() {
+            assert!(import(&b[..n]).is_err(), "prefix {n}");
+        }
+    }
+}

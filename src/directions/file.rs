@@ -1,0 +1,238 @@
+//! Direction files in safetensors format: one F32 tensor `[n_layer, n_embd]` per direction,
+//! metadata as string pairs (kind, arch, n_embd, model sha256, positions, prompt-set hashes
+//! and counts, per-layer norms, tool version).
+//!
+//! We write the format ourselves with sorted keys, so the same directions give byte-identical
+//! files, and read it with every offset checked against the file size.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde_json::{json, Value};
+
+use super::Direction;
+use crate::error::{Error, Result};
+use crate::model::ModelInfo;
+
+/// A set of directions extracted together, with their provenance.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DirectionFile {
+    pub directions: Vec<Direction>,
+    pub meta: BTreeMap<String, String>,
+}
+
+/// Largest header we accept (the format's own reference limit is 100 MB).
+const MAX_HEADER: u64 = 100 << 20;
+
+impl DirectionFile {
+    /// # Errors
+    /// No directions, or rows of unequal shapes.
+    pub fn new(directions: Vec<Direction>, mut meta: BTreeMap<String, String>) -> Result<DirectionFile> {
+        let first = directions.first().ok_or_else(|| Error::Invalid("no directions to save".into()))?;
+        let (nl, ne) = (first.n_layer(), first.n_embd());
+        for d in &directions {
+            if d.n_layer() != nl || d.rows.iter().any(|r| r.len() != ne) || ne == 0 {
+                return Err(Error::Invalid(format!("direction {} is not [{nl} x {ne}]", d.name)));
+            }
+            let norms: Vec<String> = d.norms().iter().map(|n| format!("{n:.6}")).collect();
+            meta.insert(format!("norms.{}", d.name), norms.join(","));
+        }
+        meta.insert("n_layer".into(), nl.to_string());
+        meta.insert("n_embd".into(), ne.to_string());
+        Ok(DirectionFile { directions, meta })
+    }
+
+    pub fn n_layer(&self) -> usize {
+        self.directions[0].n_layer()
+    }
+    pub fn n_embd(&self) -> usize {
+        self.directions[0].n_embd()
+    }
+
+    /// A direction by name; `None` picks the only one, or fails listing the choices.
+    ///
+    /// # Errors
+    /// An unknown name, or several directions and no name.
+    pub fn get(&self, name: Option<&str>) -> Result<&Direction> {
+        let names = || self.directions.iter().map(|d| d.name.as_str()).collect::<Vec<_>>().join(", ");
+        match name {
+            Some(n) => self.directions.iter().find(|d| d.name == n).ok_or_else(|| Error::Invalid(format!("no direction '{n}' (has: {})", names()))),
+            None if self.directions.len() == 1 => Ok(&self.directions[0]),
+            None => Err(Error::Invalid(format!("several directions ({}); name one", names()))),
+        }
+    }
+
+    /// Checks that these directions were made for a model of this shape.
+    ///
+    /// # Errors
+    /// A different architecture, n_embd or n_layer, named with both values.
+    pub fn check_model(&self, m: &ModelInfo) -> Result<()> {
+        if let Some(arch) = self.meta.get("arch") {
+            if arch != &m.arch && arch != "any" {
+                return Err(Error::Invalid(format!("directions are for arch '{arch}', the model is '{}'", m.arch)));
+            }
+        }
+        if self.n_embd() != m.n_embd {
+            return Err(Error::Invalid(format!("directions have n_embd {}, the model has {}", self.n_embd(), m.n_embd)));
+        }
+        if self.n_layer() != m.n_layer {
+            return Err(Error::Invalid(format!("directions have {} layers, the model has {}", self.n_layer(), m.n_layer)));
+        }
+        Ok(())
+    }
+
+    /// The safetensors bytes: sorted keys, 8-byte aligned header, tensors in name order.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut dirs: Vec<&Direction> = self.directions.iter().collect();
+        dirs.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut header = serde_json::Map::new();
+        let mut data = Vec::new();
+        for d in dirs {
+            let start = data.len();
+            for r in &d.rows {
+                for x in r {
+                    data.extend(x.to_le_bytes());
+                }
+            }
+            header.insert(d.name.clone(), json!({"dtype": "F32", "shape": [d.n_layer(), d.n_embd()], "data_offsets": [start, data.len()]}));
+        }
+        header.insert("__metadata__".into(), json!(self.meta));
+        let mut h = serde_json::to_vec(&Value::Object(header)).expect("JSON of strings and numbers");
+        while h.len() % 8 != 0 {
+            h.push(b' ');
+        }
+        let mut out = (h.len() as u64).to_le_bytes().to_vec();
+        out.extend(h);
+        out.extend(data);
+        out
+    }
+
+    /// Parses safetensors bytes (the fuzz target calls this).
+    ///
+    /// # Errors
+    /// A message naming the problem: header size, JSON, dtype, shape, offsets.
+    pub fn from_bytes(b: &[u8]) -> std::result::Result<DirectionFile, String> {
+        if b.len() < 8 {
+            return Err(format!("too short for safetensors ({} bytes)", b.len()));
+        }
+        let n = u64::from_le_bytes(b[..8].try_into().expect("8 bytes"));
+        if n > MAX_HEADER || n > (b.len() - 8) as u64 {
+            return Err(format!("corrupt safetensors header: length {n} exceeds the file ({} bytes)", b.len()));
+        }
+        let data = &b[8 + n as usize..];
+        let header: serde_json::Map<String, Value> =
+            serde_json::from_slice(&b[8..8 + n as usize]).map_err(|e| format!("corrupt safetensors header: {e}"))?;
+        let mut meta = BTreeMap::new();
+        let mut directions = Vec::new();
+        for (name, v) in &header {
+            if name == "__metadata__" {
+                let m = v.as_object().ok_or("__metadata__ is not an object")?;
+                for (k, v) in m {
+                    meta.insert(k.clone(), v.as_str().ok_or_else(|| format!("metadata '{k}' is not a string"))?.to_string());
+                }
+                continue;
+            }
+            let dtype = v.get("dtype").and_then(Value::as_str).ok_or_else(|| format!("tensor '{name}': no dtype"))?;
+            if dtype != "F32" {
+                return Err(format!("tensor '{name}': dtype {dtype}, expected F32"));
+            }
+            let shape: Vec<u64> = v
+                .get("shape")
+                .and_then(Value::as_array)
+                .and_then(|a| a.iter().map(Value::as_u64).collect())
+                .ok_or_else(|| format!("tensor '{name}': bad shape"))?;
+            let [nl, ne] = shape[..] else { return Err(format!("tensor '{name}': shape {shape:?}, expected [n_layer, n_embd]")) };
+            let off: Vec<u64> = v
+                .get("data_offsets")
+                .and_then(Value::as_array)
+                .and_then(|a| a.iter().map(Value::as_u64).collect())
+                .ok_or_else(|| format!("tensor '{name}': bad data_offsets"))?;
+            let [s, e] = off[..] else { return Err(format!("tensor '{name}': bad data_offsets")) };
+            let need = nl.checked_mul(ne).and_then(|x| x.checked_mul(4));
+            if e < s || e > data.len() as u64 || Some(e - s) != need || nl == 0 || ne == 0 {
+                return Err(format!("tensor '{name}': offsets {s}..{e} do not fit shape {shape:?} in {} data bytes", data.len()));
+            }
+            let raw = &data[s as usize..e as usize];
+            let vals: Vec<f32> = raw.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect();
+            let rows = vals.chunks(ne as usize).map(<[f32]>::to_vec).collect();
+            directions.push(Direction { name: name.clone(), rows });
+        }
+        if directions.is_empty() {
+            return Err("no tensors in the file".into());
+        }
+        let f = DirectionFile { directions, meta };
+        let (nl, ne) = (f.n_layer(), f.n_embd());
+        if f.directions.iter().any(|d| d.n_layer() != nl || d.n_embd() != ne) {
+            return Err("tensors have different shapes".into());
+        }
+        Ok(f)
+    }
+
+    /// Writes the file atomically.
+    ///
+    /// # Errors
+    /// I/O errors, naming the path.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        crate::util::write_atomic(path, &self.to_bytes()).map_err(|e| Error::io(path, e))
+    }
+
+    /// Reads a direction file: safetensors, or a llama.cpp control-vector GGUF (by magic).
+    ///
+    /// # Errors
+    /// Missing file, corrupt contents; the message names the path.
+    pub fn load(path: &Path) -> Result<DirectionFile> {
+        let b = std::fs::read(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => Error::file(path, "no such file"),
+            _ => Error::io(path, e),
+        })?;
+        if b.starts_with(b"GGUF") {
+            return super::cvec::import(&b).map_err(|e| Error::file(path, e));
+        }
+        DirectionFile::from_bytes(&b).map_err(|e| Error::file(path, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> DirectionFile {
+        let d = |n: &str, k: f32| Direction { name: n.into(), rows: vec![vec![k, 2.0, 3.0], vec![4.0, 5.0, k]] };
+        DirectionFile::new(vec![d("b", 1.0), d("a", -1.5)], [("kind".to_string(), "test".to_string())].into()).unwrap()
+    }
+
+    #[test]
+    fn round_trip_is_exact_and_bytes_are_stable() {
+        let f = sample();
+        let b = f.to_bytes();
+        let g = DirectionFile::from_bytes(&b).unwrap();
+        assert_eq!(g.get(Some("a")).unwrap(), f.get(Some("a")).unwrap());
+        assert_eq!(g.meta, f.meta);
+        assert_eq!(DirectionFile::new(g.directions.clone(), g.meta.clone()).unwrap().to_bytes().len(), b.len());
+        assert_eq!(sample().to_bytes(), b);
+    }
+
+    #[test]
+    fn corrupt_headers_are_errors() {
+        let b = sample().to_bytes();
+        assert!(DirectionFile::from_bytes(&b[..4]).is_err());
+        let mut c = b.clone();
+        c[0] = 0xff;
+        c[5] = 0x7f;
+        assert!(DirectionFile::from_bytes(&c).unwrap_err().contains("exceeds"));
+        let mut c = b.clone();
+        c[9] = b'!';
+        assert!(DirectionFile::from_bytes(&c).unwrap_err().contains("corrupt"));
+        for n in 0..b.len() {
+            let _ = DirectionFile::from_bytes(&b[..n]);
+        }
+        assert!(DirectionFile::from_bytes(&b[..b.len() - 1]).is_err());
+    }
+
+    #[test]
+    fn names_are_required_when_ambiguous() {
+        let f = sample();
+        assert!(f.get(None).unwrap_err().to_string().contains("several"));
+        assert!(f.get(Some("zzz")).unwrap_err().to_string().contains("a, b") || f.get(Some("zzz")).is_err());
+    }
+}

@@ -1,0 +1,259 @@
+//! Directions in the residual stream: the refusal direction (Arditi et al. 2024) and persona
+//! directions, random controls, their files, and comparisons between them.
+//!
+//! A [`Direction`] has one row per layer (`resid_post.L`), `[n_layer, n_embd]`. Both kinds
+//! are differences of means accumulated in f64 by the engine's capture hooks, so memory stays
+//! O(layers × n_embd) however many prompts are used.
+
+pub mod cvec;
+pub mod file;
+pub mod select;
+
+use std::collections::BTreeMap;
+
+use crate::chat::{ChatTemplate, Prompt, SystemPrompt};
+use crate::engine::GenConfig;
+use crate::error::{Error, Result};
+use crate::hooks::{Capture, HookSet, Position};
+use crate::model::Model;
+use crate::prompts::{self, Instruction, Persona};
+use crate::util::Rng;
+
+pub use file::DirectionFile;
+
+/// One direction: a row per layer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Direction {
+    /// e.g. `refusal.pos-1` (post-instruction position −1), `persona.compliant`, `random.s0`.
+    pub name: String,
+    pub rows: Vec<Vec<f32>>,
+}
+
+impl Direction {
+    pub fn n_layer(&self) -> usize {
+        self.rows.len()
+    }
+    pub fn n_embd(&self) -> usize {
+        self.rows.first().map_or(0, Vec::len)
+    }
+    /// L2 norm of each layer's row.
+    pub fn norms(&self) -> Vec<f64> {
+        self.rows.iter().map(|r| norm(r)).collect()
+    }
+}
+
+pub fn norm(v: &[f32]) -> f64 {
+    v.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt()
+}
+
+/// Cosine similarity in f64; 0 when either vector is zero.
+pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let d: f64 = a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum();
+    let n = norm(a) * norm(b);
+    if n > 0.0 {
+        d / n
+    } else {
+        0.0
+    }
+}
+
+/// Where refusal-direction activations are read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefusalPositions {
+    /// Every post-instruction template token, each a candidate (Arditi et al.).
+    PostInstruction,
+    /// The last prompt token only.
+    Last,
+}
+
+/// Where persona-direction activations are read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PersonaPositions {
+    /// The last prompt token.
+    Last,
+    /// The mean over response tokens the model generates under each persona.
+    Response { max_new_tokens: usize },
+}
+
+fn render_all(model: &Model, tmpl: &ChatTemplate, system: &SystemPrompt, v: &[Instruction]) -> Result<Vec<Prompt>> {
+    v.iter().map(|i| Prompt::new(model, tmpl.render(system, &i.text)?)).collect()
+}
+
+fn diff_rows(c: &Capture, slot: usize, n_layer: usize, what: &str) -> Result<Vec<Vec<f32>>> {
+    (0..n_layer)
+        .map(|l| {
+            let (a, b) = (c.mean(0, slot, l), c.mean(1, slot, l));
+            let (Some(a), Some(b)) = (a, b) else {
+                return Err(Error::Invalid(format!("{what}: no activations captured at layer {l}, slot {slot}")));
+            };
+            let row: Vec<f32> = a.iter().zip(&b).map(|(x, y)| (x - y) as f32).collect();
+            if row.iter().any(|x| !x.is_finite()) {
+                return Err(Error::Invalid(format!("{what}: non-finite direction at layer {l}")));
+            }
+            Ok(row)
+        })
+        .collect()
+}
+
+/// Metadata shared by every extracted direction file.
+fn base_meta(model: &Model, kind: &str) -> Result<BTreeMap<String, String>> {
+    let mut m = BTreeMap::new();
+    m.insert("kind".into(), kind.into());
+    m.insert("arch".into(), model.info.arch.clone());
+    m.insert("n_layer".into(), model.info.n_layer.to_string());
+    m.insert("n_embd".into(), model.info.n_embd.to_string());
+    m.insert("model_file".into(), model.info.path.file_name().map_or(String::new(), |f| f.to_string_lossy().into_owned()));
+    m.insert("model_sha256".into(), model.sha256()?);
+    m.insert("quant".into(), model.info.file_type.clone());
+    m.insert("tool_version".into(), format!("persona-gate {}", crate::VERSION));
+    m.insert("llama_cpp".into(), crate::LLAMA_CPP.into());
+    Ok(m)
+}
+
+/// The refusal direction: mean over harmful instructions minus mean over harmless ones, per
+/// layer, at each post-instruction position (`refusal.pos-1` is the last token) or at the
+/// last token only.
+///
+/// # Errors
+/// Empty sets, engine errors, non-finite results.
+pub fn extract_refusal(
+    model: &Model,
+    tmpl: &ChatTemplate,
+    system: &SystemPrompt,
+    harmful: &[Instruction],
+    harmless: &[Instruction],
+    positions: RefusalPositions,
+) -> Result<DirectionFile> {
+    if harmful.is_empty() || harmless.is_empty() {
+        return Err(Error::Invalid("refusal direction: the harmful and harmless sets must both be non-empty".into()));
+    }
+    let (nl, ne) = (model.info.n_layer, model.info.n_embd);
+    let mut ps = render_all(model, tmpl, system, harmful)?;
+    ps.extend(render_all(model, tmpl, system, harmless)?);
+    let groups: Vec<Option<usize>> = (0..ps.len()).map(|i| Some(usize::from(i >= harmful.len()))).collect();
+    let n_post = ps.iter().map(|p| p.post_instruction.len()).min().unwrap_or(1).max(1);
+    let (pos, n_slots) = match positions {
+        RefusalPositions::PostInstruction => (Position::PostInstruction, n_post),
+        RefusalPositions::Last => (Position::LastPrompt, 1),
+    };
+    let all: Vec<usize> = (0..nl).collect();
+    let mut hooks = HookSet::new(nl, ne);
+    hooks.add_capture(Capture::new(&all, pos, groups, n_slots, nl, ne))?;
+    model.session()?.first_logits(&ps, &mut hooks)?;
+    let c = &hooks.captures[0];
+    let mut directions = Vec::new();
+    for slot in 0..c.n_slots() {
+        directions.push(Direction { name: format!("refusal.pos-{}", slot + 1), rows: diff_rows(c, slot, nl, "refusal direction")? });
+    }
+    let mut meta = base_meta(model, "refusal")?;
+    meta.insert("positions".into(), match positions {
+        RefusalPositions::PostInstruction => format!("post-instruction -1..-{n_post}"),
+        RefusalPositions::Last => "last prompt token".into(),
+    });
+    meta.insert("system".into(), format!("{system:?}"));
+    meta.insert("harmful_count".into(), harmful.len().to_string());
+    meta.insert("harmful_sha256".into(), prompts::load::hash(harmful));
+    meta.insert("harmless_count".into(), harmless.len().to_string());
+    meta.insert("harmless_sha256".into(), prompts::load::hash(harmless));
+    DirectionFile::new(directions, meta)
+}
+
+/// A persona direction: mean over the positive system prompts minus mean over the negative
+/// ones, each applied to the same neutral questions.
+///
+/// # Errors
+/// Empty sets, engine errors, non-finite results.
+pub fn extract_persona(model: &Model, tmpl: &ChatTemplate, name: &str, persona: &Persona, questions: &[Instruction], at: PersonaPositions) -> Result<DirectionFile> {
+    if questions.is_empty() {
+        return Err(Error::Invalid("persona direction: the question set is empty".into()));
+    }
+    let (nl, ne) = (model.info.n_layer, model.info.n_embd);
+    let mut ps = Vec::new();
+    let mut groups = Vec::new();
+    for (g, side) in [&persona.positive, &persona.negative].into_iter().enumerate() {
+        for sys in side {
+            ps.extend(render_all(model, tmpl, &SystemPrompt::Text(sys.clone()), questions)?);
+            groups.extend(std::iter::repeat_n(Some(g), questions.len()));
+        }
+    }
+    let all: Vec<usize> = (0..nl).collect();
+    let mut hooks = HookSet::new(nl, ne);
+    let (pos, max_new) = match at {
+        PersonaPositions::Last => (Position::LastPrompt, 0),
+        PersonaPositions::Response { max_new_tokens } => (Position::GeneratedMean, max_new_tokens.max(2)),
+    };
+    hooks.add_capture(Capture::new(&all, pos, groups, 1, nl, ne))?;
+    let cfg = GenConfig { max_new_tokens: max_new, keep_first_logits: false, ignore_eog: false };
+    model.session()?.generate(&ps, &cfg, &mut hooks, &mut |_, _| false, &mut |_| {})?;
+    let rows = diff_rows(&hooks.captures[0], 0, nl, "persona direction")?;
+    let mut meta = base_meta(model, "persona")?;
+    meta.insert("persona".into(), name.into());
+    meta.insert("positions".into(), match at {
+        PersonaPositions::Last => "last prompt token".into(),
+        PersonaPositions::Response { max_new_tokens } => format!("mean over up to {max_new_tokens} response tokens"),
+    });
+    meta.insert("positive_count".into(), persona.positive.len().to_string());
+    meta.insert("negative_count".into(), persona.negative.len().to_string());
+    meta.insert("questions_count".into(), questions.len().to_string());
+    meta.insert("questions_sha256".into(), prompts::load::hash(questions));
+    DirectionFile::new(vec![Direction { name: format!("persona.{name}"), rows }], meta)
+}
+
+/// A seeded random direction: each layer's row is Gaussian, scaled to unit norm or to
+/// `match_norms[layer]` (norm-matched control). The same seed gives the same rows everywhere.
+pub fn random(seed: u64, n_layer: usize, n_embd: usize, match_norms: Option<&[f64]>) -> Direction {
+    let mut rng = Rng::new(seed);
+    let rows = (0..n_layer)
+        .map(|l| {
+            let v: Vec<f64> = (0..n_embd).map(|_| rng.normal()).collect();
+            let n = v.iter().map(|x| x * x).sum::<f64>().sqrt();
+            let target = match_norms.map_or(1.0, |m| m[l]);
+            v.iter().map(|x| (x / n * target) as f32).collect()
+        })
+        .collect();
+    Direction { name: format!("random.s{seed}"), rows }
+}
+
+/// Per-layer cosine similarity of two directions of the same shape.
+///
+/// # Errors
+/// Shapes differ.
+pub fn cosine_per_layer(a: &Direction, b: &Direction) -> Result<Vec<f64>> {
+    if a.n_layer() != b.n_layer() || a.n_embd() != b.n_embd() {
+        return Err(Error::Invalid(format!(
+            "cannot compare {} [{}x{}] with {} [{}x{}]",
+            a.name,
+            a.n_layer(),
+            a.n_embd(),
+            b.name,
+            b.n_layer(),
+            b.n_embd()
+        )));
+    }
+    Ok(a.rows.iter().zip(&b.rows).map(|(x, y)| cosine(x, y)).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn random_is_seeded_and_norm_matched() {
+        let a = random(3, 4, 16, None);
+        assert_eq!(a, random(3, 4, 16, None));
+        assert_ne!(a.rows, random(4, 4, 16, None).rows);
+        assert!(a.norms().iter().all(|n| (n - 1.0).abs() < 1e-6));
+        let m = random(3, 4, 16, Some(&[1.0, 2.0, 3.0, 4.0]));
+        for (l, n) in m.norms().iter().enumerate() {
+            assert!((n - (l + 1) as f64).abs() < 1e-5);
+        }
+        assert!((cosine_per_layer(&a, &m).unwrap()[2] - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn cosine_basics() {
+        assert!((cosine(&[1.0, 0.0], &[0.0, 2.0])).abs() < 1e-12);
+        assert!((cosine(&[1.0, 1.0], &[2.0, 2.0]) - 1.0).abs() < 1e-12);
+        assert_eq!(cosine(&[0.0, 0.0], &[1.0, 0.0]), 0.0);
+    }
+}
