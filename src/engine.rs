@@ -1,10 +1,18 @@
 //! Batched evaluation and greedy generation of many prompts, with hooks.
 //!
-//! Prompts run in *waves*: as many sequences as fit `--parallel` and the KV cache, in prompt
-//! order, so a batch's composition depends only on the inputs (deterministic output). Each
-//! `llama_decode` call carries at most `n_batch` = `n_ubatch` tokens, so llama.cpp runs it as
-//! one ubatch and the eval callback sees the rows in the order we pushed them; the engine
-//! tells the hooks which sequence and position every row is.
+//! Prompts run in *waves* of up to `--parallel` sequences, in prompt order, so a batch's
+//! composition depends only on the inputs (deterministic output). Each sequence has its own
+//! KV stream (`kv_unified = false`), so its cells start at 0 exactly as when it runs alone.
+//!
+//! The eval callback sees rows, not sequences, so every decode call is shaped to be exactly
+//! one llama.cpp ubatch with rows in the order we pushed them:
+//! - prefill: one sequence per call, at most `n_batch` = `n_ubatch` tokens. A prompt's
+//!   activations are then bit-identical whatever else is in the wave (measured: with a
+//!   unified KV cache they moved by up to 0.24 at `resid_post.10` of SmolLM2, depending on
+//!   where the prompt's cells landed);
+//! - generation: one token from each of a run of consecutive sequence ids (llama.cpp's split
+//!   for per-sequence streams takes consecutive ids only). Finished sequences inside the run
+//!   are fed as padding rows that hooks skip, so the run never breaks into several ubatches.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -90,7 +98,7 @@ impl Model {
         }
         let ctx = ffi::Context::new(
             &self.raw,
-            ffi::ContextParams { n_ctx: o.ctx, n_batch: o.batch, n_seq_max: o.parallel.min(256), n_threads: o.threads },
+            ffi::ContextParams { n_ctx_seq: o.ctx, n_batch: o.batch, n_seq_max: o.parallel.min(256), n_threads: o.threads, flash_attn: o.flash_attn },
         )?;
         Ok(Session { model: self, ctx, batch: ffi::Batch::new(o.batch as usize), arch_checked: false, stats: Stats::default() })
     }
@@ -134,25 +142,19 @@ impl<'m> Session<'m> {
         Ok(())
     }
 
-    /// Picks the next wave: prompts from `start` while they fit the sequence and KV limits.
+    /// Picks the next wave: up to `--parallel` prompts from `start`, each fitting `--ctx`.
     fn wave(&self, prompts: &[Prompt], start: usize, max_new: usize) -> Result<usize> {
         let o = &self.model.options;
-        let mut cells = 0usize;
-        let mut end = start;
-        while end < prompts.len() && end - start < o.parallel as usize {
-            let need = prompts[end].tokens.len() + max_new;
-            if need > o.ctx as usize {
+        let end = (start + o.parallel as usize).min(prompts.len());
+        for (i, p) in prompts.iter().enumerate().take(end).skip(start) {
+            // Padding steps never run past the wave's last step, so this bounds every stream.
+            if p.tokens.len() + max_new > o.ctx as usize {
                 return Err(Error::Invalid(format!(
-                    "prompt {end} needs {} tokens + {max_new} new > --ctx {}; shorten it or raise --ctx",
-                    prompts[end].tokens.len(),
+                    "prompt {i} needs {} tokens + {max_new} new > --ctx {} per sequence; shorten it or raise --ctx",
+                    p.tokens.len(),
                     o.ctx
                 )));
             }
-            if cells + need > o.ctx as usize {
-                break;
-            }
-            cells += need;
-            end += 1;
         }
         Ok(end)
     }
@@ -219,74 +221,62 @@ impl<'m> Session<'m> {
         self.ctx.clear_kv();
         let mut seqs: Vec<SeqState> =
             range.clone().map(|g| SeqState { global: g, tokens: vec![], done: None, first_logits: None }).collect();
-        // Prefill, in chunks of n_batch tokens; a prompt may span chunks.
+        // Prefill: one sequence per decode call, in chunks of n_batch tokens.
         let t0 = Instant::now();
         let mut rows = Vec::new();
-        let mut lasts: Vec<(usize, usize)> = Vec::new(); // (batch index, wave slot)
-        self.batch.clear();
         for (slot, g) in range.clone().enumerate() {
             let p = &prompts[g];
             let len = p.tokens.len();
             if len == 0 {
                 return Err(Error::Invalid(format!("prompt {g} is empty")));
             }
-            for (idx, &t) in p.tokens.iter().enumerate() {
-                let last = idx + 1 == len;
-                let output = last || all_outputs;
-                if last {
-                    lasts.push((self.batch.len(), slot));
+            for (c, chunk) in p.tokens.chunks(self.batch.capacity()).enumerate() {
+                self.batch.clear();
+                let base = c * self.batch.capacity();
+                for (k, &t) in chunk.iter().enumerate() {
+                    let idx = base + k;
+                    let output = idx + 1 == len || all_outputs;
+                    self.batch.push(t, idx as i32, slot as i32, output);
+                    rows.push(RowInfo {
+                        seq: g,
+                        kind: RowKind::Prompt { idx: idx as u32, len: len as u32, post_start: p.post_instruction.start as u32 },
+                        output,
+                    });
                 }
-                self.batch.push(t, idx as i32, slot as i32, output);
-                rows.push(RowInfo {
-                    seq: g,
-                    kind: RowKind::Prompt { idx: idx as u32, len: len as u32, post_start: p.post_instruction.start as u32 },
-                    output,
-                });
-                if self.batch.len() == self.batch.capacity() {
-                    self.flush(&mut rows, hooks)?;
-                    for (bi, s) in lasts.drain(..) {
-                        let logits = self.ctx.logits(bi).to_vec();
-                        self.accept(&mut seqs[s], &logits, cfg, stop);
-                    }
-                    self.batch.clear();
-                }
-                self.stats.prompt_tokens += 1;
+                self.flush(&mut rows, hooks)?;
+                self.stats.prompt_tokens += chunk.len() as u64;
             }
-        }
-        if !self.batch.is_empty() {
-            self.flush(&mut rows, hooks)?;
-            for (bi, s) in lasts.drain(..) {
-                let logits = self.ctx.logits(bi).to_vec();
-                self.accept(&mut seqs[s], &logits, cfg, stop);
-            }
+            let logits = self.ctx.logits(self.batch.len() - 1).to_vec();
+            self.accept(&mut seqs[slot], &logits, cfg, stop);
         }
         self.stats.prompt_time += t0.elapsed();
-        // Generation: one token per live sequence per step.
+        // Generation: one token per sequence per step, over the run of slots from the first to
+        // the last live one; finished slots inside the run are padding.
         let t1 = Instant::now();
+        let mut pad_pos: Vec<usize> = seqs.iter().map(|s| prompts[s.global].tokens.len() + s.tokens.len()).collect();
         loop {
+            let live: Vec<usize> = (0..seqs.len()).filter(|&i| seqs[i].done.is_none()).collect();
+            let (Some(&first), Some(&last)) = (live.first(), live.last()) else { break };
             self.batch.clear();
-            let mut live = Vec::new();
-            for (slot, s) in seqs.iter().enumerate() {
-                if s.done.is_some() {
-                    continue;
+            for (slot, s) in seqs.iter().enumerate().take(last + 1).skip(first) {
+                if s.done.is_none() {
+                    let k = s.tokens.len() - 1;
+                    let pos = prompts[s.global].tokens.len() + k;
+                    self.batch.push(s.tokens[k], pos as i32, slot as i32, true);
+                    rows.push(RowInfo { seq: s.global, kind: RowKind::Generated { idx: k as u32 }, output: true });
+                } else {
+                    self.batch.push(self.model.bos(), pad_pos[slot] as i32, slot as i32, true);
+                    pad_pos[slot] += 1;
+                    rows.push(RowInfo { seq: s.global, kind: RowKind::Padding, output: true });
                 }
-                let k = s.tokens.len() - 1;
-                let pos = prompts[s.global].tokens.len() + k;
-                self.batch.push(s.tokens[k], pos as i32, slot as i32, true);
-                rows.push(RowInfo { seq: s.global, kind: RowKind::Generated { idx: k as u32 }, output: true });
-                live.push(slot);
-            }
-            if live.is_empty() {
-                break;
             }
             self.flush(&mut rows, hooks)?;
-            for (bi, &slot) in live.iter().enumerate() {
-                let logits = self.ctx.logits(bi).to_vec();
-                let s = &mut seqs[slot];
-                self.accept(s, &logits, cfg, stop);
+            for &slot in &live {
+                let logits = self.ctx.logits(slot - first).to_vec();
+                self.accept(&mut seqs[slot], &logits, cfg, stop);
                 self.stats.gen_tokens += 1;
                 if seqs[slot].done.is_some() {
-                    self.ctx.seq_rm(slot as i32);
+                    pad_pos[slot] = prompts[seqs[slot].global].tokens.len() + seqs[slot].tokens.len();
                 }
             }
         }

@@ -403,15 +403,20 @@ unsafe extern "C" fn eval_cb(t: *mut sys::ggml_tensor, ask: bool, ud: *mut c_voi
 /// How to create a context.
 #[derive(Debug, Clone)]
 pub struct ContextParams {
-    pub n_ctx: u32,
-    /// Tokens per `llama_decode` call; n_ubatch equals it, so one decode is one ubatch and
-    /// the eval callback sees the batch's rows in batch order.
+    /// KV cells per sequence; the context holds `n_ctx_seq × n_seq_max`.
+    pub n_ctx_seq: u32,
+    /// Tokens per decode call; n_ubatch equals it, so a decode of one sequence (or of one
+    /// token from each of consecutive sequences) is one ubatch, rows in batch order.
     pub n_batch: u32,
     pub n_seq_max: u32,
     pub n_threads: i32,
+    /// Flash attention: None = llama.cpp's auto choice.
+    pub flash_attn: Option<bool>,
 }
 
-/// A llama.cpp context with our eval callback installed and a unified KV cache.
+/// A llama.cpp context with our eval callback installed and one KV stream per sequence
+/// (`kv_unified = false`): every sequence's cells start at 0, as in a run of that prompt
+/// alone, which makes prompt activations independent of what else is in the batch.
 pub struct Context<'m> {
     ptr: NonNull<sys::llama_context>,
     model: &'m Model,
@@ -443,19 +448,24 @@ impl<'m> Context<'m> {
         // the life of the context, which frees before the box (field order in Drop).
         let ptr = unsafe {
             let mut cp = sys::llama_context_default_params();
-            cp.n_ctx = p.n_ctx;
+            cp.n_ctx = p.n_ctx_seq.saturating_mul(p.n_seq_max);
             cp.n_batch = p.n_batch;
             cp.n_ubatch = p.n_batch;
             cp.n_seq_max = p.n_seq_max;
             cp.n_threads = p.n_threads;
             cp.n_threads_batch = p.n_threads;
-            cp.kv_unified = true;
+            cp.kv_unified = false;
+            cp.flash_attn_type = match p.flash_attn {
+                None => sys::LLAMA_FLASH_ATTN_TYPE_AUTO,
+                Some(false) => sys::LLAMA_FLASH_ATTN_TYPE_DISABLED,
+                Some(true) => sys::LLAMA_FLASH_ATTN_TYPE_ENABLED,
+            };
             cp.cb_eval = Some(eval_cb);
             cp.cb_eval_user_data = &mut *cb as *mut CbState as *mut c_void;
             sys::llama_init_from_model(model.ptr.as_ptr(), cp)
         };
         let ptr = NonNull::new(ptr).ok_or_else(|| FfiError::Context {
-            n_ctx: p.n_ctx,
+            n_ctx: p.n_ctx_seq.saturating_mul(p.n_seq_max),
             n_seq: p.n_seq_max,
             last: take_last_error(),
         })?;

@@ -85,6 +85,9 @@ pub enum RowKind {
     Prompt { idx: u32, len: u32, post_start: u32 },
     /// The `idx`-th generated token, fed back in.
     Generated { idx: u32 },
+    /// A finished sequence kept in a generation step so the live ones stay one ubatch;
+    /// hooks never touch or read it.
+    Padding,
 }
 
 /// Which sequences a hook acts on.
@@ -375,7 +378,8 @@ impl LayerVisitor for HookSet {
             for e in self.edits.iter_mut().filter(|e| e.kind == kind) {
                 let Some(v) = e.vectors.get(&layer) else { continue };
                 for (r, &ri) in map.iter().enumerate() {
-                    if !e.scope.contains(self.rows[ri].seq) {
+                    let row = self.rows[ri];
+                    if row.kind == RowKind::Padding || !e.scope.contains(row.seq) {
                         continue;
                     }
                     let h = &mut data[r * n_embd..(r + 1) * n_embd];

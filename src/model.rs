@@ -17,7 +17,7 @@ use crate::gguf::{self, Gguf};
 pub struct ModelOptions {
     pub threads: i32,
     pub n_gpu_layers: i32,
-    /// KV-cache cells shared by all sequences of a batch.
+    /// KV-cache cells per sequence: prompt plus generated tokens must fit.
     pub ctx: u32,
     /// Tokens per decode call (= n_ubatch).
     pub batch: u32,
@@ -25,12 +25,17 @@ pub struct ModelOptions {
     pub parallel: u32,
     /// llama.cpp's repacked weight buffers (see `ffi::LoadParams`).
     pub use_extra_bufts: bool,
+    /// Flash attention; None = llama.cpp's auto choice. Off by default: measured here,
+    /// llama.cpp's CPU flash-attention kernel takes a different path when a batch holds
+    /// several sequences, which moved resid_post.0 by ~1.5% and logits by up to ~1 between a
+    /// prompt run alone and in a batch; without it, batched and solo are bit-identical.
+    pub flash_attn: Option<bool>,
 }
 
 impl Default for ModelOptions {
     fn default() -> Self {
         let threads = std::thread::available_parallelism().map_or(2, |n| n.get().min(8)) as i32;
-        ModelOptions { threads, n_gpu_layers: 0, ctx: 4096, batch: 512, parallel: 16, use_extra_bufts: true }
+        ModelOptions { threads, n_gpu_layers: 0, ctx: 1024, batch: 512, parallel: 16, use_extra_bufts: true, flash_attn: Some(false) }
     }
 }
 

@@ -197,8 +197,8 @@ pub struct ModelArgs {
     /// Layers to offload to the GPU (-1: all). Needs a cuda/metal/vulkan build.
     #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub n_gpu_layers: i32,
-    /// KV-cache cells, shared by the sequences of a batch.
-    #[arg(long, default_value_t = 4096)]
+    /// Context per sequence (prompt + generated tokens); KV memory is ctx x parallel.
+    #[arg(long, default_value_t = 1024)]
     pub ctx: u32,
     /// Tokens per decode call.
     #[arg(long, default_value_t = 512)]
@@ -210,6 +210,10 @@ pub struct ModelArgs {
     /// kernels crash, e.g. AMX under target-cpu=native).
     #[arg(long)]
     pub no_extra_bufts: bool,
+    /// Flash attention: off (default; batched and solo runs then agree bit for bit), on, or
+    /// auto (llama.cpp decides).
+    #[arg(long, default_value = "off", value_parser = ["off", "on", "auto"])]
+    pub flash_attn: String,
 }
 
 impl ModelArgs {
@@ -222,6 +226,11 @@ impl ModelArgs {
             batch: self.batch,
             parallel: self.parallel,
             use_extra_bufts: !self.no_extra_bufts,
+            flash_attn: match self.flash_attn.as_str() {
+                "on" => Some(true),
+                "auto" => None,
+                _ => Some(false),
+            },
         }
     }
 }

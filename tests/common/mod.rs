@@ -20,7 +20,7 @@ pub fn model_path(file: &str) -> PathBuf {
 }
 
 pub fn load(file: &str, parallel: u32) -> Model {
-    let opts = ModelOptions { threads: 2, parallel, ctx: 2048, ..ModelOptions::default() };
+    let opts = ModelOptions { threads: 2, parallel, ctx: 512, ..ModelOptions::default() };
     Model::load(&model_path(file), &opts).expect("model loads")
 }
 
