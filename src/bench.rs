@@ -66,14 +66,16 @@ fn unit_random(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
     v.iter().map(|x| (x / norm) as f32 * scale).collect()
 }
 
-fn hooks_for(model: &Model, cfg: HookConfig, n_seqs: usize, rng: &mut Rng) -> Result<HookSet> {
+fn hooks_for(model: &Model, cfg: HookConfig, n_seqs: usize, generating: bool, rng: &mut Rng) -> Result<HookSet> {
     let (nl, ne) = (model.info.n_layer, model.info.n_embd);
     let mut h = HookSet::new(nl, ne);
     let all: Vec<usize> = (0..nl).collect();
     match cfg {
         HookConfig::CaptureAll => {
             h.add_capture(Capture::new(&all, Position::PromptMean, vec![Some(0); n_seqs], 1, nl, ne))?;
-            h.add_capture(Capture::new(&all, Position::GeneratedMean, vec![Some(0); n_seqs], 1, nl, ne))?;
+            if generating {
+                h.add_capture(Capture::new(&all, Position::GeneratedMean, vec![Some(0); n_seqs], 1, nl, ne))?;
+            }
         }
         HookConfig::Project8 => {
             let start = nl / 2;
@@ -103,7 +105,7 @@ pub fn run(model: &Model, cfg: &BenchConfig, configs: &[HookConfig], report: &mu
         let gen0 = GenConfig { max_new_tokens: 0, keep_first_logits: false, ignore_eog: true };
         let mut best = 0f64;
         for rep in 0..=cfg.repetitions {
-            let mut h = hooks_for(model, hc, 1, &mut rng)?;
+            let mut h = hooks_for(model, hc, 1, false, &mut rng)?;
             session.stats = Default::default();
             session.generate(std::slice::from_ref(&p), &gen0, &mut h, &mut |_, _| false, &mut |_| {})?;
             let s = &session.stats;
@@ -120,7 +122,7 @@ pub fn run(model: &Model, cfg: &BenchConfig, configs: &[HookConfig], report: &mu
             let gen = GenConfig { max_new_tokens: cfg.ntg + 1, keep_first_logits: false, ignore_eog: true };
             let mut best = 0f64;
             for _ in 0..cfg.repetitions {
-                let mut h = hooks_for(model, hc, b, &mut rng)?;
+                let mut h = hooks_for(model, hc, b, true, &mut rng)?;
                 session.stats = Default::default();
                 session.generate(&prompts, &gen, &mut h, &mut |_, _| false, &mut |_| {})?;
                 let s = &session.stats;

@@ -138,7 +138,21 @@ fn run(cli: Cli) -> Result<()> {
             writeln!(out, "model {} ({}), threads {}, batch {}, {}", model.info.path.display(), model.info.file_type, opts.threads, opts.batch, persona_gate::LLAMA_CPP)?;
             writeln!(out, "| hooks | test | tokens/s |\n|---|---|---:|")?;
             let cfg = bench::BenchConfig { pp: a.pp, npp: a.npp, ntg: a.ntg, batches: a.batches.clone(), repetitions: a.repetitions };
-            let rows = bench::run(&model, &cfg, &bench::HookConfig::ALL, &mut |r| {
+            let configs: Vec<bench::HookConfig> = if a.hooks.is_empty() {
+                bench::HookConfig::ALL.to_vec()
+            } else {
+                let mut v: Vec<bench::HookConfig> = a.hooks.iter().map(|h| match h.as_str() {
+                    "capture" => bench::HookConfig::CaptureAll,
+                    "cvec" => bench::HookConfig::CvecAll,
+                    "project" => bench::HookConfig::Project8,
+                    _ => bench::HookConfig::None,
+                }).collect();
+                if !v.contains(&bench::HookConfig::None) {
+                    v.insert(0, bench::HookConfig::None);
+                }
+                v
+            };
+            let rows = bench::run(&model, &cfg, &configs, &mut |r| {
                 let test = if r.batch == 0 { format!("pp{}", a.pp) } else { format!("tg{} @ {} seq", a.ntg, r.batch) };
                 let _ = writeln!(std::io::stdout(), "| {} | {} | {:.1} |", r.hooks.name(), test, r.tokens_per_s);
             })?;

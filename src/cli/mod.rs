@@ -320,4 +320,7 @@ pub struct BenchArgs {
     /// Timed repetitions per cell (the best is reported).
     #[arg(long, default_value_t = 2)]
     pub repetitions: usize,
+    /// Hook configurations to time: none, capture, cvec, project (default: all).
+    #[arg(long, value_delimiter = ',', value_parser = ["none", "capture", "cvec", "project"])]
+    pub hooks: Vec<String>,
 }
