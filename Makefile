@@ -9,7 +9,7 @@ QWEN15 := $(MODELS)/Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf
 SMOL := $(MODELS)/SmolLM2-135M-Instruct.Q4_1.gguf
 THREADS ?= 2
 
-.PHONY: setup build models models-science demo test lint bench bench-ref clean
+.PHONY: setup build models models-science demo test lint bench bench-ref science-directions clean
 
 setup:
 	@scripts/setup.sh
@@ -41,6 +41,20 @@ bench-ref: models
 	@bin=$$(scripts/build-llama-ref.sh) && \
 	$$bin/llama-bench -m $(QWEN05) -t $(THREADS) -p 512 -n 0 -r 3 && \
 	$$bin/llama-batched-bench -m $(QWEN05) -t $(THREADS) -c 4096 -b 512 -ub 512 -npp 128 -ntg 64 -npl 1,4,16 --kv-unified
+
+# Issue 3's science check on Qwen2.5-Coder-1.5B (outside CI: ~10 min on 2 cores): extract
+# the refusal direction from the refusal_direction train splits, select a layer on the
+# validation splits, and write every candidate's scores.
+SHARED ?= ../shared/data
+science-directions: build models-science
+	@mkdir -p runs
+	$(BIN) extract refusal -m $(QWEN15) -t $(THREADS) --positions last --n 32 --seed 0 \
+	  --harmful $(SHARED)/refusal_direction/harmful_train.json \
+	  --harmless $(SHARED)/refusal_direction/harmless_train.json -o runs/q15-refusal.safetensors
+	$(BIN) select -m $(QWEN15) -t $(THREADS) -d runs/q15-refusal.safetensors --n 8 --seed 0 \
+	  --harmful-val $(SHARED)/refusal_direction/harmful_val.json \
+	  --harmless-val $(SHARED)/refusal_direction/harmless_val.json \
+	  --layers 4,6,8,10,12,14,16,18,20,22 --csv runs/q15-select.csv
 
 clean:
 	$(CARGO) clean

@@ -72,7 +72,9 @@ fn hooks_for(model: &Model, cfg: HookConfig, n_seqs: usize, generating: bool, rn
     let all: Vec<usize> = (0..nl).collect();
     match cfg {
         HookConfig::CaptureAll => {
-            h.add_capture(Capture::new(&all, Position::PromptMean, vec![Some(0); n_seqs], 1, nl, ne))?;
+            // The last prompt token at every layer (the refusal-score position), and the mean
+            // over generated tokens; both are rows llama.cpp keeps to the last layer anyway.
+            h.add_capture(Capture::new(&all, Position::LastPrompt, vec![Some(0); n_seqs], 1, nl, ne))?;
             if generating {
                 h.add_capture(Capture::new(&all, Position::GeneratedMean, vec![Some(0); n_seqs], 1, nl, ne))?;
             }

@@ -174,11 +174,10 @@ impl<'m> Session<'m> {
         progress: &mut dyn FnMut(usize),
     ) -> Result<Vec<Generation>> {
         let mut out = Vec::with_capacity(prompts.len());
-        let all_outputs = hooks.needs_prompt_rows_at_last_layer();
         let mut start = 0;
         while start < prompts.len() {
             let end = self.wave(prompts, start, cfg.max_new_tokens)?;
-            out.extend(self.run_wave(prompts, start..end, cfg, hooks, stop, all_outputs)?);
+            out.extend(self.run_wave(prompts, start..end, cfg, hooks, stop)?);
             progress(end - start);
             start = end;
         }
@@ -216,7 +215,6 @@ impl<'m> Session<'m> {
         cfg: &GenConfig,
         hooks: &mut HookSet,
         stop: &mut dyn FnMut(usize, &[Token]) -> bool,
-        all_outputs: bool,
     ) -> Result<Vec<Generation>> {
         self.ctx.clear_kv();
         let mut seqs: Vec<SeqState> =
@@ -235,13 +233,10 @@ impl<'m> Session<'m> {
                 let base = c * self.batch.capacity();
                 for (k, &t) in chunk.iter().enumerate() {
                     let idx = base + k;
-                    let output = idx + 1 == len || all_outputs;
+                    let kind = RowKind::Prompt { idx: idx as u32, len: len as u32, post_start: p.post_instruction.start as u32 };
+                    let output = idx + 1 == len || hooks.needs_row_at_last_layer(g, kind);
                     self.batch.push(t, idx as i32, slot as i32, output);
-                    rows.push(RowInfo {
-                        seq: g,
-                        kind: RowKind::Prompt { idx: idx as u32, len: len as u32, post_start: p.post_instruction.start as u32 },
-                        output,
-                    });
+                    rows.push(RowInfo { seq: g, kind, output });
                 }
                 self.flush(&mut rows, hooks)?;
                 self.stats.prompt_tokens += chunk.len() as u64;

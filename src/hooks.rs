@@ -319,11 +319,15 @@ impl HookSet {
         self.edits.is_empty() && self.captures.is_empty()
     }
 
-    /// Whether a capture at the last layer needs rows that do not produce logits; the engine
-    /// then marks those rows as outputs so they reach the last layer.
-    pub fn needs_prompt_rows_at_last_layer(&self) -> bool {
+    /// Whether a capture at the last layer needs this prompt row, which llama.cpp drops there
+    /// unless it produces logits; the engine then marks it as an output. Only the rows needed
+    /// are marked: each costs an output-head pass (n_embd × n_vocab).
+    pub fn needs_row_at_last_layer(&self, seq: usize, kind: RowKind) -> bool {
+        let row = RowInfo { seq, kind, output: false };
         self.captures.iter().any(|c| {
-            c.layer_idx[self.n_layer - 1].is_some() && matches!(c.position, Position::PostInstruction | Position::PromptMean)
+            c.layer_idx[self.n_layer - 1].is_some()
+                && c.group_of_seq.get(seq).copied().flatten().is_some()
+                && c.slot(&row).is_some()
         })
     }
 

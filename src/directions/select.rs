@@ -50,12 +50,22 @@ fn log_softmax(logits: &[f32]) -> Vec<f64> {
     logits.iter().map(|&x| x as f64 - lse).collect()
 }
 
-/// log p(refusal) − log(1 − p(refusal)) at one position.
+/// Log-odds are capped at ±this, so a certain answer stays a finite number in CSVs.
+pub const MAX_LOG_ODDS: f64 = 100.0;
+
+/// log p(refusal) − log(1 − p(refusal)) at one position, computed in log space so that tiny
+/// and near-certain probabilities keep their precision.
 pub fn refusal_score(logits: &[f32], tokens: &[Token]) -> f64 {
     let lp = log_softmax(logits);
-    let p: f64 = tokens.iter().filter_map(|&t| lp.get(t as usize)).map(|x| x.exp()).sum();
-    let p = p.clamp(1e-12, 1.0 - 1e-12);
-    p.ln() - (-p).ln_1p()
+    let sel: Vec<f64> = tokens.iter().filter_map(|&t| lp.get(t as usize).copied()).collect();
+    if sel.is_empty() {
+        return -MAX_LOG_ODDS;
+    }
+    let m = sel.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b));
+    let log_p = (m + sel.iter().map(|x| (x - m).exp()).sum::<f64>().ln()).min(0.0);
+    // log(1 - p) from log p, stable on both sides of p = 1/2.
+    let log_q = if log_p > -std::f64::consts::LN_2 { (-log_p.exp_m1()).ln() } else { (-log_p.exp()).ln_1p() };
+    (log_p - log_q).clamp(-MAX_LOG_ODDS, MAX_LOG_ODDS)
 }
 
 /// KL(p ‖ q) of two next-token distributions given as logits, in nats.
