@@ -21,7 +21,12 @@ pub enum HookConfig {
 }
 
 impl HookConfig {
-    pub const ALL: [HookConfig; 4] = [HookConfig::None, HookConfig::CaptureAll, HookConfig::CvecAll, HookConfig::Project8];
+    pub const ALL: [HookConfig; 4] = [
+        HookConfig::None,
+        HookConfig::CaptureAll,
+        HookConfig::CvecAll,
+        HookConfig::Project8,
+    ];
     pub fn name(self) -> &'static str {
         match self {
             HookConfig::None => "no hooks",
@@ -56,8 +61,15 @@ pub struct BenchRow {
 
 fn random_prompt(rng: &mut Rng, n: usize, n_vocab: usize) -> Prompt {
     // Ordinary text tokens only: ids above 100 and below the control tokens at the end.
-    let tokens = (0..n).map(|_| 100 + rng.below((n_vocab.min(100_000) - 200) as u64) as i32).collect();
-    Prompt { text: String::new(), tokens, instruction: 0..n, post_instruction: n..n }
+    let tokens = (0..n)
+        .map(|_| 100 + rng.below((n_vocab.min(100_000) - 200) as u64) as i32)
+        .collect();
+    Prompt {
+        text: String::new(),
+        tokens,
+        instruction: 0..n,
+        post_instruction: n..n,
+    }
 }
 
 fn unit_random(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
@@ -66,7 +78,13 @@ fn unit_random(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
     v.iter().map(|x| (x / norm) as f32 * scale).collect()
 }
 
-fn hooks_for(model: &Model, cfg: HookConfig, n_seqs: usize, generating: bool, rng: &mut Rng) -> Result<HookSet> {
+fn hooks_for(
+    model: &Model,
+    cfg: HookConfig,
+    n_seqs: usize,
+    generating: bool,
+    rng: &mut Rng,
+) -> Result<HookSet> {
     let (nl, ne) = (model.info.n_layer, model.info.n_embd);
     let mut h = HookSet::new(nl, ne);
     let all: Vec<usize> = (0..nl).collect();
@@ -74,14 +92,30 @@ fn hooks_for(model: &Model, cfg: HookConfig, n_seqs: usize, generating: bool, rn
         HookConfig::CaptureAll => {
             // The last prompt token at every layer (the refusal-score position), and the mean
             // over generated tokens; both are rows llama.cpp keeps to the last layer anyway.
-            h.add_capture(Capture::new(&all, Position::LastPrompt, vec![Some(0); n_seqs], 1, nl, ne))?;
+            h.add_capture(Capture::new(
+                &all,
+                Position::LastPrompt,
+                vec![Some(0); n_seqs],
+                1,
+                nl,
+                ne,
+            ))?;
             if generating {
-                h.add_capture(Capture::new(&all, Position::GeneratedMean, vec![Some(0); n_seqs], 1, nl, ne))?;
+                h.add_capture(Capture::new(
+                    &all,
+                    Position::GeneratedMean,
+                    vec![Some(0); n_seqs],
+                    1,
+                    nl,
+                    ne,
+                ))?;
             }
         }
         HookConfig::Project8 => {
             let start = nl / 2;
-            let dirs = (start..(start + 8).min(nl)).map(|l| (l, unit_random(rng, ne, 1.0))).collect();
+            let dirs = (start..(start + 8).min(nl))
+                .map(|l| (l, unit_random(rng, ne, 1.0)))
+                .collect();
             h.add_edit(Edit::project(dirs, Scope::All)?)?;
         }
         HookConfig::None | HookConfig::CvecAll => {}
@@ -93,35 +127,63 @@ fn hooks_for(model: &Model, cfg: HookConfig, n_seqs: usize, generating: bool, rn
 ///
 /// # Errors
 /// Any engine error.
-pub fn run(model: &Model, cfg: &BenchConfig, configs: &[HookConfig], report: &mut dyn FnMut(&BenchRow)) -> Result<Vec<BenchRow>> {
+pub fn run(
+    model: &Model,
+    cfg: &BenchConfig,
+    configs: &[HookConfig],
+    report: &mut dyn FnMut(&BenchRow),
+) -> Result<Vec<BenchRow>> {
     let mut rows = Vec::new();
     let mut rng = Rng::new(1234);
     let mut session = model.session()?;
     let n_vocab = model.info.n_vocab;
     for &hc in configs {
-        let cv: Option<BTreeMap<usize, Vec<f32>>> = (hc == HookConfig::CvecAll)
-            .then(|| (1..model.info.n_layer).map(|l| (l, unit_random(&mut rng, model.info.n_embd, 0.01))).collect());
+        let cv: Option<BTreeMap<usize, Vec<f32>>> = (hc == HookConfig::CvecAll).then(|| {
+            (1..model.info.n_layer)
+                .map(|l| (l, unit_random(&mut rng, model.info.n_embd, 0.01)))
+                .collect()
+        });
         session.set_control_vector(cv.as_ref())?;
         // Prompt processing: one sequence of `pp` tokens, no generation.
         let p = random_prompt(&mut rng, cfg.pp, n_vocab);
-        let gen0 = GenConfig { max_new_tokens: 0, keep_first_logits: false, ignore_eog: true };
+        let gen0 = GenConfig {
+            max_new_tokens: 0,
+            keep_first_logits: false,
+            ignore_eog: true,
+        };
         let mut best = 0f64;
         for rep in 0..=cfg.repetitions {
             let mut h = hooks_for(model, hc, 1, false, &mut rng)?;
             session.stats = Default::default();
-            session.generate(std::slice::from_ref(&p), &gen0, &mut h, &mut |_, _| false, &mut |_| {})?;
+            session.generate(
+                std::slice::from_ref(&p),
+                &gen0,
+                &mut h,
+                &mut |_, _| false,
+                &mut |_| {},
+            )?;
             let s = &session.stats;
             // Repetition 0 warms up caches and is not counted.
             if rep > 0 {
                 best = best.max(s.prompt_tokens as f64 / s.prompt_time.as_secs_f64());
             }
         }
-        let row = BenchRow { hooks: hc, batch: 0, tokens_per_s: best };
+        let row = BenchRow {
+            hooks: hc,
+            batch: 0,
+            tokens_per_s: best,
+        };
         report(&row);
         rows.push(row);
         for &b in &cfg.batches {
-            let prompts: Vec<Prompt> = (0..b).map(|_| random_prompt(&mut rng, cfg.npp, n_vocab)).collect();
-            let gen = GenConfig { max_new_tokens: cfg.ntg + 1, keep_first_logits: false, ignore_eog: true };
+            let prompts: Vec<Prompt> = (0..b)
+                .map(|_| random_prompt(&mut rng, cfg.npp, n_vocab))
+                .collect();
+            let gen = GenConfig {
+                max_new_tokens: cfg.ntg + 1,
+                keep_first_logits: false,
+                ignore_eog: true,
+            };
             let mut best = 0f64;
             for _ in 0..cfg.repetitions {
                 let mut h = hooks_for(model, hc, b, true, &mut rng)?;
@@ -130,7 +192,11 @@ pub fn run(model: &Model, cfg: &BenchConfig, configs: &[HookConfig], report: &mu
                 let s = &session.stats;
                 best = best.max(s.gen_tokens as f64 / s.gen_time.as_secs_f64());
             }
-            let row = BenchRow { hooks: hc, batch: b, tokens_per_s: best };
+            let row = BenchRow {
+                hooks: hc,
+                batch: b,
+                tokens_per_s: best,
+            };
             report(&row);
             rows.push(row);
         }

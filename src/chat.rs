@@ -62,15 +62,19 @@ impl ChatTemplate {
         let mut env = Environment::new();
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
-        });
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+            },
+        );
         env.add_function("strftime_now", |fmt: String| -> String {
             // Fixed date: the output must not depend on when it ran (byte-identical CSVs).
             let _ = fmt;
             "26 Jul 2024".to_string()
         });
-        env.add_template_owned("chat", src).map_err(|e| Error::Template(e.to_string()))?;
+        env.add_template_owned("chat", src)
+            .map_err(|e| Error::Template(e.to_string()))?;
         Ok(ChatTemplate { env, bos, eos })
     }
 
@@ -82,7 +86,10 @@ impl ChatTemplate {
             SystemPrompt::Text(t) => messages.push(context! { role => "system", content => t }),
         }
         messages.push(context! { role => "user", content => user });
-        let tmpl = self.env.get_template("chat").map_err(|e| Error::Template(e.to_string()))?;
+        let tmpl = self
+            .env
+            .get_template("chat")
+            .map_err(|e| Error::Template(e.to_string()))?;
         tmpl.render(context! {
             messages => messages,
             add_generation_prompt => true,
@@ -102,15 +109,22 @@ impl ChatTemplate {
         // template trims the content; fall back to the last occurrence of the text.
         let marked = self.render_raw(system, SENTINEL)?;
         if let Some((pre, post)) = marked.split_once(SENTINEL) {
-            if text.len() >= pre.len() + post.len() && text.starts_with(pre) && text.ends_with(post) {
-                return Ok(Formatted { instruction: pre.len()..text.len() - post.len(), text });
+            if text.len() >= pre.len() + post.len() && text.starts_with(pre) && text.ends_with(post)
+            {
+                return Ok(Formatted {
+                    instruction: pre.len()..text.len() - post.len(),
+                    text,
+                });
             }
         }
         let needle = user.trim();
-        let start = text
-            .rfind(needle)
-            .ok_or_else(|| Error::Template("the rendered prompt does not contain the instruction".into()))?;
-        Ok(Formatted { instruction: start..start + needle.len(), text })
+        let start = text.rfind(needle).ok_or_else(|| {
+            Error::Template("the rendered prompt does not contain the instruction".into())
+        })?;
+        Ok(Formatted {
+            instruction: start..start + needle.len(),
+            text,
+        })
     }
 }
 
@@ -136,8 +150,14 @@ impl Prompt {
             ends.push(at);
         }
         let (instruction, post_start) = if at == f.text.len() {
-            let first = ends.iter().position(|&e| e > f.instruction.start).unwrap_or(tokens.len());
-            let post = ends.iter().position(|&e| e >= f.instruction.end).map_or(tokens.len(), |i| i + 1);
+            let first = ends
+                .iter()
+                .position(|&e| e > f.instruction.start)
+                .unwrap_or(tokens.len());
+            let post = ends
+                .iter()
+                .position(|&e| e >= f.instruction.end)
+                .map_or(tokens.len(), |i| i + 1);
             (first..post, post)
         } else {
             // Token texts do not concatenate to the prompt (e.g. SentencePiece spaces):
@@ -148,7 +168,12 @@ impl Prompt {
         };
         let n = tokens.len();
         let post_start = post_start.min(n);
-        Ok(Prompt { text: f.text, tokens, instruction: instruction.start.min(post_start)..post_start, post_instruction: post_start..n })
+        Ok(Prompt {
+            text: f.text,
+            tokens,
+            instruction: instruction.start.min(post_start)..post_start,
+            post_instruction: post_start..n,
+        })
     }
 }
 
@@ -164,7 +189,9 @@ mod tests {
 
     #[test]
     fn default_system_prompt_is_inserted() {
-        let f = qwen().render(&SystemPrompt::TemplateDefault, "Hi there").unwrap();
+        let f = qwen()
+            .render(&SystemPrompt::TemplateDefault, "Hi there")
+            .unwrap();
         assert_eq!(
             f.text,
             "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"
@@ -175,21 +202,37 @@ mod tests {
     #[test]
     fn empty_and_custom_system() {
         let f = qwen().render(&SystemPrompt::Empty, "x").unwrap();
-        assert!(f.text.starts_with("<|im_start|>system\n<|im_end|>\n<|im_start|>user\nx"));
-        let f = qwen().render(&SystemPrompt::Text("Be kind.".into()), "x").unwrap();
+        assert!(f
+            .text
+            .starts_with("<|im_start|>system\n<|im_end|>\n<|im_start|>user\nx"));
+        let f = qwen()
+            .render(&SystemPrompt::Text("Be kind.".into()), "x")
+            .unwrap();
         assert!(f.text.starts_with("<|im_start|>system\nBe kind.<|im_end|>"));
     }
 
     #[test]
     fn trimmed_content_is_located() {
-        let t = ChatTemplate::new("[{{ messages[-1].content | trim }}]".into(), "".into(), "".into()).unwrap();
-        let f = t.render(&SystemPrompt::TemplateDefault, "  padded ").unwrap();
+        let t = ChatTemplate::new(
+            "[{{ messages[-1].content | trim }}]".into(),
+            "".into(),
+            "".into(),
+        )
+        .unwrap();
+        let f = t
+            .render(&SystemPrompt::TemplateDefault, "  padded ")
+            .unwrap();
         assert_eq!(&f.text[f.instruction.clone()], "padded");
     }
 
     #[test]
     fn raise_exception_is_an_error() {
-        let t = ChatTemplate::new("{{ raise_exception('no system role') }}".into(), "".into(), "".into()).unwrap();
+        let t = ChatTemplate::new(
+            "{{ raise_exception('no system role') }}".into(),
+            "".into(),
+            "".into(),
+        )
+        .unwrap();
         let e = t.render(&SystemPrompt::TemplateDefault, "x").unwrap_err();
         assert!(e.to_string().contains("no system role"), "{e}");
     }

@@ -31,14 +31,25 @@ pub struct DemoConfig {
 ///
 /// # Errors
 /// Engine errors.
-pub fn persona_direction(model: &Model, tmpl: &ChatTemplate, persona: &prompts::Persona, questions: &[prompts::Instruction]) -> Result<Vec<Vec<f32>>> {
+pub fn persona_direction(
+    model: &Model,
+    tmpl: &ChatTemplate,
+    persona: &prompts::Persona,
+    questions: &[prompts::Instruction],
+) -> Result<Vec<Vec<f32>>> {
     let (nl, ne) = (model.info.n_layer, model.info.n_embd);
     let mut ps = Vec::new();
     let mut groups = Vec::new();
-    for (g, side) in [&persona.positive, &persona.negative].into_iter().enumerate() {
+    for (g, side) in [&persona.positive, &persona.negative]
+        .into_iter()
+        .enumerate()
+    {
         for sys in side {
             for q in questions {
-                ps.push(Prompt::new(model, tmpl.render(&SystemPrompt::Text(sys.clone()), &q.text)?)?);
+                ps.push(Prompt::new(
+                    model,
+                    tmpl.render(&SystemPrompt::Text(sys.clone()), &q.text)?,
+                )?);
                 groups.push(Some(g));
             }
         }
@@ -50,7 +61,10 @@ pub fn persona_direction(model: &Model, tmpl: &ChatTemplate, persona: &prompts::
     let c = &hooks.captures[0];
     Ok((0..nl)
         .map(|l| {
-            let (p, n) = (c.mean(0, 0, l).expect("captured"), c.mean(1, 0, l).expect("captured"));
+            let (p, n) = (
+                c.mean(0, 0, l).expect("captured"),
+                c.mean(1, 0, l).expect("captured"),
+            );
             p.iter().zip(&n).map(|(a, b)| (a - b) as f32).collect()
         })
         .collect())
@@ -60,7 +74,12 @@ pub fn persona_direction(model: &Model, tmpl: &ChatTemplate, persona: &prompts::
 ///
 /// # Errors
 /// Engine errors, or I/O errors writing the report.
-pub fn run(model: &Model, tmpl: &ChatTemplate, cfg: &DemoConfig, out: &mut dyn Write) -> Result<()> {
+pub fn run(
+    model: &Model,
+    tmpl: &ChatTemplate,
+    cfg: &DemoConfig,
+    out: &mut dyn Write,
+) -> Result<()> {
     let io = |e: std::io::Error| Error::Invalid(format!("writing output: {e}"));
     let nl = model.info.n_layer;
     let personas = prompts::parse_personas(prompts::PERSONAS, "built-in personas")?;
@@ -68,39 +87,92 @@ pub fn run(model: &Model, tmpl: &ChatTemplate, cfg: &DemoConfig, out: &mut dyn W
     let neutral = prompts::builtin("neutral")?;
     let t0 = std::time::Instant::now();
     let dir = persona_direction(model, tmpl, compliant, &neutral)?;
-    writeln!(out, "compliant-persona direction: {} personas x {} neutral questions, {:.1}s", compliant.positive.len() + compliant.negative.len(), neutral.len(), t0.elapsed().as_secs_f64()).map_err(io)?;
-    let norms: Vec<String> = dir.iter().map(|d| format!("{:.1}", d.iter().map(|x| x * x).sum::<f32>().sqrt())).collect();
+    writeln!(
+        out,
+        "compliant-persona direction: {} personas x {} neutral questions, {:.1}s",
+        compliant.positive.len() + compliant.negative.len(),
+        neutral.len(),
+        t0.elapsed().as_secs_f64()
+    )
+    .map_err(io)?;
+    let norms: Vec<String> = dir
+        .iter()
+        .map(|d| format!("{:.1}", d.iter().map(|x| x * x).sum::<f32>().sqrt()))
+        .collect();
     writeln!(out, "per-layer norm: {}", norms.join(" ")).map_err(io)?;
 
-    let harmful: Vec<_> = prompts::builtin("harmful")?.into_iter().take(cfg.n_prompts).collect();
-    let ps: Vec<Prompt> = harmful.iter().map(|i| Prompt::new(model, tmpl.render(&cfg.system, &i.text)?)).collect::<Result<_>>()?;
-    let layers = if cfg.layers.is_empty() { vec![(nl / 4).max(1), nl / 2, 3 * nl / 4] } else { cfg.layers.clone() };
+    let harmful: Vec<_> = prompts::builtin("harmful")?
+        .into_iter()
+        .take(cfg.n_prompts)
+        .collect();
+    let ps: Vec<Prompt> = harmful
+        .iter()
+        .map(|i| Prompt::new(model, tmpl.render(&cfg.system, &i.text)?))
+        .collect::<Result<_>>()?;
+    let layers = if cfg.layers.is_empty() {
+        vec![(nl / 4).max(1), nl / 2, 3 * nl / 4]
+    } else {
+        cfg.layers.clone()
+    };
     let labeler = Labeler::default();
-    let gen = GenConfig { max_new_tokens: cfg.max_new_tokens, keep_first_logits: false, ignore_eog: false };
+    let gen = GenConfig {
+        max_new_tokens: cfg.max_new_tokens,
+        keep_first_logits: false,
+        ignore_eog: false,
+    };
     let mut session = model.session()?;
-    let mut conditions: Vec<(String, Option<BTreeMap<usize, Vec<f32>>>)> = vec![("baseline".into(), None)];
+    let mut conditions: Vec<(String, Option<BTreeMap<usize, Vec<f32>>>)> =
+        vec![("baseline".into(), None)];
     for &l in &layers {
         for &a in &cfg.coefficients {
             let v = dir[l].iter().map(|x| x * a).collect();
-            conditions.push((format!("persona +{a} @ resid_post.{l}"), Some([(l, v)].into())));
+            conditions.push((
+                format!("persona +{a} @ resid_post.{l}"),
+                Some([(l, v)].into()),
+            ));
         }
     }
     let mut texts = Vec::new();
-    writeln!(out, "\n{:<34} {:>8} {:>8} {:>10}", "condition", "refusal", "bypass", "degenerate").map_err(io)?;
+    writeln!(
+        out,
+        "\n{:<34} {:>8} {:>8} {:>10}",
+        "condition", "refusal", "bypass", "degenerate"
+    )
+    .map_err(io)?;
     for (name, cv) in &conditions {
         session.set_control_vector(cv.as_ref())?;
         let mut hooks = HookSet::new(nl, model.info.n_embd);
         let g = session.generate(&ps, &gen, &mut hooks, &mut |_, _| false, &mut |_| {})?;
         let labels: Vec<Label> = g.iter().map(|g| labeler.label(&g.text)).collect();
         let n = |l| labels.iter().filter(|&&x| x == l).count();
-        writeln!(out, "{:<34} {:>5}/{:<2} {:>5}/{:<2} {:>7}/{:<2}", name, n(Label::Refusal), ps.len(), n(Label::Bypass), ps.len(), n(Label::Degenerate), ps.len()).map_err(io)?;
+        writeln!(
+            out,
+            "{:<34} {:>5}/{:<2} {:>5}/{:<2} {:>7}/{:<2}",
+            name,
+            n(Label::Refusal),
+            ps.len(),
+            n(Label::Bypass),
+            ps.len(),
+            n(Label::Degenerate),
+            ps.len()
+        )
+        .map_err(io)?;
         texts.push((name.clone(), g, labels));
     }
     session.set_control_vector(None)?;
     // Show the first prompt under baseline and the strongest steering that changed it.
     writeln!(out, "\nprompt 0: {}", harmful[0].text).map_err(io)?;
-    for (name, g, labels) in texts.iter().filter(|(n, ..)| n == "baseline").chain(texts.iter().rev().take(1)) {
-        let one_line: String = g[0].text.chars().take(160).collect::<String>().replace('\n', " ");
+    for (name, g, labels) in texts
+        .iter()
+        .filter(|(n, ..)| n == "baseline")
+        .chain(texts.iter().rev().take(1))
+    {
+        let one_line: String = g[0]
+            .text
+            .chars()
+            .take(160)
+            .collect::<String>()
+            .replace('\n', " ");
         writeln!(out, "  [{name}] {}: {one_line}", labels[0]).map_err(io)?;
     }
     Ok(())

@@ -94,13 +94,27 @@ impl Model {
     pub fn session(&self) -> Result<Session<'_>> {
         let o = &self.options;
         if o.parallel == 0 || o.batch == 0 || o.ctx == 0 {
-            return Err(Error::Invalid("--parallel, --batch and --ctx must be at least 1".into()));
+            return Err(Error::Invalid(
+                "--parallel, --batch and --ctx must be at least 1".into(),
+            ));
         }
         let ctx = ffi::Context::new(
             &self.raw,
-            ffi::ContextParams { n_ctx_seq: o.ctx, n_batch: o.batch, n_seq_max: o.parallel.min(256), n_threads: o.threads, flash_attn: o.flash_attn },
+            ffi::ContextParams {
+                n_ctx_seq: o.ctx,
+                n_batch: o.batch,
+                n_seq_max: o.parallel.min(256),
+                n_threads: o.threads,
+                flash_attn: o.flash_attn,
+            },
         )?;
-        Ok(Session { model: self, ctx, batch: ffi::Batch::new(o.batch as usize), arch_checked: false, stats: Stats::default() })
+        Ok(Session {
+            model: self,
+            ctx,
+            batch: ffi::Batch::new(o.batch as usize),
+            arch_checked: false,
+            stats: Stats::default(),
+        })
     }
 }
 
@@ -129,8 +143,14 @@ impl<'m> Session<'m> {
         rows.clear();
         res?;
         if !self.arch_checked {
-            let missing: Vec<usize> =
-                self.ctx.l_out_layers_seen().iter().enumerate().filter(|(_, s)| !**s).map(|(i, _)| i).collect();
+            let missing: Vec<usize> = self
+                .ctx
+                .l_out_layers_seen()
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| !**s)
+                .map(|(i, _)| i)
+                .collect();
             if !missing.is_empty() {
                 return Err(Error::Arch {
                     arch: self.model.info.arch.clone(),
@@ -187,7 +207,13 @@ impl<'m> Session<'m> {
         Ok(out)
     }
 
-    fn accept(&mut self, s: &mut SeqState, logits: &[f32], cfg: &GenConfig, stop: &mut dyn FnMut(usize, &[Token]) -> bool) {
+    fn accept(
+        &mut self,
+        s: &mut SeqState,
+        logits: &[f32],
+        cfg: &GenConfig,
+        stop: &mut dyn FnMut(usize, &[Token]) -> bool,
+    ) {
         if cfg.keep_first_logits && s.first_logits.is_none() {
             s.first_logits = Some(logits.to_vec());
         }
@@ -217,8 +243,15 @@ impl<'m> Session<'m> {
         stop: &mut dyn FnMut(usize, &[Token]) -> bool,
     ) -> Result<Vec<Generation>> {
         self.ctx.clear_kv();
-        let mut seqs: Vec<SeqState> =
-            range.clone().map(|g| SeqState { global: g, tokens: vec![], done: None, first_logits: None }).collect();
+        let mut seqs: Vec<SeqState> = range
+            .clone()
+            .map(|g| SeqState {
+                global: g,
+                tokens: vec![],
+                done: None,
+                first_logits: None,
+            })
+            .collect();
         // Prefill: one sequence per decode call, in chunks of n_batch tokens.
         let t0 = Instant::now();
         let mut rows = Vec::new();
@@ -233,10 +266,18 @@ impl<'m> Session<'m> {
                 let base = c * self.batch.capacity();
                 for (k, &t) in chunk.iter().enumerate() {
                     let idx = base + k;
-                    let kind = RowKind::Prompt { idx: idx as u32, len: len as u32, post_start: p.post_instruction.start as u32 };
+                    let kind = RowKind::Prompt {
+                        idx: idx as u32,
+                        len: len as u32,
+                        post_start: p.post_instruction.start as u32,
+                    };
                     let output = idx + 1 == len || hooks.needs_row_at_last_layer(g, kind);
                     self.batch.push(t, idx as i32, slot as i32, output);
-                    rows.push(RowInfo { seq: g, kind, output });
+                    rows.push(RowInfo {
+                        seq: g,
+                        kind,
+                        output,
+                    });
                 }
                 self.flush(&mut rows, hooks)?;
                 self.stats.prompt_tokens += chunk.len() as u64;
@@ -248,21 +289,37 @@ impl<'m> Session<'m> {
         // Generation: one token per sequence per step, over the run of slots from the first to
         // the last live one; finished slots inside the run are padding.
         let t1 = Instant::now();
-        let mut pad_pos: Vec<usize> = seqs.iter().map(|s| prompts[s.global].tokens.len() + s.tokens.len()).collect();
+        let mut pad_pos: Vec<usize> = seqs
+            .iter()
+            .map(|s| prompts[s.global].tokens.len() + s.tokens.len())
+            .collect();
         loop {
-            let live: Vec<usize> = (0..seqs.len()).filter(|&i| seqs[i].done.is_none()).collect();
-            let (Some(&first), Some(&last)) = (live.first(), live.last()) else { break };
+            let live: Vec<usize> = (0..seqs.len())
+                .filter(|&i| seqs[i].done.is_none())
+                .collect();
+            let (Some(&first), Some(&last)) = (live.first(), live.last()) else {
+                break;
+            };
             self.batch.clear();
             for (slot, s) in seqs.iter().enumerate().take(last + 1).skip(first) {
                 if s.done.is_none() {
                     let k = s.tokens.len() - 1;
                     let pos = prompts[s.global].tokens.len() + k;
                     self.batch.push(s.tokens[k], pos as i32, slot as i32, true);
-                    rows.push(RowInfo { seq: s.global, kind: RowKind::Generated { idx: k as u32 }, output: true });
+                    rows.push(RowInfo {
+                        seq: s.global,
+                        kind: RowKind::Generated { idx: k as u32 },
+                        output: true,
+                    });
                 } else {
-                    self.batch.push(self.model.bos(), pad_pos[slot] as i32, slot as i32, true);
+                    self.batch
+                        .push(self.model.bos(), pad_pos[slot] as i32, slot as i32, true);
                     pad_pos[slot] += 1;
-                    rows.push(RowInfo { seq: s.global, kind: RowKind::Padding, output: true });
+                    rows.push(RowInfo {
+                        seq: s.global,
+                        kind: RowKind::Padding,
+                        output: true,
+                    });
                 }
             }
             self.flush(&mut rows, hooks)?;
@@ -271,7 +328,8 @@ impl<'m> Session<'m> {
                 self.accept(&mut seqs[slot], &logits, cfg, stop);
                 self.stats.gen_tokens += 1;
                 if seqs[slot].done.is_some() {
-                    pad_pos[slot] = prompts[seqs[slot].global].tokens.len() + seqs[slot].tokens.len();
+                    pad_pos[slot] =
+                        prompts[seqs[slot].global].tokens.len() + seqs[slot].tokens.len();
                 }
             }
         }
@@ -291,10 +349,20 @@ impl<'m> Session<'m> {
     ///
     /// # Errors
     /// As [`Session::generate`].
-    pub fn first_logits(&mut self, prompts: &[Prompt], hooks: &mut HookSet) -> Result<Vec<Vec<f32>>> {
-        let cfg = GenConfig { max_new_tokens: 0, keep_first_logits: true, ignore_eog: false };
+    pub fn first_logits(
+        &mut self,
+        prompts: &[Prompt],
+        hooks: &mut HookSet,
+    ) -> Result<Vec<Vec<f32>>> {
+        let cfg = GenConfig {
+            max_new_tokens: 0,
+            keep_first_logits: true,
+            ignore_eog: false,
+        };
         let g = self.generate(prompts, &cfg, hooks, &mut |_, _| false, &mut |_| {})?;
-        Ok(g.into_iter().map(|g| g.first_logits.expect("keep_first_logits was set")).collect())
+        Ok(g.into_iter()
+            .map(|g| g.first_logits.expect("keep_first_logits was set"))
+            .collect())
     }
 
     /// Sets llama.cpp's native control vector (`layer → vector`, layers ≥ 1), uniform over
@@ -318,7 +386,10 @@ impl<'m> Session<'m> {
                 )));
             }
             if v.len() != n_embd {
-                return Err(Error::Invalid(format!("control vector at layer {l} has {} dims, n_embd is {n_embd}", v.len())));
+                return Err(Error::Invalid(format!(
+                    "control vector at layer {l} has {} dims, n_embd is {n_embd}",
+                    v.len()
+                )));
             }
             data[(l - 1) * n_embd..l * n_embd].copy_from_slice(v);
         }
@@ -328,7 +399,12 @@ impl<'m> Session<'m> {
         let before = self.probe(first)?;
         self.ctx.set_cvec(Some(&data), first as i32, last as i32)?;
         let after = self.probe(first)?;
-        let err = before.iter().zip(&after).zip(v).map(|((b, a), x)| (a - b - x).abs()).fold(0f32, f32::max);
+        let err = before
+            .iter()
+            .zip(&after)
+            .zip(v)
+            .map(|((b, a), x)| (a - b - x).abs())
+            .fold(0f32, f32::max);
         let scale = v.iter().fold(1f32, |m, x| m.max(x.abs()));
         if err > CVEC_PROBE_TOL * scale {
             self.ctx.set_cvec(None, -1, -1)?;
@@ -343,14 +419,30 @@ impl<'m> Session<'m> {
     /// `l_out-<layer>` of a one-token prompt (the BOS token).
     fn probe(&mut self, layer: usize) -> Result<Vec<f32>> {
         let (n_layer, n_embd) = (self.model.info.n_layer, self.model.info.n_embd);
-        let p = Prompt { text: String::new(), tokens: vec![self.model.bos()], instruction: 0..0, post_instruction: 1..1 };
+        let p = Prompt {
+            text: String::new(),
+            tokens: vec![self.model.bos()],
+            instruction: 0..0,
+            post_instruction: 1..1,
+        };
         let mut hooks = HookSet::new(n_layer, n_embd);
-        hooks.add_capture(Capture::new(&[layer], Position::LastPrompt, vec![Some(0)], 1, n_layer, n_embd))?;
+        hooks.add_capture(Capture::new(
+            &[layer],
+            Position::LastPrompt,
+            vec![Some(0)],
+            1,
+            n_layer,
+            n_embd,
+        ))?;
         let saved = std::mem::take(&mut self.stats);
         let r = self.first_logits(std::slice::from_ref(&p), &mut hooks);
         self.stats = saved;
         r?;
         self.ctx.clear_kv();
-        Ok(hooks.captures[0].sum(0, 0, layer).iter().map(|&x| x as f32).collect())
+        Ok(hooks.captures[0]
+            .sum(0, 0, layer)
+            .iter()
+            .map(|&x| x as f32)
+            .collect())
     }
 }

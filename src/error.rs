@@ -13,7 +13,10 @@ pub enum Error {
     #[error("{}: {msg}", .path.display())]
     File { path: PathBuf, msg: String },
     #[error("{}: {source}", .path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Ffi(#[from] FfiError),
     #[error("chat template: {0}")]
@@ -26,10 +29,16 @@ pub enum Error {
 
 impl Error {
     pub fn file(path: impl Into<PathBuf>, msg: impl Into<String>) -> Error {
-        Error::File { path: path.into(), msg: msg.into() }
+        Error::File {
+            path: path.into(),
+            msg: msg.into(),
+        }
     }
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Error {
-        Error::Io { path: path.into(), source }
+        Error::Io {
+            path: path.into(),
+            source,
+        }
     }
 }
 

@@ -23,7 +23,11 @@ pub enum FfiError {
     #[error("llama.cpp could not load the model{}", last_error_suffix(.0))]
     Load(Option<String>),
     #[error("llama.cpp could not create a context (n_ctx {n_ctx}, n_seq_max {n_seq}){}", last_error_suffix(.last))]
-    Context { n_ctx: u32, n_seq: u32, last: Option<String> },
+    Context {
+        n_ctx: u32,
+        n_seq: u32,
+        last: Option<String>,
+    },
     #[error("llama_decode failed with code {code}: {}", decode_reason(*.code))]
     Decode { code: i32 },
     #[error("hook failed at l_out-{layer}: {msg}")]
@@ -65,7 +69,9 @@ unsafe extern "C" fn log_cb(level: sys::ggml_log_level, text: *const c_char, _ud
         }
         // SAFETY: llama.cpp passes a NUL-terminated string valid for this call.
         let s = unsafe { CStr::from_ptr(text) }.to_string_lossy();
-        let Ok(mut line) = LOG_LINE.lock() else { return };
+        let Ok(mut line) = LOG_LINE.lock() else {
+            return;
+        };
         line.push_str(&s);
         if !line.ends_with('\n') {
             return;
@@ -97,7 +103,9 @@ fn clean_error(msg: &str) -> String {
             m = rest;
         }
     }
-    m.strip_prefix("error loading model: ").unwrap_or(m).to_string()
+    m.strip_prefix("error loading model: ")
+        .unwrap_or(m)
+        .to_string()
 }
 
 fn take_last_error() -> Option<String> {
@@ -119,7 +127,9 @@ pub fn init() {
 pub fn system_info() -> String {
     init();
     // SAFETY: returns a static NUL-terminated string.
-    unsafe { CStr::from_ptr(sys::llama_print_system_info()) }.to_string_lossy().into_owned()
+    unsafe { CStr::from_ptr(sys::llama_print_system_info()) }
+        .to_string_lossy()
+        .into_owned()
 }
 
 /// ggml's (block size, bytes per block) for a type id, to check our own GGUF table.
@@ -129,7 +139,9 @@ pub fn ggml_type_layout(t: u32) -> (u64, u64) {
 }
 
 fn cpath(path: &Path) -> Result<CString, FfiError> {
-    let s = path.to_str().ok_or_else(|| FfiError::Path(path.display().to_string()))?;
+    let s = path
+        .to_str()
+        .ok_or_else(|| FfiError::Path(path.display().to_string()))?;
     CString::new(s).map_err(|_| FfiError::Path(s.to_string()))
 }
 
@@ -148,7 +160,10 @@ pub struct LoadParams {
 
 impl Default for LoadParams {
     fn default() -> Self {
-        LoadParams { n_gpu_layers: 0, use_extra_bufts: true }
+        LoadParams {
+            n_gpu_layers: 0,
+            use_extra_bufts: true,
+        }
     }
 }
 
@@ -214,7 +229,13 @@ impl Model {
     pub fn desc(&self) -> String {
         let mut buf = vec![0u8; 256];
         // SAFETY: buffer and its length are passed together; llama.cpp NUL-terminates.
-        let n = unsafe { sys::llama_model_desc(self.ptr.as_ptr(), buf.as_mut_ptr() as *mut c_char, buf.len()) };
+        let n = unsafe {
+            sys::llama_model_desc(
+                self.ptr.as_ptr(),
+                buf.as_mut_ptr() as *mut c_char,
+                buf.len(),
+            )
+        };
         buf.truncate(n.clamp(0, 255) as usize);
         String::from_utf8_lossy(&buf).into_owned()
     }
@@ -356,7 +377,13 @@ unsafe extern "C" fn eval_cb(t: *mut sys::ggml_tensor, ask: bool, ud: *mut c_voi
             || tensor.nb[0] != 4
             || tensor.nb[1] != 4 * n_embd
         {
-            st.error = Some((layer, format!("unexpected tensor layout ne={:?} type={}", tensor.ne, tensor.type_)));
+            st.error = Some((
+                layer,
+                format!(
+                    "unexpected tensor layout ne={:?} type={}",
+                    tensor.ne, tensor.type_
+                ),
+            ));
             return true;
         }
         let n_rows = (tensor.ne[1] * tensor.ne[2] * tensor.ne[3]) as usize;
@@ -376,7 +403,12 @@ unsafe extern "C" fn eval_cb(t: *mut sys::ggml_tensor, ask: bool, ud: *mut c_voi
                 sys::ggml_backend_tensor_get(t, st.scratch.as_mut_ptr() as *mut c_void, 0, n * 4);
                 match (*v).visit(layer, &mut st.scratch, n_rows) {
                     Ok(true) => {
-                        sys::ggml_backend_tensor_set(t, st.scratch.as_ptr() as *const c_void, 0, n * 4);
+                        sys::ggml_backend_tensor_set(
+                            t,
+                            st.scratch.as_ptr() as *const c_void,
+                            0,
+                            n * 4,
+                        );
                         Ok(())
                     }
                     Ok(false) => Ok(()),
@@ -469,7 +501,12 @@ impl<'m> Context<'m> {
             n_seq: p.n_seq_max,
             last: take_last_error(),
         })?;
-        Ok(Context { ptr, model, cb, params: p })
+        Ok(Context {
+            ptr,
+            model,
+            cb,
+            params: p,
+        })
     }
 
     pub fn model(&self) -> &'m Model {
@@ -480,11 +517,17 @@ impl<'m> Context<'m> {
     ///
     /// # Errors
     /// [`FfiError::Decode`] for llama.cpp failures, [`FfiError::Hook`] for visitor errors.
-    pub fn decode(&mut self, batch: &Batch, visitor: Option<&mut dyn LayerVisitor>) -> Result<(), FfiError> {
+    pub fn decode(
+        &mut self,
+        batch: &Batch,
+        visitor: Option<&mut dyn LayerVisitor>,
+    ) -> Result<(), FfiError> {
         // SAFETY: the lifetime is erased only for the duration of this call; the pointer is
         // cleared before returning, so the callback never sees a dangling visitor.
         self.cb.visitor = visitor.map(|v| unsafe {
-            std::mem::transmute::<*mut (dyn LayerVisitor + '_), *mut (dyn LayerVisitor + 'static)>(v)
+            std::mem::transmute::<*mut (dyn LayerVisitor + '_), *mut (dyn LayerVisitor + 'static)>(
+                v,
+            )
         });
         self.cb.error = None;
         // SAFETY: batch holds n_tokens valid entries; the context is exclusively borrowed.
@@ -542,7 +585,8 @@ impl<'m> Context<'m> {
         let n_embd = self.model.n_embd() as i32;
         let (p, len) = data.map_or((std::ptr::null(), 0), |d| (d.as_ptr(), d.len()));
         // SAFETY: p is valid for len floats (or null to clear).
-        let r = unsafe { sys::llama_set_adapter_cvec(self.ptr.as_ptr(), p, len, n_embd, start, end) };
+        let r =
+            unsafe { sys::llama_set_adapter_cvec(self.ptr.as_ptr(), p, len, n_embd, start, end) };
         if r != 0 {
             return Err(FfiError::Cvec { start, end });
         }
@@ -604,7 +648,13 @@ impl Batch {
 ///
 /// # Errors
 /// [`FfiError::Quantize`] with llama.cpp's message.
-pub fn quantize(input: &Path, output: &Path, ftype: u32, n_threads: i32, allow_requantize: bool) -> Result<(), FfiError> {
+pub fn quantize(
+    input: &Path,
+    output: &Path,
+    ftype: u32,
+    n_threads: i32,
+    allow_requantize: bool,
+) -> Result<(), FfiError> {
     init();
     let (i, o) = (cpath(input)?, cpath(output)?);
     take_last_error();
@@ -617,7 +667,10 @@ pub fn quantize(input: &Path, output: &Path, ftype: u32, n_threads: i32, allow_r
         sys::llama_model_quantize(i.as_ptr(), o.as_ptr(), &qp)
     };
     if r != 0 {
-        return Err(FfiError::Quantize { code: r, last: take_last_error() });
+        return Err(FfiError::Quantize {
+            code: r,
+            last: take_last_error(),
+        });
     }
     Ok(())
 }
@@ -630,26 +683,41 @@ pub fn quantize(input: &Path, output: &Path, ftype: u32, n_threads: i32, allow_r
 ///
 /// # Errors
 /// [`FfiError::Load`] when ggml rejects the file.
-pub fn ggml_read_gguf(path: &Path) -> Result<(Option<String>, Vec<(String, u32, usize)>), FfiError> {
+pub fn ggml_read_gguf(
+    path: &Path,
+) -> Result<(Option<String>, Vec<(String, u32, usize)>), FfiError> {
     init();
     let c = cpath(path)?;
     take_last_error();
     // SAFETY: no_alloc with a null ctx reads metadata only; the context is freed below and
     // strings are copied out before that.
     unsafe {
-        let params = sys::gguf_init_params { no_alloc: true, ctx: std::ptr::null_mut() };
+        let params = sys::gguf_init_params {
+            no_alloc: true,
+            ctx: std::ptr::null_mut(),
+        };
         let g = sys::gguf_init_from_file(c.as_ptr(), params);
         if g.is_null() {
             return Err(FfiError::Load(take_last_error()));
         }
         let key = CString::new("general.architecture").expect("no NUL");
         let k = sys::gguf_find_key(g, key.as_ptr());
-        let arch = (k >= 0).then(|| CStr::from_ptr(sys::gguf_get_val_str(g, k)).to_string_lossy().into_owned());
+        let arch = (k >= 0).then(|| {
+            CStr::from_ptr(sys::gguf_get_val_str(g, k))
+                .to_string_lossy()
+                .into_owned()
+        });
         let n = sys::gguf_get_n_tensors(g);
         let tensors = (0..n)
             .map(|i| {
-                let name = CStr::from_ptr(sys::gguf_get_tensor_name(g, i)).to_string_lossy().into_owned();
-                (name, sys::gguf_get_tensor_type(g, i), sys::gguf_get_tensor_size(g, i))
+                let name = CStr::from_ptr(sys::gguf_get_tensor_name(g, i))
+                    .to_string_lossy()
+                    .into_owned();
+                (
+                    name,
+                    sys::gguf_get_tensor_type(g, i),
+                    sys::gguf_get_tensor_size(g, i),
+                )
             })
             .collect();
         sys::gguf_free(g);

@@ -79,15 +79,15 @@ pub struct Gguf {
 /// Checked against ggml's own `ggml_blck_size`/`ggml_type_size` in the FFI tests.
 pub fn ggml_type_layout(t: u32) -> Option<(u64, u64)> {
     Some(match t {
-        0 => (1, 4),     // F32
-        1 => (1, 2),     // F16
-        2 => (32, 18),   // Q4_0
-        3 => (32, 20),   // Q4_1
-        6 => (32, 22),   // Q5_0
-        7 => (32, 24),   // Q5_1
-        8 => (32, 34),   // Q8_0
-        9 => (32, 36),   // Q8_1
-        10 => (256, 84), // Q2_K
+        0 => (1, 4),      // F32
+        1 => (1, 2),      // F16
+        2 => (32, 18),    // Q4_0
+        3 => (32, 20),    // Q4_1
+        6 => (32, 22),    // Q5_0
+        7 => (32, 24),    // Q5_1
+        8 => (32, 34),    // Q8_0
+        9 => (32, 36),    // Q8_1
+        10 => (256, 84),  // Q2_K
         11 => (256, 110), // Q3_K
         12 => (256, 144), // Q4_K
         13 => (256, 176), // Q5_K
@@ -162,7 +162,10 @@ struct Reader<R> {
 impl<R: Read> Reader<R> {
     fn need(&self, n: u64, what: &str) -> Result<(), GgufError> {
         if self.pos.checked_add(n).is_none_or(|end| end > self.size) {
-            return Err(GgufError::Truncated { what: what.to_string(), size: self.size });
+            return Err(GgufError::Truncated {
+                what: what.to_string(),
+                size: self.size,
+            });
         }
         Ok(())
     }
@@ -215,7 +218,11 @@ impl<R: Read> Reader<R> {
             10 => Value::U64(self.u64(key)?),
             11 => Value::I64(self.u64(key)? as i64),
             12 => Value::F64(f64::from_le_bytes(self.bytes(key)?)),
-            t => return Err(GgufError::Corrupt(format!("'{key}': unknown value type {t}"))),
+            t => {
+                return Err(GgufError::Corrupt(format!(
+                    "'{key}': unknown value type {t}"
+                )))
+            }
         })
     }
 }
@@ -264,7 +271,9 @@ impl Gguf {
             let name = rd.string("tensor name")?;
             let n_dims = rd.u32(&name)?;
             if n_dims > 4 {
-                return Err(GgufError::Corrupt(format!("tensor '{name}' has {n_dims} dims")));
+                return Err(GgufError::Corrupt(format!(
+                    "tensor '{name}' has {n_dims} dims"
+                )));
             }
             let mut dims = Vec::with_capacity(n_dims as usize);
             for _ in 0..n_dims {
@@ -272,7 +281,13 @@ impl Gguf {
             }
             let ggml_type = rd.u32(&name)?;
             let offset = rd.u64(&name)?;
-            tensors.push(TensorInfo { name, dims, ggml_type, offset, n_bytes: None });
+            tensors.push(TensorInfo {
+                name,
+                dims,
+                ggml_type,
+                offset,
+                n_bytes: None,
+            });
         }
         let align = match metadata.get("general.alignment").and_then(Value::as_u64) {
             Some(a) if a > 0 && a.is_power_of_two() => a,
@@ -300,7 +315,12 @@ impl Gguf {
                 }
             }
         }
-        Ok(Gguf { version, metadata, tensors, file_size: size })
+        Ok(Gguf {
+            version,
+            metadata,
+            tensors,
+            file_size: size,
+        })
     }
 
     pub fn get_str(&self, key: &str) -> Option<&str> {
@@ -346,7 +366,11 @@ mod tests {
         while b.len() % 32 != 0 {
             b.push(0);
         }
-        b.extend(if truncate_data { vec![0u8; 8] } else { vec![0u8; 16] });
+        b.extend(if truncate_data {
+            vec![0u8; 8]
+        } else {
+            vec![0u8; 16]
+        });
         b
     }
 
@@ -369,14 +393,20 @@ mod tests {
     fn every_prefix_is_an_error_not_a_panic() {
         let b = tiny(false);
         for n in 0..b.len() {
-            assert!(Gguf::parse(Cursor::new(&b[..n]), n as u64).is_err(), "prefix {n}");
+            assert!(
+                Gguf::parse(Cursor::new(&b[..n]), n as u64).is_err(),
+                "prefix {n}"
+            );
         }
     }
 
     #[test]
     fn wrong_magic() {
         let b = b"GGML\x03\0\0\0".to_vec();
-        assert!(matches!(Gguf::parse(Cursor::new(&b), 8), Err(GgufError::BadMagic(_))));
+        assert!(matches!(
+            Gguf::parse(Cursor::new(&b), 8),
+            Err(GgufError::BadMagic(_))
+        ));
     }
 }
 

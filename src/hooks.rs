@@ -32,7 +32,11 @@ impl FromStr for HookPoint {
         let n = s.strip_prefix("resid_post.").unwrap_or(s);
         n.parse::<usize>()
             .map(|layer| HookPoint { layer })
-            .map_err(|_| format!("'{s}' is not a hook point (expected resid_post.L or a layer number L >= 0)"))
+            .map_err(|_| {
+                format!(
+                    "'{s}' is not a hook point (expected resid_post.L or a layer number L >= 0)"
+                )
+            })
     }
 }
 
@@ -49,18 +53,27 @@ pub fn parse_layers(s: &str, n_layer: usize) -> Result<Vec<usize>> {
             None => (part, part),
         };
         let num = |x: &str| -> Result<usize> {
-            let v: i64 = x.trim().parse().map_err(|_| Error::Invalid(format!("layers '{s}': '{x}' is not a layer number")))?;
+            let v: i64 = x.trim().parse().map_err(|_| {
+                Error::Invalid(format!("layers '{s}': '{x}' is not a layer number"))
+            })?;
             if v < 0 {
-                return Err(Error::Invalid(format!("layers '{s}': layer {v} is negative")));
+                return Err(Error::Invalid(format!(
+                    "layers '{s}': layer {v} is negative"
+                )));
             }
             if v as usize >= n_layer {
-                return Err(Error::Invalid(format!("layers '{s}': layer {v} out of range ({n_layer} layers, 0-{})", n_layer - 1)));
+                return Err(Error::Invalid(format!(
+                    "layers '{s}': layer {v} out of range ({n_layer} layers, 0-{})",
+                    n_layer - 1
+                )));
             }
             Ok(v as usize)
         };
         let (a, b) = (num(a)?, num(b)?);
         if b < a {
-            return Err(Error::Invalid(format!("layers '{s}': window {a}-{b} is empty")));
+            return Err(Error::Invalid(format!(
+                "layers '{s}': window {a}-{b} is empty"
+            )));
         }
         out.extend(a..=b);
     }
@@ -133,7 +146,12 @@ pub struct Edit {
 impl Edit {
     /// Adds `vectors[layer]` (already scaled by the caller) at each layer given.
     pub fn add(vectors: BTreeMap<usize, Vec<f32>>, scope: Scope) -> Edit {
-        Edit { kind: EditKind::Add, vectors, scope, touched: 0 }
+        Edit {
+            kind: EditKind::Add,
+            vectors,
+            scope,
+            touched: 0,
+        }
     }
 
     /// Projects each layer's direction out of the rows at that layer.
@@ -145,11 +163,18 @@ impl Edit {
         for (l, d) in directions {
             let n = d.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
             if !(n.is_finite() && n > 0.0) {
-                return Err(Error::Invalid(format!("projection direction at layer {l} has norm {n}")));
+                return Err(Error::Invalid(format!(
+                    "projection direction at layer {l} has norm {n}"
+                )));
             }
             vectors.insert(l, d.iter().map(|&x| (x as f64 / n) as f32).collect());
         }
-        Ok(Edit { kind: EditKind::Project, vectors, scope, touched: 0 })
+        Ok(Edit {
+            kind: EditKind::Project,
+            vectors,
+            scope,
+            touched: 0,
+        })
     }
 
     pub fn layers(&self) -> impl Iterator<Item = usize> + '_ {
@@ -192,13 +217,24 @@ pub struct Capture {
 impl Capture {
     /// `group_of_seq[i]` is the group prompt `i` adds to (None: not captured). `n_slots` is
     /// the post-instruction span length for [`Position::PostInstruction`], else 1.
-    pub fn new(layers: &[usize], position: Position, group_of_seq: Vec<Option<usize>>, n_slots: usize, n_layer: usize, n_embd: usize) -> Capture {
+    pub fn new(
+        layers: &[usize],
+        position: Position,
+        group_of_seq: Vec<Option<usize>>,
+        n_slots: usize,
+        n_layer: usize,
+        n_embd: usize,
+    ) -> Capture {
         let n_groups = group_of_seq.iter().flatten().max().map_or(0, |g| g + 1);
         let mut layer_idx = vec![None; n_layer];
         for (i, &l) in layers.iter().enumerate() {
             layer_idx[l] = Some(i);
         }
-        let n_slots = if position == Position::PostInstruction { n_slots.max(1) } else { 1 };
+        let n_slots = if position == Position::PostInstruction {
+            n_slots.max(1)
+        } else {
+            1
+        };
         Capture {
             position,
             layers: layers.to_vec(),
@@ -225,7 +261,14 @@ impl Capture {
     fn slot(&self, row: &RowInfo) -> Option<usize> {
         match (self.position, row.kind) {
             (Position::LastPrompt, RowKind::Prompt { idx, len, .. }) if idx + 1 == len => Some(0),
-            (Position::PostInstruction, RowKind::Prompt { idx, len, post_start }) if idx >= post_start => {
+            (
+                Position::PostInstruction,
+                RowKind::Prompt {
+                    idx,
+                    len,
+                    post_start,
+                },
+            ) if idx >= post_start => {
                 let k = (len - 1 - idx) as usize;
                 (k < self.n_slots).then_some(k)
             }
@@ -254,7 +297,12 @@ impl Capture {
     /// The mean row for (group, slot, layer), or None when nothing was captured there.
     pub fn mean(&self, group: usize, slot: usize, layer: usize) -> Option<Vec<f64>> {
         let n = self.count(group, slot, layer);
-        (n > 0).then(|| self.sum(group, slot, layer).iter().map(|s| s / n as f64).collect())
+        (n > 0).then(|| {
+            self.sum(group, slot, layer)
+                .iter()
+                .map(|s| s / n as f64)
+                .collect()
+        })
     }
 
     fn total(&self) -> u64 {
@@ -276,18 +324,36 @@ pub struct HookSet {
 
 impl HookSet {
     pub fn new(n_layer: usize, n_embd: usize) -> HookSet {
-        HookSet { n_layer, n_embd, edits: vec![], captures: vec![], want: vec![false; n_layer], rows: vec![], out_rows: vec![] }
+        HookSet {
+            n_layer,
+            n_embd,
+            edits: vec![],
+            captures: vec![],
+            want: vec![false; n_layer],
+            rows: vec![],
+            out_rows: vec![],
+        }
     }
 
-    fn check(&self, layers: impl Iterator<Item = usize>, dims: impl Iterator<Item = usize>) -> Result<()> {
+    fn check(
+        &self,
+        layers: impl Iterator<Item = usize>,
+        dims: impl Iterator<Item = usize>,
+    ) -> Result<()> {
         for l in layers {
             if l >= self.n_layer {
-                return Err(Error::Invalid(format!("hook at layer {l}: out of range ({} layers)", self.n_layer)));
+                return Err(Error::Invalid(format!(
+                    "hook at layer {l}: out of range ({} layers)",
+                    self.n_layer
+                )));
             }
         }
         for d in dims {
             if d != self.n_embd {
-                return Err(Error::Invalid(format!("hook vector has {d} dims, the model has n_embd {}", self.n_embd)));
+                return Err(Error::Invalid(format!(
+                    "hook vector has {d} dims, the model has n_embd {}",
+                    self.n_embd
+                )));
             }
         }
         Ok(())
@@ -323,7 +389,11 @@ impl HookSet {
     /// unless it produces logits; the engine then marks it as an output. Only the rows needed
     /// are marked: each costs an output-head pass (n_embd × n_vocab).
     pub fn needs_row_at_last_layer(&self, seq: usize, kind: RowKind) -> bool {
-        let row = RowInfo { seq, kind, output: false };
+        let row = RowInfo {
+            seq,
+            kind,
+            output: false,
+        };
         self.captures.iter().any(|c| {
             c.layer_idx[self.n_layer - 1].is_some()
                 && c.group_of_seq.get(seq).copied().flatten().is_some()
@@ -333,7 +403,12 @@ impl HookSet {
 
     /// Called by the engine before each decode with that batch's rows, in batch order.
     pub fn set_rows(&mut self, rows: Vec<RowInfo>) {
-        self.out_rows = rows.iter().enumerate().filter(|(_, r)| r.output).map(|(i, _)| i).collect();
+        self.out_rows = rows
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.output)
+            .map(|(i, _)| i)
+            .collect();
         self.rows = rows;
     }
 
@@ -346,12 +421,18 @@ impl HookSet {
         for (i, e) in self.edits.iter().enumerate() {
             if e.touched == 0 {
                 let layers: Vec<_> = e.layers().collect();
-                return Err(Error::Invalid(format!("{:?} hook #{i} at layers {layers:?} touched no rows (scope {:?})", e.kind, e.scope)));
+                return Err(Error::Invalid(format!(
+                    "{:?} hook #{i} at layers {layers:?} touched no rows (scope {:?})",
+                    e.kind, e.scope
+                )));
             }
         }
         for (i, c) in self.captures.iter().enumerate() {
             if c.total() == 0 {
-                return Err(Error::Invalid(format!("capture #{i} ({:?}) at layers {:?} saw no rows", c.position, c.layers)));
+                return Err(Error::Invalid(format!(
+                    "capture #{i} ({:?}) at layers {:?} saw no rows",
+                    c.position, c.layers
+                )));
             }
         }
         Ok(())
@@ -367,7 +448,12 @@ impl LayerVisitor for HookSet {
         self.want.get(layer).copied().unwrap_or(false)
     }
 
-    fn visit(&mut self, layer: usize, data: &mut [f32], n_rows: usize) -> std::result::Result<bool, String> {
+    fn visit(
+        &mut self,
+        layer: usize,
+        data: &mut [f32],
+        n_rows: usize,
+    ) -> std::result::Result<bool, String> {
         let n_embd = self.n_embd;
         // Which RowInfo each tensor row is: all rows, or at the last layer only output rows.
         let map: Vec<usize> = if n_rows == self.rows.len() {
@@ -375,12 +461,18 @@ impl LayerVisitor for HookSet {
         } else if layer + 1 == self.n_layer && n_rows == self.out_rows.len() {
             self.out_rows.clone()
         } else {
-            return Err(format!("{n_rows} rows, but the batch has {} tokens ({} outputs)", self.rows.len(), self.out_rows.len()));
+            return Err(format!(
+                "{n_rows} rows, but the batch has {} tokens ({} outputs)",
+                self.rows.len(),
+                self.out_rows.len()
+            ));
         };
         let mut modified = false;
         for kind in [EditKind::Add, EditKind::Project] {
             for e in self.edits.iter_mut().filter(|e| e.kind == kind) {
-                let Some(v) = e.vectors.get(&layer) else { continue };
+                let Some(v) = e.vectors.get(&layer) else {
+                    continue;
+                };
                 for (r, &ri) in map.iter().enumerate() {
                     let row = self.rows[ri];
                     if row.kind == RowKind::Padding || !e.scope.contains(row.seq) {
@@ -391,7 +483,9 @@ impl LayerVisitor for HookSet {
                         EditKind::Add => h.iter_mut().zip(v).for_each(|(x, &a)| *x += a),
                         EditKind::Project => {
                             let p = dot(h, v);
-                            h.iter_mut().zip(v).for_each(|(x, &d)| *x = (*x as f64 - p * d as f64) as f32);
+                            h.iter_mut()
+                                .zip(v)
+                                .for_each(|(x, &d)| *x = (*x as f64 - p * d as f64) as f32);
                         }
                     }
                     e.touched += 1;
@@ -400,13 +494,22 @@ impl LayerVisitor for HookSet {
             }
         }
         for c in &mut self.captures {
-            let Some(li) = c.layer_idx[layer] else { continue };
+            let Some(li) = c.layer_idx[layer] else {
+                continue;
+            };
             for (r, &ri) in map.iter().enumerate() {
                 let row = self.rows[ri];
-                let (Some(g), Some(slot)) = (c.group_of_seq.get(row.seq).copied().flatten(), c.slot(&row)) else { continue };
+                let (Some(g), Some(slot)) =
+                    (c.group_of_seq.get(row.seq).copied().flatten(), c.slot(&row))
+                else {
+                    continue;
+                };
                 let h = &data[r * n_embd..(r + 1) * n_embd];
                 if let Some(bad) = h.iter().position(|x| !x.is_finite()) {
-                    return Err(format!("non-finite activation {} in row {r} (sequence {}), dim {bad}", h[bad], row.seq));
+                    return Err(format!(
+                        "non-finite activation {} in row {r} (sequence {}), dim {bad}",
+                        h[bad], row.seq
+                    ));
                 }
                 let cell = c.cell(g, slot, li);
                 c.counts[cell] += 1;
@@ -423,7 +526,17 @@ mod tests {
     use super::*;
 
     fn rows(n: usize) -> Vec<RowInfo> {
-        (0..n).map(|i| RowInfo { seq: i, kind: RowKind::Prompt { idx: 0, len: 1, post_start: 0 }, output: true }).collect()
+        (0..n)
+            .map(|i| RowInfo {
+                seq: i,
+                kind: RowKind::Prompt {
+                    idx: 0,
+                    len: 1,
+                    post_start: 0,
+                },
+                output: true,
+            })
+            .collect()
     }
 
     #[test]
@@ -436,18 +549,32 @@ mod tests {
 
     #[test]
     fn layer_lists() {
-        assert_eq!(parse_layers("3,1-2,resid_post.5", 8).unwrap(), vec![1, 2, 3, 5]);
-        assert!(parse_layers("8", 8).unwrap_err().to_string().contains("out of range"));
-        assert!(parse_layers("-1", 8).unwrap_err().to_string().contains("negative"));
-        assert!(parse_layers("5-3", 8).unwrap_err().to_string().contains("empty"));
+        assert_eq!(
+            parse_layers("3,1-2,resid_post.5", 8).unwrap(),
+            vec![1, 2, 3, 5]
+        );
+        assert!(parse_layers("8", 8)
+            .unwrap_err()
+            .to_string()
+            .contains("out of range"));
+        assert!(parse_layers("-1", 8)
+            .unwrap_err()
+            .to_string()
+            .contains("negative"));
+        assert!(parse_layers("5-3", 8)
+            .unwrap_err()
+            .to_string()
+            .contains("empty"));
         assert!(parse_layers("x", 8).is_err());
     }
 
     #[test]
     fn add_then_project_at_one_layer_removes_the_addition_direction() {
         let mut hs = HookSet::new(2, 3);
-        hs.add_edit(Edit::add([(0, vec![0.0, 5.0, 0.0])].into(), Scope::All)).unwrap();
-        hs.add_edit(Edit::project([(0, vec![0.0, 2.0, 0.0])].into(), Scope::All).unwrap()).unwrap();
+        hs.add_edit(Edit::add([(0, vec![0.0, 5.0, 0.0])].into(), Scope::All))
+            .unwrap();
+        hs.add_edit(Edit::project([(0, vec![0.0, 2.0, 0.0])].into(), Scope::All).unwrap())
+            .unwrap();
         hs.set_rows(rows(2));
         let mut d = vec![1.0, 1.0, 1.0, 2.0, 2.0, 2.0];
         assert!(hs.visit(0, &mut d, 2).unwrap());
@@ -458,7 +585,11 @@ mod tests {
     #[test]
     fn scope_limits_rows_and_untouched_hooks_fail() {
         let mut hs = HookSet::new(2, 2);
-        hs.add_edit(Edit::add([(1, vec![1.0, 1.0])].into(), Scope::only(vec![1]))).unwrap();
+        hs.add_edit(Edit::add(
+            [(1, vec![1.0, 1.0])].into(),
+            Scope::only(vec![1]),
+        ))
+        .unwrap();
         hs.set_rows(rows(2));
         assert!(hs.check_touched().is_err());
         let mut d = vec![0.0; 4];
@@ -470,21 +601,41 @@ mod tests {
     #[test]
     fn last_layer_maps_output_rows() {
         let mut hs = HookSet::new(2, 1);
-        hs.add_edit(Edit::add([(1, vec![1.0])].into(), Scope::only(vec![2]))).unwrap();
+        hs.add_edit(Edit::add([(1, vec![1.0])].into(), Scope::only(vec![2])))
+            .unwrap();
         let mut r = rows(3);
         r[0].output = false;
         hs.set_rows(r);
         let mut d = vec![0.0, 0.0]; // rows of seq 1 and seq 2
         hs.visit(1, &mut d, 2).unwrap();
         assert_eq!(d, vec![0.0, 1.0]);
-        assert!(hs.visit(0, &mut d, 2).is_err(), "non-last layer must have every row");
+        assert!(
+            hs.visit(0, &mut d, 2).is_err(),
+            "non-last layer must have every row"
+        );
     }
 
     #[test]
     fn capture_sums_in_f64_per_group_and_slot() {
         let mut hs = HookSet::new(1, 2);
-        hs.add_capture(Capture::new(&[0], Position::PostInstruction, vec![Some(0), Some(0)], 2, 1, 2)).unwrap();
-        let r = |seq, idx| RowInfo { seq, kind: RowKind::Prompt { idx, len: 3, post_start: 1 }, output: false };
+        hs.add_capture(Capture::new(
+            &[0],
+            Position::PostInstruction,
+            vec![Some(0), Some(0)],
+            2,
+            1,
+            2,
+        ))
+        .unwrap();
+        let r = |seq, idx| RowInfo {
+            seq,
+            kind: RowKind::Prompt {
+                idx,
+                len: 3,
+                post_start: 1,
+            },
+            output: false,
+        };
         hs.set_rows(vec![r(0, 0), r(0, 1), r(0, 2), r(1, 0), r(1, 1), r(1, 2)]);
         let mut d = vec![9.0, 9.0, 1.0, 2.0, 3.0, 4.0, 9.0, 9.0, 5.0, 6.0, 7.0, 8.0];
         assert!(!hs.visit(0, &mut d, 6).unwrap());

@@ -29,15 +29,15 @@ pub mod bench;
 pub mod chat;
 pub mod demo;
 pub mod directions;
-pub mod label;
-pub mod prompts;
 pub mod engine;
 pub mod error;
 pub mod ffi;
 pub mod gguf;
 pub mod hooks;
+pub mod label;
 pub mod model;
 pub mod plot;
+pub mod prompts;
 pub mod util;
 
 /// This tool's version, written into every output.

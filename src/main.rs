@@ -10,10 +10,12 @@ use clap::Parser;
 
 use cli::{Cli, Command};
 use persona_gate::chat::{ChatTemplate, Prompt};
+use persona_gate::directions::{
+    self, cvec, select, DirectionFile, PersonaPositions, RefusalPositions,
+};
 use persona_gate::engine::GenConfig;
 use persona_gate::hooks::HookSet;
 use persona_gate::model::Model;
-use persona_gate::directions::{self, cvec, select, DirectionFile, PersonaPositions, RefusalPositions};
 use persona_gate::prompts::load as sets;
 use persona_gate::{bench, demo, ffi, hooks, label, plot, prompts, util};
 
@@ -24,8 +26,13 @@ fn main() -> ExitCode {
         1 => "persona_gate=debug,warn",
         _ => "debug,llama.cpp=trace",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default.into());
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default.into());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -43,7 +50,8 @@ fn load(m: &cli::ModelArgs) -> Result<Model> {
 fn template(model: &Model, p: &cli::PromptArgs) -> Result<ChatTemplate> {
     let src = match &p.chat_template {
         Some(f) => Some(
-            std::fs::read_to_string(f).with_context(|| format!("--chat-template {}", f.display()))?,
+            std::fs::read_to_string(f)
+                .with_context(|| format!("--chat-template {}", f.display()))?,
         ),
         None => None,
     };
@@ -54,9 +62,11 @@ fn template(model: &Model, p: &cli::PromptArgs) -> Result<ChatTemplate> {
 fn bar(total: usize, what: &str) -> indicatif::ProgressBar {
     let b = indicatif::ProgressBar::new(total as u64);
     b.set_style(
-        indicatif::ProgressStyle::with_template("{msg:>12} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta}")
-            .expect("valid template")
-            .progress_chars("=> "),
+        indicatif::ProgressStyle::with_template(
+            "{msg:>12} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
     );
     b.set_message(what.to_string());
     b
@@ -67,8 +77,15 @@ fn load_set(spec: &str, a: &cli::SetArgs, flag: &str) -> Result<Vec<prompts::Ins
     Ok(sets::sample(v, a.n, a.seed))
 }
 
-fn render_set(model: &Model, tmpl: &ChatTemplate, p: &cli::PromptArgs, v: &[prompts::Instruction]) -> Result<Vec<Prompt>> {
-    v.iter().map(|i| Ok(Prompt::new(model, tmpl.render(&p.system(), &i.text)?)?)).collect()
+fn render_set(
+    model: &Model,
+    tmpl: &ChatTemplate,
+    p: &cli::PromptArgs,
+    v: &[prompts::Instruction],
+) -> Result<Vec<Prompt>> {
+    v.iter()
+        .map(|i| Ok(Prompt::new(model, tmpl.render(&p.system(), &i.text)?)?))
+        .collect()
 }
 
 fn write_file(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
@@ -84,18 +101,39 @@ fn run(cli: Cli) -> Result<()> {
             writeln!(out, "{}", model.info)?;
             writeln!(out, "sha256        {}", model.sha256()?)?;
             let src = model.info.chat_template.as_deref().unwrap_or("");
-            writeln!(out, "chat_template {} chars{}", src.len(), if a.show_template { "" } else { " (--show-template prints it)" })?;
+            writeln!(
+                out,
+                "chat_template {} chars{}",
+                src.len(),
+                if a.show_template {
+                    ""
+                } else {
+                    " (--show-template prints it)"
+                }
+            )?;
             if a.show_template {
                 writeln!(out, "{src}")?;
             }
             let f = tmpl.render(&a.prompt.system(), "Hello!")?;
             let p = Prompt::new(&model, f)?;
             writeln!(out, "example       {:?}", p.text)?;
-            writeln!(out, "tokens        {} (instruction {:?}, post-instruction {:?})", p.tokens.len(), p.instruction, p.post_instruction)?;
+            writeln!(
+                out,
+                "tokens        {} (instruction {:?}, post-instruction {:?})",
+                p.tokens.len(),
+                p.instruction,
+                p.post_instruction
+            )?;
             // The first decode checks that every layer exposes l_out-<il>.
             let mut h = HookSet::new(model.info.n_layer, model.info.n_embd);
-            model.session()?.first_logits(std::slice::from_ref(&p), &mut h)?;
-            writeln!(out, "hook points   resid_post.0-{} (l_out-<il> present in every layer)", model.info.n_layer - 1)?;
+            model
+                .session()?
+                .first_logits(std::slice::from_ref(&p), &mut h)?;
+            writeln!(
+                out,
+                "hook points   resid_post.0-{} (l_out-<il> present in every layer)",
+                model.info.n_layer - 1
+            )?;
             writeln!(out, "llama.cpp     {}", persona_gate::LLAMA_CPP)?;
             writeln!(out, "system        {}", ffi::system_info().trim())?;
         }
@@ -103,17 +141,34 @@ fn run(cli: Cli) -> Result<()> {
             let model = load(&a.model)?;
             let tmpl = template(&model, &a.prompt)?;
             let texts: Vec<String> = if a.prompts.is_empty() {
-                prompts::builtin("harmful")?.into_iter().map(|i| i.text).collect()
+                prompts::builtin("harmful")?
+                    .into_iter()
+                    .map(|i| i.text)
+                    .collect()
             } else {
                 a.prompts.clone()
             };
-            let ps = texts.iter().map(|t| Ok(Prompt::new(&model, tmpl.render(&a.prompt.system(), t)?)?)).collect::<Result<Vec<_>>>()?;
-            let cfg = GenConfig { max_new_tokens: a.max_new_tokens, keep_first_logits: false, ignore_eog: false };
+            let ps = texts
+                .iter()
+                .map(|t| Ok(Prompt::new(&model, tmpl.render(&a.prompt.system(), t)?)?))
+                .collect::<Result<Vec<_>>>()?;
+            let cfg = GenConfig {
+                max_new_tokens: a.max_new_tokens,
+                keep_first_logits: false,
+                ignore_eog: false,
+            };
             let mut h = HookSet::new(model.info.n_layer, model.info.n_embd);
-            let g = model.session()?.generate(&ps, &cfg, &mut h, &mut |_, _| false, &mut |_| {})?;
+            let g = model
+                .session()?
+                .generate(&ps, &cfg, &mut h, &mut |_, _| false, &mut |_| {})?;
             let labeler = label::Labeler::default();
             for (t, g) in texts.iter().zip(&g) {
-                writeln!(out, "### {t}\n[{}] {}\n", labeler.label(&g.text), g.text.trim())?;
+                writeln!(
+                    out,
+                    "### {t}\n[{}] {}\n",
+                    labeler.label(&g.text),
+                    g.text.trim()
+                )?;
             }
         }
         Command::Demo(a) => {
@@ -127,40 +182,97 @@ fn run(cli: Cli) -> Result<()> {
                 anyhow::ensure!(c.is_finite(), "--coefficients: {c} is not a finite number");
             }
             anyhow::ensure!(a.n >= 1, "--n: must be at least 1");
-            writeln!(out, "model: {} ({}, {} layers, {})", model.info.path.display(), model.info.arch, model.info.n_layer, model.info.file_type)?;
-            let cfg = demo::DemoConfig { layers, coefficients: a.coefficients.clone(), n_prompts: a.n.min(16), max_new_tokens: a.max_new_tokens, system: a.prompt.system() };
+            writeln!(
+                out,
+                "model: {} ({}, {} layers, {})",
+                model.info.path.display(),
+                model.info.arch,
+                model.info.n_layer,
+                model.info.file_type
+            )?;
+            let cfg = demo::DemoConfig {
+                layers,
+                coefficients: a.coefficients.clone(),
+                n_prompts: a.n.min(16),
+                max_new_tokens: a.max_new_tokens,
+                system: a.prompt.system(),
+            };
             demo::run(&model, &tmpl, &cfg, out)?;
         }
         Command::Bench(a) => {
             let model = load(&a.model)?;
-            anyhow::ensure!(a.pp >= 1 && a.npp >= 1 && a.ntg >= 1 && a.repetitions >= 1, "--pp, --npp, --ntg and --repetitions must be at least 1");
+            anyhow::ensure!(
+                a.pp >= 1 && a.npp >= 1 && a.ntg >= 1 && a.repetitions >= 1,
+                "--pp, --npp, --ntg and --repetitions must be at least 1"
+            );
             let opts = a.model.options();
-            writeln!(out, "model {} ({}), threads {}, batch {}, {}", model.info.path.display(), model.info.file_type, opts.threads, opts.batch, persona_gate::LLAMA_CPP)?;
+            writeln!(
+                out,
+                "model {} ({}), threads {}, batch {}, {}",
+                model.info.path.display(),
+                model.info.file_type,
+                opts.threads,
+                opts.batch,
+                persona_gate::LLAMA_CPP
+            )?;
             writeln!(out, "| hooks | test | tokens/s |\n|---|---|---:|")?;
-            let cfg = bench::BenchConfig { pp: a.pp, npp: a.npp, ntg: a.ntg, batches: a.batches.clone(), repetitions: a.repetitions };
+            let cfg = bench::BenchConfig {
+                pp: a.pp,
+                npp: a.npp,
+                ntg: a.ntg,
+                batches: a.batches.clone(),
+                repetitions: a.repetitions,
+            };
             let configs: Vec<bench::HookConfig> = if a.hooks.is_empty() {
                 bench::HookConfig::ALL.to_vec()
             } else {
-                let mut v: Vec<bench::HookConfig> = a.hooks.iter().map(|h| match h.as_str() {
-                    "capture" => bench::HookConfig::CaptureAll,
-                    "cvec" => bench::HookConfig::CvecAll,
-                    "project" => bench::HookConfig::Project8,
-                    _ => bench::HookConfig::None,
-                }).collect();
+                let mut v: Vec<bench::HookConfig> = a
+                    .hooks
+                    .iter()
+                    .map(|h| match h.as_str() {
+                        "capture" => bench::HookConfig::CaptureAll,
+                        "cvec" => bench::HookConfig::CvecAll,
+                        "project" => bench::HookConfig::Project8,
+                        _ => bench::HookConfig::None,
+                    })
+                    .collect();
                 if !v.contains(&bench::HookConfig::None) {
                     v.insert(0, bench::HookConfig::None);
                 }
                 v
             };
             let rows = bench::run(&model, &cfg, &configs, &mut |r| {
-                let test = if r.batch == 0 { format!("pp{}", a.pp) } else { format!("tg{} @ {} seq", a.ntg, r.batch) };
-                let _ = writeln!(std::io::stdout(), "| {} | {} | {:.1} |", r.hooks.name(), test, r.tokens_per_s);
+                let test = if r.batch == 0 {
+                    format!("pp{}", a.pp)
+                } else {
+                    format!("tg{} @ {} seq", a.ntg, r.batch)
+                };
+                let _ = writeln!(
+                    std::io::stdout(),
+                    "| {} | {} | {:.1} |",
+                    r.hooks.name(),
+                    test,
+                    r.tokens_per_s
+                );
             })?;
             writeln!(out, "\nratio to no hooks:")?;
             for r in rows.iter().filter(|r| r.hooks != bench::HookConfig::None) {
-                let base = rows.iter().find(|b| b.hooks == bench::HookConfig::None && b.batch == r.batch).map_or(f64::NAN, |b| b.tokens_per_s);
-                let test = if r.batch == 0 { format!("pp{}", a.pp) } else { format!("tg{} @ {} seq", a.ntg, r.batch) };
-                writeln!(out, "  {:<28} {:<14} {:.3}", r.hooks.name(), test, r.tokens_per_s / base)?;
+                let base = rows
+                    .iter()
+                    .find(|b| b.hooks == bench::HookConfig::None && b.batch == r.batch)
+                    .map_or(f64::NAN, |b| b.tokens_per_s);
+                let test = if r.batch == 0 {
+                    format!("pp{}", a.pp)
+                } else {
+                    format!("tg{} @ {} seq", a.ntg, r.batch)
+                };
+                writeln!(
+                    out,
+                    "  {:<28} {:<14} {:.3}",
+                    r.hooks.name(),
+                    test,
+                    r.tokens_per_s / base
+                )?;
             }
         }
         Command::Extract(cli::ExtractCmd::Refusal(a)) => {
@@ -168,50 +280,122 @@ fn run(cli: Cli) -> Result<()> {
             let tmpl = template(&model, &a.prompt)?;
             let harmful = load_set(&a.harmful, &a.set, "harmful")?;
             let harmless = load_set(&a.harmless, &a.set, "harmless")?;
-            let pos = if a.positions == "last" { RefusalPositions::Last } else { RefusalPositions::PostInstruction };
-            let f = directions::extract_refusal(&model, &tmpl, &a.prompt.system(), &harmful, &harmless, pos)?;
+            let pos = if a.positions == "last" {
+                RefusalPositions::Last
+            } else {
+                RefusalPositions::PostInstruction
+            };
+            let f = directions::extract_refusal(
+                &model,
+                &tmpl,
+                &a.prompt.system(),
+                &harmful,
+                &harmless,
+                pos,
+            )?;
             f.save(&a.out)?;
-            writeln!(out, "wrote {} ({} directions from {} harmful and {} harmless prompts)", a.out.display(), f.directions.len(), harmful.len(), harmless.len())?;
+            writeln!(
+                out,
+                "wrote {} ({} directions from {} harmful and {} harmless prompts)",
+                a.out.display(),
+                f.directions.len(),
+                harmful.len(),
+                harmless.len()
+            )?;
             print_norms(out, &f)?;
         }
         Command::Extract(cli::ExtractCmd::Persona(a)) => {
             let model = load(&a.model)?;
             let tmpl = template(&model, &a.prompt)?;
             let (src, origin) = match &a.personas {
-                Some(p) => (std::fs::read_to_string(p).with_context(|| format!("--personas {}", p.display()))?, p.display().to_string()),
-                None => (prompts::PERSONAS.to_string(), "built-in personas".to_string()),
+                Some(p) => (
+                    std::fs::read_to_string(p)
+                        .with_context(|| format!("--personas {}", p.display()))?,
+                    p.display().to_string(),
+                ),
+                None => (
+                    prompts::PERSONAS.to_string(),
+                    "built-in personas".to_string(),
+                ),
             };
             let all = prompts::parse_personas(&src, &origin)?;
             let persona = all.get(&a.persona).with_context(|| {
-                format!("--persona: no persona '{}' in {origin} (has: {})", a.persona, all.keys().cloned().collect::<Vec<_>>().join(", "))
+                format!(
+                    "--persona: no persona '{}' in {origin} (has: {})",
+                    a.persona,
+                    all.keys().cloned().collect::<Vec<_>>().join(", ")
+                )
             })?;
             let questions = load_set(&a.questions, &a.set, "questions")?;
-            let at = if a.at == "response" { PersonaPositions::Response { max_new_tokens: a.max_new_tokens } } else { PersonaPositions::Last };
-            let f = directions::extract_persona(&model, &tmpl, &a.persona, persona, &questions, at)?;
+            let at = if a.at == "response" {
+                PersonaPositions::Response {
+                    max_new_tokens: a.max_new_tokens,
+                }
+            } else {
+                PersonaPositions::Last
+            };
+            let f =
+                directions::extract_persona(&model, &tmpl, &a.persona, persona, &questions, at)?;
             f.save(&a.out)?;
-            writeln!(out, "wrote {} (persona '{}': {} + {} system prompts x {} questions)", a.out.display(), a.persona, persona.positive.len(), persona.negative.len(), questions.len())?;
+            writeln!(
+                out,
+                "wrote {} (persona '{}': {} + {} system prompts x {} questions)",
+                a.out.display(),
+                a.persona,
+                persona.positive.len(),
+                persona.negative.len(),
+                questions.len()
+            )?;
             print_norms(out, &f)?;
         }
         Command::Select(a) => {
             let model = load(&a.model)?;
             let tmpl = template(&model, &a.prompt)?;
             let f = DirectionFile::load(&a.directions)?;
-            f.check_model(&model.info).with_context(|| format!("{}", a.directions.display()))?;
+            f.check_model(&model.info)
+                .with_context(|| format!("{}", a.directions.display()))?;
             let layers = match &a.layers {
                 Some(s) => hooks::parse_layers(s, model.info.n_layer).context("--layers")?,
                 None => (0..model.info.n_layer).collect(),
             };
-            anyhow::ensure!(a.coefficient.is_finite(), "--coefficient: {} is not a finite number", a.coefficient);
-            let harmful = render_set(&model, &tmpl, &a.prompt, &load_set(&a.harmful_val, &a.set, "harmful-val")?)?;
+            anyhow::ensure!(
+                a.coefficient.is_finite(),
+                "--coefficient: {} is not a finite number",
+                a.coefficient
+            );
+            let harmful = render_set(
+                &model,
+                &tmpl,
+                &a.prompt,
+                &load_set(&a.harmful_val, &a.set, "harmful-val")?,
+            )?;
             if f.meta.get("kind").map(String::as_str) == Some("persona") {
                 let d = f.get(None)?;
                 let b = bar(layers.len(), "layers");
-                let (base, ranked) = select::rank_persona_layers(&model, d, a.coefficient, &harmful, &layers, a.chunk, &mut |k, _| b.set_position(k as u64))?;
+                let (base, ranked) = select::rank_persona_layers(
+                    &model,
+                    d,
+                    a.coefficient,
+                    &harmful,
+                    &layers,
+                    a.chunk,
+                    &mut |k, _| b.set_position(k as u64),
+                )?;
                 b.finish_and_clear();
                 let mut w = csv::Writer::from_writer(Vec::new());
-                w.write_record(["layer", "coefficient", "mean_refusal_score", "delta_vs_baseline"])?;
+                w.write_record([
+                    "layer",
+                    "coefficient",
+                    "mean_refusal_score",
+                    "delta_vs_baseline",
+                ])?;
                 for (l, sc) in &ranked {
-                    w.write_record([l.to_string(), a.coefficient.to_string(), format!("{sc:.6}"), format!("{:.6}", sc - base)])?;
+                    w.write_record([
+                        l.to_string(),
+                        a.coefficient.to_string(),
+                        format!("{sc:.6}"),
+                        format!("{:.6}", sc - base),
+                    ])?;
                 }
                 let bytes = w.into_inner()?;
                 match &a.csv {
@@ -221,10 +405,23 @@ fn run(cli: Cli) -> Result<()> {
                 let (l, sc) = ranked[0];
                 writeln!(out, "baseline mean refusal score {base:.3}; steering with {} x {} lowers it most at layer {l} ({sc:.3})", a.coefficient, d.name)?;
             } else {
-                let harmless = render_set(&model, &tmpl, &a.prompt, &load_set(&a.harmless_val, &a.set, "harmless-val")?)?;
+                let harmless = render_set(
+                    &model,
+                    &tmpl,
+                    &a.prompt,
+                    &load_set(&a.harmless_val, &a.set, "harmless-val")?,
+                )?;
                 let n = f.directions.len() * layers.len() * 3;
                 let b = bar(n, "candidates");
-                let sel = select::select_refusal(&model, &f, &harmful, &harmless, &layers, a.chunk, &mut |k, _| b.set_position(k as u64))?;
+                let sel = select::select_refusal(
+                    &model,
+                    &f,
+                    &harmful,
+                    &harmless,
+                    &layers,
+                    a.chunk,
+                    &mut |k, _| b.set_position(k as u64),
+                )?;
                 b.finish_and_clear();
                 let bytes = sel.to_csv();
                 match &a.csv {
@@ -236,13 +433,22 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Directions(cli::DirectionsCmd::Cos(a)) => {
             let (fa, fb) = (DirectionFile::load(&a.a)?, DirectionFile::load(&a.b)?);
-            let da = fa.get(a.a_name.as_deref()).with_context(|| format!("{}", a.a.display()))?;
-            let db = fb.get(a.b_name.as_deref()).with_context(|| format!("{}", a.b.display()))?;
+            let da = fa
+                .get(a.a_name.as_deref())
+                .with_context(|| format!("{}", a.a.display()))?;
+            let db = fb
+                .get(a.b_name.as_deref())
+                .with_context(|| format!("{}", a.b.display()))?;
             let cos = directions::cosine_per_layer(da, db)?;
             let mut w = csv::Writer::from_writer(Vec::new());
             w.write_record(["layer", "a", "b", "cosine"])?;
             for (l, c) in cos.iter().enumerate() {
-                w.write_record([l.to_string(), da.name.clone(), db.name.clone(), format!("{c:.6}")])?;
+                w.write_record([
+                    l.to_string(),
+                    da.name.clone(),
+                    db.name.clone(),
+                    format!("{c:.6}"),
+                ])?;
             }
             let bytes = w.into_inner()?;
             match &a.csv {
@@ -250,18 +456,48 @@ fn run(cli: Cli) -> Result<()> {
                 None => out.write_all(&bytes)?,
             }
             if let Some(p) = &a.svg {
-                let s = plot::Series { name: format!("{} vs {}", da.name, db.name), points: cos.iter().enumerate().map(|(l, &c)| (l as f64, c)).collect(), band: None };
-                write_file(p, plot::line_plot("cosine similarity per layer", "layer (resid_post)", "cosine", &[s], Some((-1.0, 1.0))).as_bytes())?;
+                let s = plot::Series {
+                    name: format!("{} vs {}", da.name, db.name),
+                    points: cos
+                        .iter()
+                        .enumerate()
+                        .map(|(l, &c)| (l as f64, c))
+                        .collect(),
+                    band: None,
+                };
+                write_file(
+                    p,
+                    plot::line_plot(
+                        "cosine similarity per layer",
+                        "layer (resid_post)",
+                        "cosine",
+                        &[s],
+                        Some((-1.0, 1.0)),
+                    )
+                    .as_bytes(),
+                )?;
             }
         }
         Command::ExportCvec(a) => {
             let f = DirectionFile::load(&a.directions)?;
-            let d = f.get(a.name.as_deref()).with_context(|| format!("{}", a.directions.display()))?;
+            let d = f
+                .get(a.name.as_deref())
+                .with_context(|| format!("{}", a.directions.display()))?;
             let layers = hooks::parse_layers(&a.layers, d.n_layer()).context("--layers")?;
             let arch = f.meta.get("arch").cloned().unwrap_or_else(|| "any".into());
-            let bytes = cvec::export(d, &arch, a.coefficient, &layers).map_err(anyhow::Error::msg).context("export-cvec")?;
+            let bytes = cvec::export(d, &arch, a.coefficient, &layers)
+                .map_err(anyhow::Error::msg)
+                .context("export-cvec")?;
             write_file(&a.out, &bytes)?;
-            writeln!(out, "wrote {}: {} x {} at layers {:?} ({} for llama.cpp --control-vector)", a.out.display(), a.coefficient, d.name, layers, arch)?;
+            writeln!(
+                out,
+                "wrote {}: {} x {} at layers {:?} ({} for llama.cpp --control-vector)",
+                a.out.display(),
+                a.coefficient,
+                d.name,
+                layers,
+                arch
+            )?;
         }
         Command::Inspect(a) => {
             let f = DirectionFile::load(&a.file)?;
@@ -277,7 +513,14 @@ fn run(cli: Cli) -> Result<()> {
 fn print_norms(out: &mut dyn Write, f: &DirectionFile) -> Result<()> {
     for d in &f.directions {
         let n: Vec<String> = d.norms().iter().map(|x| format!("{x:.2}")).collect();
-        writeln!(out, "{:<18} [{} x {}] norms by layer: {}", d.name, d.n_layer(), d.n_embd(), n.join(" "))?;
+        writeln!(
+            out,
+            "{:<18} [{} x {}] norms by layer: {}",
+            d.name,
+            d.n_layer(),
+            d.n_embd(),
+            n.join(" ")
+        )?;
     }
     Ok(())
 }

@@ -35,7 +35,15 @@ pub struct ModelOptions {
 impl Default for ModelOptions {
     fn default() -> Self {
         let threads = std::thread::available_parallelism().map_or(2, |n| n.get().min(8)) as i32;
-        ModelOptions { threads, n_gpu_layers: 0, ctx: 1024, batch: 512, parallel: 16, use_extra_bufts: true, flash_attn: Some(false) }
+        ModelOptions {
+            threads,
+            n_gpu_layers: 0,
+            ctx: 1024,
+            batch: 512,
+            parallel: 16,
+            use_extra_bufts: true,
+            flash_attn: Some(false),
+        }
     }
 }
 
@@ -78,7 +86,10 @@ pub fn check_gguf(path: &Path) -> Result<Gguf> {
     if md.len() == 0 {
         return Err(Error::file(path, "is empty, expected a .gguf file"));
     }
-    Gguf::open(path).map_err(|source| Error::Gguf { path: path.to_path_buf(), source })
+    Gguf::open(path).map_err(|source| Error::Gguf {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 impl Model {
@@ -94,7 +105,10 @@ impl Model {
             .to_string();
         let raw = ffi::Model::load(
             path,
-            &ffi::LoadParams { n_gpu_layers: options.n_gpu_layers, use_extra_bufts: options.use_extra_bufts },
+            &ffi::LoadParams {
+                n_gpu_layers: options.n_gpu_layers,
+                use_extra_bufts: options.use_extra_bufts,
+            },
         )
         .map_err(|e| Error::file(path, e.to_string()))?;
         let info = ModelInfo {
@@ -103,13 +117,21 @@ impl Model {
             n_layer: raw.n_layer(),
             n_embd: raw.n_embd(),
             n_vocab: raw.n_vocab(),
-            file_type: gguf.get_u64("general.file_type").map_or("unknown", gguf::file_type_name).to_string(),
+            file_type: gguf
+                .get_u64("general.file_type")
+                .map_or("unknown", gguf::file_type_name)
+                .to_string(),
             file_size: gguf.file_size,
             chat_template: gguf.get_str("tokenizer.chat_template").map(str::to_string),
             desc: raw.desc(),
             arch,
         };
-        Ok(Model { raw, info, gguf, options: options.clone() })
+        Ok(Model {
+            raw,
+            info,
+            gguf,
+            options: options.clone(),
+        })
     }
 
     /// The model's own chat template, or `override_src` when given.
@@ -117,10 +139,16 @@ impl Model {
     /// # Errors
     /// When the GGUF has no template and none was given, or it does not compile.
     pub fn chat_template(&self, override_src: Option<String>) -> Result<ChatTemplate> {
-        let src = override_src.or_else(|| self.info.chat_template.clone()).ok_or_else(|| {
-            Error::file(&self.info.path, "GGUF has no tokenizer.chat_template; pass --chat-template FILE")
-        })?;
-        let text = |t: ffi::Token| String::from_utf8_lossy(&self.raw.token_bytes(t, true)).into_owned();
+        let src = override_src
+            .or_else(|| self.info.chat_template.clone())
+            .ok_or_else(|| {
+                Error::file(
+                    &self.info.path,
+                    "GGUF has no tokenizer.chat_template; pass --chat-template FILE",
+                )
+            })?;
+        let text =
+            |t: ffi::Token| String::from_utf8_lossy(&self.raw.token_bytes(t, true)).into_owned();
         ChatTemplate::new(src, text(self.raw.bos()), text(self.raw.eos()))
     }
 
@@ -173,7 +201,12 @@ impl fmt::Display for ModelInfo {
         writeln!(f, "n_embd        {}", self.n_embd)?;
         writeln!(f, "n_vocab       {}", self.n_vocab)?;
         writeln!(f, "file_type     {}", self.file_type)?;
-        write!(f, "file_size     {} bytes ({:.1} MiB)", self.file_size, self.file_size as f64 / 1048576.0)
+        write!(
+            f,
+            "file_size     {} bytes ({:.1} MiB)",
+            self.file_size,
+            self.file_size as f64 / 1048576.0
+        )
     }
 }
 
@@ -223,8 +256,13 @@ pub fn file_sha256(path: &Path) -> Result<String> {
     let hex = format!("{:x}", h.finalize());
     // Keep other files' entries, drop stale ones for this path, write atomically.
     let prefix = format!("{}\t", canon.display());
-    let mut out: String = cached.lines().filter(|l| !l.starts_with(&prefix)).map(|l| format!("{l}\n")).collect();
+    let mut out: String = cached
+        .lines()
+        .filter(|l| !l.starts_with(&prefix))
+        .map(|l| format!("{l}\n"))
+        .collect();
     out.push_str(&format!("{key}\t{hex}\n"));
-    let _ = std::fs::create_dir_all(cache_dir()).and_then(|_| crate::util::write_atomic(&cache, out.as_bytes()));
+    let _ = std::fs::create_dir_all(cache_dir())
+        .and_then(|_| crate::util::write_atomic(&cache, out.as_bytes()));
     Ok(hex)
 }

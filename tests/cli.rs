@@ -18,7 +18,10 @@ fn scratch(name: &str) -> PathBuf {
 }
 
 fn files(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
     v.sort();
     v
 }
@@ -28,7 +31,12 @@ fn fails(dir: &Path, args: &[&str], needles: &[&str]) {
     let before = files(dir);
     let out = bin().current_dir(dir).args(args).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{args:?}: expected exit 1, got {:?}; stderr: {err}", out.status);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{args:?}: expected exit 1, got {:?}; stderr: {err}",
+        out.status
+    );
     let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
     assert_eq!(lines.len(), 1, "{args:?}: expected one line, got: {err}");
     assert!(lines[0].starts_with("persona-gate: "), "{args:?}: {err}");
@@ -62,9 +70,18 @@ fn header_only(arch: &str) -> Vec<u8> {
 fn bad_model_files() {
     let d = scratch("models");
     std::fs::write(d.join("empty.gguf"), b"").unwrap();
-    std::fs::write(d.join("magic.gguf"), b"GGML\x03\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0").unwrap();
+    std::fs::write(
+        d.join("magic.gguf"),
+        b"GGML\x03\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0",
+    )
+    .unwrap();
     let mut r = common::max_abs_diff(&[0.0], &[0.0]).to_bits() as u64 | 0x1234_5678;
-    let random: Vec<u8> = (0..4096).map(|_| { r = r.wrapping_mul(6364136223846793005).wrapping_add(1); (r >> 33) as u8 }).collect();
+    let random: Vec<u8> = (0..4096)
+        .map(|_| {
+            r = r.wrapping_mul(6364136223846793005).wrapping_add(1);
+            (r >> 33) as u8
+        })
+        .collect();
     std::fs::write(d.join("random.gguf"), random).unwrap();
     std::fs::write(d.join("foo-arch.gguf"), header_only("fooarch")).unwrap();
     std::fs::write(d.join("no-tensors.gguf"), header_only("llama")).unwrap();
@@ -73,16 +90,44 @@ fn bad_model_files() {
     std::fs::write(d.join("truncated.gguf"), &smol[..smol.len() / 2]).unwrap();
     std::fs::write(d.join("header-cut.gguf"), &smol[..1000]).unwrap();
     for cmd in ["info", "demo", "bench", "generate"] {
-        fails(&d, &[cmd, "-m", "missing.gguf"], &["missing.gguf", "no such file"]);
+        fails(
+            &d,
+            &[cmd, "-m", "missing.gguf"],
+            &["missing.gguf", "no such file"],
+        );
     }
     fails(&d, &["info", "-m", "empty.gguf"], &["empty.gguf", "empty"]);
-    fails(&d, &["info", "-m", "magic.gguf"], &["magic.gguf", "not a GGUF"]);
-    fails(&d, &["info", "-m", "random.gguf"], &["random.gguf", "not a GGUF"]);
+    fails(
+        &d,
+        &["info", "-m", "magic.gguf"],
+        &["magic.gguf", "not a GGUF"],
+    );
+    fails(
+        &d,
+        &["info", "-m", "random.gguf"],
+        &["random.gguf", "not a GGUF"],
+    );
     fails(&d, &["info", "-m", "dir.gguf"], &["dir.gguf", "directory"]);
-    fails(&d, &["info", "-m", "truncated.gguf"], &["truncated.gguf", "truncated"]);
-    fails(&d, &["info", "-m", "header-cut.gguf"], &["header-cut.gguf", "truncated"]);
-    fails(&d, &["info", "-m", "foo-arch.gguf"], &["foo-arch.gguf", "unknown model architecture"]);
-    fails(&d, &["info", "-m", "no-tensors.gguf"], &["no-tensors.gguf", "could not load"]);
+    fails(
+        &d,
+        &["info", "-m", "truncated.gguf"],
+        &["truncated.gguf", "truncated"],
+    );
+    fails(
+        &d,
+        &["info", "-m", "header-cut.gguf"],
+        &["header-cut.gguf", "truncated"],
+    );
+    fails(
+        &d,
+        &["info", "-m", "foo-arch.gguf"],
+        &["foo-arch.gguf", "unknown model architecture"],
+    );
+    fails(
+        &d,
+        &["info", "-m", "no-tensors.gguf"],
+        &["no-tensors.gguf", "could not load"],
+    );
     let _ = std::fs::remove_dir_all(&d);
 }
 
@@ -91,26 +136,86 @@ fn bad_flags_with_a_real_model() {
     let d = scratch("flags");
     let m = common::model_path(common::SMOL);
     let m = m.to_str().unwrap();
-    fails(&d, &["demo", "-m", m, "--layers", "30"], &["--layers", "out of range (30 layers"]);
-    fails(&d, &["demo", "-m", m, "--layers", "-1"], &["--layers", "negative"]);
-    fails(&d, &["demo", "-m", m, "--layers", "9-3"], &["--layers", "empty"]);
-    fails(&d, &["demo", "-m", m, "--coefficients", "NaN"], &["--coefficients", "NaN"]);
-    fails(&d, &["demo", "-m", m, "--coefficients", "inf"], &["--coefficients", "inf"]);
-    fails(&d, &["info", "-m", m, "--chat-template", "nope.jinja"], &["--chat-template", "nope.jinja"]);
+    fails(
+        &d,
+        &["demo", "-m", m, "--layers", "30"],
+        &["--layers", "out of range (30 layers"],
+    );
+    fails(
+        &d,
+        &["demo", "-m", m, "--layers", "-1"],
+        &["--layers", "negative"],
+    );
+    fails(
+        &d,
+        &["demo", "-m", m, "--layers", "9-3"],
+        &["--layers", "empty"],
+    );
+    fails(
+        &d,
+        &["demo", "-m", m, "--coefficients", "NaN"],
+        &["--coefficients", "NaN"],
+    );
+    fails(
+        &d,
+        &["demo", "-m", m, "--coefficients", "inf"],
+        &["--coefficients", "inf"],
+    );
+    fails(
+        &d,
+        &["info", "-m", m, "--chat-template", "nope.jinja"],
+        &["--chat-template", "nope.jinja"],
+    );
     std::fs::write(d.join("bad.jinja"), "{% for %}").unwrap();
-    fails(&d, &["info", "-m", m, "--chat-template", "bad.jinja"], &["chat template"]);
-    fails(&d, &["generate", "-m", m, "--ctx", "16", "-p", "Tell me a story about a dragon."], &["--ctx 16"]);
+    fails(
+        &d,
+        &["info", "-m", m, "--chat-template", "bad.jinja"],
+        &["chat template"],
+    );
+    fails(
+        &d,
+        &[
+            "generate",
+            "-m",
+            m,
+            "--ctx",
+            "16",
+            "-p",
+            "Tell me a story about a dragon.",
+        ],
+        &["--ctx 16"],
+    );
     let _ = std::fs::remove_dir_all(&d);
 }
 
 #[test]
 fn info_prints_metadata() {
-    let out = bin().args(["info", "-m", common::model_path(common::QWEN05).to_str().unwrap(), "-t", "2"]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = bin()
+        .args([
+            "info",
+            "-m",
+            common::model_path(common::QWEN05).to_str().unwrap(),
+            "-t",
+            "2",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let s = String::from_utf8_lossy(&out.stdout);
-    for want in ["arch          qwen2", "n_layer       24", "n_embd        896", "n_vocab       151936", "file_type     Q4_K_M",
-        "sha256        1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", "You are Qwen, created by Alibaba Cloud",
-        "resid_post.0-23"] {
+    for want in [
+        "arch          qwen2",
+        "n_layer       24",
+        "n_embd        896",
+        "n_vocab       151936",
+        "file_type     Q4_K_M",
+        "sha256        1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        "You are Qwen, created by Alibaba Cloud",
+        "resid_post.0-23",
+    ] {
         assert!(s.contains(want), "missing {want:?} in:\n{s}");
     }
 }

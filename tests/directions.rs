@@ -19,7 +19,15 @@ fn refusal(m: &Model) -> DirectionFile {
     let t = m.chat_template(None).unwrap();
     let h = prompts::builtin("harmful").unwrap();
     let l = prompts::builtin("harmless").unwrap();
-    directions::extract_refusal(m, &t, &SystemPrompt::TemplateDefault, &h[..8], &l[..8], RefusalPositions::PostInstruction).unwrap()
+    directions::extract_refusal(
+        m,
+        &t,
+        &SystemPrompt::TemplateDefault,
+        &h[..8],
+        &l[..8],
+        RefusalPositions::PostInstruction,
+    )
+    .unwrap()
 }
 
 fn scratch(name: &str) -> std::path::PathBuf {
@@ -31,20 +39,45 @@ fn scratch(name: &str) -> std::path::PathBuf {
 fn deterministic_and_batch_invariant(file: &str) {
     let m = load(file, 16);
     let a = refusal(&m).to_bytes();
-    assert_eq!(a, refusal(&m).to_bytes(), "{file}: extraction is not byte-identical on rerun");
-    let m1 = Model::load(&model_path(file), &ModelOptions { threads: 2, parallel: 1, ctx: 512, ..Default::default() }).unwrap();
+    assert_eq!(
+        a,
+        refusal(&m).to_bytes(),
+        "{file}: extraction is not byte-identical on rerun"
+    );
+    let m1 = Model::load(
+        &model_path(file),
+        &ModelOptions {
+            threads: 2,
+            parallel: 1,
+            ctx: 512,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let (fa, fb) = (DirectionFile::from_bytes(&a).unwrap(), refusal(&m1));
     let mut worst = 0f64;
     for (da, db) in fa.directions.iter().zip(&fb.directions) {
         for (ra, rb) in da.rows.iter().zip(&db.rows) {
-            let diff: f64 = ra.iter().zip(rb).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>().sqrt();
+            let diff: f64 = ra
+                .iter()
+                .zip(rb)
+                .map(|(x, y)| ((x - y) as f64).powi(2))
+                .sum::<f64>()
+                .sqrt();
             worst = worst.max(diff / directions::norm(ra).max(1e-12));
-            eprint!("{:.1e}/{:.2} ", diff / directions::norm(ra).max(1e-12), directions::norm(ra));
+            eprint!(
+                "{:.1e}/{:.2} ",
+                diff / directions::norm(ra).max(1e-12),
+                directions::norm(ra)
+            );
         }
         eprintln!();
     }
     eprintln!("{file}: parallel 16 vs 1: worst relative row difference {worst:e}");
-    assert!(worst <= BATCH_INVARIANCE_REL, "{file}: batch size changed directions by {worst:e}");
+    assert!(
+        worst <= BATCH_INVARIANCE_REL,
+        "{file}: batch size changed directions by {worst:e}"
+    );
 }
 
 fn refusal_norm_grows_with_depth(file: &str) {
@@ -54,7 +87,10 @@ fn refusal_norm_grows_with_depth(file: &str) {
     let q = n.len() / 4;
     let early: f64 = n[..q].iter().sum::<f64>() / q as f64;
     let late: f64 = n[n.len() - q..].iter().sum::<f64>() / q as f64;
-    assert!(late > 2.0 * early, "{file}: refusal norms early {early:.3} vs late {late:.3}");
+    assert!(
+        late > 2.0 * early,
+        "{file}: refusal norms early {early:.3} vs late {late:.3}"
+    );
     assert_eq!(f.meta["arch"], m.info.arch);
     assert_eq!(f.meta["harmful_count"], "8");
 }
@@ -64,7 +100,15 @@ fn exported_cvec_matches_native_and_callback(file: &str) {
     let t = m.chat_template(None).unwrap();
     let personas = prompts::parse_personas(prompts::PERSONAS, "builtin").unwrap();
     let q = prompts::builtin("neutral").unwrap();
-    let f = directions::extract_persona(&m, &t, "compliant", &personas["compliant"], &q[..4], PersonaPositions::Last).unwrap();
+    let f = directions::extract_persona(
+        &m,
+        &t,
+        "compliant",
+        &personas["compliant"],
+        &q[..4],
+        PersonaPositions::Last,
+    )
+    .unwrap();
     let d = f.get(None).unwrap();
     let layers = [m.info.n_layer / 2, m.info.n_layer / 2 + 1];
     let dir = scratch(file);
@@ -73,23 +117,40 @@ fn exported_cvec_matches_native_and_callback(file: &str) {
     // ggml's own reader (the one llama.cpp's --control-vector uses) accepts the file.
     let (arch, tensors) = persona_gate::ffi::ggml_read_gguf(&path).unwrap();
     assert_eq!(arch.as_deref(), Some("controlvector"));
-    assert_eq!(tensors.iter().map(|t| t.0.clone()).collect::<Vec<_>>(), layers.iter().map(|l| format!("direction.{l}")).collect::<Vec<_>>());
+    assert_eq!(
+        tensors.iter().map(|t| t.0.clone()).collect::<Vec<_>>(),
+        layers
+            .iter()
+            .map(|l| format!("direction.{l}"))
+            .collect::<Vec<_>>()
+    );
     assert!(tensors.iter().all(|t| t.1 == 0 && t.2 == 4 * m.info.n_embd));
     // Imported back, applied natively and through the callback: the same logits.
     let imported = DirectionFile::load(&path).unwrap();
-    imported.check_model(&m.info).unwrap_or_else(|e| if !e.to_string().contains("layers") { panic!("{e}") });
+    imported.check_model(&m.info).unwrap_or_else(|e| {
+        if !e.to_string().contains("layers") {
+            panic!("{e}")
+        }
+    });
     let c = imported.get(None).unwrap();
-    let cv: std::collections::BTreeMap<usize, Vec<f32>> = layers.iter().map(|&l| (l, c.rows[l].clone())).collect();
+    let cv: std::collections::BTreeMap<usize, Vec<f32>> =
+        layers.iter().map(|&l| (l, c.rows[l].clone())).collect();
     let ps = prompts_for(&m);
     let mut s = m.session().unwrap();
     s.set_control_vector(Some(&cv)).unwrap();
-    let native = s.first_logits(&ps, &mut HookSet::new(m.info.n_layer, m.info.n_embd)).unwrap();
+    let native = s
+        .first_logits(&ps, &mut HookSet::new(m.info.n_layer, m.info.n_embd))
+        .unwrap();
     s.set_control_vector(None).unwrap();
     let mut h = HookSet::new(m.info.n_layer, m.info.n_embd);
     h.add_edit(Edit::add(cv, Scope::All)).unwrap();
     let cb = s.first_logits(&ps, &mut h).unwrap();
     for (a, b) in native.iter().zip(&cb) {
-        assert!(max_abs_diff(a, b) <= 1e-5, "{file}: native vs callback {}", max_abs_diff(a, b));
+        assert!(
+            max_abs_diff(a, b) <= 1e-5,
+            "{file}: native vs callback {}",
+            max_abs_diff(a, b)
+        );
     }
     let _ = std::fs::remove_dir_all(dir);
 }
@@ -105,4 +166,8 @@ macro_rules! on_both {
     };
 }
 
-on_both!(deterministic_and_batch_invariant, refusal_norm_grows_with_depth, exported_cvec_matches_native_and_callback);
+on_both!(
+    deterministic_and_batch_invariant,
+    refusal_norm_grows_with_depth,
+    exported_cvec_matches_native_and_callback
+);

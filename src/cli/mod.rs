@@ -8,7 +8,11 @@ use persona_gate::chat::SystemPrompt;
 use persona_gate::model::ModelOptions;
 
 #[derive(Parser, Debug)]
-#[command(name = "persona-gate", version, about = "Persona and refusal steering on quantized GGUF models through llama.cpp")]
+#[command(
+    name = "persona-gate",
+    version,
+    about = "Persona and refusal steering on quantized GGUF models through llama.cpp"
+)]
 pub struct Cli {
     /// More log output (-v: debug, -vv: llama.cpp's own logs). RUST_LOG also works.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]

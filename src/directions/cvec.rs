@@ -27,7 +27,12 @@ fn pad(b: &mut Vec<u8>) {
 ///
 /// # Errors
 /// Layer 0 (llama.cpp has no slot for it), a layer out of range, a non-finite coefficient.
-pub fn export(d: &Direction, arch: &str, coefficient: f32, layers: &[usize]) -> Result<Vec<u8>, String> {
+pub fn export(
+    d: &Direction,
+    arch: &str,
+    coefficient: f32,
+    layers: &[usize],
+) -> Result<Vec<u8>, String> {
     if !coefficient.is_finite() {
         return Err(format!("coefficient {coefficient} is not finite"));
     }
@@ -36,7 +41,9 @@ pub fn export(d: &Direction, arch: &str, coefficient: f32, layers: &[usize]) -> 
     }
     for &l in layers {
         if l == 0 {
-            return Err("layer 0 cannot be exported: llama.cpp control vectors start at layer 1".into());
+            return Err(
+                "layer 0 cannot be exported: llama.cpp control vectors start at layer 1".into(),
+            );
         }
         if l >= d.n_layer() {
             return Err(format!("layer {l} out of range ({} layers)", d.n_layer()));
@@ -91,28 +98,56 @@ pub fn import(bytes: &[u8]) -> Result<DirectionFile, String> {
             .and_then(|s| s.parse().ok())
             .ok_or_else(|| format!("tensor '{}' is not named direction.<layer>", t.name))?;
         if il == 0 {
-            return Err(format!("tensor '{}': layer 0 has no control-vector slot", t.name));
+            return Err(format!(
+                "tensor '{}': layer 0 has no control-vector slot",
+                t.name
+            ));
         }
         if t.ggml_type != 0 || t.dims.len() != 1 {
             return Err(format!("tensor '{}': expected a 1-D F32 tensor", t.name));
         }
         let ne = t.dims[0] as usize;
         if *n_embd.get_or_insert(ne) != ne {
-            return Err(format!("tensor '{}' has {ne} elements, others have {}", t.name, n_embd.unwrap_or(0)));
+            return Err(format!(
+                "tensor '{}' has {ne} elements, others have {}",
+                t.name,
+                n_embd.unwrap_or(0)
+            ));
         }
         let start = t.offset as usize;
-        let raw = bytes.get(start..start + ne * 4).ok_or_else(|| format!("tensor '{}' runs past the end of the file", t.name))?;
-        rows.insert(il, raw.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect());
+        let raw = bytes
+            .get(start..start + ne * 4)
+            .ok_or_else(|| format!("tensor '{}' runs past the end of the file", t.name))?;
+        rows.insert(
+            il,
+            raw.chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+                .collect(),
+        );
     }
     let n_embd = n_embd.ok_or("no direction tensors in the file")?;
     let n_layer = rows.keys().next_back().map_or(0, |l| l + 1);
     let layers: Vec<String> = rows.keys().map(usize::to_string).collect();
-    let full: Vec<Vec<f32>> = (0..n_layer).map(|l| rows.remove(&l).unwrap_or_else(|| vec![0.0; n_embd])).collect();
+    let full: Vec<Vec<f32>> = (0..n_layer)
+        .map(|l| rows.remove(&l).unwrap_or_else(|| vec![0.0; n_embd]))
+        .collect();
     let mut meta = BTreeMap::new();
     meta.insert("kind".into(), "control-vector".into());
-    meta.insert("arch".into(), g.get_str("controlvector.model_hint").unwrap_or("any").to_string());
+    meta.insert(
+        "arch".into(),
+        g.get_str("controlvector.model_hint")
+            .unwrap_or("any")
+            .to_string(),
+    );
     meta.insert("cvec_layers".into(), layers.join(","));
-    DirectionFile::new(vec![Direction { name: "cvec".into(), rows: full }], meta).map_err(|e| e.to_string())
+    DirectionFile::new(
+        vec![Direction {
+            name: "cvec".into(),
+            rows: full,
+        }],
+        meta,
+    )
+    .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
@@ -121,11 +156,22 @@ mod tests {
 
     #[test]
     fn export_import_round_trip() {
-        let d = Direction { name: "x".into(), rows: (0..4).map(|l| vec![l as f32, 1.0, -2.0]).collect() };
+        let d = Direction {
+            name: "x".into(),
+            rows: (0..4).map(|l| vec![l as f32, 1.0, -2.0]).collect(),
+        };
         let b = export(&d, "llama", 2.0, &[1, 3]).unwrap();
         let f = import(&b).unwrap();
         let c = f.get(None).unwrap();
-        assert_eq!(c.rows, vec![vec![0.0; 3], vec![2.0, 2.0, -4.0], vec![0.0; 3], vec![6.0, 2.0, -4.0]]);
+        assert_eq!(
+            c.rows,
+            vec![
+                vec![0.0; 3],
+                vec![2.0, 2.0, -4.0],
+                vec![0.0; 3],
+                vec![6.0, 2.0, -4.0]
+            ]
+        );
         assert_eq!(f.meta["arch"], "llama");
         assert!(export(&d, "llama", 1.0, &[0]).is_err());
         assert!(export(&d, "llama", f32::NAN, &[1]).is_err());

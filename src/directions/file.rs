@@ -27,12 +27,20 @@ const MAX_HEADER: u64 = 100 << 20;
 impl DirectionFile {
     /// # Errors
     /// No directions, or rows of unequal shapes.
-    pub fn new(directions: Vec<Direction>, mut meta: BTreeMap<String, String>) -> Result<DirectionFile> {
-        let first = directions.first().ok_or_else(|| Error::Invalid("no directions to save".into()))?;
+    pub fn new(
+        directions: Vec<Direction>,
+        mut meta: BTreeMap<String, String>,
+    ) -> Result<DirectionFile> {
+        let first = directions
+            .first()
+            .ok_or_else(|| Error::Invalid("no directions to save".into()))?;
         let (nl, ne) = (first.n_layer(), first.n_embd());
         for d in &directions {
             if d.n_layer() != nl || d.rows.iter().any(|r| r.len() != ne) || ne == 0 {
-                return Err(Error::Invalid(format!("direction {} is not [{nl} x {ne}]", d.name)));
+                return Err(Error::Invalid(format!(
+                    "direction {} is not [{nl} x {ne}]",
+                    d.name
+                )));
             }
             let norms: Vec<String> = d.norms().iter().map(|n| format!("{n:.6}")).collect();
             meta.insert(format!("norms.{}", d.name), norms.join(","));
@@ -54,11 +62,24 @@ impl DirectionFile {
     /// # Errors
     /// An unknown name, or several directions and no name.
     pub fn get(&self, name: Option<&str>) -> Result<&Direction> {
-        let names = || self.directions.iter().map(|d| d.name.as_str()).collect::<Vec<_>>().join(", ");
+        let names = || {
+            self.directions
+                .iter()
+                .map(|d| d.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
         match name {
-            Some(n) => self.directions.iter().find(|d| d.name == n).ok_or_else(|| Error::Invalid(format!("no direction '{n}' (has: {})", names()))),
+            Some(n) => self
+                .directions
+                .iter()
+                .find(|d| d.name == n)
+                .ok_or_else(|| Error::Invalid(format!("no direction '{n}' (has: {})", names()))),
             None if self.directions.len() == 1 => Ok(&self.directions[0]),
-            None => Err(Error::Invalid(format!("several directions ({}); name one", names()))),
+            None => Err(Error::Invalid(format!(
+                "several directions ({}); name one",
+                names()
+            ))),
         }
     }
 
@@ -69,14 +90,25 @@ impl DirectionFile {
     pub fn check_model(&self, m: &ModelInfo) -> Result<()> {
         if let Some(arch) = self.meta.get("arch") {
             if arch != &m.arch && arch != "any" {
-                return Err(Error::Invalid(format!("directions are for arch '{arch}', the model is '{}'", m.arch)));
+                return Err(Error::Invalid(format!(
+                    "directions are for arch '{arch}', the model is '{}'",
+                    m.arch
+                )));
             }
         }
         if self.n_embd() != m.n_embd {
-            return Err(Error::Invalid(format!("directions have n_embd {}, the model has {}", self.n_embd(), m.n_embd)));
+            return Err(Error::Invalid(format!(
+                "directions have n_embd {}, the model has {}",
+                self.n_embd(),
+                m.n_embd
+            )));
         }
         if self.n_layer() != m.n_layer {
-            return Err(Error::Invalid(format!("directions have {} layers, the model has {}", self.n_layer(), m.n_layer)));
+            return Err(Error::Invalid(format!(
+                "directions have {} layers, the model has {}",
+                self.n_layer(),
+                m.n_layer
+            )));
         }
         Ok(())
     }
@@ -97,7 +129,8 @@ impl DirectionFile {
             header.insert(d.name.clone(), json!({"dtype": "F32", "shape": [d.n_layer(), d.n_embd()], "data_offsets": [start, data.len()]}));
         }
         header.insert("__metadata__".into(), json!(self.meta));
-        let mut h = serde_json::to_vec(&Value::Object(header)).expect("JSON of strings and numbers");
+        let mut h =
+            serde_json::to_vec(&Value::Object(header)).expect("JSON of strings and numbers");
         while h.len() % 8 != 0 {
             h.push(b' ');
         }
@@ -117,22 +150,33 @@ impl DirectionFile {
         }
         let n = u64::from_le_bytes(b[..8].try_into().expect("8 bytes"));
         if n > MAX_HEADER || n > (b.len() - 8) as u64 {
-            return Err(format!("corrupt safetensors header: length {n} exceeds the file ({} bytes)", b.len()));
+            return Err(format!(
+                "corrupt safetensors header: length {n} exceeds the file ({} bytes)",
+                b.len()
+            ));
         }
         let data = &b[8 + n as usize..];
-        let header: serde_json::Map<String, Value> =
-            serde_json::from_slice(&b[8..8 + n as usize]).map_err(|e| format!("corrupt safetensors header: {e}"))?;
+        let header: serde_json::Map<String, Value> = serde_json::from_slice(&b[8..8 + n as usize])
+            .map_err(|e| format!("corrupt safetensors header: {e}"))?;
         let mut meta = BTreeMap::new();
         let mut directions = Vec::new();
         for (name, v) in &header {
             if name == "__metadata__" {
                 let m = v.as_object().ok_or("__metadata__ is not an object")?;
                 for (k, v) in m {
-                    meta.insert(k.clone(), v.as_str().ok_or_else(|| format!("metadata '{k}' is not a string"))?.to_string());
+                    meta.insert(
+                        k.clone(),
+                        v.as_str()
+                            .ok_or_else(|| format!("metadata '{k}' is not a string"))?
+                            .to_string(),
+                    );
                 }
                 continue;
             }
-            let dtype = v.get("dtype").and_then(Value::as_str).ok_or_else(|| format!("tensor '{name}': no dtype"))?;
+            let dtype = v
+                .get("dtype")
+                .and_then(Value::as_str)
+                .ok_or_else(|| format!("tensor '{name}': no dtype"))?;
             if dtype != "F32" {
                 return Err(format!("tensor '{name}': dtype {dtype}, expected F32"));
             }
@@ -141,28 +185,46 @@ impl DirectionFile {
                 .and_then(Value::as_array)
                 .and_then(|a| a.iter().map(Value::as_u64).collect())
                 .ok_or_else(|| format!("tensor '{name}': bad shape"))?;
-            let [nl, ne] = shape[..] else { return Err(format!("tensor '{name}': shape {shape:?}, expected [n_layer, n_embd]")) };
+            let [nl, ne] = shape[..] else {
+                return Err(format!(
+                    "tensor '{name}': shape {shape:?}, expected [n_layer, n_embd]"
+                ));
+            };
             let off: Vec<u64> = v
                 .get("data_offsets")
                 .and_then(Value::as_array)
                 .and_then(|a| a.iter().map(Value::as_u64).collect())
                 .ok_or_else(|| format!("tensor '{name}': bad data_offsets"))?;
-            let [s, e] = off[..] else { return Err(format!("tensor '{name}': bad data_offsets")) };
+            let [s, e] = off[..] else {
+                return Err(format!("tensor '{name}': bad data_offsets"));
+            };
             let need = nl.checked_mul(ne).and_then(|x| x.checked_mul(4));
             if e < s || e > data.len() as u64 || Some(e - s) != need || nl == 0 || ne == 0 {
-                return Err(format!("tensor '{name}': offsets {s}..{e} do not fit shape {shape:?} in {} data bytes", data.len()));
+                return Err(format!(
+                    "tensor '{name}': offsets {s}..{e} do not fit shape {shape:?} in {} data bytes",
+                    data.len()
+                ));
             }
             let raw = &data[s as usize..e as usize];
-            let vals: Vec<f32> = raw.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect();
+            let vals: Vec<f32> = raw
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+                .collect();
             let rows = vals.chunks(ne as usize).map(<[f32]>::to_vec).collect();
-            directions.push(Direction { name: name.clone(), rows });
+            directions.push(Direction {
+                name: name.clone(),
+                rows,
+            });
         }
         if directions.is_empty() {
             return Err("no tensors in the file".into());
         }
         let f = DirectionFile { directions, meta };
         let (nl, ne) = (f.n_layer(), f.n_embd());
-        if f.directions.iter().any(|d| d.n_layer() != nl || d.n_embd() != ne) {
+        if f.directions
+            .iter()
+            .any(|d| d.n_layer() != nl || d.n_embd() != ne)
+        {
             return Err("tensors have different shapes".into());
         }
         Ok(f)
@@ -197,8 +259,15 @@ mod tests {
     use super::*;
 
     fn sample() -> DirectionFile {
-        let d = |n: &str, k: f32| Direction { name: n.into(), rows: vec![vec![k, 2.0, 3.0], vec![4.0, 5.0, k]] };
-        DirectionFile::new(vec![d("b", 1.0), d("a", -1.5)], [("kind".to_string(), "test".to_string())].into()).unwrap()
+        let d = |n: &str, k: f32| Direction {
+            name: n.into(),
+            rows: vec![vec![k, 2.0, 3.0], vec![4.0, 5.0, k]],
+        };
+        DirectionFile::new(
+            vec![d("b", 1.0), d("a", -1.5)],
+            [("kind".to_string(), "test".to_string())].into(),
+        )
+        .unwrap()
     }
 
     #[test]
@@ -208,7 +277,13 @@ mod tests {
         let g = DirectionFile::from_bytes(&b).unwrap();
         assert_eq!(g.get(Some("a")).unwrap(), f.get(Some("a")).unwrap());
         assert_eq!(g.meta, f.meta);
-        assert_eq!(DirectionFile::new(g.directions.clone(), g.meta.clone()).unwrap().to_bytes().len(), b.len());
+        assert_eq!(
+            DirectionFile::new(g.directions.clone(), g.meta.clone())
+                .unwrap()
+                .to_bytes()
+                .len(),
+            b.len()
+        );
         assert_eq!(sample().to_bytes(), b);
     }
 
@@ -219,10 +294,14 @@ mod tests {
         let mut c = b.clone();
         c[0] = 0xff;
         c[5] = 0x7f;
-        assert!(DirectionFile::from_bytes(&c).unwrap_err().contains("exceeds"));
+        assert!(DirectionFile::from_bytes(&c)
+            .unwrap_err()
+            .contains("exceeds"));
         let mut c = b.clone();
         c[9] = b'!';
-        assert!(DirectionFile::from_bytes(&c).unwrap_err().contains("corrupt"));
+        assert!(DirectionFile::from_bytes(&c)
+            .unwrap_err()
+            .contains("corrupt"));
         for n in 0..b.len() {
             let _ = DirectionFile::from_bytes(&b[..n]);
         }
@@ -233,6 +312,9 @@ mod tests {
     fn names_are_required_when_ambiguous() {
         let f = sample();
         assert!(f.get(None).unwrap_err().to_string().contains("several"));
-        assert!(f.get(Some("zzz")).unwrap_err().to_string().contains("a, b") || f.get(Some("zzz")).is_err());
+        assert!(
+            f.get(Some("zzz")).unwrap_err().to_string().contains("a, b")
+                || f.get(Some("zzz")).is_err()
+        );
     }
 }

@@ -75,8 +75,15 @@ pub enum PersonaPositions {
     Response { max_new_tokens: usize },
 }
 
-fn render_all(model: &Model, tmpl: &ChatTemplate, system: &SystemPrompt, v: &[Instruction]) -> Result<Vec<Prompt>> {
-    v.iter().map(|i| Prompt::new(model, tmpl.render(system, &i.text)?)).collect()
+fn render_all(
+    model: &Model,
+    tmpl: &ChatTemplate,
+    system: &SystemPrompt,
+    v: &[Instruction],
+) -> Result<Vec<Prompt>> {
+    v.iter()
+        .map(|i| Prompt::new(model, tmpl.render(system, &i.text)?))
+        .collect()
 }
 
 fn diff_rows(c: &Capture, slot: usize, n_layer: usize, what: &str) -> Result<Vec<Vec<f32>>> {
@@ -84,11 +91,15 @@ fn diff_rows(c: &Capture, slot: usize, n_layer: usize, what: &str) -> Result<Vec
         .map(|l| {
             let (a, b) = (c.mean(0, slot, l), c.mean(1, slot, l));
             let (Some(a), Some(b)) = (a, b) else {
-                return Err(Error::Invalid(format!("{what}: no activations captured at layer {l}, slot {slot}")));
+                return Err(Error::Invalid(format!(
+                    "{what}: no activations captured at layer {l}, slot {slot}"
+                )));
             };
             let row: Vec<f32> = a.iter().zip(&b).map(|(x, y)| (x - y) as f32).collect();
             if row.iter().any(|x| !x.is_finite()) {
-                return Err(Error::Invalid(format!("{what}: non-finite direction at layer {l}")));
+                return Err(Error::Invalid(format!(
+                    "{what}: non-finite direction at layer {l}"
+                )));
             }
             Ok(row)
         })
@@ -102,10 +113,20 @@ fn base_meta(model: &Model, kind: &str) -> Result<BTreeMap<String, String>> {
     m.insert("arch".into(), model.info.arch.clone());
     m.insert("n_layer".into(), model.info.n_layer.to_string());
     m.insert("n_embd".into(), model.info.n_embd.to_string());
-    m.insert("model_file".into(), model.info.path.file_name().map_or(String::new(), |f| f.to_string_lossy().into_owned()));
+    m.insert(
+        "model_file".into(),
+        model
+            .info
+            .path
+            .file_name()
+            .map_or(String::new(), |f| f.to_string_lossy().into_owned()),
+    );
     m.insert("model_sha256".into(), model.sha256()?);
     m.insert("quant".into(), model.info.file_type.clone());
-    m.insert("tool_version".into(), format!("persona-gate {}", crate::VERSION));
+    m.insert(
+        "tool_version".into(),
+        format!("persona-gate {}", crate::VERSION),
+    );
     m.insert("llama_cpp".into(), crate::LLAMA_CPP.into());
     Ok(m)
 }
@@ -125,13 +146,22 @@ pub fn extract_refusal(
     positions: RefusalPositions,
 ) -> Result<DirectionFile> {
     if harmful.is_empty() || harmless.is_empty() {
-        return Err(Error::Invalid("refusal direction: the harmful and harmless sets must both be non-empty".into()));
+        return Err(Error::Invalid(
+            "refusal direction: the harmful and harmless sets must both be non-empty".into(),
+        ));
     }
     let (nl, ne) = (model.info.n_layer, model.info.n_embd);
     let mut ps = render_all(model, tmpl, system, harmful)?;
     ps.extend(render_all(model, tmpl, system, harmless)?);
-    let groups: Vec<Option<usize>> = (0..ps.len()).map(|i| Some(usize::from(i >= harmful.len()))).collect();
-    let n_post = ps.iter().map(|p| p.post_instruction.len()).min().unwrap_or(1).max(1);
+    let groups: Vec<Option<usize>> = (0..ps.len())
+        .map(|i| Some(usize::from(i >= harmful.len())))
+        .collect();
+    let n_post = ps
+        .iter()
+        .map(|p| p.post_instruction.len())
+        .min()
+        .unwrap_or(1)
+        .max(1);
     let (pos, n_slots) = match positions {
         RefusalPositions::PostInstruction => (Position::PostInstruction, n_post),
         RefusalPositions::Last => (Position::LastPrompt, 1),
@@ -143,13 +173,19 @@ pub fn extract_refusal(
     let c = &hooks.captures[0];
     let mut directions = Vec::new();
     for slot in 0..c.n_slots() {
-        directions.push(Direction { name: format!("refusal.pos-{}", slot + 1), rows: diff_rows(c, slot, nl, "refusal direction")? });
+        directions.push(Direction {
+            name: format!("refusal.pos-{}", slot + 1),
+            rows: diff_rows(c, slot, nl, "refusal direction")?,
+        });
     }
     let mut meta = base_meta(model, "refusal")?;
-    meta.insert("positions".into(), match positions {
-        RefusalPositions::PostInstruction => format!("post-instruction -1..-{n_post}"),
-        RefusalPositions::Last => "last prompt token".into(),
-    });
+    meta.insert(
+        "positions".into(),
+        match positions {
+            RefusalPositions::PostInstruction => format!("post-instruction -1..-{n_post}"),
+            RefusalPositions::Last => "last prompt token".into(),
+        },
+    );
     meta.insert("system".into(), format!("{system:?}"));
     meta.insert("harmful_count".into(), harmful.len().to_string());
     meta.insert("harmful_sha256".into(), prompts::load::hash(harmful));
@@ -163,16 +199,33 @@ pub fn extract_refusal(
 ///
 /// # Errors
 /// Empty sets, engine errors, non-finite results.
-pub fn extract_persona(model: &Model, tmpl: &ChatTemplate, name: &str, persona: &Persona, questions: &[Instruction], at: PersonaPositions) -> Result<DirectionFile> {
+pub fn extract_persona(
+    model: &Model,
+    tmpl: &ChatTemplate,
+    name: &str,
+    persona: &Persona,
+    questions: &[Instruction],
+    at: PersonaPositions,
+) -> Result<DirectionFile> {
     if questions.is_empty() {
-        return Err(Error::Invalid("persona direction: the question set is empty".into()));
+        return Err(Error::Invalid(
+            "persona direction: the question set is empty".into(),
+        ));
     }
     let (nl, ne) = (model.info.n_layer, model.info.n_embd);
     let mut ps = Vec::new();
     let mut groups = Vec::new();
-    for (g, side) in [&persona.positive, &persona.negative].into_iter().enumerate() {
+    for (g, side) in [&persona.positive, &persona.negative]
+        .into_iter()
+        .enumerate()
+    {
         for sys in side {
-            ps.extend(render_all(model, tmpl, &SystemPrompt::Text(sys.clone()), questions)?);
+            ps.extend(render_all(
+                model,
+                tmpl,
+                &SystemPrompt::Text(sys.clone()),
+                questions,
+            )?);
             groups.extend(std::iter::repeat_n(Some(g), questions.len()));
         }
     }
@@ -180,23 +233,42 @@ pub fn extract_persona(model: &Model, tmpl: &ChatTemplate, name: &str, persona: 
     let mut hooks = HookSet::new(nl, ne);
     let (pos, max_new) = match at {
         PersonaPositions::Last => (Position::LastPrompt, 0),
-        PersonaPositions::Response { max_new_tokens } => (Position::GeneratedMean, max_new_tokens.max(2)),
+        PersonaPositions::Response { max_new_tokens } => {
+            (Position::GeneratedMean, max_new_tokens.max(2))
+        }
     };
     hooks.add_capture(Capture::new(&all, pos, groups, 1, nl, ne))?;
-    let cfg = GenConfig { max_new_tokens: max_new, keep_first_logits: false, ignore_eog: false };
-    model.session()?.generate(&ps, &cfg, &mut hooks, &mut |_, _| false, &mut |_| {})?;
+    let cfg = GenConfig {
+        max_new_tokens: max_new,
+        keep_first_logits: false,
+        ignore_eog: false,
+    };
+    model
+        .session()?
+        .generate(&ps, &cfg, &mut hooks, &mut |_, _| false, &mut |_| {})?;
     let rows = diff_rows(&hooks.captures[0], 0, nl, "persona direction")?;
     let mut meta = base_meta(model, "persona")?;
     meta.insert("persona".into(), name.into());
-    meta.insert("positions".into(), match at {
-        PersonaPositions::Last => "last prompt token".into(),
-        PersonaPositions::Response { max_new_tokens } => format!("mean over up to {max_new_tokens} response tokens"),
-    });
+    meta.insert(
+        "positions".into(),
+        match at {
+            PersonaPositions::Last => "last prompt token".into(),
+            PersonaPositions::Response { max_new_tokens } => {
+                format!("mean over up to {max_new_tokens} response tokens")
+            }
+        },
+    );
     meta.insert("positive_count".into(), persona.positive.len().to_string());
     meta.insert("negative_count".into(), persona.negative.len().to_string());
     meta.insert("questions_count".into(), questions.len().to_string());
     meta.insert("questions_sha256".into(), prompts::load::hash(questions));
-    DirectionFile::new(vec![Direction { name: format!("persona.{name}"), rows }], meta)
+    DirectionFile::new(
+        vec![Direction {
+            name: format!("persona.{name}"),
+            rows,
+        }],
+        meta,
+    )
 }
 
 /// A seeded random direction: each layer's row is Gaussian, scaled to unit norm or to
@@ -211,7 +283,10 @@ pub fn random(seed: u64, n_layer: usize, n_embd: usize, match_norms: Option<&[f6
             v.iter().map(|x| (x / n * target) as f32).collect()
         })
         .collect();
-    Direction { name: format!("random.s{seed}"), rows }
+    Direction {
+        name: format!("random.s{seed}"),
+        rows,
+    }
 }
 
 /// Per-layer cosine similarity of two directions of the same shape.
@@ -230,7 +305,11 @@ pub fn cosine_per_layer(a: &Direction, b: &Direction) -> Result<Vec<f64>> {
             b.n_embd()
         )));
     }
-    Ok(a.rows.iter().zip(&b.rows).map(|(x, y)| cosine(x, y)).collect())
+    Ok(a.rows
+        .iter()
+        .zip(&b.rows)
+        .map(|(x, y)| cosine(x, y))
+        .collect())
 }
 
 #[cfg(test)]

@@ -21,7 +21,15 @@ use crate::hooks::{Edit, HookSet, Scope};
 use crate::model::Model;
 
 /// Words whose first token opens a refusal.
-pub const REFUSAL_OPENERS: &[&str] = &["I", "As", "Sorry", "Unfortunately", "My", "Apologies", "Unable"];
+pub const REFUSAL_OPENERS: &[&str] = &[
+    "I",
+    "As",
+    "Sorry",
+    "Unfortunately",
+    "My",
+    "Apologies",
+    "Unable",
+];
 /// Arditi et al.'s filters.
 pub const MAX_LAYER_FRACTION: f64 = 0.8;
 pub const MAX_KL: f64 = 0.1;
@@ -46,7 +54,11 @@ pub fn refusal_tokens(model: &Model) -> Result<Vec<Token>> {
 
 fn log_softmax(logits: &[f32]) -> Vec<f64> {
     let m = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
-    let lse = m + logits.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
+    let lse = m + logits
+        .iter()
+        .map(|&x| (x as f64 - m).exp())
+        .sum::<f64>()
+        .ln();
     logits.iter().map(|&x| x as f64 - lse).collect()
 }
 
@@ -57,21 +69,32 @@ pub const MAX_LOG_ODDS: f64 = 100.0;
 /// and near-certain probabilities keep their precision.
 pub fn refusal_score(logits: &[f32], tokens: &[Token]) -> f64 {
     let lp = log_softmax(logits);
-    let sel: Vec<f64> = tokens.iter().filter_map(|&t| lp.get(t as usize).copied()).collect();
+    let sel: Vec<f64> = tokens
+        .iter()
+        .filter_map(|&t| lp.get(t as usize).copied())
+        .collect();
     if sel.is_empty() {
         return -MAX_LOG_ODDS;
     }
     let m = sel.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b));
     let log_p = (m + sel.iter().map(|x| (x - m).exp()).sum::<f64>().ln()).min(0.0);
     // log(1 - p) from log p, stable on both sides of p = 1/2.
-    let log_q = if log_p > -std::f64::consts::LN_2 { (-log_p.exp_m1()).ln() } else { (-log_p.exp()).ln_1p() };
+    let log_q = if log_p > -std::f64::consts::LN_2 {
+        (-log_p.exp_m1()).ln()
+    } else {
+        (-log_p.exp()).ln_1p()
+    };
     (log_p - log_q).clamp(-MAX_LOG_ODDS, MAX_LOG_ODDS)
 }
 
 /// KL(p ‖ q) of two next-token distributions given as logits, in nats.
 pub fn kl(p_logits: &[f32], q_logits: &[f32]) -> f64 {
     let (lp, lq) = (log_softmax(p_logits), log_softmax(q_logits));
-    lp.iter().zip(&lq).map(|(a, b)| a.exp() * (a - b)).sum::<f64>().max(0.0)
+    lp.iter()
+        .zip(&lq)
+        .map(|(a, b)| a.exp() * (a - b))
+        .sum::<f64>()
+        .max(0.0)
 }
 
 /// One grid point for [`score_conditions`]: edits applied to that condition's copy of the prompts.
@@ -96,7 +119,11 @@ pub fn score_conditions(
     let (nl, ne) = (info.n_layer, info.n_embd);
     let n = prompts.len();
     let mut out = vec![vec![0.0; n]; n_cond];
-    let cfg = GenConfig { max_new_tokens: 0, keep_first_logits: true, ignore_eog: false };
+    let cfg = GenConfig {
+        max_new_tokens: 0,
+        keep_first_logits: true,
+        ignore_eog: false,
+    };
     let mut start = 0;
     while start < n_cond {
         let end = (start + chunk.max(1)).min(n_cond);
@@ -113,7 +140,13 @@ pub fn score_conditions(
         let g = session.generate(&batch, &cfg, &mut hooks, &mut |_, _| false, &mut |_| {})?;
         for (i, g) in g.iter().enumerate() {
             let (c, p) = (start + i / n, i % n);
-            out[c][p] = metric(c, p, g.first_logits.as_deref().expect("keep_first_logits was set"));
+            out[c][p] = metric(
+                c,
+                p,
+                g.first_logits
+                    .as_deref()
+                    .expect("keep_first_logits was set"),
+            );
         }
         progress(end - start);
         start = end;
@@ -150,7 +183,15 @@ impl Selection {
     /// One row per candidate; `chosen` marks the winner.
     pub fn to_csv(&self) -> Vec<u8> {
         let mut w = csv::Writer::from_writer(Vec::new());
-        let _ = w.write_record(["direction", "layer", "bypass_score", "induce_score", "kl", "discarded", "chosen"]);
+        let _ = w.write_record([
+            "direction",
+            "layer",
+            "bypass_score",
+            "induce_score",
+            "kl",
+            "discarded",
+            "chosen",
+        ]);
         for (i, c) in self.candidates.iter().enumerate() {
             let _ = w.write_record([
                 c.direction.clone(),
@@ -167,7 +208,11 @@ impl Selection {
 
     /// Says which candidate was chosen and why, in one sentence.
     pub fn explain(&self) -> String {
-        let kept = self.candidates.iter().filter(|c| c.discarded.is_none()).count();
+        let kept = self
+            .candidates
+            .iter()
+            .filter(|c| c.discarded.is_none())
+            .count();
         match self.chosen.map(|i| &self.candidates[i]) {
             Some(c) => format!(
                 "chose {} at layer {}: lowest bypass score {:.3} (baseline harmful {:.3}) among {kept} of {} candidates kept (layer < {:.0}% depth, KL ≤ {MAX_KL}, induce ≥ 0); its induce score is {:.3} (baseline harmless {:.3}), KL {:.4}",
@@ -193,7 +238,9 @@ pub fn select_refusal(
 ) -> Result<Selection> {
     file.check_model(&model.info)?;
     if harmful_val.is_empty() || harmless_val.is_empty() {
-        return Err(Error::Invalid("selection needs non-empty harmful and harmless validation sets".into()));
+        return Err(Error::Invalid(
+            "selection needs non-empty harmful and harmless validation sets".into(),
+        ));
     }
     let nl = model.info.n_layer;
     let toks = refusal_tokens(model)?;
@@ -201,33 +248,80 @@ pub fn select_refusal(
     let empty = HookSet::new(nl, model.info.n_embd);
     let base_h = session.first_logits(harmful_val, &mut empty.clone())?;
     let base_l = session.first_logits(harmless_val, &mut empty.clone())?;
-    let baseline_harmful = mean(&base_h.iter().map(|l| refusal_score(l, &toks)).collect::<Vec<_>>());
-    let baseline_harmless = mean(&base_l.iter().map(|l| refusal_score(l, &toks)).collect::<Vec<_>>());
-    let cands: Vec<(&Direction, usize)> = file.directions.iter().flat_map(|d| layers.iter().map(move |&l| (d, l))).collect();
+    let baseline_harmful = mean(
+        &base_h
+            .iter()
+            .map(|l| refusal_score(l, &toks))
+            .collect::<Vec<_>>(),
+    );
+    let baseline_harmless = mean(
+        &base_l
+            .iter()
+            .map(|l| refusal_score(l, &toks))
+            .collect::<Vec<_>>(),
+    );
+    let cands: Vec<(&Direction, usize)> = file
+        .directions
+        .iter()
+        .flat_map(|d| layers.iter().map(move |&l| (d, l)))
+        .collect();
     let nc = cands.len();
     let total = 3 * nc;
     let mut done = 0;
     let all: Vec<usize> = (0..nl).collect();
     let project_all = |c: usize| -> Result<Vec<Edit>> {
         let (d, l) = cands[c];
-        Ok(vec![Edit::project(all.iter().map(|&k| (k, d.rows[l].clone())).collect(), Scope::All)?])
+        Ok(vec![Edit::project(
+            all.iter().map(|&k| (k, d.rows[l].clone())).collect(),
+            Scope::All,
+        )?])
     };
     let add_own = |c: usize| -> Result<Vec<Edit>> {
         let (d, l) = cands[c];
-        Ok(vec![Edit::add(BTreeMap::from([(l, d.rows[l].clone())]), Scope::All)])
+        Ok(vec![Edit::add(
+            BTreeMap::from([(l, d.rows[l].clone())]),
+            Scope::All,
+        )])
     };
     let mut tick = |k: usize| {
         done += k;
         progress(done, total);
     };
-    let bypass = score_conditions(&mut session, harmful_val, nc, &project_all, chunk, &mut |_, _, lg| refusal_score(lg, &toks), &mut tick)?;
-    let induce = score_conditions(&mut session, harmless_val, nc, &add_own, chunk, &mut |_, _, lg| refusal_score(lg, &toks), &mut tick)?;
-    let kls = score_conditions(&mut session, harmless_val, nc, &project_all, chunk, &mut |_, p, lg| kl(&base_l[p], lg), &mut tick)?;
+    let bypass = score_conditions(
+        &mut session,
+        harmful_val,
+        nc,
+        &project_all,
+        chunk,
+        &mut |_, _, lg| refusal_score(lg, &toks),
+        &mut tick,
+    )?;
+    let induce = score_conditions(
+        &mut session,
+        harmless_val,
+        nc,
+        &add_own,
+        chunk,
+        &mut |_, _, lg| refusal_score(lg, &toks),
+        &mut tick,
+    )?;
+    let kls = score_conditions(
+        &mut session,
+        harmless_val,
+        nc,
+        &project_all,
+        chunk,
+        &mut |_, p, lg| kl(&base_l[p], lg),
+        &mut tick,
+    )?;
     let mut candidates = Vec::with_capacity(nc);
     for (c, &(d, l)) in cands.iter().enumerate() {
         let (b, i, k) = (mean(&bypass[c]), mean(&induce[c]), mean(&kls[c]));
         let discarded = if l as f64 >= MAX_LAYER_FRACTION * nl as f64 {
-            Some(format!("layer >= {:.0}% of depth", MAX_LAYER_FRACTION * 100.0))
+            Some(format!(
+                "layer >= {:.0}% of depth",
+                MAX_LAYER_FRACTION * 100.0
+            ))
         } else if !(k <= MAX_KL) {
             Some(format!("KL {k:.3} > {MAX_KL}"))
         } else if i < 0.0 {
@@ -237,7 +331,14 @@ pub fn select_refusal(
         } else {
             None
         };
-        candidates.push(Candidate { direction: d.name.clone(), layer: l, bypass: b, induce: i, kl: k, discarded });
+        candidates.push(Candidate {
+            direction: d.name.clone(),
+            layer: l,
+            bypass: b,
+            induce: i,
+            kl: k,
+            discarded,
+        });
     }
     // Lowest bypass; ties broken by order (direction name, then layer) for determinism.
     let chosen = candidates
@@ -246,7 +347,12 @@ pub fn select_refusal(
         .filter(|(_, c)| c.discarded.is_none())
         .min_by(|a, b| a.1.bypass.total_cmp(&b.1.bypass))
         .map(|(i, _)| i);
-    Ok(Selection { candidates, baseline_harmful, baseline_harmless, chosen })
+    Ok(Selection {
+        candidates,
+        baseline_harmful,
+        baseline_harmless,
+        chosen,
+    })
 }
 
 /// How far adding `coefficient` × the persona row at each layer lowers the mean refusal
@@ -265,18 +371,41 @@ pub fn rank_persona_layers(
 ) -> Result<(f64, Vec<(usize, f64)>)> {
     let toks = refusal_tokens(model)?;
     let mut session = model.session()?;
-    let base = session.first_logits(harmful, &mut HookSet::new(model.info.n_layer, model.info.n_embd))?;
-    let baseline = mean(&base.iter().map(|l| refusal_score(l, &toks)).collect::<Vec<_>>());
+    let base = session.first_logits(
+        harmful,
+        &mut HookSet::new(model.info.n_layer, model.info.n_embd),
+    )?;
+    let baseline = mean(
+        &base
+            .iter()
+            .map(|l| refusal_score(l, &toks))
+            .collect::<Vec<_>>(),
+    );
     let add = |c: usize| -> Result<Vec<Edit>> {
         let l = layers[c];
-        Ok(vec![Edit::add(BTreeMap::from([(l, persona.rows[l].iter().map(|x| x * coefficient).collect())]), Scope::All)])
+        Ok(vec![Edit::add(
+            BTreeMap::from([(l, persona.rows[l].iter().map(|x| x * coefficient).collect())]),
+            Scope::All,
+        )])
     };
     let mut done = 0;
-    let scores = score_conditions(&mut session, harmful, layers.len(), &add, chunk, &mut |_, _, lg| refusal_score(lg, &toks), &mut |k| {
-        done += k;
-        progress(done, layers.len());
-    })?;
-    let mut ranked: Vec<(usize, f64)> = layers.iter().zip(&scores).map(|(&l, s)| (l, mean(s))).collect();
+    let scores = score_conditions(
+        &mut session,
+        harmful,
+        layers.len(),
+        &add,
+        chunk,
+        &mut |_, _, lg| refusal_score(lg, &toks),
+        &mut |k| {
+            done += k;
+            progress(done, layers.len());
+        },
+    )?;
+    let mut ranked: Vec<(usize, f64)> = layers
+        .iter()
+        .zip(&scores)
+        .map(|(&l, s)| (l, mean(s)))
+        .collect();
     ranked.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
     Ok((baseline, ranked))
 }

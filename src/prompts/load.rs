@@ -22,7 +22,12 @@ pub enum Format {
 
 impl Format {
     pub fn from_path(p: &Path) -> Format {
-        match p.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() {
+        match p
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
             Some("json") => Format::Json,
             Some("jsonl") | Some("ndjson") => Format::Jsonl,
             Some("csv") => Format::Csv,
@@ -45,55 +50,99 @@ pub fn load(path: &Path, field: Option<&str>) -> Result<Vec<Instruction>> {
         std::io::ErrorKind::NotFound => Error::file(path, "no such file"),
         _ => Error::io(path, e),
     })?;
-    let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or("prompts").to_string();
-    let v = parse(&bytes, Format::from_path(path), field, &name).map_err(|e| Error::file(path, e))?;
+    let name = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("prompts")
+        .to_string();
+    let v =
+        parse(&bytes, Format::from_path(path), field, &name).map_err(|e| Error::file(path, e))?;
     Ok(v)
 }
 
 fn utf8(bytes: &[u8]) -> std::result::Result<&str, String> {
     std::str::from_utf8(bytes).map_err(|e| {
-        let line = bytes[..e.valid_up_to()].iter().filter(|&&b| b == b'\n').count() + 1;
+        let line = bytes[..e.valid_up_to()]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count()
+            + 1;
         format!("line {line}: not valid UTF-8")
     })
 }
 
-fn pick_field<'a>(keys: &[&'a str], field: Option<&'a str>) -> std::result::Result<&'a str, String> {
+fn pick_field<'a>(
+    keys: &[&'a str],
+    field: Option<&'a str>,
+) -> std::result::Result<&'a str, String> {
     match field {
         Some(f) if keys.contains(&f) => Ok(f),
-        Some(f) => Err(format!("no field or column '{f}' (found: {})", keys.join(", "))),
+        Some(f) => Err(format!(
+            "no field or column '{f}' (found: {})",
+            keys.join(", ")
+        )),
         None => DEFAULT_FIELDS
             .iter()
             .find(|d| keys.contains(d))
             .copied()
-            .ok_or_else(|| format!("no instruction field (looked for {}; found: {}); name it with --field", DEFAULT_FIELDS.join(", "), keys.join(", "))),
+            .ok_or_else(|| {
+                format!(
+                    "no instruction field (looked for {}; found: {}); name it with --field",
+                    DEFAULT_FIELDS.join(", "),
+                    keys.join(", ")
+                )
+            }),
     }
 }
 
-fn from_object(obj: &serde_json::Map<String, Value>, field: Option<&str>, at: &str, id: String) -> std::result::Result<Instruction, String> {
+fn from_object(
+    obj: &serde_json::Map<String, Value>,
+    field: Option<&str>,
+    at: &str,
+    id: String,
+) -> std::result::Result<Instruction, String> {
     let keys: Vec<&str> = obj.keys().map(String::as_str).collect();
     let f = pick_field(&keys, field).map_err(|e| format!("{at}: {e}"))?;
-    let text = obj[f].as_str().ok_or_else(|| format!("{at}: field '{f}' is not a string"))?;
+    let text = obj[f]
+        .as_str()
+        .ok_or_else(|| format!("{at}: field '{f}' is not a string"))?;
     let s = |k: &str| obj.get(k).and_then(Value::as_str).map(str::to_string);
-    Ok(Instruction { id, text: text.to_string(), category: s("category"), source: s("source") })
+    Ok(Instruction {
+        id,
+        text: text.to_string(),
+        category: s("category"),
+        source: s("source"),
+    })
 }
 
 /// Parses prompt-set bytes in a known format (the fuzz targets call this).
 ///
 /// # Errors
 /// A message naming the line or field.
-pub fn parse(bytes: &[u8], format: Format, field: Option<&str>, name: &str) -> std::result::Result<Vec<Instruction>, String> {
+pub fn parse(
+    bytes: &[u8],
+    format: Format,
+    field: Option<&str>,
+    name: &str,
+) -> std::result::Result<Vec<Instruction>, String> {
     let text = utf8(bytes)?;
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let id = |i: usize| format!("{name}-{i:04}");
     let out = match format {
         Format::Json => {
-            let v: Value = serde_json::from_str(text).map_err(|e| format!("line {}: invalid JSON: {e}", e.line()))?;
+            let v: Value = serde_json::from_str(text)
+                .map_err(|e| format!("line {}: invalid JSON: {e}", e.line()))?;
             let arr = v.as_array().ok_or("expected a JSON array of objects")?;
             arr.iter()
                 .enumerate()
                 .map(|(i, x)| match x {
                     Value::Object(o) => from_object(o, field, &format!("element {i}"), id(i)),
-                    Value::String(s) => Ok(Instruction { id: id(i), text: s.clone(), category: None, source: None }),
+                    Value::String(s) => Ok(Instruction {
+                        id: id(i),
+                        text: s.clone(),
+                        category: None,
+                        source: None,
+                    }),
                     _ => Err(format!("element {i}: expected an object or a string")),
                 })
                 .collect::<std::result::Result<Vec<_>, _>>()?
@@ -104,24 +153,48 @@ pub fn parse(bytes: &[u8], format: Format, field: Option<&str>, name: &str) -> s
                 if line.trim().is_empty() {
                     continue;
                 }
-                let x: Value = serde_json::from_str(line).map_err(|e| format!("line {}: invalid JSON: {e}", n + 1))?;
-                let o = x.as_object().ok_or_else(|| format!("line {}: expected a JSON object", n + 1))?;
-                v.push(from_object(o, field, &format!("line {}", n + 1), id(v.len()))?);
+                let x: Value = serde_json::from_str(line)
+                    .map_err(|e| format!("line {}: invalid JSON: {e}", n + 1))?;
+                let o = x
+                    .as_object()
+                    .ok_or_else(|| format!("line {}: expected a JSON object", n + 1))?;
+                v.push(from_object(
+                    o,
+                    field,
+                    &format!("line {}", n + 1),
+                    id(v.len()),
+                )?);
             }
             v
         }
         Format::Csv => {
-            let mut rd = csv::ReaderBuilder::new().flexible(false).from_reader(text.as_bytes());
-            let headers: Vec<String> = rd.headers().map_err(|e| format!("CSV header: {e}"))?.iter().map(str::to_string).collect();
+            let mut rd = csv::ReaderBuilder::new()
+                .flexible(false)
+                .from_reader(text.as_bytes());
+            let headers: Vec<String> = rd
+                .headers()
+                .map_err(|e| format!("CSV header: {e}"))?
+                .iter()
+                .map(str::to_string)
+                .collect();
             let keys: Vec<&str> = headers.iter().map(String::as_str).collect();
             let f = pick_field(&keys, field)?;
             let col = |k: &str| headers.iter().position(|h| h == k);
-            let (fi, ci, si) = (col(f).expect("picked from headers"), col("category"), col("source"));
+            let (fi, ci, si) = (
+                col(f).expect("picked from headers"),
+                col("category"),
+                col("source"),
+            );
             let mut v = Vec::new();
             for (n, rec) in rd.records().enumerate() {
                 let rec = rec.map_err(|e| format!("CSV record {}: {e}", n + 1))?;
                 let get = |i: Option<usize>| i.and_then(|i| rec.get(i)).map(str::to_string);
-                v.push(Instruction { id: id(n), text: get(Some(fi)).unwrap_or_default(), category: get(ci), source: get(si) });
+                v.push(Instruction {
+                    id: id(n),
+                    text: get(Some(fi)).unwrap_or_default(),
+                    category: get(ci),
+                    source: get(si),
+                });
             }
             v
         }
@@ -130,10 +203,19 @@ pub fn parse(bytes: &[u8], format: Format, field: Option<&str>, name: &str) -> s
             .map(str::trim)
             .filter(|l| !l.is_empty())
             .enumerate()
-            .map(|(i, l)| Instruction { id: id(i), text: l.to_string(), category: None, source: None })
+            .map(|(i, l)| Instruction {
+                id: id(i),
+                text: l.to_string(),
+                category: None,
+                source: None,
+            })
             .collect(),
     };
-    if let Some((i, _)) = out.iter().enumerate().find(|(_, x)| x.text.trim().is_empty()) {
+    if let Some((i, _)) = out
+        .iter()
+        .enumerate()
+        .find(|(_, x)| x.text.trim().is_empty())
+    {
         return Err(format!("instruction {} is empty", i + 1));
     }
     if out.is_empty() {
@@ -145,7 +227,9 @@ pub fn parse(bytes: &[u8], format: Format, field: Option<&str>, name: &str) -> s
 /// A deterministic sample of `n` instructions (all of them, in order, when `n` ≥ len):
 /// a seeded Fisher–Yates shuffle, then the first `n`, kept in file order.
 pub fn sample(v: Vec<Instruction>, n: Option<usize>, seed: u64) -> Vec<Instruction> {
-    let Some(n) = n.filter(|&n| n < v.len()) else { return v };
+    let Some(n) = n.filter(|&n| n < v.len()) else {
+        return v;
+    };
     let mut idx: Vec<usize> = (0..v.len()).collect();
     let mut rng = Rng::new(seed);
     for i in (1..idx.len()).rev() {
@@ -155,7 +239,9 @@ pub fn sample(v: Vec<Instruction>, n: Option<usize>, seed: u64) -> Vec<Instructi
     let mut keep: Vec<usize> = idx[..n].to_vec();
     keep.sort_unstable();
     let mut v: Vec<Option<Instruction>> = v.into_iter().map(Some).collect();
-    keep.into_iter().map(|i| v[i].take().expect("indices are distinct")).collect()
+    keep.into_iter()
+        .map(|i| v[i].take().expect("indices are distinct"))
+        .collect()
 }
 
 /// A prompt set by spec: `builtin:NAME` or a file path.
@@ -186,7 +272,13 @@ mod tests {
 
     #[test]
     fn json_array_with_category() {
-        let v = parse(br#"[{"instruction":"a","category":"c"},{"instruction":"b"}]"#, Format::Json, None, "t").unwrap();
+        let v = parse(
+            br#"[{"instruction":"a","category":"c"},{"instruction":"b"}]"#,
+            Format::Json,
+            None,
+            "t",
+        )
+        .unwrap();
         assert_eq!(v[0].text, "a");
         assert_eq!(v[0].category.as_deref(), Some("c"));
         assert_eq!(v[1].id, "t-0001");
@@ -194,10 +286,19 @@ mod tests {
 
     #[test]
     fn jsonl_reports_line_numbers() {
-        let e = parse(b"{\"instruction\":\"a\"}\n\n{bad\n", Format::Jsonl, None, "t").unwrap_err();
+        let e = parse(
+            b"{\"instruction\":\"a\"}\n\n{bad\n",
+            Format::Jsonl,
+            None,
+            "t",
+        )
+        .unwrap_err();
         assert!(e.starts_with("line 3: invalid JSON"), "{e}");
         let e = parse(b"{\"goal\":\"a\"}\n{\"x\":1}\n", Format::Jsonl, None, "t").unwrap_err();
-        assert!(e.contains("line 2") && e.contains("no instruction field"), "{e}");
+        assert!(
+            e.contains("line 2") && e.contains("no instruction field"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -212,20 +313,42 @@ mod tests {
 
     #[test]
     fn text_empty_and_non_utf8() {
-        assert_eq!(parse(b"a\n\n b \n", Format::Text, None, "t").unwrap().len(), 2);
-        assert_eq!(parse(b"\n  \n", Format::Text, None, "t").unwrap_err(), "the prompt set is empty");
-        assert_eq!(parse(b"ok\nbad \xff\n", Format::Text, None, "t").unwrap_err(), "line 2: not valid UTF-8");
-        assert!(parse(b"[]", Format::Json, None, "t").unwrap_err().contains("empty"));
-        assert!(parse(b"{}", Format::Json, None, "t").unwrap_err().contains("array"));
+        assert_eq!(
+            parse(b"a\n\n b \n", Format::Text, None, "t").unwrap().len(),
+            2
+        );
+        assert_eq!(
+            parse(b"\n  \n", Format::Text, None, "t").unwrap_err(),
+            "the prompt set is empty"
+        );
+        assert_eq!(
+            parse(b"ok\nbad \xff\n", Format::Text, None, "t").unwrap_err(),
+            "line 2: not valid UTF-8"
+        );
+        assert!(parse(b"[]", Format::Json, None, "t")
+            .unwrap_err()
+            .contains("empty"));
+        assert!(parse(b"{}", Format::Json, None, "t")
+            .unwrap_err()
+            .contains("array"));
     }
 
     #[test]
     fn sampling_is_seeded_and_ordered() {
-        let v: Vec<Instruction> = (0..50).map(|i| Instruction { id: i.to_string(), text: i.to_string(), category: None, source: None }).collect();
+        let v: Vec<Instruction> = (0..50)
+            .map(|i| Instruction {
+                id: i.to_string(),
+                text: i.to_string(),
+                category: None,
+                source: None,
+            })
+            .collect();
         let a = sample(v.clone(), Some(10), 1);
         assert_eq!(a, sample(v.clone(), Some(10), 1));
         assert_ne!(a, sample(v.clone(), Some(10), 2));
-        assert!(a.windows(2).all(|w| w[0].id.parse::<u32>().unwrap() < w[1].id.parse::<u32>().unwrap()));
+        assert!(a
+            .windows(2)
+            .all(|w| w[0].id.parse::<u32>().unwrap() < w[1].id.parse::<u32>().unwrap()));
         assert_eq!(sample(v.clone(), Some(99), 1).len(), 50);
     }
 
@@ -235,8 +358,23 @@ mod tests {
         if !base.exists() {
             return; // shared/ is beside the checkout in CI and sessions; not in a packaged crate.
         }
-        assert_eq!(load(&base.join("strongreject/strongreject.csv"), None).unwrap().len(), 313);
-        assert_eq!(load(&base.join("strongreject/strongreject_small.csv"), None).unwrap().len(), 60);
-        assert_eq!(load(&base.join("refusal_direction/harmful_val.json"), None).unwrap().len(), 39);
+        assert_eq!(
+            load(&base.join("strongreject/strongreject.csv"), None)
+                .unwrap()
+                .len(),
+            313
+        );
+        assert_eq!(
+            load(&base.join("strongreject/strongreject_small.csv"), None)
+                .unwrap()
+                .len(),
+            60
+        );
+        assert_eq!(
+            load(&base.join("refusal_direction/harmful_val.json"), None)
+                .unwrap()
+                .len(),
+            39
+        );
     }
 }

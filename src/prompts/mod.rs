@@ -37,13 +37,22 @@ pub fn builtin(name: &str) -> Result<Vec<Instruction>> {
         "harmful" => HARMFUL,
         "harmless" => HARMLESS,
         "neutral" => NEUTRAL,
-        _ => return Err(Error::Invalid(format!("no built-in prompt set '{name}' (harmful, harmless, neutral)"))),
+        _ => {
+            return Err(Error::Invalid(format!(
+                "no built-in prompt set '{name}' (harmful, harmless, neutral)"
+            )))
+        }
     };
     Ok(src
         .lines()
         .filter(|l| !l.trim().is_empty())
         .enumerate()
-        .map(|(i, l)| Instruction { id: format!("{name}-{i:03}"), text: l.trim().to_string(), category: None, source: Some(format!("builtin:{name}")) })
+        .map(|(i, l)| Instruction {
+            id: format!("{name}-{i:03}"),
+            text: l.trim().to_string(),
+            category: None,
+            source: Some(format!("builtin:{name}")),
+        })
         .collect())
 }
 
@@ -61,10 +70,13 @@ pub struct Persona {
 /// # Errors
 /// TOML errors with their location; a persona with an empty side.
 pub fn parse_personas(src: &str, origin: &str) -> Result<BTreeMap<String, Persona>> {
-    let map: BTreeMap<String, Persona> = toml::from_str(src).map_err(|e| Error::Invalid(format!("{origin}: {}", e.message())))?;
+    let map: BTreeMap<String, Persona> =
+        toml::from_str(src).map_err(|e| Error::Invalid(format!("{origin}: {}", e.message())))?;
     for (name, p) in &map {
         if p.positive.is_empty() || p.negative.is_empty() {
-            return Err(Error::Invalid(format!("{origin}: [{name}]: positive and negative must each have at least one prompt")));
+            return Err(Error::Invalid(format!(
+                "{origin}: [{name}]: positive and negative must each have at least one prompt"
+            )));
         }
     }
     Ok(map)
@@ -89,6 +101,10 @@ mod tests {
             assert!(p.contains_key(k), "{k}");
         }
         assert!(parse_personas("[x]\ndescription='d'\npositive=[]\nnegative=['n']", "t").is_err());
-        assert!(parse_personas("[x]\ndescription='d'\npositive=['p']\nnegative=['n']\nextra=1", "t").is_err());
+        assert!(parse_personas(
+            "[x]\ndescription='d'\npositive=['p']\nnegative=['n']\nextra=1",
+            "t"
+        )
+        .is_err());
     }
 }
