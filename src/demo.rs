@@ -12,7 +12,7 @@ use std::io::Write;
 use crate::chat::{ChatTemplate, Prompt, SystemPrompt};
 use crate::engine::GenConfig;
 use crate::error::{Error, Result};
-use crate::hooks::{Capture, HookSet, Position};
+use crate::hooks::HookSet;
 use crate::label::{Label, Labeler};
 use crate::model::Model;
 use crate::prompts;
@@ -25,49 +25,6 @@ pub struct DemoConfig {
     pub n_prompts: usize,
     pub max_new_tokens: usize,
     pub system: SystemPrompt,
-}
-
-/// Per-layer persona direction: mean over positive personas minus mean over negative ones.
-///
-/// # Errors
-/// Engine errors.
-pub fn persona_direction(
-    model: &Model,
-    tmpl: &ChatTemplate,
-    persona: &prompts::Persona,
-    questions: &[prompts::Instruction],
-) -> Result<Vec<Vec<f32>>> {
-    let (nl, ne) = (model.info.n_layer, model.info.n_embd);
-    let mut ps = Vec::new();
-    let mut groups = Vec::new();
-    for (g, side) in [&persona.positive, &persona.negative]
-        .into_iter()
-        .enumerate()
-    {
-        for sys in side {
-            for q in questions {
-                ps.push(Prompt::new(
-                    model,
-                    tmpl.render(&SystemPrompt::Text(sys.clone()), &q.text)?,
-                )?);
-                groups.push(Some(g));
-            }
-        }
-    }
-    let all: Vec<usize> = (0..nl).collect();
-    let mut hooks = HookSet::new(nl, ne);
-    hooks.add_capture(Capture::new(&all, Position::LastPrompt, groups, 1, nl, ne))?;
-    model.session()?.first_logits(&ps, &mut hooks)?;
-    let c = &hooks.captures[0];
-    Ok((0..nl)
-        .map(|l| {
-            let (p, n) = (
-                c.mean(0, 0, l).expect("captured"),
-                c.mean(1, 0, l).expect("captured"),
-            );
-            p.iter().zip(&n).map(|(a, b)| (a - b) as f32).collect()
-        })
-        .collect())
 }
 
 /// Runs the demo, writing a readable report to `out`.
@@ -86,7 +43,17 @@ pub fn run(
     let compliant = &personas["compliant"];
     let neutral = prompts::builtin("neutral")?;
     let t0 = std::time::Instant::now();
-    let dir = persona_direction(model, tmpl, compliant, &neutral)?;
+    let dir = crate::directions::extract_persona(
+        model,
+        tmpl,
+        "compliant",
+        compliant,
+        &neutral,
+        crate::directions::PersonaPositions::Last,
+    )?
+    .directions
+    .remove(0)
+    .rows;
     writeln!(
         out,
         "compliant-persona direction: {} personas x {} neutral questions, {:.1}s",
