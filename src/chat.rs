@@ -129,6 +129,22 @@ impl ChatTemplate {
 }
 
 impl Prompt {
+    /// Renders and tokenises each text as one user turn with the same system turn.
+    ///
+    /// # Errors
+    /// Template or tokenizer failures.
+    pub fn render_all<'a>(
+        model: &Model,
+        tmpl: &ChatTemplate,
+        system: &SystemPrompt,
+        texts: impl IntoIterator<Item = &'a str>,
+    ) -> Result<Vec<Prompt>> {
+        texts
+            .into_iter()
+            .map(|t| Prompt::new(model, tmpl.render(system, t)?))
+            .collect()
+    }
+
     /// Tokenises a rendered prompt and maps the instruction's byte span onto tokens.
     ///
     /// # Errors

@@ -72,10 +72,12 @@ pub fn run(
         .into_iter()
         .take(cfg.n_prompts)
         .collect();
-    let ps: Vec<Prompt> = harmful
-        .iter()
-        .map(|i| Prompt::new(model, tmpl.render(&cfg.system, &i.text)?))
-        .collect::<Result<_>>()?;
+    let ps = Prompt::render_all(
+        model,
+        tmpl,
+        &cfg.system,
+        harmful.iter().map(|i| i.text.as_str()),
+    )?;
     let layers = if cfg.layers.is_empty() {
         vec![(nl / 4).max(1), nl / 2, 3 * nl / 4]
     } else {

@@ -34,10 +34,14 @@ impl Error {
             msg: msg.into(),
         }
     }
+    /// An I/O error on `path`; a missing file reads "no such file".
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Error {
-        Error::Io {
-            path: path.into(),
-            source,
+        match source.kind() {
+            std::io::ErrorKind::NotFound => Error::file(path, "no such file"),
+            _ => Error::Io {
+                path: path.into(),
+                source,
+            },
         }
     }
 }

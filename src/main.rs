@@ -83,9 +83,12 @@ fn render_set(
     p: &cli::PromptArgs,
     v: &[prompts::Instruction],
 ) -> Result<Vec<Prompt>> {
-    v.iter()
-        .map(|i| Ok(Prompt::new(model, tmpl.render(&p.system(), &i.text)?)?))
-        .collect()
+    Ok(Prompt::render_all(
+        model,
+        tmpl,
+        &p.system(),
+        v.iter().map(|i| i.text.as_str()),
+    )?)
 }
 
 fn write_file(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
@@ -148,10 +151,12 @@ fn run(cli: Cli) -> Result<()> {
             } else {
                 a.prompts.clone()
             };
-            let ps = texts
-                .iter()
-                .map(|t| Ok(Prompt::new(&model, tmpl.render(&a.prompt.system(), t)?)?))
-                .collect::<Result<Vec<_>>>()?;
+            let ps = Prompt::render_all(
+                &model,
+                &tmpl,
+                &a.prompt.system(),
+                texts.iter().map(String::as_str),
+            )?;
             let cfg = GenConfig {
                 max_new_tokens: a.max_new_tokens,
                 keep_first_logits: false,

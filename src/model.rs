@@ -76,10 +76,7 @@ pub struct Model {
 /// # Errors
 /// A one-line error naming the path: missing, a directory, not GGUF, truncated.
 pub fn check_gguf(path: &Path) -> Result<Gguf> {
-    let md = std::fs::metadata(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => Error::file(path, "no such file"),
-        _ => Error::io(path, e),
-    })?;
+    let md = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
     if md.is_dir() {
         return Err(Error::file(path, "is a directory, expected a .gguf file"));
     }

@@ -243,10 +243,7 @@ impl DirectionFile {
     /// # Errors
     /// Missing file, corrupt contents; the message names the path.
     pub fn load(path: &Path) -> Result<DirectionFile> {
-        let b = std::fs::read(path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => Error::file(path, "no such file"),
-            _ => Error::io(path, e),
-        })?;
+        let b = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         if b.starts_with(b"GGUF") {
             return super::cvec::import(&b).map_err(|e| Error::file(path, e));
         }

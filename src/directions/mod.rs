@@ -81,9 +81,7 @@ fn render_all(
     system: &SystemPrompt,
     v: &[Instruction],
 ) -> Result<Vec<Prompt>> {
-    v.iter()
-        .map(|i| Prompt::new(model, tmpl.render(system, &i.text)?))
-        .collect()
+    Prompt::render_all(model, tmpl, system, v.iter().map(|i| i.text.as_str()))
 }
 
 fn diff_rows(c: &Capture, slot: usize, n_layer: usize, what: &str) -> Result<Vec<Vec<f32>>> {
