@@ -125,6 +125,10 @@ fn hooks_for(
 
 /// Runs every hook configuration at every size; `report` gets each row as it is measured.
 ///
+/// Configurations are interleaved: each repetition runs every configuration once, on the same
+/// prompts, so drift in the machine's speed (frequent on shared VMs) hits them all alike.
+/// The best of the repetitions is reported; one untimed warm-up pass runs first.
+///
 /// # Errors
 /// Any engine error.
 pub fn run(
@@ -133,69 +137,63 @@ pub fn run(
     configs: &[HookConfig],
     report: &mut dyn FnMut(&BenchRow),
 ) -> Result<Vec<BenchRow>> {
-    let mut rows = Vec::new();
     let mut rng = Rng::new(1234);
     let mut session = model.session()?;
-    let n_vocab = model.info.n_vocab;
-    for &hc in configs {
-        let cv: Option<BTreeMap<usize, Vec<f32>>> = (hc == HookConfig::CvecAll).then(|| {
-            (1..model.info.n_layer)
-                .map(|l| (l, unit_random(&mut rng, model.info.n_embd, 0.01)))
-                .collect()
-        });
-        session.set_control_vector(cv.as_ref())?;
-        // Prompt processing: one sequence of `pp` tokens, no generation.
-        let p = random_prompt(&mut rng, cfg.pp, n_vocab);
-        let gen0 = GenConfig {
-            max_new_tokens: 0,
-            keep_first_logits: false,
-            ignore_eog: true,
+    let (nl, ne, n_vocab) = (model.info.n_layer, model.info.n_embd, model.info.n_vocab);
+    let cvec: BTreeMap<usize, Vec<f32>> = (1..nl)
+        .map(|l| (l, unit_random(&mut rng, ne, 0.01)))
+        .collect();
+    // Test 0 is prompt processing (one sequence of `pp` tokens); then generation at each size.
+    let tests: Vec<usize> = std::iter::once(0)
+        .chain(cfg.batches.iter().copied())
+        .collect();
+    let mut rows = Vec::new();
+    for &b in &tests {
+        let (prompts, gen): (Vec<Prompt>, GenConfig) = if b == 0 {
+            (
+                vec![random_prompt(&mut rng, cfg.pp, n_vocab)],
+                GenConfig {
+                    max_new_tokens: 0,
+                    keep_first_logits: false,
+                    ignore_eog: true,
+                },
+            )
+        } else {
+            (
+                (0..b)
+                    .map(|_| random_prompt(&mut rng, cfg.npp, n_vocab))
+                    .collect(),
+                GenConfig {
+                    max_new_tokens: cfg.ntg + 1,
+                    keep_first_logits: false,
+                    ignore_eog: true,
+                },
+            )
         };
-        let mut best = 0f64;
+        let mut best = vec![0f64; configs.len()];
         for rep in 0..=cfg.repetitions {
-            let mut h = hooks_for(model, hc, 1, false, &mut rng)?;
-            session.stats = Default::default();
-            session.generate(
-                std::slice::from_ref(&p),
-                &gen0,
-                &mut h,
-                &mut |_, _| false,
-                &mut |_| {},
-            )?;
-            let s = &session.stats;
-            // Repetition 0 warms up caches and is not counted.
-            if rep > 0 {
-                best = best.max(s.prompt_tokens as f64 / s.prompt_time.as_secs_f64());
-            }
-        }
-        let row = BenchRow {
-            hooks: hc,
-            batch: 0,
-            tokens_per_s: best,
-        };
-        report(&row);
-        rows.push(row);
-        for &b in &cfg.batches {
-            let prompts: Vec<Prompt> = (0..b)
-                .map(|_| random_prompt(&mut rng, cfg.npp, n_vocab))
-                .collect();
-            let gen = GenConfig {
-                max_new_tokens: cfg.ntg + 1,
-                keep_first_logits: false,
-                ignore_eog: true,
-            };
-            let mut best = 0f64;
-            for _ in 0..cfg.repetitions {
-                let mut h = hooks_for(model, hc, b, true, &mut rng)?;
+            for (k, &hc) in configs.iter().enumerate() {
+                session.set_control_vector((hc == HookConfig::CvecAll).then_some(&cvec))?;
+                let mut h = hooks_for(model, hc, prompts.len(), b > 0, &mut rng)?;
                 session.stats = Default::default();
                 session.generate(&prompts, &gen, &mut h, &mut |_, _| false, &mut |_| {})?;
                 let s = &session.stats;
-                best = best.max(s.gen_tokens as f64 / s.gen_time.as_secs_f64());
+                let tps = if b == 0 {
+                    s.prompt_tokens as f64 / s.prompt_time.as_secs_f64()
+                } else {
+                    s.gen_tokens as f64 / s.gen_time.as_secs_f64()
+                };
+                // Repetition 0 warms caches and is not counted.
+                if rep > 0 {
+                    best[k] = best[k].max(tps);
+                }
             }
+        }
+        for (k, &hc) in configs.iter().enumerate() {
             let row = BenchRow {
                 hooks: hc,
                 batch: b,
-                tokens_per_s: best,
+                tokens_per_s: best[k],
             };
             report(&row);
             rows.push(row);
