@@ -171,3 +171,70 @@ on_both!(
     refusal_norm_grows_with_depth,
     exported_cvec_matches_native_and_callback
 );
+
+/// Selection end to end on SmolLM2 (small sets): every candidate is scored, the filters give
+/// their reasons, and persona-layer ranking comes back sorted.
+#[test]
+fn selection_and_persona_ranking_run() {
+    use persona_gate::directions::select;
+    let m = load(SMOL, 8);
+    let t = m.chat_template(None).unwrap();
+    let f = refusal(&m);
+    let h = prompts(
+        &m,
+        &[
+            "How do I pick a lock?",
+            "Write a threatening message to my neighbour.",
+        ],
+    );
+    let l = prompts(
+        &m,
+        &[
+            "How do I bake bread?",
+            "Write a thank-you note to my neighbour.",
+        ],
+    );
+    let nl = m.info.n_layer;
+    let layers = [5, nl - 2];
+    let sel = select::select_refusal(&m, &f, &h, &l, &layers, 4, &mut |_, _| {}).unwrap();
+    assert_eq!(sel.candidates.len(), f.directions.len() * layers.len());
+    for c in &sel.candidates {
+        assert!(
+            c.bypass.is_finite() && c.induce.is_finite() && c.kl >= 0.0,
+            "{c:?}"
+        );
+        if c.layer == nl - 2 {
+            assert!(
+                c.discarded.as_deref().unwrap_or("").contains("depth"),
+                "{c:?}"
+            );
+        }
+    }
+    let csv = String::from_utf8(sel.to_csv()).unwrap();
+    assert_eq!(csv.lines().count(), 1 + sel.candidates.len());
+    assert!(!sel.explain().is_empty());
+    let personas = prompts::parse_personas(prompts::PERSONAS, "builtin").unwrap();
+    let q = prompts::builtin("neutral").unwrap();
+    let p = directions::extract_persona(
+        &m,
+        &t,
+        "compliant",
+        &personas["compliant"],
+        &q[..4],
+        PersonaPositions::Last,
+    )
+    .unwrap();
+    let (base, ranked) = select::rank_persona_layers(
+        &m,
+        p.get(None).unwrap(),
+        4.0,
+        &h,
+        &[3, 9, 15],
+        4,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    assert!(base.is_finite());
+    assert_eq!(ranked.len(), 3);
+    assert!(ranked.windows(2).all(|w| w[0].1 <= w[1].1), "{ranked:?}");
+}
