@@ -129,20 +129,21 @@ pub fn run(
         texts.push((name.clone(), g, labels));
     }
     session.set_control_vector(None)?;
-    // Show the first prompt under baseline and the strongest steering that changed it.
-    writeln!(out, "\nprompt 0: {}", harmful[0].text).map_err(io)?;
-    for (name, g, labels) in texts
-        .iter()
-        .filter(|(n, ..)| n == "baseline")
-        .chain(texts.iter().rev().take(1))
-    {
-        let one_line: String = g[0]
+    // Show one prompt under baseline and under the last condition: the first whose label the
+    // steering changed from refusal, else prompt 0.
+    let (base, last) = (&texts[0], &texts[texts.len() - 1]);
+    let i = (0..ps.len())
+        .find(|&i| base.2[i] == Label::Refusal && last.2[i] != Label::Refusal)
+        .unwrap_or(0);
+    writeln!(out, "\nprompt {i}: {}", harmful[i].text).map_err(io)?;
+    for (name, g, labels) in [base, last] {
+        let one_line: String = g[i]
             .text
             .chars()
             .take(160)
             .collect::<String>()
             .replace('\n', " ");
-        writeln!(out, "  [{name}] {}: {one_line}", labels[0]).map_err(io)?;
+        writeln!(out, "  [{name}] {}: {one_line}", labels[i]).map_err(io)?;
     }
     Ok(())
 }

@@ -483,6 +483,52 @@ fn run(cli: Cli) -> Result<()> {
                 )?;
             }
         }
+        Command::Directions(cli::DirectionsCmd::Random(a)) => {
+            let f = DirectionFile::load(&a.like)?;
+            let d = f
+                .get(a.name.as_deref())
+                .with_context(|| format!("{}", a.like.display()))?;
+            let norms = d.norms();
+            let r = directions::random(
+                a.seed,
+                d.n_layer(),
+                d.n_embd(),
+                a.norm_matched.then_some(&norms[..]),
+            );
+            let mut meta = std::collections::BTreeMap::new();
+            for k in ["arch", "model_sha256", "model_file", "quant"] {
+                if let Some(v) = f.meta.get(k) {
+                    meta.insert(k.to_string(), v.clone());
+                }
+            }
+            meta.insert("kind".into(), "random".into());
+            meta.insert("seed".into(), a.seed.to_string());
+            meta.insert(
+                "like".into(),
+                format!(
+                    "{}{}",
+                    d.name,
+                    if a.norm_matched {
+                        " (norm-matched)"
+                    } else {
+                        " (unit)"
+                    }
+                ),
+            );
+            meta.insert(
+                "tool_version".into(),
+                format!("persona-gate {}", persona_gate::VERSION),
+            );
+            let out_file = DirectionFile::new(vec![r], meta)?;
+            out_file.save(&a.out)?;
+            writeln!(
+                out,
+                "wrote {}: random.s{} shaped like {}",
+                a.out.display(),
+                a.seed,
+                d.name
+            )?;
+        }
         Command::ExportCvec(a) => {
             let f = DirectionFile::load(&a.directions)?;
             let d = f

@@ -219,3 +219,92 @@ fn info_prints_metadata() {
         assert!(s.contains(want), "missing {want:?} in:\n{s}");
     }
 }
+
+#[test]
+fn direction_files_for_another_model_are_refused() {
+    use persona_gate::directions::{Direction, DirectionFile};
+    let d = scratch("dirs");
+    let m = common::model_path(common::SMOL);
+    let m = m.to_str().unwrap();
+    let small = Direction {
+        name: "x".into(),
+        rows: vec![vec![1.0, 0.0, 0.0]; 30],
+    };
+    let meta = [
+        ("arch".to_string(), "llama".to_string()),
+        ("kind".to_string(), "refusal".to_string()),
+    ]
+    .into();
+    DirectionFile::new(vec![small], meta)
+        .unwrap()
+        .save(&d.join("n3.safetensors"))
+        .unwrap();
+    fails(
+        &d,
+        &["select", "-m", m, "-d", "n3.safetensors"],
+        &["n3.safetensors", "n_embd 3", "576"],
+    );
+    let other = Direction {
+        name: "x".into(),
+        rows: vec![vec![1.0; 576]; 30],
+    };
+    let meta = [("arch".to_string(), "qwen2".to_string())].into();
+    DirectionFile::new(vec![other], meta)
+        .unwrap()
+        .save(&d.join("qwen.safetensors"))
+        .unwrap();
+    fails(
+        &d,
+        &["select", "-m", m, "-d", "qwen.safetensors"],
+        &["qwen.safetensors", "'qwen2'", "'llama'"],
+    );
+    std::fs::write(
+        d.join("bad.safetensors"),
+        b"\xff\xff\xff\xff\xff\xff\xff\x7f{}",
+    )
+    .unwrap();
+    fails(
+        &d,
+        &["inspect", "bad.safetensors"],
+        &["bad.safetensors", "corrupt safetensors header"],
+    );
+    fails(
+        &d,
+        &[
+            "export-cvec",
+            "-d",
+            "qwen.safetensors",
+            "--coefficient",
+            "1",
+            "--layers",
+            "0",
+            "-o",
+            "x.gguf",
+        ],
+        &["layer 0"],
+    );
+    // A seeded random control is reproducible byte for byte.
+    for out in ["r1.safetensors", "r2.safetensors"] {
+        let o = bin()
+            .current_dir(&d)
+            .args([
+                "directions",
+                "random",
+                "--like",
+                "qwen.safetensors",
+                "--seed",
+                "7",
+                "--norm-matched",
+                "-o",
+                out,
+            ])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    assert_eq!(
+        std::fs::read(d.join("r1.safetensors")).unwrap(),
+        std::fs::read(d.join("r2.safetensors")).unwrap()
+    );
+    let _ = std::fs::remove_dir_all(&d);
+}

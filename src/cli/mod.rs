@@ -151,6 +151,25 @@ pub struct SelectArgs {
 pub enum DirectionsCmd {
     /// Per-layer cosine similarity between two directions (CSV on stdout or --csv, SVG plot).
     Cos(CosArgs),
+    /// A seeded random control direction, unit or norm-matched to a direction file.
+    Random(RandomArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct RandomArgs {
+    /// Direction file whose shape (and, with --norm-matched, per-layer norms) to copy.
+    #[arg(long)]
+    pub like: PathBuf,
+    /// Direction name in --like (needed when it holds several).
+    #[arg(long)]
+    pub name: Option<String>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Scale each layer's row to the norm of --like's row (default: unit rows).
+    #[arg(long)]
+    pub norm_matched: bool,
+    #[arg(long, short = 'o')]
+    pub out: PathBuf,
 }
 
 #[derive(Args, Debug)]
