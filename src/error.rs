@@ -8,16 +8,15 @@ use crate::gguf::GgufError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{}: {source}", .path.display())]
-    Gguf { path: PathBuf, source: GgufError },
+    // The cause is shown in the message and is not also a `source`: the binary prints the
+    // whole error chain on one line, and a source would repeat it ("x: No space …: No space …").
+    #[error("{}: {err}", .path.display())]
+    Gguf { path: PathBuf, err: GgufError },
     #[error("{}: {msg}", .path.display())]
     File { path: PathBuf, msg: String },
-    #[error("{}: {source}", .path.display())]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{0}")]
+    #[error("{}: {err}", .path.display())]
+    Io { path: PathBuf, err: std::io::Error },
+    #[error(transparent)]
     Ffi(#[from] FfiError),
     #[error("chat template: {0}")]
     Template(String),
@@ -35,12 +34,12 @@ impl Error {
         }
     }
     /// An I/O error on `path`; a missing file reads "no such file".
-    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Error {
-        match source.kind() {
+    pub fn io(path: impl Into<PathBuf>, err: std::io::Error) -> Error {
+        match err.kind() {
             std::io::ErrorKind::NotFound => Error::file(path, "no such file"),
             _ => Error::Io {
                 path: path.into(),
-                source,
+                err,
             },
         }
     }

@@ -13,7 +13,7 @@ use std::path::Path;
 /// Why a file is not a usable GGUF. Each variant names what to look at.
 #[derive(Debug, thiserror::Error)]
 pub enum GgufError {
-    #[error("{0}")]
+    #[error(transparent)]
     Io(#[from] std::io::Error),
     #[error("not a GGUF file (magic {0:02x?}, expected \"GGUF\")")]
     BadMagic([u8; 4]),

@@ -83,9 +83,9 @@ pub fn check_gguf(path: &Path) -> Result<Gguf> {
     if md.len() == 0 {
         return Err(Error::file(path, "is empty, expected a .gguf file"));
     }
-    Gguf::open(path).map_err(|source| Error::Gguf {
+    Gguf::open(path).map_err(|err| Error::Gguf {
         path: path.to_path_buf(),
-        source,
+        err,
     })
 }
 

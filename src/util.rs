@@ -1,13 +1,32 @@
-//! Small shared helpers: atomic file writes.
+//! Small shared helpers: reading input files and atomic file writes.
 
 use std::io::Write;
 use std::path::Path;
+
+use crate::error::{Error, Result};
+
+/// Reads a whole input file; `expected` names what it should be ("a direction file") for the
+/// message when `path` is a directory.
+///
+/// # Errors
+/// Missing ("no such file"), a directory, or any other I/O error, naming the path.
+pub fn read_input(path: &Path, expected: &str) -> Result<Vec<u8>> {
+    let md = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if md.is_dir() {
+        return Err(Error::file(
+            path,
+            format!("is a directory, expected {expected}"),
+        ));
+    }
+    std::fs::read(path).map_err(|e| Error::io(path, e))
+}
 
 /// Writes `bytes` to a temp file beside `path`, syncs it, then renames it into place, so no
 /// reader ever sees a half-written file under the final name.
 ///
 /// # Errors
-/// Any I/O error; the temp file is removed on failure.
+/// Any I/O error, with a message saying which step failed (the error keeps its kind); the
+/// temp file is removed on failure.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = path
         .parent()
@@ -15,12 +34,27 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         .unwrap_or(Path::new("."));
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("out");
     let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
+    let ctx = |what: String| {
+        move |e: std::io::Error| std::io::Error::new(e.kind(), format!("{what}: {e}"))
+    };
+    if path.is_dir() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::IsADirectory,
+            "is a directory, expected a file name",
+        ));
+    }
+    let mut f = std::fs::File::create(&tmp)
+        .map_err(ctx(format!("cannot create a file in '{}'", dir.display())))?;
     let res = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
-        f.sync_all()?;
+        f.sync_all()
+    })()
+    .map_err(ctx(format!("writing {} bytes failed", bytes.len())))
+    .and_then(|()| {
+        drop(f);
         std::fs::rename(&tmp, path)
-    })();
+            .map_err(ctx(format!("cannot rename '{}' into place", tmp.display())))
+    });
     if res.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
@@ -55,5 +89,36 @@ impl Rng {
     }
     pub fn below(&mut self, n: u64) -> u64 {
         self.next_u64() % n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_writes_say_why_and_leave_nothing() {
+        let d = std::env::temp_dir().join(format!("pg-util-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("file"), b"x").unwrap();
+        let e = write_atomic(&d.join("file/out"), b"y").unwrap_err();
+        assert!(e.to_string().starts_with("cannot create a file in"), "{e}");
+        let e = write_atomic(&d, b"y").unwrap_err();
+        assert!(e.to_string().contains("is a directory"), "{e}");
+        write_atomic(&d.join("ok"), b"z").unwrap();
+        let mut names: Vec<_> = std::fs::read_dir(&d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["file", "ok"]);
+        let e = read_input(&d, "a test file").unwrap_err();
+        assert!(
+            e.to_string()
+                .ends_with("is a directory, expected a test file"),
+            "{e}"
+        );
+        let _ = std::fs::remove_dir_all(&d);
     }
 }

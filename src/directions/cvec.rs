@@ -11,6 +11,11 @@ use crate::gguf::Gguf;
 
 const ALIGN: usize = 32;
 
+/// Bounds on an imported control vector, far above any model (the largest have ~130 layers
+/// and n_embd ~16k), so a corrupt layer index cannot make us allocate gigabytes of zero rows.
+const MAX_LAYERS: usize = 4096;
+const MAX_ELEMENTS: usize = 1 << 26;
+
 fn put_str(b: &mut Vec<u8>, s: &str) {
     b.extend((s.len() as u64).to_le_bytes());
     b.extend(s.as_bytes());
@@ -26,7 +31,9 @@ fn pad(b: &mut Vec<u8>) {
 /// out (llama.cpp treats them as zero).
 ///
 /// # Errors
-/// Layer 0 (llama.cpp has no slot for it), a layer out of range, a non-finite coefficient.
+/// Layer 0 (llama.cpp has no slot for it), a layer out of range, a row of zeros (such as a
+/// layer missing from the control vector the direction was imported from), a non-finite
+/// coefficient.
 pub fn export(
     d: &Direction,
     arch: &str,
@@ -47,6 +54,12 @@ pub fn export(
         }
         if l >= d.n_layer() {
             return Err(format!("layer {l} out of range ({} layers)", d.n_layer()));
+        }
+        if d.rows[l].iter().all(|&x| x == 0.0) {
+            return Err(format!(
+                "{} is zero at layer {l} (a layer missing from the control vector it came from?)",
+                d.name
+            ));
         }
     }
     let ne = d.n_embd();
@@ -103,6 +116,12 @@ pub fn import(bytes: &[u8]) -> Result<DirectionFile, String> {
                 t.name
             ));
         }
+        if il >= MAX_LAYERS {
+            return Err(format!(
+                "tensor '{}': layer {il} is beyond any model (at most {MAX_LAYERS} layers)",
+                t.name
+            ));
+        }
         if t.ggml_type != 0 || t.dims.len() != 1 {
             return Err(format!("tensor '{}': expected a 1-D F32 tensor", t.name));
         }
@@ -127,6 +146,11 @@ pub fn import(bytes: &[u8]) -> Result<DirectionFile, String> {
     }
     let n_embd = n_embd.ok_or("no direction tensors in the file")?;
     let n_layer = rows.keys().next_back().map_or(0, |l| l + 1);
+    if n_layer.saturating_mul(n_embd) > MAX_ELEMENTS {
+        return Err(format!(
+            "{n_layer} layers x {n_embd} is larger than any model (at most {MAX_ELEMENTS} values)"
+        ));
+    }
     let layers: Vec<String> = rows.keys().map(usize::to_string).collect();
     let full: Vec<Vec<f32>> = (0..n_layer)
         .map(|l| rows.remove(&l).unwrap_or_else(|| vec![0.0; n_embd]))
@@ -176,10 +200,31 @@ mod tests {
         assert!(export(&d, "llama", 1.0, &[0]).is_err());
         assert!(export(&d, "llama", f32::NAN, &[1]).is_err());
         assert!(export(&d, "llama", 1.0, &[4]).is_err());
+        // A layer the imported file did not have is zero, and is not exported again.
+        let e = export(f.get(None).unwrap(), "llama", 1.0, &[2]).unwrap_err();
+        assert!(e.contains("zero at layer 2"), "{e}");
         // Every cut into the header or tensor data is an error (only trailing padding may go).
         let data_end = b.len() - (ALIGN - 12);
         for n in 0..data_end {
             assert!(import(&b[..n]).is_err(), "prefix {n}");
         }
+    }
+
+    #[test]
+    fn missing_layers_read_as_zero_rows() {
+        let d = Direction {
+            name: "x".into(),
+            rows: vec![vec![1.0; 4]; 3],
+        };
+        let mut b = export(&d, "llama", 1.0, &[2]).unwrap();
+        let at = b.windows(11).position(|w| w == b"direction.2").unwrap();
+        b[at + 10] = b'9'; // same length, so every offset stays valid
+        let f = import(&b).unwrap();
+        assert_eq!(f.n_layer(), 10);
+        assert_eq!(f.meta["cvec_layers"], "9");
+        assert!(f.directions[0].rows[..9]
+            .iter()
+            .flatten()
+            .all(|&x| x == 0.0));
     }
 }

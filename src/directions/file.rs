@@ -235,7 +235,8 @@ impl DirectionFile {
     /// # Errors
     /// I/O errors, naming the path.
     pub fn save(&self, path: &Path) -> Result<()> {
-        crate::util::write_atomic(path, &self.to_bytes()).map_err(|e| Error::io(path, e))
+        crate::util::write_atomic(path, &self.to_bytes())
+            .map_err(|e| Error::file(path, e.to_string()))
     }
 
     /// Reads a direction file: safetensors, or a llama.cpp control-vector GGUF (by magic).
@@ -243,7 +244,7 @@ impl DirectionFile {
     /// # Errors
     /// Missing file, corrupt contents; the message names the path.
     pub fn load(path: &Path) -> Result<DirectionFile> {
-        let b = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let b = crate::util::read_input(path, "a .safetensors or control-vector .gguf file")?;
         if b.starts_with(b"GGUF") {
             return super::cvec::import(&b).map_err(|e| Error::file(path, e));
         }

@@ -46,7 +46,7 @@ pub const DEFAULT_FIELDS: &[&str] = &["instruction", "forbidden_prompt", "goal",
 /// Unreadable or non-UTF-8 files, bad JSON (with line number), a missing field or column,
 /// or an empty set.
 pub fn load(path: &Path, field: Option<&str>) -> Result<Vec<Instruction>> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = crate::util::read_input(path, "a prompt-set file (.json, .jsonl, .csv, .txt)")?;
     let name = path
         .file_stem()
         .and_then(|s| s.to_str())
