@@ -28,6 +28,11 @@ pub fn read_input(path: &Path, expected: &str) -> Result<Vec<u8>> {
 /// Any I/O error, with a message saying which step failed (the error keeps its kind); the
 /// temp file is removed on failure.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    write_atomic_inner(path, Some(bytes))
+}
+
+/// `write_atomic`, or with `None` only the checks and the temp file's creation.
+fn write_atomic_inner(path: &Path, bytes: Option<&[u8]>) -> std::io::Result<()> {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -45,6 +50,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     }
     let mut f = std::fs::File::create(&tmp)
         .map_err(ctx(format!("cannot create a file in '{}'", dir.display())))?;
+    let Some(bytes) = bytes else {
+        drop(f);
+        return std::fs::remove_file(&tmp);
+    };
     let res = (|| {
         f.write_all(bytes)?;
         f.sync_all()
@@ -59,6 +68,16 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         let _ = std::fs::remove_file(&tmp);
     }
     res
+}
+
+/// Checks up front that [`write_atomic`] could create `path` (its directory exists and takes
+/// a new file, and `path` is not a directory), so a long job fails before it starts rather
+/// than when it saves. Creates and removes the same temp file `write_atomic` would use.
+///
+/// # Errors
+/// As [`write_atomic`].
+pub fn check_writable(path: &Path) -> std::io::Result<()> {
+    write_atomic_inner(path, None)
 }
 
 /// SplitMix64: a tiny seeded generator, so random controls are reproducible everywhere
@@ -106,6 +125,9 @@ mod tests {
         assert!(e.to_string().starts_with("cannot create a file in"), "{e}");
         let e = write_atomic(&d, b"y").unwrap_err();
         assert!(e.to_string().contains("is a directory"), "{e}");
+        let e = check_writable(&d.join("file/out")).unwrap_err();
+        assert!(e.to_string().starts_with("cannot create a file in"), "{e}");
+        check_writable(&d.join("later")).unwrap();
         write_atomic(&d.join("ok"), b"z").unwrap();
         let mut names: Vec<_> = std::fs::read_dir(&d)
             .unwrap()

@@ -322,7 +322,7 @@ pub fn select_refusal(
                 "layer >= {:.0}% of depth",
                 MAX_LAYER_FRACTION * 100.0
             ))
-        } else if !(k <= MAX_KL) {
+        } else if k.is_nan() || k > MAX_KL {
             Some(format!("KL {k:.3} > {MAX_KL}"))
         } else if i < 0.0 {
             Some(format!("induce {i:.3} < 0"))
