@@ -211,6 +211,9 @@ pub struct Capture {
     n_slots: usize,
     n_embd: usize,
     sums: Vec<f64>,
+    /// Sum of each row's L2 norm per cell: the mean residual norm (not the norm of the mean),
+    /// the unit for coefficients given relative to the residual stream.
+    norm_sums: Vec<f64>,
     counts: Vec<u64>,
 }
 
@@ -244,6 +247,7 @@ impl Capture {
             n_slots,
             n_embd,
             sums: vec![0.0; n_groups * n_slots * layers.len() * n_embd],
+            norm_sums: vec![0.0; n_groups * n_slots * layers.len()],
             counts: vec![0; n_groups * n_slots * layers.len()],
         }
     }
@@ -303,6 +307,13 @@ impl Capture {
                 .map(|s| s / n as f64)
                 .collect()
         })
+    }
+
+    /// The mean L2 norm of the rows captured at (group, slot, layer).
+    pub fn mean_norm(&self, group: usize, slot: usize, layer: usize) -> Option<f64> {
+        let n = self.count(group, slot, layer);
+        let li = self.layer_idx[layer]?;
+        (n > 0).then(|| self.norm_sums[self.cell(group, slot, li)] / n as f64)
     }
 
     fn total(&self) -> u64 {
@@ -513,6 +524,7 @@ impl LayerVisitor for HookSet {
                 }
                 let cell = c.cell(g, slot, li);
                 c.counts[cell] += 1;
+                c.norm_sums[cell] += h.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
                 let s = &mut c.sums[cell * n_embd..(cell + 1) * n_embd];
                 s.iter_mut().zip(h).for_each(|(a, &x)| *a += x as f64);
             }
@@ -643,6 +655,9 @@ mod tests {
         assert_eq!(c.mean(0, 0, 0).unwrap(), vec![5.0, 6.0]); // last token: (3,4) and (7,8)
         assert_eq!(c.mean(0, 1, 0).unwrap(), vec![3.0, 4.0]); // second to last
         assert_eq!(c.count(0, 0, 0), 2);
+        // Rows (3,4) and (7,8): norms 5 and sqrt(113).
+        let want = (5.0 + 113f64.sqrt()) / 2.0;
+        assert!((c.mean_norm(0, 0, 0).unwrap() - want).abs() < 1e-12);
     }
 
     #[test]

@@ -31,6 +31,7 @@ pub mod demo;
 pub mod directions;
 pub mod engine;
 pub mod error;
+pub mod experiment;
 pub mod ffi;
 pub mod gguf;
 pub mod hooks;

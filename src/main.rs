@@ -17,7 +17,7 @@ use persona_gate::engine::GenConfig;
 use persona_gate::hooks::HookSet;
 use persona_gate::model::Model;
 use persona_gate::prompts::load as sets;
-use persona_gate::{bench, demo, ffi, hooks, label, plot, prompts, util};
+use persona_gate::{bench, demo, experiment, ffi, hooks, label, plot, prompts, util};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -550,6 +550,12 @@ fn run(cli: Cli) -> Result<()> {
                 arch
             )?;
         }
+        Command::Reproduce(a) => reproduce(&a, out)?,
+        Command::Merge(a) => {
+            let (plan, f) = experiment::merge(&a.out, &a.inputs)?;
+            writeln!(out, "{}", experiment::report::table(f.metric, &f.summaries))?;
+            writeln!(out, "merged {} groups into {}", plan.n_groups, a.out.display())?;
+        }
         Command::Inspect(a) => {
             let f = DirectionFile::load(&a.file)?;
             for (k, v) in f.meta.iter().filter(|(k, _)| !k.starts_with("norms.")) {
@@ -557,6 +563,126 @@ fn run(cli: Cli) -> Result<()> {
             }
             print_norms(out, &f)?;
         }
+    }
+    Ok(())
+}
+
+fn reproduce(a: &cli::ReproduceArgs, out: &mut dyn Write) -> Result<()> {
+    use experiment::{preset, run, spec::Metric, spec::Spec};
+    // Flags that need no model are checked first.
+    let shard: run::Shard = match &a.shard {
+        Some(s) => s.parse().map_err(anyhow::Error::msg)?,
+        None => run::Shard::default(),
+    };
+    if a.n == Some(0) || a.harmless_n == Some(0) {
+        anyhow::bail!("--n / --harmless-n: must be at least 1");
+    }
+    let spec_src = match &a.spec {
+        Some(p) => Some(
+            String::from_utf8(util::read_input(p, "a spec TOML file")?)
+                .map_err(|_| anyhow::anyhow!("{}: not UTF-8", p.display()))?,
+        ),
+        None => None,
+    };
+    if let (Some(src), Some(p)) = (&spec_src, &a.spec) {
+        Spec::parse(src, &p.display().to_string())?;
+    }
+    let template_src = match &a.chat_template {
+        Some(f) => Some(
+            std::fs::read_to_string(f).with_context(|| format!("--chat-template {}", f.display()))?,
+        ),
+        None => None,
+    };
+    let model = load(&a.model)?;
+    let (src, origin) = match (spec_src, &a.spec) {
+        (Some(s), Some(p)) => (s, p.display().to_string()),
+        _ => {
+            let size = if a.size == "full" { preset::Size::Full } else { preset::Size::Demo };
+            let p = preset::PresetPrompts {
+                harmful: a.harmful.clone(),
+                n: a.n,
+                harmless: a.harmless.clone(),
+                harmless_n: a.harmless_n,
+            };
+            (preset::preset(model.info.n_layer, size, &p), "preset".to_string())
+        }
+    };
+    let mut spec = Spec::parse(&src, &origin)?;
+    if let Some(m) = &a.metric {
+        spec.metric = if m == "score" { Metric::Score } else { Metric::Generate };
+    }
+    if a.print_spec {
+        write!(out, "{src}")?;
+        if a.metric.is_some() {
+            writeln!(out, "# --metric {}: overrides metric above", spec.metric)?;
+        }
+        return Ok(());
+    }
+    if a.dry_run {
+        let e = experiment::estimate(&model, &spec, template_src)?;
+        let (lo, hi) = e.seconds();
+        writeln!(
+            out,
+            "{}: {} conditions, {} completions in {} groups of {}{}",
+            spec.name,
+            e.conditions,
+            e.completions,
+            e.groups,
+            spec.group_size,
+            if shard.n > 1 { format!(", about {} per shard", e.groups.div_ceil(shard.n)) } else { String::new() }
+        )?;
+        writeln!(
+            out,
+            "tokens: {} prompt tokens to prepare (extraction, selection, calibration), {} to run, {}-{} to generate",
+            e.prep_prompt_tokens, e.run_prompt_tokens, e.gen_tokens.0, e.gen_tokens.1
+        )?;
+        writeln!(
+            out,
+            "measured here: {:.0} prompt tok/s, {:.0} generated tok/s at {} sequences",
+            e.prompt_tps,
+            e.gen_tps,
+            spec.group_size.min(model.options.parallel as usize)
+        )?;
+        writeln!(
+            out,
+            "estimate: {:.0}-{:.0} min (early stop at min_tokens .. every completion to max_new_tokens)",
+            lo / 60.0,
+            hi / 60.0
+        )?;
+        return Ok(());
+    }
+    let dir = a.out.clone().unwrap_or_else(|| {
+        let stem = model.info.path.file_stem().map_or("model".into(), |s| s.to_string_lossy().into_owned());
+        let suffix = if spec.metric == Metric::Score { "-score" } else { "" };
+        std::path::PathBuf::from("runs").join(stem).join(format!("{}{suffix}", spec.name))
+    });
+    let pb = bar(0, "prepare");
+    let mut phase = String::new();
+    let mut progress = |p: &str, done: usize, total: usize, item: &str| {
+        if p != phase {
+            phase = p.to_string();
+            pb.reset();
+        }
+        pb.set_length(total as u64);
+        pb.set_position(done as u64);
+        pb.set_message(format!("{p} {item}"));
+    };
+    // Notes (chosen layers, resume) always reach stderr; they never contain prompt text.
+    let mut note = |s: String| pb.suspend(|| eprintln!("{s}"));
+    let opts = run::RunOptions { shard, template: template_src };
+    let o = experiment::reproduce(&model, &spec, &dir, &opts, &mut progress, &mut note)?;
+    pb.finish_and_clear();
+    match &o.finished {
+        Some(f) => {
+            writeln!(out, "{}", experiment::report::table(f.metric, &f.summaries))?;
+            writeln!(out, "run {} in {}: {} groups run now, all {} done", o.plan.run_id, dir.display(), o.groups_run, o.plan.n_groups)?;
+            writeln!(out, "wrote {}", f.files.join(", "))?;
+        }
+        None => writeln!(
+            out,
+            "run {} in {}: shard {}/{} ran {} groups; {} of {} done. Merge shard directories with `persona-gate merge --out DIR DIRS...`",
+            o.plan.run_id, dir.display(), shard.k, shard.n, o.groups_run, o.groups_done, o.plan.n_groups
+        )?,
     }
     Ok(())
 }

@@ -44,6 +44,63 @@ pub enum Command {
     ExportCvec(ExportCvecArgs),
     /// Print a direction file's metadata, directions and per-layer norms.
     Inspect(InspectArgs),
+    /// Run the paper's experiment grid (or your --spec) and write CSVs, plots and a report;
+    /// rerunning the same command resumes.
+    Reproduce(ReproduceArgs),
+    /// Join the run directories of `reproduce --shard` runs and write the outputs.
+    Merge(MergeArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ReproduceArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Experiment spec (TOML). Default: the paper's preset for this model (see --print-spec).
+    #[arg(long)]
+    pub spec: Option<PathBuf>,
+    /// Print the spec that would run (the preset, or --spec as parsed) and exit.
+    #[arg(long)]
+    pub print_spec: bool,
+    /// Preset size: demo (strided layers, minutes on a 0.5B model) or full.
+    #[arg(long, default_value = "demo", value_parser = ["demo", "full"])]
+    pub size: String,
+    /// Preset: harmful evaluation prompts (a file such as StrongREJECT's CSV, or builtin:harmful).
+    #[arg(long, default_value = "builtin:harmful")]
+    pub harmful: String,
+    /// Preset: a seeded sample of this many harmful prompts.
+    #[arg(long)]
+    pub n: Option<usize>,
+    /// Preset: harmless prompts for the induction check.
+    #[arg(long, default_value = "builtin:harmless")]
+    pub harmless: String,
+    /// Preset: a seeded sample of this many harmless prompts.
+    #[arg(long)]
+    pub harmless_n: Option<usize>,
+    /// Override the spec's metric: generate (labels) or score (first-token refusal score only).
+    #[arg(long, value_parser = ["generate", "score"])]
+    pub metric: Option<String>,
+    /// Run directory (default: runs/<model file stem>/<spec name>[-score]).
+    #[arg(long, short = 'o')]
+    pub out: Option<PathBuf>,
+    /// Run only groups K, K+N, ... (1-based K of N); join the directories with `merge`.
+    #[arg(long)]
+    pub shard: Option<String>,
+    /// Print the grid size and a time estimate measured on this machine, run nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Jinja chat template file instead of the GGUF's.
+    #[arg(long)]
+    pub chat_template: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct MergeArgs {
+    /// Output run directory.
+    #[arg(long, short = 'o')]
+    pub out: PathBuf,
+    /// Shard run directories.
+    #[arg(required = true)]
+    pub inputs: Vec<PathBuf>,
 }
 
 #[derive(Args, Debug, Clone)]

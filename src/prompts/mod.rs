@@ -25,10 +25,13 @@ pub struct Instruction {
 const HARMFUL: &str = include_str!("builtin/harmful.txt");
 const HARMLESS: &str = include_str!("builtin/harmless.txt");
 const NEUTRAL: &str = include_str!("builtin/neutral.txt");
+const HARMFUL_TRAIN: &str = include_str!("builtin/harmful_train.txt");
+const HARMLESS_TRAIN: &str = include_str!("builtin/harmless_train.txt");
 /// The built-in personas file (editable copy: `src/prompts/builtin/personas.toml`).
 pub const PERSONAS: &str = include_str!("builtin/personas.toml");
 
-/// A built-in set by name: `harmful`, `harmless` or `neutral`.
+/// A built-in set by name: `harmful`, `harmless`, `neutral`, or the disjoint
+/// `harmful_train` / `harmless_train` (24 each) for extracting and selecting directions.
 ///
 /// # Errors
 /// An unknown name.
@@ -37,9 +40,11 @@ pub fn builtin(name: &str) -> Result<Vec<Instruction>> {
         "harmful" => HARMFUL,
         "harmless" => HARMLESS,
         "neutral" => NEUTRAL,
+        "harmful_train" => HARMFUL_TRAIN,
+        "harmless_train" => HARMLESS_TRAIN,
         _ => {
             return Err(Error::Invalid(format!(
-                "no built-in prompt set '{name}' (harmful, harmless, neutral)"
+                "no built-in prompt set '{name}' (harmful, harmless, neutral, harmful_train, harmless_train)"
             )))
         }
     };

@@ -1,0 +1,282 @@
+//! Experiments: the paper's intervention grid as data ([`spec`]), run in resumable groups
+//! ([`run`]), summarised with intervals, plots and a report ([`report`]); [`preset`] writes
+//! the paper's E0–E3 as a spec.
+//!
+//! ```text
+//! spec.toml ──parse──▶ Spec ──prepare (extract, select, calibrate)──▶ Plan (plan.json)
+//!     Plan ──fixed groups of (condition, prompt)──▶ groups/g*.csv ──finish──▶ CSVs, SVGs, report.md
+//! ```
+
+pub mod preset;
+pub mod report;
+pub mod run;
+pub mod spec;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde_json::json;
+
+use crate::engine::GenConfig;
+use crate::error::{Error, Result};
+use crate::hooks::HookSet;
+use crate::model::Model;
+use report::Finished;
+use run::{Plan, Progress, RunOptions};
+use spec::{DirectionSpec, Metric, Spec};
+
+/// What one `reproduce` invocation did.
+#[derive(Debug)]
+pub struct Outcome {
+    pub plan: Plan,
+    pub groups_run: usize,
+    pub groups_done: usize,
+    /// Set once every group is done and the outputs are written.
+    pub finished: Option<Finished>,
+}
+
+/// Prepares (or resumes) the run in `dir`, runs this shard's remaining groups, and writes
+/// the outputs once every group is done.
+///
+/// # Errors
+/// Spec, model, I/O and engine errors, each naming what failed.
+pub fn reproduce(
+    model: &Model,
+    spec: &Spec,
+    dir: &Path,
+    opts: &RunOptions,
+    progress: &mut Progress<'_>,
+    note: &mut dyn FnMut(String),
+) -> Result<Outcome> {
+    let t0 = Instant::now();
+    let ready = run::prepare(spec, model, dir, opts, progress, note)?;
+    let t_prep = t0.elapsed().as_secs_f64();
+    let t1 = Instant::now();
+    let groups_run = run::run_groups(&ready, dir, opts.shard, progress)?;
+    let t_run = t1.elapsed().as_secs_f64();
+    let plan = ready.plan;
+    let groups_done = run::done_groups(dir, plan.n_groups)
+        .iter()
+        .filter(|d| **d)
+        .count();
+    let finished = if groups_done == plan.n_groups {
+        let extra = json!({
+            "shard": format!("{}/{}", opts.shard.k, opts.shard.n),
+            "prepare_s": t_prep,
+            "run_s": t_run,
+            "groups_run": groups_run,
+            "threads": model.options.threads,
+            "parallel": model.options.parallel,
+        });
+        Some(report::finish(dir, &plan, extra)?)
+    } else {
+        None
+    };
+    Ok(Outcome {
+        plan,
+        groups_run,
+        groups_done,
+        finished,
+    })
+}
+
+/// Joins shard run directories into `out` and writes the outputs. Every input must hold the
+/// same plan; a group present in several inputs must have the same bytes in each.
+///
+/// # Errors
+/// Different plans, conflicting or missing groups, I/O errors.
+pub fn merge(out: &Path, inputs: &[PathBuf]) -> Result<(Plan, Finished)> {
+    if inputs.is_empty() {
+        return Err(Error::Invalid("merge: no input run directories".into()));
+    }
+    let read_plan = |d: &Path| -> Result<(Vec<u8>, Plan)> {
+        let p = d.join("plan.json");
+        let b = crate::util::read_input(&p, "a plan.json")?;
+        let plan = serde_json::from_slice(&b)
+            .map_err(|e| Error::file(&p, format!("not a plan file: {e}")))?;
+        Ok((b, plan))
+    };
+    let (bytes, plan) = read_plan(&inputs[0])?;
+    for d in &inputs[1..] {
+        let (b, _) = read_plan(d)?;
+        if b != bytes {
+            return Err(Error::file(
+                d.join("plan.json"),
+                format!("differs from {}: not shards of one run", inputs[0].join("plan.json").display()),
+            ));
+        }
+    }
+    if out.join("plan.json").exists() {
+        let (b, _) = read_plan(out)?;
+        if b != bytes {
+            return Err(Error::file(out, "holds another run; use an empty --out directory"));
+        }
+    }
+    // Check everything before writing anything.
+    let mut sources: Vec<Option<PathBuf>> = vec![None; plan.n_groups];
+    for d in inputs {
+        for (g, src) in sources.iter_mut().enumerate() {
+            let p = run::group_file(d, g);
+            if !p.exists() {
+                continue;
+            }
+            match src {
+                None => *src = Some(p),
+                Some(q) => {
+                    let (a, b) = (
+                        std::fs::read(&p).map_err(|e| Error::io(&p, e))?,
+                        std::fs::read(&*q).map_err(|e| Error::io(&*q, e))?,
+                    );
+                    if a != b {
+                        return Err(Error::file(&p, format!("group {g} differs from {}", q.display())));
+                    }
+                }
+            }
+        }
+    }
+    let missing: Vec<usize> = sources
+        .iter()
+        .enumerate()
+        .filter(|(g, s)| s.is_none() && !run::group_file(out, *g).exists())
+        .map(|(g, _)| g)
+        .collect();
+    if !missing.is_empty() {
+        return Err(Error::Invalid(format!(
+            "merge: {} of {} groups are in no input (first: group {}); run the missing shards first",
+            missing.len(),
+            plan.n_groups,
+            missing[0]
+        )));
+    }
+    std::fs::create_dir_all(out.join("groups")).map_err(|e| Error::io(out, e))?;
+    let copy = |from: &Path, to: &Path| -> Result<()> {
+        let b = std::fs::read(from).map_err(|e| Error::io(from, e))?;
+        crate::util::write_atomic(to, &b).map_err(|e| Error::io(to, e))
+    };
+    for (g, s) in sources.iter().enumerate() {
+        if let Some(s) = s {
+            let to = run::group_file(out, g);
+            if to != *s {
+                copy(s, &to)?;
+            }
+        }
+    }
+    let src_dirs = inputs[0].join("prepared.safetensors");
+    if src_dirs != out.join("prepared.safetensors") {
+        copy(&src_dirs, &out.join("prepared.safetensors"))?;
+    }
+    crate::util::write_atomic(&out.join("plan.json"), &bytes).map_err(|e| Error::io(out, e))?;
+    let extra = json!({ "merged_from": inputs.iter().map(|p| p.display().to_string()).collect::<Vec<_>>() });
+    let f = report::finish(out, &plan, extra)?;
+    Ok((plan, f))
+}
+
+/// A dry run's numbers.
+#[derive(Debug, Clone)]
+pub struct Estimate {
+    pub conditions: usize,
+    pub completions: usize,
+    pub groups: usize,
+    pub prep_prompt_tokens: usize,
+    pub run_prompt_tokens: usize,
+    /// Generated tokens if every completion stops at `min_tokens` / runs to `max_new_tokens`.
+    pub gen_tokens: (usize, usize),
+    /// Measured here on the first group's prompts.
+    pub prompt_tps: f64,
+    pub gen_tps: f64,
+}
+
+impl Estimate {
+    /// (low, high) seconds.
+    pub fn seconds(&self) -> (f64, f64) {
+        let p = (self.prep_prompt_tokens + self.run_prompt_tokens) as f64 / self.prompt_tps.max(1e-9);
+        let g = |n: usize| n as f64 / self.gen_tps.max(1e-9);
+        (p + g(self.gen_tokens.0), p + g(self.gen_tokens.1))
+    }
+}
+
+/// Counts the grid and measures this machine's speed on a few prompts, without running the
+/// grid. The estimate of preparation counts extraction, selection and calibration passes.
+///
+/// # Errors
+/// Spec and engine errors.
+pub fn estimate(model: &Model, spec: &Spec, template: Option<String>) -> Result<Estimate> {
+    let (sets, conds) = run::check(spec, model)?;
+    let tmpl = model.chat_template(template)?;
+    let sys = match spec.system.as_deref() {
+        None | Some("default") => crate::chat::SystemPrompt::TemplateDefault,
+        Some("empty") => crate::chat::SystemPrompt::Empty,
+        Some(t) => crate::chat::SystemPrompt::Text(t.to_string()),
+    };
+    let mut toks = std::collections::BTreeMap::new();
+    let mut rendered = std::collections::BTreeMap::new();
+    for (k, v) in &sets {
+        let ps = crate::chat::Prompt::render_all(model, &tmpl, &sys, v.iter().map(|i| i.text.as_str()))?;
+        toks.insert(k.clone(), ps.iter().map(|p| p.tokens.len()).sum::<usize>());
+        rendered.insert(k.clone(), ps);
+    }
+    let nl = model.info.n_layer;
+    let mut prep = 0usize;
+    for d in spec.directions.values() {
+        match d {
+            DirectionSpec::Refusal { harmful, harmless, select, .. } => {
+                prep += toks[harmful] + toks[harmless];
+                if let Some(s) = select {
+                    let n = match &s.layers {
+                        Some(l) => spec::layer_list(l, nl)?.len(),
+                        None => (nl as f64 * 0.8) as usize,
+                    };
+                    prep += 2 + n * (toks[&s.harmful] + 2 * toks[&s.harmless]);
+                }
+            }
+            DirectionSpec::Persona { questions, personas, persona } => {
+                let src = match personas {
+                    Some(p) => std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?,
+                    None => crate::prompts::PERSONAS.to_string(),
+                };
+                let all = crate::prompts::parse_personas(&src, "personas")?;
+                let k = all.get(persona).map_or(0, |p| p.positive.len() + p.negative.len());
+                // The persona system prompts replace the default one: about the same length.
+                prep += k * toks[questions];
+            }
+            _ => {}
+        }
+    }
+    if let Some(s) = &spec.steer {
+        let n = spec::layer_list(&s.layers, nl)?.len() + s.coefficients.len();
+        prep += n * toks[&s.prompts];
+    }
+    let run_prompt: usize = conds
+        .iter()
+        .map(|c| toks[&c.prompts])
+        .sum();
+    let completions: usize = conds.iter().map(|c| sets[&c.prompts].len()).sum();
+    let g = &spec.generation;
+    let gen = match spec.metric {
+        Metric::Generate => (completions * g.min_tokens.min(g.max_new_tokens), completions * g.max_new_tokens),
+        Metric::Score => (0, 0),
+    };
+    // Measure: one group's worth of the first condition's prompts, 16 tokens each.
+    let first = &rendered[&conds[0].prompts];
+    let probe: Vec<_> = first.iter().take(spec.group_size).cloned().collect();
+    let mut session = model.session()?;
+    let mut hooks = HookSet::new(nl, model.info.n_embd);
+    session.generate(
+        &probe,
+        &GenConfig { max_new_tokens: 16, keep_first_logits: false, ignore_eog: true },
+        &mut hooks,
+        &mut |_, _| false,
+        &mut |_| {},
+    )?;
+    let st = &session.stats;
+    Ok(Estimate {
+        conditions: conds.len(),
+        completions,
+        groups: completions.div_ceil(spec.group_size),
+        prep_prompt_tokens: prep,
+        run_prompt_tokens: run_prompt,
+        gen_tokens: gen,
+        prompt_tps: st.prompt_tokens as f64 / st.prompt_time.as_secs_f64().max(1e-9),
+        gen_tps: st.gen_tokens as f64 / st.gen_time.as_secs_f64().max(1e-9),
+    })
+}

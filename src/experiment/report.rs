@@ -1,0 +1,541 @@
+//! Finishing a run: the per-completion CSV, the per-condition summary (Wilson intervals for
+//! rates, a seeded bootstrap for the mean score), SVG plots, a Markdown report of the paper's
+//! claims next to this run's numbers, and a JSON manifest. Everything is read back from the
+//! plan and the group files, so a straight run, a resumed one and a merge of shards end in
+//! the same bytes (the manifest's timings aside).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use serde_json::json;
+
+use super::run::{done_groups, group_file, header, Plan};
+use super::spec::{fmt_num, value_text, Metric, Role};
+use crate::error::{Error, Result};
+use crate::plot::{line_plot, Series};
+use crate::util::{write_atomic, Rng};
+
+/// z for a 95% interval.
+const Z95: f64 = 1.959_963_984_540_054;
+/// Bootstrap resamples for the mean score's interval.
+pub const BOOTSTRAP: usize = 2000;
+
+/// Wilson score interval for k successes in n trials (95%).
+pub fn wilson(k: usize, n: usize) -> (f64, f64) {
+    if n == 0 {
+        return (0.0, 1.0);
+    }
+    let (k, n) = (k as f64, n as f64);
+    let p = k / n;
+    let z2 = Z95 * Z95;
+    let d = 1.0 + z2 / n;
+    let c = (p + z2 / (2.0 * n)) / d;
+    let h = Z95 / d * (p * (1.0 - p) / n + z2 / (4.0 * n * n)).sqrt();
+    ((c - h).max(0.0), (c + h).min(1.0))
+}
+
+/// Percentile bootstrap interval (95%) of the mean, seeded.
+pub fn bootstrap_mean(v: &[f64], seed: u64) -> (f64, f64) {
+    if v.is_empty() {
+        return (f64::NAN, f64::NAN);
+    }
+    let mut rng = Rng::new(seed);
+    let n = v.len();
+    let mut means: Vec<f64> = (0..BOOTSTRAP)
+        .map(|_| (0..n).map(|_| v[rng.below(n as u64) as usize]).sum::<f64>() / n as f64)
+        .collect();
+    means.sort_by(f64::total_cmp);
+    let q = |p: f64| means[((p * (BOOTSTRAP - 1) as f64).round() as usize).min(BOOTSTRAP - 1)];
+    (q(0.025), q(0.975))
+}
+
+/// One condition's summary.
+#[derive(Debug, Clone)]
+pub struct CondSummary {
+    pub experiment: String,
+    pub condition: String,
+    pub vars: String,
+    pub prompt_set: String,
+    pub n: usize,
+    pub refusal: usize,
+    pub bypass: usize,
+    pub degenerate: usize,
+    pub score_mean: f64,
+    pub score_ci: (f64, f64),
+    pub mean_tokens: f64,
+}
+
+impl CondSummary {
+    pub fn rate(&self, k: usize) -> f64 {
+        k as f64 / self.n.max(1) as f64
+    }
+    pub fn refusal_rate(&self) -> f64 {
+        self.rate(self.refusal)
+    }
+}
+
+/// The outputs of a finished run.
+#[derive(Debug, Clone)]
+pub struct Finished {
+    pub summaries: Vec<CondSummary>,
+    pub metric: Metric,
+    pub files: Vec<String>,
+}
+
+/// Reads the group files of `dir` in order; fails naming the first missing group.
+fn read_rows(dir: &Path, plan: &Plan) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    for g in 0..plan.n_groups {
+        let p = group_file(dir, g);
+        let b = std::fs::read(&p).map_err(|e| Error::io(&p, e))?;
+        out.extend(b);
+    }
+    Ok(out)
+}
+
+/// Writes completions.csv, summary.csv, plots, report.md and manifest.json into `dir`.
+///
+/// # Errors
+/// Missing groups, unreadable rows, I/O errors.
+pub fn finish(dir: &Path, plan: &Plan, manifest_extra: serde_json::Value) -> Result<Finished> {
+    let missing = done_groups(dir, plan.n_groups).iter().filter(|d| !**d).count();
+    if missing > 0 {
+        return Err(Error::file(dir, format!("{missing} of {} groups are not done yet", plan.n_groups)));
+    }
+    let rows = read_rows(dir, plan)?;
+    let head = header(plan);
+    let mut w = csv::Writer::from_writer(Vec::new());
+    w.write_record(&head).map_err(|e| Error::Invalid(format!("csv: {e}")))?;
+    let mut body = w.into_inner().map_err(|e| Error::Invalid(format!("csv: {e}")))?;
+    body.extend_from_slice(&rows);
+    let col = |n: &str| head.iter().position(|h| h == n).expect("known column");
+    let (c_cond, c_label, c_score, c_tok) = (col("condition"), col("label"), col("refusal_score"), col("tokens_generated"));
+    // Per-condition accumulation, in plan order.
+    let index: BTreeMap<&str, usize> = plan
+        .conditions
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.id.as_str(), i))
+        .collect();
+    let mut labels = vec![[0usize; 3]; plan.conditions.len()];
+    let mut scores: Vec<Vec<f64>> = vec![vec![]; plan.conditions.len()];
+    let mut tokens = vec![0usize; plan.conditions.len()];
+    let mut r = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .from_reader(rows.as_slice());
+    for (i, rec) in r.records().enumerate() {
+        let rec = rec.map_err(|e| Error::file(dir, format!("group rows, record {}: {e}", i + 1)))?;
+        let c = *index
+            .get(&rec[c_cond])
+            .ok_or_else(|| Error::file(dir, format!("record {}: unknown condition '{}'", i + 1, &rec[c_cond])))?;
+        match &rec[c_label] {
+            "refusal" => labels[c][0] += 1,
+            "bypass" => labels[c][1] += 1,
+            "degenerate" => labels[c][2] += 1,
+            _ => {}
+        }
+        let s: f64 = rec[c_score]
+            .parse()
+            .map_err(|_| Error::file(dir, format!("record {}: bad refusal_score '{}'", i + 1, &rec[c_score])))?;
+        scores[c].push(s);
+        tokens[c] += rec[c_tok].parse::<usize>().unwrap_or(0);
+    }
+    let summaries: Vec<CondSummary> = plan
+        .conditions
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let n = scores[i].len();
+            CondSummary {
+                experiment: c.experiment.clone(),
+                condition: c.id.clone(),
+                vars: c.vars_text(),
+                prompt_set: c.prompts.clone(),
+                n,
+                refusal: labels[i][0],
+                bypass: labels[i][1],
+                degenerate: labels[i][2],
+                score_mean: scores[i].iter().sum::<f64>() / n.max(1) as f64,
+                score_ci: bootstrap_mean(&scores[i], plan.spec.seed.wrapping_add(i as u64)),
+                mean_tokens: tokens[i] as f64 / n.max(1) as f64,
+            }
+        })
+        .collect();
+    let metric = plan.spec.metric;
+    let mut files = vec![];
+    let mut put = |name: &str, bytes: &[u8]| -> Result<()> {
+        let p = dir.join(name);
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+        }
+        write_atomic(&p, bytes).map_err(|e| Error::io(&p, e))?;
+        files.push(name.to_string());
+        Ok(())
+    };
+    put("completions.csv", &body)?;
+    put("summary.csv", &summary_csv(plan, &summaries)?)?;
+    for (name, svg) in plots(plan, &summaries) {
+        put(&format!("plots/{name}.svg"), svg.as_bytes())?;
+    }
+    put("report.md", report_md(plan, &summaries).as_bytes())?;
+    let manifest = json!({
+        "tool": format!("persona-gate {}", crate::VERSION),
+        "llama_cpp": crate::LLAMA_CPP,
+        "run_id": plan.run_id,
+        "fingerprint": plan.fingerprint,
+        "model": plan.model,
+        "prompt_sets": plan.sets,
+        "directions_sha256": plan.direction_hashes,
+        "resolved": plan.resolved,
+        "spec": plan.spec,
+        "conditions": plan.conditions.len(),
+        "completions": plan.n_pairs,
+        "groups": plan.n_groups,
+        "machine": {
+            "os": std::env::consts::OS,
+            "arch": std::env::consts::ARCH,
+            "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        },
+        "this_invocation": manifest_extra,
+    });
+    put(
+        "manifest.json",
+        &serde_json::to_vec_pretty(&manifest).map_err(|e| Error::Invalid(format!("manifest: {e}")))?,
+    )?;
+    Ok(Finished { summaries, metric, files })
+}
+
+fn f4(x: f64) -> String {
+    format!("{x:.4}")
+}
+
+fn summary_csv(plan: &Plan, s: &[CondSummary]) -> Result<Vec<u8>> {
+    let mut w = csv::Writer::from_writer(Vec::new());
+    let e = |e: csv::Error| Error::Invalid(format!("csv: {e}"));
+    w.write_record([
+        "run_id", "experiment", "condition", "vars", "prompt_set", "metric", "n", "refusal",
+        "refusal_rate", "refusal_lo", "refusal_hi", "bypass", "bypass_rate", "bypass_lo",
+        "bypass_hi", "degenerate", "degenerate_rate", "degenerate_lo", "degenerate_hi",
+        "score_mean", "score_lo", "score_hi", "mean_tokens",
+    ])
+    .map_err(e)?;
+    for c in s {
+        let mut rec = vec![
+            plan.run_id.clone(),
+            c.experiment.clone(),
+            c.condition.clone(),
+            c.vars.clone(),
+            c.prompt_set.clone(),
+            plan.spec.metric.to_string(),
+            c.n.to_string(),
+        ];
+        for k in [c.refusal, c.bypass, c.degenerate] {
+            if plan.spec.metric == Metric::Score {
+                rec.extend(std::iter::repeat_n(String::new(), 4));
+            } else {
+                let (lo, hi) = wilson(k, c.n);
+                rec.extend([k.to_string(), f4(c.rate(k)), f4(lo), f4(hi)]);
+            }
+        }
+        rec.extend([f4(c.score_mean), f4(c.score_ci.0), f4(c.score_ci.1), format!("{:.2}", c.mean_tokens)]);
+        w.write_record(&rec).map_err(e)?;
+    }
+    w.into_inner().map_err(|e| Error::Invalid(format!("csv: {e}")))
+}
+
+/// The number a plot and the report use for a condition: the refusal rate (generate) or the
+/// mean refusal score (score).
+fn y_of(metric: Metric, c: &CondSummary) -> f64 {
+    match metric {
+        Metric::Generate => c.refusal_rate(),
+        Metric::Score => c.score_mean,
+    }
+}
+
+fn num(v: &toml::Value, i: usize) -> f64 {
+    match v {
+        toml::Value::Integer(x) => *x as f64,
+        toml::Value::Float(x) => *x,
+        _ => i as f64,
+    }
+}
+
+fn plots(plan: &Plan, s: &[CondSummary]) -> Vec<(String, String)> {
+    let metric = plan.spec.metric;
+    let y_label = match metric {
+        Metric::Generate => "refusal rate",
+        Metric::Score => "mean refusal score (log-odds)",
+    };
+    let mut out = vec![];
+    for e in &plan.spec.experiment {
+        let Some(p) = &e.plot else { continue };
+        let conds: Vec<(usize, &super::spec::Condition)> = plan
+            .conditions
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.experiment == e.id)
+            .collect();
+        let xs = &e.sweep[&p.x];
+        let xpos = |c: &super::spec::Condition| {
+            let v = c.var(&p.x).expect("plot.x is a sweep variable");
+            num(v, xs.iter().position(|x| x == v).unwrap_or(0))
+        };
+        let mut series: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+        let mut order: Vec<String> = vec![];
+        for &(i, c) in &conds {
+            let key = if p.series.is_empty() {
+                e.id.clone()
+            } else {
+                p.series
+                    .iter()
+                    .map(|k| format!("{k}={}", c.var(k).map(value_text).unwrap_or_default()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            if !series.contains_key(&key) {
+                order.push(key.clone());
+            }
+            series.entry(key).or_default().push((xpos(c), y_of(metric, &s[i])));
+        }
+        let mut list: Vec<Series> = order
+            .into_iter()
+            .map(|k| {
+                let mut pts = series.remove(&k).unwrap_or_default();
+                pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+                Series { name: k, points: pts, band: None }
+            })
+            .collect();
+        let (xmin, xmax) = list
+            .iter()
+            .flat_map(|s| s.points.iter().map(|p| p.0))
+            .fold((f64::MAX, f64::MIN), |(a, b), x| (a.min(x), b.max(x)));
+        if let Some(b) = &p.band {
+            // Min–max over the band experiment's conditions at each x.
+            let mut at: BTreeMap<i64, (f64, f64, f64, usize)> = BTreeMap::new();
+            for (i, c) in plan.conditions.iter().enumerate().filter(|(_, c)| &c.experiment == b) {
+                let Some(v) = c.var(&p.x) else { continue };
+                let x = num(v, xs.iter().position(|x| x == v).unwrap_or(0));
+                let y = y_of(metric, &s[i]);
+                let k = (x * 1e6).round() as i64;
+                let e = at.entry(k).or_insert((f64::MAX, f64::MIN, 0.0, 0));
+                *e = (e.0.min(y), e.1.max(y), e.2 + y, e.3 + 1);
+            }
+            if !at.is_empty() {
+                let pts: Vec<(f64, f64)> = at.iter().map(|(k, v)| (*k as f64 / 1e6, v.2 / v.3 as f64)).collect();
+                let band: Vec<(f64, f64)> = at.values().map(|v| (v.0, v.1)).collect();
+                list.push(Series { name: format!("{b} (mean, min-max)"), points: pts, band: Some(band) });
+            }
+        }
+        for r in &p.reference {
+            if let Some((i, _)) = plan.conditions.iter().enumerate().find(|(_, c)| &c.experiment == r) {
+                let y = y_of(metric, &s[i]);
+                list.push(Series { name: format!("{r}"), points: vec![(xmin, y), (xmax, y)], band: None });
+            }
+        }
+        let title = if e.title.is_empty() { e.id.clone() } else { format!("{}: {}", e.id, e.title) };
+        let range = (metric == Metric::Generate).then_some((0.0, 1.0));
+        out.push((e.id.clone(), line_plot(&title, &p.x, y_label, &list, range)));
+    }
+    out
+}
+
+fn pct(c: &CondSummary) -> String {
+    let (lo, hi) = wilson(c.refusal, c.n);
+    format!("{:.0}% [{:.0}–{:.0}] ({}/{})", 100.0 * c.refusal_rate(), 100.0 * lo, 100.0 * hi, c.refusal, c.n)
+}
+
+fn show(metric: Metric, c: &CondSummary) -> String {
+    match metric {
+        Metric::Generate => format!("{} (`{}`)", pct(c), c.condition),
+        Metric::Score => format!(
+            "score {:.2} [{:.2}, {:.2}] (`{}`)",
+            c.score_mean, c.score_ci.0, c.score_ci.1, c.condition
+        ),
+    }
+}
+
+fn report_md(plan: &Plan, s: &[CondSummary]) -> String {
+    let metric = plan.spec.metric;
+    let role_of = |c: &CondSummary| {
+        plan.spec
+            .experiment
+            .iter()
+            .find(|e| e.id == c.experiment)
+            .and_then(|e| e.role)
+    };
+    let of = |r: Role| -> Vec<&CondSummary> { s.iter().filter(|c| role_of(c) == Some(r)).collect() };
+    let y = |c: &&CondSummary| y_of(metric, c);
+    let best = |v: &[&CondSummary], hi: bool| -> Option<usize> {
+        (0..v.len()).reduce(|a, b| {
+            let (ya, yb) = (y(&v[a]), y(&v[b]));
+            if (hi && yb > ya) || (!hi && yb < ya) {
+                b
+            } else {
+                a
+            }
+        })
+    };
+    let mut m = String::new();
+    let _ = writeln!(m, "# persona-gate run {}\n", plan.run_id);
+    let _ = writeln!(
+        m,
+        "Model `{}` ({}, {} layers, sha256 {}…). Spec `{}`, metric **{}**: {}.\n",
+        plan.model.file,
+        plan.model.quant,
+        plan.model.n_layer,
+        &plan.model.sha256[..12.min(plan.model.sha256.len())],
+        plan.spec.name,
+        metric,
+        match metric {
+            Metric::Generate => "refusal rate of greedy completions labelled degenerate → refusal → bypass, with Wilson 95% intervals",
+            Metric::Score => "mean first-token refusal log-odds with bootstrap 95% intervals (no generation)",
+        }
+    );
+    let r = &plan.resolved;
+    if let (Some(l), Some(c)) = (r.steer_layer, r.steer_coef) {
+        let _ = writeln!(m, "Steering calibrated to layer {l}, coefficient {} (see plan.json).", fmt_num(c));
+    }
+    if let Some(sel) = &r.refusal_selection {
+        let _ = writeln!(m, "Refusal direction layer: {sel}.");
+    }
+    let _ = writeln!(m, "\n## The paper's claims next to this run\n");
+    let _ = writeln!(m, "| claim | paper (Llama-3.1-8B / Qwen2.5-7B) | this run |");
+    let _ = writeln!(m, "|---|---|---|");
+    let base = of(Role::Baseline);
+    let base_y = base.first().map(|c| y(c));
+    let line = |m: &mut String, claim: &str, paper: &str, ours: String| {
+        let _ = writeln!(m, "| {claim} | {paper} | {ours} |");
+    };
+    let steer = of(Role::Steer);
+    if let (Some(b), Some(i)) = (base.first(), best(&steer, false)) {
+        line(
+            &mut m,
+            "1. Steering toward the compliant persona lowers refusal",
+            "Llama: 97% → 2% on StrongREJECT (313)",
+            format!("baseline {} → lowest {}", show(metric, b), show(metric, steer[i])),
+        );
+    }
+    let add = of(Role::RestoreAdd);
+    if !add.is_empty() {
+        let layer = |c: &CondSummary| c.vars.split(';').find_map(|kv| kv.strip_prefix("layer=")).and_then(|v| v.parse::<f64>().ok());
+        let half = plan.model.n_layer as f64 / 2.0;
+        let (early, late): (Vec<&CondSummary>, Vec<&CondSummary>) =
+            add.iter().partition(|c| layer(c).is_some_and(|l| l < half));
+        let avg = |v: &[&CondSummary]| v.iter().map(|c| y(c)).sum::<f64>() / v.len().max(1) as f64;
+        let bi = best(&add, true).expect("non-empty");
+        line(
+            &mut m,
+            "2. Adding the refusal direction back restores refusal at late layers, not early ones",
+            "partial restoration at late layers only",
+            format!(
+                "mean {} over layers < {half} vs {} over layers ≥ {half}; highest {}",
+                fmt_y(metric, avg(&early)),
+                fmt_y(metric, avg(&late)),
+                show(metric, add[bi])
+            ),
+        );
+    }
+    let proj = of(Role::RestoreProject);
+    if let Some(i) = best(&proj, true) {
+        line(
+            &mut m,
+            "3. Projecting the persona direction out in a late window restores refusal",
+            "back to baseline",
+            format!(
+                "best window {}{}",
+                show(metric, proj[i]),
+                base_y.map_or(String::new(), |b| format!("; baseline {}", fmt_y(metric, b)))
+            ),
+        );
+    }
+    let rnd = of(Role::RandomControl);
+    if let Some(i) = best(&rnd, true) {
+        line(
+            &mut m,
+            "4. A random direction does not",
+            "no restoration",
+            format!(
+                "best of {} random-direction conditions {}",
+                rnd.len(),
+                show(metric, rnd[i])
+            ),
+        );
+    }
+    let abl = of(Role::SanityAblate);
+    if let (Some(b), Some(a)) = (base.first(), abl.first()) {
+        line(&mut m, "Sanity (Arditi et al.): projecting the refusal direction out lowers refusal", "refusal falls", format!("{} → {}", fmt_y(metric, y(b)), show(metric, a)));
+    }
+    let (hb, ind) = (of(Role::HarmlessBaseline), of(Role::SanityInduce));
+    if let (Some(b), Some(a)) = (hb.first(), ind.first()) {
+        line(&mut m, "Sanity: adding the refusal direction on harmless prompts induces refusal", "refusal induced", format!("{} → {}", fmt_y(metric, y(b)), show(metric, a)));
+    }
+    let _ = writeln!(m, "\nNumbers from this run are measured, not tuned; small models and small prompt sets give wide intervals.\n");
+    let _ = writeln!(m, "## Every condition\n");
+    let _ = writeln!(m, "| condition | n | refusal | bypass | degenerate | score [95% CI] | tokens |");
+    let _ = writeln!(m, "|---|---|---|---|---|---|---|");
+    for c in s {
+        let r = |k| match metric {
+            Metric::Generate => format!("{:.0}%", 100.0 * c.rate(k)),
+            Metric::Score => "–".into(),
+        };
+        let _ = writeln!(
+            m,
+            "| `{}` | {} | {} | {} | {} | {:.2} [{:.2}, {:.2}] | {:.1} |",
+            c.condition, c.n, r(c.refusal), r(c.bypass), r(c.degenerate), c.score_mean, c.score_ci.0, c.score_ci.1, c.mean_tokens
+        );
+    }
+    let _ = writeln!(m, "\nPlots: {}.", plan.spec.experiment.iter().filter(|e| e.plot.is_some()).map(|e| format!("`plots/{}.svg`", e.id)).collect::<Vec<_>>().join(", "));
+    m
+}
+
+fn fmt_y(metric: Metric, y: f64) -> String {
+    match metric {
+        Metric::Generate => format!("{:.0}%", 100.0 * y),
+        Metric::Score => format!("{y:.2}"),
+    }
+}
+
+/// A terminal table of the summaries.
+pub fn table(metric: Metric, s: &[CondSummary]) -> String {
+    let w = s.iter().map(|c| c.condition.len()).max().unwrap_or(9).max(9);
+    let mut t = String::new();
+    let _ = writeln!(t, "{:<w$} {:>4} {:>20} {:>8} {:>10} {:>7} {:>6}", "condition", "n", "refusal [95% CI]", "bypass", "degenerate", "score", "tokens");
+    for c in s {
+        let (lo, hi) = wilson(c.refusal, c.n);
+        let rr = match metric {
+            Metric::Generate => format!("{:>3.0}% [{:>3.0},{:>3.0}]", 100.0 * c.refusal_rate(), 100.0 * lo, 100.0 * hi),
+            Metric::Score => "-".into(),
+        };
+        let r = |k| match metric {
+            Metric::Generate => format!("{:.0}%", 100.0 * c.rate(k)),
+            Metric::Score => "-".into(),
+        };
+        let _ = writeln!(t, "{:<w$} {:>4} {:>20} {:>8} {:>10} {:>7.2} {:>6.1}", c.condition, c.n, rr, r(c.bypass), r(c.degenerate), c.score_mean, c.mean_tokens);
+    }
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wilson_matches_known_values() {
+        // 0/10: upper bound 0.2775 (standard table value).
+        let (lo, hi) = wilson(0, 10);
+        assert_eq!(lo, 0.0);
+        assert!((hi - 0.2775).abs() < 1e-4, "{hi}");
+        let (lo, hi) = wilson(5, 10);
+        assert!((lo - 0.2366).abs() < 1e-4 && (hi - 0.7634).abs() < 1e-4, "{lo} {hi}");
+    }
+
+    #[test]
+    fn bootstrap_is_seeded_and_brackets_the_mean() {
+        let v: Vec<f64> = (0..30).map(|i| i as f64).collect();
+        let a = bootstrap_mean(&v, 7);
+        assert_eq!(a, bootstrap_mean(&v, 7));
+        assert!(a.0 < 14.5 && 14.5 < a.1);
+        assert_eq!(bootstrap_mean(&[2.0; 5], 1), (2.0, 2.0));
+    }
+}

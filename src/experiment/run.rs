@@ -1,0 +1,929 @@
+//! Running a spec: prepare (prompt sets, directions, steering calibration), expand the grid,
+//! run it in fixed groups, and resume.
+//!
+//! The run directory holds:
+//! - `plan.json`: everything the grid was resolved to (conditions, calibrated layers and
+//!   coefficients, residual norms, hashes). A rerun with a different spec, model or prompt
+//!   files refuses to mix into it.
+//! - `prepared.safetensors`: the directions used, exactly as applied.
+//! - `groups/gNNNNNN.csv`: the rows of one group, written atomically when the group is done.
+//!
+//! Groups are fixed chunks of the (condition, prompt) pairs in plan order, so a batch never
+//! depends on what already ran: a killed run loses only the group in flight, and a resumed,
+//! sharded or straight run writes the same bytes.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::spec::{
+    Builtins, Condition, DirectionSpec, Intervention, Metric, Op, Scale, Source, Spec,
+};
+use crate::chat::{ChatTemplate, Prompt, SystemPrompt};
+use crate::directions::select::{refusal_score, refusal_tokens, score_conditions, select_refusal};
+use crate::directions::{self, Direction, DirectionFile, PersonaPositions, RefusalPositions};
+use crate::engine::{GenConfig, StopReason};
+use crate::error::{Error, Result};
+use crate::ffi::Token;
+use crate::hooks::{Capture, Edit, HookSet, Position, Scope};
+use crate::label::{degenerate_reason, Labeler, REFUSAL_PHRASES};
+use crate::model::Model;
+use crate::prompts::{self, Instruction};
+use crate::util::write_atomic;
+
+/// Progress callback: (phase, done, total, current item).
+pub type Progress<'a> = dyn FnMut(&str, usize, usize, &str) + 'a;
+
+/// One row of the steering calibration.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CalibrationRow {
+    pub layer: usize,
+    pub coefficient: f64,
+    pub mean_score: f64,
+}
+
+/// What preparation resolved, recorded in `plan.json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Resolved {
+    pub steer_layer: Option<usize>,
+    pub steer_coef: Option<f64>,
+    pub refusal_layer: Option<usize>,
+    /// How `refusal_layer` was chosen.
+    pub refusal_selection: Option<String>,
+    pub calibration: Vec<CalibrationRow>,
+    /// Mean refusal score of the steering prompts without steering.
+    pub calibration_baseline: Option<f64>,
+    /// Prompt set → mean residual norm per layer at the last prompt token (when measured).
+    pub resid_norms: BTreeMap<String, Vec<f64>>,
+}
+
+/// A prompt set as loaded, recorded by source, count and hash.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SetRecord {
+    pub source: String,
+    pub count: usize,
+    pub sha256: String,
+}
+
+/// The model a run used.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ModelRecord {
+    pub file: String,
+    pub sha256: String,
+    pub quant: String,
+    pub arch: String,
+    pub n_layer: usize,
+    pub n_embd: usize,
+}
+
+/// Everything a run resolved to; `plan.json`. Finishing and merging need only this and the
+/// group files, not the model.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Plan {
+    pub run_id: String,
+    pub fingerprint: String,
+    pub tool_version: String,
+    pub spec: Spec,
+    pub model: ModelRecord,
+    pub sets: BTreeMap<String, SetRecord>,
+    pub resolved: Resolved,
+    pub conditions: Vec<Condition>,
+    /// Prompt count per condition (its set's size).
+    pub n_pairs: usize,
+    pub n_groups: usize,
+    /// Direction name → sha256 of its rows as applied.
+    pub direction_hashes: BTreeMap<String, String>,
+    /// Random directions' seeds, for the CSV.
+    pub direction_seeds: BTreeMap<String, u64>,
+}
+
+impl Plan {
+    /// The (condition, prompt) pairs of group `g`.
+    pub fn group_pairs(&self, g: usize) -> Vec<(usize, usize)> {
+        let gs = self.spec.group_size;
+        self.pairs()
+            .into_iter()
+            .skip(g * gs)
+            .take(gs)
+            .collect()
+    }
+
+    /// Every (condition, prompt) pair in plan order.
+    pub fn pairs(&self) -> Vec<(usize, usize)> {
+        self.conditions
+            .iter()
+            .enumerate()
+            .flat_map(|(c, cond)| (0..self.sets[&cond.prompts].count).map(move |p| (c, p)))
+            .collect()
+    }
+
+    /// Most interventions in any condition: the number of `ivK_*` column blocks.
+    pub fn max_interventions(&self) -> usize {
+        self.conditions
+            .iter()
+            .map(|c| c.interventions.len())
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// `K/N`: run groups with index ≡ K−1 (mod N).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    pub k: usize,
+    pub n: usize,
+}
+
+impl std::str::FromStr for Shard {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Shard, String> {
+        let bad = || format!("--shard '{s}': expected K/N with 1 <= K <= N, e.g. 2/4");
+        let (k, n) = s.split_once('/').ok_or_else(bad)?;
+        let (k, n): (usize, usize) = (
+            k.trim().parse().map_err(|_| bad())?,
+            n.trim().parse().map_err(|_| bad())?,
+        );
+        if k == 0 || n == 0 || k > n {
+            return Err(bad());
+        }
+        Ok(Shard { k, n })
+    }
+}
+
+impl Default for Shard {
+    fn default() -> Self {
+        Shard { k: 1, n: 1 }
+    }
+}
+
+/// Options of one invocation (not part of the plan: they do not change results).
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    pub shard: Shard,
+    /// Chat-template override.
+    pub template: Option<String>,
+}
+
+pub(crate) fn group_file(dir: &Path, g: usize) -> PathBuf {
+    dir.join("groups").join(format!("g{g:06}.csv"))
+}
+
+fn sha_hex(parts: &[&[u8]]) -> String {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update((p.len() as u64).to_le_bytes());
+        h.update(p);
+    }
+    format!("{:x}", h.finalize())
+}
+
+fn rows_hash(d: &Direction) -> String {
+    let mut h = Sha256::new();
+    for r in &d.rows {
+        for x in r {
+            h.update(x.to_le_bytes());
+        }
+    }
+    format!("{:x}", h.finalize())
+}
+
+fn system_of(spec: &Spec) -> SystemPrompt {
+    match spec.system.as_deref() {
+        None | Some("default") => SystemPrompt::TemplateDefault,
+        Some("empty") => SystemPrompt::Empty,
+        Some(t) => SystemPrompt::Text(t.to_string()),
+    }
+}
+
+/// Loads every prompt set of the spec.
+///
+/// # Errors
+/// Loader errors naming the set; an empty set.
+pub fn load_sets(spec: &Spec) -> Result<BTreeMap<String, Vec<Instruction>>> {
+    let mut out = BTreeMap::new();
+    for (name, s) in &spec.prompts {
+        let ctx = |e: Error| Error::Invalid(format!("prompts.{name}: {e}"));
+        let mut v = prompts::load::resolve(&s.source, s.field.as_deref()).map_err(ctx)?;
+        if let Some([a, b]) = s.range {
+            if b > v.len() {
+                return Err(Error::Invalid(format!(
+                    "prompts.{name}.range: [{a}, {b}) but {} has {} prompts",
+                    s.source,
+                    v.len()
+                )));
+            }
+            v = v.drain(a..b).collect();
+        }
+        let v = prompts::load::sample(v, s.n, s.seed);
+        if v.is_empty() {
+            return Err(Error::Invalid(format!(
+                "prompts.{name}: {} has no prompts",
+                s.source
+            )));
+        }
+        out.insert(name.clone(), v);
+    }
+    Ok(out)
+}
+
+/// The fingerprint of everything that determines results: spec, model, prompt texts,
+/// direction files, tool version.
+fn fingerprint(spec: &Spec, model_sha: &str, sets: &BTreeMap<String, Vec<Instruction>>) -> Result<String> {
+    let spec_json = serde_json::to_vec(spec).map_err(|e| Error::Invalid(format!("spec: {e}")))?;
+    let mut parts: Vec<Vec<u8>> = vec![
+        spec_json,
+        model_sha.as_bytes().to_vec(),
+        crate::VERSION.as_bytes().to_vec(),
+    ];
+    for (k, v) in sets {
+        parts.push(k.as_bytes().to_vec());
+        for i in v {
+            parts.push(i.id.as_bytes().to_vec());
+            parts.push(i.text.as_bytes().to_vec());
+            parts.push(i.category.clone().unwrap_or_default().into_bytes());
+        }
+    }
+    for d in spec.directions.values() {
+        if let DirectionSpec::File { path, .. } = d {
+            parts.push(crate::model::file_sha256(Path::new(path))?.into_bytes());
+        }
+    }
+    let refs: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
+    Ok(sha_hex(&refs))
+}
+
+/// Everything needed to run groups: the plan plus what is not serialised.
+pub struct Ready<'m> {
+    pub plan: Plan,
+    pub model: &'m Model,
+    pub tmpl: ChatTemplate,
+    pub prompts: BTreeMap<String, Vec<Prompt>>,
+    pub instructions: BTreeMap<String, Vec<Instruction>>,
+    pub directions: BTreeMap<String, Direction>,
+}
+
+fn render(model: &Model, tmpl: &ChatTemplate, spec: &Spec, v: &[Instruction]) -> Result<Vec<Prompt>> {
+    Prompt::render_all(model, tmpl, &system_of(spec), v.iter().map(|i| i.text.as_str()))
+}
+
+/// Placeholder built-ins for checking a spec before calibration has run.
+fn provisional(spec: &Spec, n_layer: usize) -> Result<Builtins> {
+    let mut b = Builtins {
+        n_layer,
+        ..Default::default()
+    };
+    if let Some(s) = &spec.steer {
+        b.steer_layer = Some(*super::spec::layer_list(&s.layers, n_layer)
+            .map_err(|e| Error::Invalid(format!("steer.layers: {e}")))?
+            .first()
+            .ok_or_else(|| Error::Invalid("steer.layers: empty".into()))?);
+        b.steer_coef = s.coefficients.first().copied();
+    }
+    for d in spec.directions.values() {
+        if let DirectionSpec::Refusal { select, layer, .. } = d {
+            if let Some(l) = layer {
+                if *l >= n_layer {
+                    return Err(Error::Invalid(format!(
+                        "refusal direction layer {l} out of range ({n_layer} layers)"
+                    )));
+                }
+                b.refusal_layer = Some(*l);
+            } else if select.is_some() {
+                b.refusal_layer = Some(0);
+            }
+        }
+    }
+    Ok(b)
+}
+
+fn ids_of(sets: &BTreeMap<String, Vec<Instruction>>) -> BTreeMap<String, Vec<String>> {
+    sets.iter()
+        .map(|(k, v)| (k.clone(), v.iter().map(|i| i.id.clone()).collect()))
+        .collect()
+}
+
+/// Checks a spec against a model without running anything: returns the provisional grid.
+///
+/// # Errors
+/// As [`Spec::expand`] and [`load_sets`].
+pub fn check(spec: &Spec, model: &Model) -> Result<(BTreeMap<String, Vec<Instruction>>, Vec<Condition>)> {
+    let sets = load_sets(spec)?;
+    let b = provisional(spec, model.info.n_layer)?;
+    let conds = spec.expand(&b, &ids_of(&sets))?;
+    Ok((sets, conds))
+}
+
+/// Loads the plan of `dir` if it matches, or prepares one (extraction, selection,
+/// calibration) and writes it. Progress goes to `progress`; one-line notes to `note`.
+///
+/// # Errors
+/// A run directory holding another run; any preparation error.
+pub fn prepare<'m>(
+    spec: &Spec,
+    model: &'m Model,
+    dir: &Path,
+    opts: &RunOptions,
+    progress: &mut Progress<'_>,
+    note: &mut dyn FnMut(String),
+) -> Result<Ready<'m>> {
+    let (sets, _) = check(spec, model)?;
+    let model_sha = model.sha256()?;
+    let fp = fingerprint(spec, &model_sha, &sets)?;
+    let tmpl = model.chat_template(opts.template.clone())?;
+    let mut rendered = BTreeMap::new();
+    for (k, v) in &sets {
+        rendered.insert(
+            k.clone(),
+            render(model, &tmpl, spec, v).map_err(|e| Error::Invalid(format!("prompts.{k}: {e}")))?,
+        );
+    }
+    let plan_path = dir.join("plan.json");
+    let dirs_path = dir.join("prepared.safetensors");
+    if plan_path.exists() {
+        let plan: Plan = serde_json::from_slice(&crate::util::read_input(&plan_path, "a plan")?)
+            .map_err(|e| Error::file(&plan_path, format!("not a plan file: {e}")))?;
+        if plan.fingerprint != fp {
+            return Err(Error::file(
+                dir,
+                "holds a run with another spec, model or prompt set; use a new --out directory",
+            ));
+        }
+        let f = DirectionFile::load(&dirs_path)?;
+        let directions = f
+            .directions
+            .into_iter()
+            .map(|d| (d.name.clone(), d))
+            .collect();
+        note(format!("resuming {}: plan.json matches", dir.display()));
+        return Ok(Ready {
+            plan,
+            model,
+            tmpl,
+            prompts: rendered,
+            instructions: sets,
+            directions,
+        });
+    }
+    let t0 = Instant::now();
+    let nl = model.info.n_layer;
+    let ne = model.info.n_embd;
+    // Directions: non-random first, then random ones (which may match another's norms).
+    let mut dirs: BTreeMap<String, Direction> = BTreeMap::new();
+    let mut seeds = BTreeMap::new();
+    let mut resolved = Resolved {
+        steer_layer: None,
+        steer_coef: None,
+        refusal_layer: None,
+        refusal_selection: None,
+        calibration: vec![],
+        calibration_baseline: None,
+        resid_norms: BTreeMap::new(),
+    };
+    for (name, d) in &spec.directions {
+        let ctx = |e: Error| Error::Invalid(format!("directions.{name}: {e}"));
+        let dir = match d {
+            DirectionSpec::File { path, name: n } => {
+                let f = DirectionFile::load(Path::new(path)).map_err(ctx)?;
+                f.check_model(&model.info).map_err(ctx)?;
+                f.get(n.as_deref()).map_err(ctx)?.clone()
+            }
+            DirectionSpec::Refusal {
+                harmful,
+                harmless,
+                select,
+                layer,
+            } => {
+                progress("extract", 0, 1, name);
+                let f = directions::extract_refusal(
+                    model,
+                    &tmpl,
+                    &system_of(spec),
+                    &sets[harmful],
+                    &sets[harmless],
+                    RefusalPositions::Last,
+                )
+                .map_err(ctx)?;
+                progress("extract", 1, 1, name);
+                if let Some(s) = select {
+                    let layers = match &s.layers {
+                        Some(l) => super::spec::layer_list(l, nl)
+                            .map_err(|e| Error::Invalid(format!("directions.{name}.select.layers: {e}")))?,
+                        None => (0..nl)
+                            .filter(|&l| (l as f64) < directions::select::MAX_LAYER_FRACTION * nl as f64)
+                            .collect(),
+                    };
+                    let sel = select_refusal(
+                        model,
+                        &f,
+                        &rendered[&s.harmful],
+                        &rendered[&s.harmless],
+                        &layers,
+                        4,
+                        &mut |d, t| progress("select", d, t, name),
+                    )
+                    .map_err(ctx)?;
+                    let (l, how) = match sel.chosen {
+                        Some(i) => (sel.candidates[i].layer, sel.explain()),
+                        None => {
+                            // Nothing passed Arditi's filters (a model that barely refuses):
+                            // fall back to the lowest bypass score below 80% depth, and say so.
+                            let c = sel
+                                .candidates
+                                .iter()
+                                .filter(|c| (c.layer as f64) < directions::select::MAX_LAYER_FRACTION * nl as f64)
+                                .min_by(|a, b| a.bypass.total_cmp(&b.bypass))
+                                .unwrap_or(&sel.candidates[0]);
+                            (c.layer, format!("no candidate passed the filters; fell back to the lowest bypass score, layer {} ({:.3})", c.layer, c.bypass))
+                        }
+                    };
+                    note(format!("refusal layer {l}: {how}"));
+                    resolved.refusal_layer = Some(l);
+                    resolved.refusal_selection = Some(how);
+                } else if let Some(l) = layer {
+                    resolved.refusal_layer = Some(*l);
+                    resolved.refusal_selection = Some(format!("fixed by the spec: layer {l}"));
+                }
+                f.directions[0].clone()
+            }
+            DirectionSpec::Persona {
+                persona,
+                personas,
+                questions,
+            } => {
+                let src = match personas {
+                    Some(p) => String::from_utf8(crate::util::read_input(Path::new(p), "a personas TOML file")?)
+                        .map_err(|_| Error::file(p, "not UTF-8"))?,
+                    None => prompts::PERSONAS.to_string(),
+                };
+                let all = prompts::parse_personas(&src, personas.as_deref().unwrap_or("built-in personas"))
+                    .map_err(ctx)?;
+                let p = all.get(persona).ok_or_else(|| {
+                    Error::Invalid(format!(
+                        "directions.{name}.persona: no persona '{persona}' (has: {})",
+                        all.keys().cloned().collect::<Vec<_>>().join(", ")
+                    ))
+                })?;
+                progress("extract", 0, 1, name);
+                let f = directions::extract_persona(model, &tmpl, persona, p, &sets[questions], PersonaPositions::Last)
+                    .map_err(ctx)?;
+                progress("extract", 1, 1, name);
+                f.directions[0].clone()
+            }
+            DirectionSpec::Random { .. } => continue,
+        };
+        dirs.insert(name.clone(), Direction { name: name.clone(), rows: dir.rows });
+    }
+    for (name, d) in &spec.directions {
+        if let DirectionSpec::Random { seed, like } = d {
+            let norms = like.as_ref().map(|l| dirs[l].norms());
+            let r = directions::random(*seed, nl, ne, norms.as_deref());
+            dirs.insert(name.clone(), Direction { name: name.clone(), rows: r.rows });
+            seeds.insert(name.clone(), *seed);
+        }
+    }
+    for (name, d) in &dirs {
+        if let Some(l) = d.rows.iter().position(|r| r.iter().any(|x| !x.is_finite())) {
+            return Err(Error::Invalid(format!("directions.{name}: non-finite value at layer {l}")));
+        }
+    }
+    // Residual norms, where a coefficient is relative to them.
+    if spec.uses_scale_resid() {
+        let mut names: Vec<&String> = spec.experiment.iter().map(|e| &e.prompts).collect();
+        if let Some(s) = &spec.steer {
+            names.push(&s.prompts);
+        }
+        names.sort();
+        names.dedup();
+        let mut session = model.session()?;
+        for n in names {
+            let ps = &rendered[n];
+            let all: Vec<usize> = (0..nl).collect();
+            let mut hooks = HookSet::new(nl, ne);
+            hooks.add_capture(Capture::new(&all, Position::LastPrompt, vec![Some(0); ps.len()], 1, nl, ne))?;
+            progress("norms", 0, 1, n);
+            session.first_logits(ps, &mut hooks)?;
+            let norms = (0..nl)
+                .map(|l| hooks.captures[0].mean_norm(0, 0, l).unwrap_or(0.0))
+                .collect();
+            resolved.resid_norms.insert(n.clone(), norms);
+        }
+    }
+    // Steering calibration (score mode: first-token refusal score only).
+    if let Some(s) = &spec.steer {
+        let layers = super::spec::layer_list(&s.layers, nl)
+            .map_err(|e| Error::Invalid(format!("steer.layers: {e}")))?;
+        let d = &dirs[&s.direction];
+        let ps = &rendered[&s.prompts];
+        let norms = resolved.resid_norms.get(&s.prompts).cloned();
+        let toks = refusal_tokens(model)?;
+        let mut session = model.session()?;
+        let cmax = s.coefficients.iter().copied().fold(f64::MIN, f64::max);
+        let vec_at = |l: usize, c: f64| -> Vec<f32> {
+            add_vector(&d.rows[l], c, s.scale, norms.as_ref().map(|n| n[l]))
+        };
+        let base = session.first_logits(ps, &mut HookSet::new(nl, ne))?;
+        let baseline = mean(&base.iter().map(|l| refusal_score(l, &toks)).collect::<Vec<_>>());
+        let total = layers.len() + s.coefficients.len();
+        let mut done = 0;
+        let by_layer = score_conditions(
+            &mut session,
+            ps,
+            layers.len(),
+            &|c| Ok(vec![Edit::add(BTreeMap::from([(layers[c], vec_at(layers[c], cmax))]), Scope::All)]),
+            4,
+            &mut |_, _, lg| refusal_score(lg, &toks),
+            &mut |k| {
+                done += k;
+                progress("calibrate", done, total, &s.direction);
+            },
+        )?;
+        let mut rows: Vec<CalibrationRow> = layers
+            .iter()
+            .zip(&by_layer)
+            .map(|(&l, v)| CalibrationRow { layer: l, coefficient: cmax, mean_score: mean(v) })
+            .collect();
+        let best = rows
+            .iter()
+            .min_by(|a, b| a.mean_score.total_cmp(&b.mean_score).then(a.layer.cmp(&b.layer)))
+            .map(|r| r.layer)
+            .expect("layers are non-empty");
+        let others: Vec<f64> = s.coefficients.iter().copied().filter(|&c| c != cmax).collect();
+        let by_coef = score_conditions(
+            &mut session,
+            ps,
+            others.len(),
+            &|c| Ok(vec![Edit::add(BTreeMap::from([(best, vec_at(best, others[c]))]), Scope::All)]),
+            4,
+            &mut |_, _, lg| refusal_score(lg, &toks),
+            &mut |k| {
+                done += k;
+                progress("calibrate", done, total, &s.direction);
+            },
+        )?;
+        for (&c, v) in others.iter().zip(&by_coef) {
+            rows.push(CalibrationRow { layer: best, coefficient: c, mean_score: mean(v) });
+        }
+        let mut at_best: Vec<&CalibrationRow> = rows.iter().filter(|r| r.layer == best).collect();
+        at_best.sort_by(|a, b| a.coefficient.total_cmp(&b.coefficient));
+        let coef = at_best
+            .iter()
+            .find(|r| r.mean_score <= s.target)
+            .unwrap_or(at_best.last().expect("at least the largest coefficient"))
+            .coefficient;
+        for r in &rows {
+            if !r.mean_score.is_finite() {
+                return Err(Error::Invalid(format!(
+                    "steer calibration: non-finite refusal score at layer {} coefficient {}",
+                    r.layer, r.coefficient
+                )));
+            }
+        }
+        note(format!(
+            "steering: {} at layer {best}, coefficient {} (smallest with mean refusal score <= {}; baseline {:.2})",
+            s.direction,
+            super::spec::fmt_num(coef),
+            s.target,
+            baseline
+        ));
+        resolved.steer_layer = Some(best);
+        resolved.steer_coef = Some(coef);
+        resolved.calibration = rows;
+        resolved.calibration_baseline = Some(baseline);
+    }
+    let b = Builtins {
+        n_layer: nl,
+        steer_layer: resolved.steer_layer,
+        steer_coef: resolved.steer_coef,
+        refusal_layer: resolved.refusal_layer,
+    };
+    let conditions = spec.expand(&b, &ids_of(&sets))?;
+    let n_pairs: usize = conditions.iter().map(|c| sets[&c.prompts].len()).sum();
+    let set_records = spec
+        .prompts
+        .iter()
+        .map(|(k, s)| {
+            (
+                k.clone(),
+                SetRecord {
+                    source: s.source.clone(),
+                    count: sets[k].len(),
+                    sha256: prompts::load::hash(&sets[k]),
+                },
+            )
+        })
+        .collect();
+    let file = model
+        .info
+        .path
+        .file_name()
+        .map_or(String::new(), |f| f.to_string_lossy().into_owned());
+    let plan = Plan {
+        run_id: fp[..12].to_string(),
+        fingerprint: fp,
+        tool_version: crate::VERSION.to_string(),
+        spec: spec.clone(),
+        model: ModelRecord {
+            file,
+            sha256: model_sha,
+            quant: model.info.file_type.clone(),
+            arch: model.info.arch.clone(),
+            n_layer: nl,
+            n_embd: ne,
+        },
+        sets: set_records,
+        resolved,
+        n_groups: n_pairs.div_ceil(spec.group_size),
+        n_pairs,
+        conditions,
+        direction_hashes: dirs.iter().map(|(k, d)| (k.clone(), rows_hash(d))).collect(),
+        direction_seeds: seeds,
+    };
+    std::fs::create_dir_all(dir.join("groups")).map_err(|e| Error::io(dir, e))?;
+    let mut meta = BTreeMap::new();
+    meta.insert("kind".into(), "experiment".into());
+    meta.insert("arch".into(), model.info.arch.clone());
+    meta.insert("model_sha256".into(), plan.model.sha256.clone());
+    meta.insert("run_id".into(), plan.run_id.clone());
+    let f = DirectionFile::new(dirs.values().cloned().collect(), meta)?;
+    write_atomic(&dirs_path, &f.to_bytes()).map_err(|e| Error::io(&dirs_path, e))?;
+    let json = serde_json::to_vec_pretty(&plan).map_err(|e| Error::Invalid(format!("plan: {e}")))?;
+    // plan.json last: its presence means the preparation is complete.
+    write_atomic(&plan_path, &json).map_err(|e| Error::io(&plan_path, e))?;
+    note(format!("prepared in {:.1}s", t0.elapsed().as_secs_f64()));
+    Ok(Ready {
+        plan,
+        model,
+        tmpl,
+        prompts: rendered,
+        instructions: sets,
+        directions: dirs,
+    })
+}
+
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len().max(1) as f64
+}
+
+/// The vector an add intervention adds at one layer: `c × row` (raw) or
+/// `c × resid_norm × row/‖row‖` (resid).
+pub fn add_vector(row: &[f32], c: f64, scale: Scale, resid_norm: Option<f64>) -> Vec<f32> {
+    match scale {
+        Scale::Raw => row.iter().map(|&x| (x as f64 * c) as f32).collect(),
+        Scale::Resid => {
+            let n = directions::norm(row);
+            let k = if n > 0.0 { c * resid_norm.unwrap_or(0.0) / n } else { 0.0 };
+            row.iter().map(|&x| (x as f64 * k) as f32).collect()
+        }
+    }
+}
+
+impl Ready<'_> {
+    /// The hook edits of one intervention for the batch rows `seqs`.
+    fn edit(&self, cond: &Condition, iv: &Intervention, seqs: Vec<usize>) -> Result<Edit> {
+        let d = &self.directions[&iv.direction];
+        let row = |l: usize| match iv.source {
+            Source::Own => &d.rows[l],
+            Source::Layer(s) => &d.rows[s],
+        };
+        let norms = self.plan.resolved.resid_norms.get(&cond.prompts);
+        Ok(match iv.op {
+            Op::Add => Edit::add(
+                iv.layers
+                    .iter()
+                    .map(|&l| (l, add_vector(row(l), iv.coefficient, iv.scale, norms.map(|n| n[l]))))
+                    .collect(),
+                Scope::only(seqs),
+            ),
+            Op::Project => Edit::project(
+                iv.layers.iter().map(|&l| (l, row(l).clone())).collect(),
+                Scope::only(seqs),
+            )
+            .map_err(|e| Error::Invalid(format!("{}: {e}", cond.id)))?,
+        })
+    }
+
+    /// Runs group `g` and returns its CSV rows (no header).
+    ///
+    /// # Errors
+    /// Engine errors; non-finite logits, naming the condition.
+    pub fn run_group(&self, session: &mut crate::engine::Session<'_>, g: usize, toks: &[Token]) -> Result<Vec<u8>> {
+        let plan = &self.plan;
+        let pairs = plan.group_pairs(g);
+        let nl = self.model.info.n_layer;
+        let mut batch = Vec::with_capacity(pairs.len());
+        let mut hooks = HookSet::new(nl, self.model.info.n_embd);
+        let mut by_cond: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+        for (i, &(c, p)) in pairs.iter().enumerate() {
+            batch.push(self.prompts[&plan.conditions[c].prompts][p].clone());
+            by_cond.entry(c).or_default().push(i);
+        }
+        for (&c, seqs) in &by_cond {
+            let cond = &plan.conditions[c];
+            let ins = &self.instructions[&cond.prompts];
+            for iv in &cond.interventions {
+                let s: Vec<usize> = match &iv.scope {
+                    None => seqs.clone(),
+                    Some(ids) => seqs
+                        .iter()
+                        .copied()
+                        .filter(|&i| ids.contains(&ins[pairs[i].1].id))
+                        .collect(),
+                };
+                if !s.is_empty() {
+                    hooks.add_edit(self.edit(cond, iv, s)?)?;
+                }
+            }
+        }
+        let labeler = labeler(&plan.spec);
+        let gen = &plan.spec.generation;
+        let cfg = GenConfig {
+            max_new_tokens: match plan.spec.metric {
+                Metric::Generate => gen.max_new_tokens,
+                Metric::Score => 0,
+            },
+            keep_first_logits: true,
+            ignore_eog: false,
+        };
+        let model = self.model;
+        let mut stop = |_: usize, t: &[Token]| {
+            gen.early_stop && t.len() >= gen.min_tokens && labeler.settled(&model.detokenize(t))
+        };
+        let out = session.generate(&batch, &cfg, &mut hooks, &mut stop, &mut |_| {})?;
+        let mut w = csv::WriterBuilder::new()
+            .has_headers(false)
+            .from_writer(Vec::new());
+        for (i, (&(c, p), o)) in pairs.iter().zip(&out).enumerate() {
+            let cond = &plan.conditions[c];
+            let logits = o.first_logits.as_deref().expect("keep_first_logits was set");
+            if let Some(bad) = logits.iter().position(|x| !x.is_finite()) {
+                return Err(Error::Invalid(format!(
+                    "condition {}: prompt {p}: non-finite logit {} at token {bad} (row {i} of group {g})",
+                    cond.id, logits[bad]
+                )));
+            }
+            let score = refusal_score(logits, toks);
+            let ins = &self.instructions[&cond.prompts][p];
+            let (label, reason, ntok, stop) = match plan.spec.metric {
+                Metric::Score => (String::new(), String::new(), 0, String::new()),
+                Metric::Generate => (
+                    labeler.label(&o.text).to_string(),
+                    degenerate_reason(&o.text).unwrap_or("").to_string(),
+                    o.tokens.len(),
+                    match o.stop {
+                        StopReason::Eog => "eog",
+                        StopReason::MaxTokens => "max_tokens",
+                        StopReason::Predicate => "settled",
+                    }
+                    .to_string(),
+                ),
+            };
+            let mut rec = vec![
+                plan.run_id.clone(),
+                plan.model.file.clone(),
+                plan.model.sha256.clone(),
+                plan.model.quant.clone(),
+                cond.experiment.clone(),
+                cond.id.clone(),
+                cond.vars_text(),
+            ];
+            for k in 0..plan.max_interventions() {
+                match cond.interventions.get(k) {
+                    Some(iv) => rec.extend([
+                        iv.direction.clone(),
+                        iv.op.to_string(),
+                        iv.layers_text(),
+                        super::spec::fmt_num(iv.coefficient),
+                        match iv.scale {
+                            Scale::Raw => "raw".into(),
+                            Scale::Resid => "resid".into(),
+                        },
+                        iv.source.to_string(),
+                        plan.direction_seeds
+                            .get(&iv.direction)
+                            .map_or(String::new(), u64::to_string),
+                    ]),
+                    None => rec.extend(std::iter::repeat_n(String::new(), 7)),
+                }
+            }
+            rec.extend([
+                cond.prompts.clone(),
+                p.to_string(),
+                ins.id.clone(),
+                ins.category.clone().unwrap_or_default(),
+                ins.source.clone().unwrap_or_default(),
+                plan.spec.metric.to_string(),
+                label,
+                reason,
+                format!("{score:.4}"),
+                ntok.to_string(),
+                stop,
+                match plan.spec.metric {
+                    Metric::Score => String::new(),
+                    Metric::Generate => o.text.clone(),
+                },
+            ]);
+            w.write_record(&rec)
+                .map_err(|e| Error::Invalid(format!("csv: {e}")))?;
+        }
+        w.into_inner()
+            .map_err(|e| Error::Invalid(format!("csv: {e}")))
+    }
+}
+
+/// The labeler a spec asks for.
+pub fn labeler(spec: &Spec) -> Labeler {
+    Labeler::new(
+        spec.labels
+            .phrases
+            .clone()
+            .unwrap_or_else(|| REFUSAL_PHRASES.iter().map(|s| s.to_string()).collect()),
+        spec.labels.window,
+        spec.labels.anywhere,
+    )
+}
+
+/// The per-completion CSV header for a plan.
+pub fn header(plan: &Plan) -> Vec<String> {
+    let mut h: Vec<String> = [
+        "run_id",
+        "model_file",
+        "model_sha256",
+        "quant",
+        "experiment",
+        "condition",
+        "vars",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for k in 1..=plan.max_interventions() {
+        for f in ["direction", "op", "layers", "coefficient", "scale", "source", "seed"] {
+            h.push(format!("iv{k}_{f}"));
+        }
+    }
+    h.extend(
+        [
+            "prompt_set",
+            "prompt_index",
+            "prompt_id",
+            "category",
+            "source",
+            "metric",
+            "label",
+            "degenerate_reason",
+            "refusal_score",
+            "tokens_generated",
+            "stop",
+            "completion",
+        ]
+        .iter()
+        .map(|s| s.to_string()),
+    );
+    h
+}
+
+/// Which groups are done in `dir`.
+pub fn done_groups(dir: &Path, n_groups: usize) -> Vec<bool> {
+    (0..n_groups).map(|g| group_file(dir, g).exists()).collect()
+}
+
+/// Runs this shard's groups that are not done yet. Returns how many ran now.
+///
+/// # Errors
+/// Engine or I/O errors; a group's rows are written only once it completes.
+pub fn run_groups(ready: &Ready<'_>, dir: &Path, shard: Shard, progress: &mut Progress<'_>) -> Result<usize> {
+    let plan = &ready.plan;
+    let done = done_groups(dir, plan.n_groups);
+    let todo: Vec<usize> = (0..plan.n_groups)
+        .filter(|&g| g % shard.n == shard.k - 1 && !done[g])
+        .collect();
+    if todo.is_empty() {
+        return Ok(0);
+    }
+    let toks = refusal_tokens(ready.model)?;
+    let mut session = ready.model.session()?;
+    let total_pairs: usize = todo.iter().map(|&g| plan.group_pairs(g).len()).sum();
+    let mut pairs_done = 0;
+    for &g in &todo {
+        let pairs = plan.group_pairs(g);
+        let first = &plan.conditions[pairs[0].0].id;
+        progress("run", pairs_done, total_pairs, first);
+        let rows = ready.run_group(&mut session, g, &toks)?;
+        let path = group_file(dir, g);
+        write_atomic(&path, &rows).map_err(|e| Error::io(&path, e))?;
+        pairs_done += pairs.len();
+        progress("run", pairs_done, total_pairs, first);
+    }
+    Ok(todo.len())
+}
+
+/// Prompt tokens per prompt set (for estimates).
+pub fn token_counts(ready_prompts: &BTreeMap<String, Vec<Prompt>>) -> BTreeMap<String, usize> {
+    ready_prompts
+        .iter()
+        .map(|(k, v)| (k.clone(), v.iter().map(|p| p.tokens.len()).sum()))
+        .collect()
+}
