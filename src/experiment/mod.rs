@@ -162,7 +162,7 @@ pub fn merge(out: &Path, inputs: &[PathBuf]) -> Result<(Plan, Finished)> {
         }
     }
     let src_dirs = inputs[0].join("prepared.safetensors");
-    if src_dirs != out.join("prepared.safetensors") {
+    if src_dirs.exists() && src_dirs != out.join("prepared.safetensors") {
         copy(&src_dirs, &out.join("prepared.safetensors"))?;
     }
     crate::util::write_atomic(&out.join("plan.json"), &bytes).map_err(|e| Error::io(out, e))?;

@@ -351,12 +351,15 @@ pub fn prepare<'m>(
                 "holds a run with another spec, model or prompt set; use a new --out directory",
             ));
         }
-        let f = DirectionFile::load(&dirs_path)?;
-        let directions = f
-            .directions
-            .into_iter()
-            .map(|d| (d.name.clone(), d))
-            .collect();
+        let directions = if plan.direction_hashes.is_empty() {
+            BTreeMap::new()
+        } else {
+            DirectionFile::load(&dirs_path)?
+                .directions
+                .into_iter()
+                .map(|d| (d.name.clone(), d))
+                .collect()
+        };
         note(format!("resuming {}: plan.json matches", dir.display()));
         return Ok(Ready {
             plan,
@@ -647,8 +650,10 @@ pub fn prepare<'m>(
     meta.insert("arch".into(), model.info.arch.clone());
     meta.insert("model_sha256".into(), plan.model.sha256.clone());
     meta.insert("run_id".into(), plan.run_id.clone());
-    let f = DirectionFile::new(dirs.values().cloned().collect(), meta)?;
-    write_atomic(&dirs_path, &f.to_bytes()).map_err(|e| Error::io(&dirs_path, e))?;
+    if !dirs.is_empty() {
+        let f = DirectionFile::new(dirs.values().cloned().collect(), meta)?;
+        write_atomic(&dirs_path, &f.to_bytes()).map_err(|e| Error::io(&dirs_path, e))?;
+    }
     let json = serde_json::to_vec_pretty(&plan).map_err(|e| Error::Invalid(format!("plan: {e}")))?;
     // plan.json last: its presence means the preparation is complete.
     write_atomic(&plan_path, &json).map_err(|e| Error::io(&plan_path, e))?;

@@ -447,9 +447,19 @@ impl Spec {
     pub fn parse(src: &str, origin: &str) -> Result<Spec> {
         let spec: Spec = toml::from_str(src).map_err(|e| {
             let msg = e.message().to_string();
+            // "line N: key: message", the key read from the offending line when it has one.
             let at = e
                 .span()
-                .map(|s| format!("line {}: ", src[..s.start].matches('\n').count() + 1))
+                .map(|s| {
+                    let n = src[..s.start].matches('\n').count() + 1;
+                    let line = src.lines().nth(n - 1).unwrap_or("");
+                    match line.split_once('=') {
+                        Some((k, _)) if !line.trim_start().starts_with('[') => {
+                            format!("line {n}: {}: ", k.trim())
+                        }
+                        _ => format!("line {n}: "),
+                    }
+                })
                 .unwrap_or_default();
             Error::Invalid(format!("{origin}: {at}{msg}"))
         })?;

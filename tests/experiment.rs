@@ -1,0 +1,356 @@
+//! `reproduce` end to end on SmolLM2 through the real binary: byte-identical reruns, resume
+//! after SIGKILL at several points, shards + merge equal to a straight run, score mode, and
+//! spec errors that name the field and write nothing.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const SPEC: &str = r#"
+name = "mini"
+seed = 3
+group_size = 3
+
+[generation]
+max_new_tokens = 10
+min_tokens = 4
+
+[prompts.eval]
+source = "builtin:harmful"
+n = 4
+[prompts.ok]
+source = "builtin:harmless"
+range = [0, 2]
+[prompts.neutral]
+source = "builtin:neutral"
+n = 2
+[prompts.train_h]
+source = "builtin:harmful_train"
+range = [0, 4]
+[prompts.train_ok]
+source = "builtin:harmless_train"
+range = [0, 4]
+
+[directions.persona]
+kind = "persona"
+questions = "neutral"
+[directions.refusal]
+kind = "refusal"
+harmful = "train_h"
+harmless = "train_ok"
+layer = 12
+[directions.rand]
+kind = "random"
+seed = 5
+like = "persona"
+
+[steer]
+direction = "persona"
+prompts = "train_h"
+layers = "4,8"
+coefficients = [2, 4]
+
+[[experiment]]
+id = "E0"
+prompts = "eval"
+role = "baseline"
+
+[[experiment]]
+id = "E1"
+prompts = "eval"
+role = "steer"
+sweep = { coef = [2, 4] }
+intervention = [ { direction = "persona", op = "add", layers = "{steer_layer}", coefficient = "{coef}" } ]
+plot = { x = "coef", reference = ["E0"] }
+
+[[experiment]]
+id = "E3"
+prompts = "eval"
+role = "restore_project"
+sweep = { start = [20, 24], source = ["own", "steer"] }
+intervention = [
+  { direction = "persona", op = "add", layers = "{steer_layer}", coefficient = "{steer_coef}" },
+  { direction = "persona", op = "project", layers = "{start}+3", source = "{source}" },
+]
+plot = { x = "start", series = ["source"], band = "E3r", reference = ["E0"] }
+
+[[experiment]]
+id = "E3r"
+prompts = "eval"
+role = "random_control"
+sweep = { start = [20] }
+intervention = [
+  { direction = "persona", op = "add", layers = "{steer_layer}", coefficient = "{steer_coef}" },
+  { direction = "rand", op = "project", layers = "{start}+3" },
+]
+
+[[experiment]]
+id = "A2"
+prompts = "ok"
+role = "sanity_induce"
+intervention = [ { direction = "refusal", op = "add", layers = "{refusal_layer}", coefficient = 0.5, scale = "resid", scope = ["harmless-001"] } ]
+"#;
+
+/// 8 conditions x 4 prompts + 1 x 2 = 34 pairs in groups of 3.
+const GROUPS: usize = 12;
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("pg-exp-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn cmd(spec: &Path, out: &Path, extra: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_persona-gate"));
+    c.args(["reproduce", "-t", "2", "--ctx", "256", "-m"])
+        .arg(common::model_path(common::SMOL))
+        .arg("--spec")
+        .arg(spec)
+        .arg("-o")
+        .arg(out)
+        .args(extra);
+    c
+}
+
+fn ok(o: Output) -> String {
+    let (so, se) = (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    );
+    assert!(o.status.success(), "failed:\n{so}\n{se}");
+    so
+}
+
+fn read(p: &Path) -> Vec<u8> {
+    std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+fn same_results(a: &Path, b: &Path) {
+    for f in ["completions.csv", "summary.csv", "report.md", "plots/E3.svg"] {
+        assert!(read(&a.join(f)) == read(&b.join(f)), "{f} differs between {} and {}", a.display(), b.display());
+    }
+}
+
+/// Every group file visible under its final name is complete: 3 records (the last group
+/// may hold fewer), each a full CSV record.
+fn groups_complete(dir: &Path) -> usize {
+    let Ok(rd) = std::fs::read_dir(dir.join("groups")) else {
+        return 0;
+    };
+    let mut n = 0;
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.starts_with('g') {
+            continue; // temp files of an interrupted write
+        }
+        let b = read(&e.path());
+        let recs = csv::ReaderBuilder::new()
+            .has_headers(false)
+            .from_reader(b.as_slice())
+            .records()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(!recs.is_empty() && recs.len() <= 3, "{name}: {} records", recs.len());
+        assert!(b.ends_with(b"\n"));
+        n += 1;
+    }
+    n
+}
+
+#[test]
+fn reproduce_is_deterministic_resumable_and_shardable() {
+    let root = scratch("main");
+    let spec = root.join("mini.toml");
+    std::fs::write(&spec, SPEC).unwrap();
+
+    // Straight run.
+    let a = root.join("a");
+    let so = ok(cmd(&spec, &a, &[]).output().unwrap());
+    assert!(so.contains(&format!("all {GROUPS} done")), "{so}");
+    let csv = String::from_utf8(read(&a.join("completions.csv"))).unwrap();
+    let mut r = csv::Reader::from_reader(csv.as_bytes());
+    let h = r.headers().unwrap().clone();
+    let rows: Vec<_> = r.records().map(Result::unwrap).collect();
+    assert_eq!(rows.len(), 34);
+    let col = |n: &str| h.iter().position(|x| x == n).unwrap();
+    for row in &rows {
+        assert!(["refusal", "bypass", "degenerate"].contains(&&row[col("label")]));
+        assert!(row[col("refusal_score")].parse::<f64>().unwrap().is_finite());
+        let t: usize = row[col("tokens_generated")].parse().unwrap();
+        assert!((1..=10).contains(&t) || &row[col("stop")] == "eog");
+    }
+    // The scoped intervention appears only on its prompt's row.
+    let a2: Vec<_> = rows.iter().filter(|r| &r[col("condition")] == "A2").collect();
+    assert_eq!(a2.len(), 2);
+    assert!(a2.iter().all(|r| &r[col("iv1_scale")] == "resid"));
+    assert!(read(&a.join("plots/E1.svg")).starts_with(b"<svg"));
+    let report = String::from_utf8(read(&a.join("report.md"))).unwrap();
+    assert!(report.contains("Projecting the persona direction out"), "{report}");
+    let plan: serde_json::Value = serde_json::from_slice(&read(&a.join("plan.json"))).unwrap();
+    let steer = plan["resolved"]["steer_layer"].as_u64().unwrap();
+    assert!(steer == 4 || steer == 8);
+    assert!(plan["resolved"]["resid_norms"]["ok"][12].as_f64().unwrap() > 0.0);
+
+    // Rerun in place: nothing to do, same bytes.
+    let before = read(&a.join("completions.csv"));
+    let so = ok(cmd(&spec, &a, &[]).output().unwrap());
+    assert!(so.contains("0 groups run now"), "{so}");
+    assert_eq!(before, read(&a.join("completions.csv")));
+
+    // A fresh run gives the same bytes.
+    let b = root.join("b");
+    ok(cmd(&spec, &b, &[]).output().unwrap());
+    same_results(&a, &b);
+
+    // Two shards in their own directories, merged.
+    let (s1, s2, m) = (root.join("s1"), root.join("s2"), root.join("m"));
+    let so = ok(cmd(&spec, &s1, &["--shard", "1/2"]).output().unwrap());
+    assert!(so.contains("shard 1/2 ran 6 groups"), "{so}");
+    assert!(!s1.join("completions.csv").exists());
+    ok(cmd(&spec, &s2, &["--shard", "2/2"]).output().unwrap());
+    let mut mc = Command::new(env!("CARGO_BIN_EXE_persona-gate"));
+    let so = ok(mc.arg("merge").arg("-o").arg(&m).arg(&s1).arg(&s2).output().unwrap());
+    assert!(so.contains(&format!("merged {GROUPS} groups")), "{so}");
+    same_results(&a, &m);
+    // Merging one shard alone is refused: groups are missing.
+    let o = Command::new(env!("CARGO_BIN_EXE_persona-gate"))
+        .arg("merge")
+        .arg("-o")
+        .arg(root.join("m2"))
+        .arg(&s1)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("6 of 12 groups are in no input"));
+
+    // SIGKILL at several points (during preparation, after k groups), then resume.
+    for (i, k) in [0usize, 1, 5, 10].into_iter().enumerate() {
+        let d = root.join(format!("k{i}"));
+        let mut child = cmd(&spec, &d, &[])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let t0 = Instant::now();
+        loop {
+            let done = groups_complete(&d);
+            let prep_started = k == 0 && t0.elapsed() > Duration::from_millis(400);
+            if (k > 0 && done >= k) || prep_started || child.try_wait().unwrap().is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let _ = child.kill(); // SIGKILL
+        let _ = child.wait();
+        let done = groups_complete(&d);
+        assert!(done < GROUPS || k == 0, "killed too late to test anything (k={k})");
+        if d.join("plan.json").exists() {
+            serde_json::from_slice::<serde_json::Value>(&read(&d.join("plan.json"))).expect("plan.json is whole");
+        }
+        ok(cmd(&spec, &d, &[]).output().unwrap());
+        same_results(&a, &d);
+    }
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
+fn score_mode_writes_scores_and_no_labels() {
+    let root = scratch("score");
+    let spec = root.join("mini.toml");
+    std::fs::write(&spec, SPEC).unwrap();
+    let d = root.join("s");
+    ok(cmd(&spec, &d, &["--metric", "score"]).output().unwrap());
+    let mut r = csv::Reader::from_path(d.join("summary.csv")).unwrap();
+    let h = r.headers().unwrap().clone();
+    let col = |n: &str| h.iter().position(|x| x == n).unwrap();
+    for row in r.records().map(Result::unwrap) {
+        assert_eq!(&row[col("metric")], "score");
+        assert_eq!(&row[col("refusal_rate")], "");
+        let (m, lo, hi): (f64, f64, f64) = (
+            row[col("score_mean")].parse().unwrap(),
+            row[col("score_lo")].parse().unwrap(),
+            row[col("score_hi")].parse().unwrap(),
+        );
+        assert!(lo <= m && m <= hi, "{m} [{lo}, {hi}]");
+    }
+    let report = String::from_utf8(read(&d.join("report.md"))).unwrap();
+    assert!(report.contains("metric **score**"));
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
+fn spec_errors_name_the_field_and_write_nothing() {
+    let root = scratch("bad");
+    let cases: &[(&str, String, &[&str])] = &[
+        ("unknown key", SPEC.replace("seed = 3", "seed = 3\nsed = 4"), &["line 4", "unknown field `sed`"]),
+        ("wrong type", SPEC.replace("group_size = 3", "group_size = \"three\""), &["group_size", "line 4"]),
+        (
+            "duplicate condition id",
+            format!("{SPEC}\n[[experiment]]\nid = \"E0\"\nprompts = \"eval\"\n"),
+            &["duplicate id 'E0'"],
+        ),
+        ("layer out of range", SPEC.replace("{start}+3", "{start}+9"), &["E3[source=own,start=24]: intervention 2: layers", "layer 32 out of range (30 layers"]),
+        ("negative layer", SPEC.replace("layers = \"4,8\"", "layers = \"-1\""), &["steer.layers", "negative"]),
+        ("empty window", SPEC.replace("{start}+3", "{start}+0"), &["window", "empty"]),
+        ("nan coefficient", SPEC.replace("coefficient = 0.5", "coefficient = nan"), &["A2: intervention 1: coefficient", "not finite"]),
+        ("unknown direction", SPEC.replace("direction = \"rand\"", "direction = \"rnd\""), &["no direction 'rnd'"]),
+        ("unknown variable", SPEC.replace("{steer_coef}", "{steer_cof}"), &["unknown variable {steer_cof}"]),
+        ("empty prompt set", SPEC.replace("range = [0, 2]", "range = [2, 2]"), &["prompts.ok.range", "empty"]),
+        ("missing prompt file", SPEC.replace("builtin:harmless\"", "/nonexistent/p.csv\""), &["prompts.ok", "/nonexistent/p.csv", "no such file"]),
+    ];
+    for (what, src, needles) in cases {
+        let spec = root.join("bad.toml");
+        std::fs::write(&spec, src).unwrap();
+        let out = root.join("out");
+        let o = cmd(&spec, &out, &[]).output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{what}: succeeded");
+        assert_eq!(err.trim_end().lines().count(), 1, "{what}: {err}");
+        assert!(err.starts_with("persona-gate: "), "{what}: {err}");
+        for n in *needles {
+            assert!(err.contains(n), "{what}: '{n}' not in: {err}");
+        }
+        assert!(!out.exists(), "{what}: wrote {}", out.display());
+    }
+    // --shard checked before anything else.
+    let spec = root.join("mini.toml");
+    std::fs::write(&spec, SPEC).unwrap();
+    for s in ["3/2", "0/2", "x"] {
+        let o = cmd(&spec, &root.join("out"), &["--shard", s]).output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains("--shard") && err.contains("K/N"), "{s}: {err}");
+    }
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
+fn a_run_directory_refuses_another_spec() {
+    let root = scratch("other");
+    let spec = root.join("mini.toml");
+    // A one-condition spec, cheap to prepare.
+    let small = r#"
+name = "tiny"
+[generation]
+max_new_tokens = 2
+min_tokens = 1
+[prompts.eval]
+source = "builtin:harmful"
+range = [0, 1]
+[[experiment]]
+id = "E0"
+prompts = "eval"
+"#;
+    std::fs::write(&spec, small).unwrap();
+    let d = root.join("r");
+    ok(cmd(&spec, &d, &[]).output().unwrap());
+    let before = read(&d.join("completions.csv"));
+    std::fs::write(&spec, small.replace("max_new_tokens = 2", "max_new_tokens = 3")).unwrap();
+    let o = cmd(&spec, &d, &[]).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("holds a run with another spec"), "{err}");
+    assert_eq!(before, read(&d.join("completions.csv")));
+    let _ = std::fs::remove_dir_all(&root);
+}
