@@ -289,9 +289,12 @@ impl<'m> Session<'m> {
         // Generation: one token per sequence per step, over the run of slots from the first to
         // the last live one; finished slots inside the run are padding.
         let t1 = Instant::now();
+        // The next free KV position of each sequence: a finished sequence's padding goes
+        // there (positions within a sequence must stay consecutive). A token accepted but
+        // not yet fed back does not occupy a position.
         let mut pad_pos: Vec<usize> = seqs
             .iter()
-            .map(|s| prompts[s.global].tokens.len() + s.tokens.len())
+            .map(|s| prompts[s.global].tokens.len())
             .collect();
         loop {
             let live: Vec<usize> = (0..seqs.len())
@@ -306,6 +309,7 @@ impl<'m> Session<'m> {
                     let k = s.tokens.len() - 1;
                     let pos = prompts[s.global].tokens.len() + k;
                     self.batch.push(s.tokens[k], pos as i32, slot as i32, true);
+                    pad_pos[slot] = pos + 1;
                     rows.push(RowInfo {
                         seq: s.global,
                         kind: RowKind::Generated { idx: k as u32 },
@@ -327,10 +331,6 @@ impl<'m> Session<'m> {
                 let logits = self.ctx.logits(slot - first).to_vec();
                 self.accept(&mut seqs[slot], &logits, cfg, stop);
                 self.stats.gen_tokens += 1;
-                if seqs[slot].done.is_some() {
-                    pad_pos[slot] =
-                        prompts[seqs[slot].global].tokens.len() + seqs[slot].tokens.len();
-                }
             }
         }
         self.stats.gen_time += t1.elapsed();

@@ -3,6 +3,7 @@
 mod cli;
 
 use std::io::Write;
+use std::time::Instant;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
@@ -658,10 +659,20 @@ fn reproduce(a: &cli::ReproduceArgs, out: &mut dyn Write) -> Result<()> {
     });
     let pb = bar(0, "prepare");
     let mut phase = String::new();
+    // Without a terminal the bar is hidden: print a line per phase and per 10% of the run.
+    let plain = pb.is_hidden();
+    let mut last_tenth = usize::MAX;
+    let started = Instant::now();
     let mut progress = |p: &str, done: usize, total: usize, item: &str| {
         if p != phase {
             phase = p.to_string();
             pb.reset();
+            last_tenth = usize::MAX;
+        }
+        let tenth = done * 10 / total.max(1);
+        if plain && tenth != last_tenth {
+            last_tenth = tenth;
+            eprintln!("[{:>6.0}s] {p} {item}: {done}/{total}", started.elapsed().as_secs_f64());
         }
         pb.set_length(total as u64);
         pb.set_position(done as u64);

@@ -288,6 +288,20 @@ fn batch_matches_solo(file: &str) {
             "{file}: prompt {i} generates differently batched"
         );
     }
+    // Early stop at different steps (prompt i after 2 + 3i tokens): the finished sequences
+    // become padding at their next free position while the others go on. (A gap in a
+    // padding sequence's positions once made llama_decode reject the batch.)
+    let mut stop = |i: usize, t: &[persona_gate::ffi::Token]| t.len() >= 2 + 3 * (i % 4);
+    let batched = s
+        .generate(&ps, &cfg, &mut empty(&m), &mut stop, &mut |_| {})
+        .unwrap();
+    for (i, b) in batched.iter().enumerate() {
+        let mut solo_stop = |_: usize, t: &[persona_gate::ffi::Token]| t.len() >= 2 + 3 * i;
+        let solo = s
+            .generate(&ps[i..=i], &cfg, &mut empty(&m), &mut solo_stop, &mut |_| {})
+            .unwrap();
+        assert_eq!(solo[0].tokens, b.tokens, "{file}: prompt {i} with early stop");
+    }
 }
 
 fn per_sequence_hook_touches_only_its_sequence(file: &str) {
