@@ -9,7 +9,7 @@ QWEN15 := $(MODELS)/Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf
 SMOL := $(MODELS)/SmolLM2-135M-Instruct.Q4_1.gguf
 THREADS ?= 2
 
-.PHONY: setup build models models-science demo test lint bench bench-ref science-directions clean
+.PHONY: setup build models models-science demo test lint bench bench-ref science-directions science-reproduce science-score clean fuzz
 
 setup:
 	@scripts/setup.sh
@@ -23,8 +23,10 @@ models:
 models-science:
 	@PERSONA_GATE_MODELS=$(MODELS) scripts/fetch-models.sh qwen15
 
+# The main job on the small default model: the paper's preset (E0-E3 and sanity checks) on
+# the built-in prompts. Rerunning resumes in runs/demo.
 demo: build models
-	$(BIN) demo --model $(QWEN05) --threads $(THREADS)
+	$(BIN) reproduce --model $(QWEN05) --threads $(THREADS) --out runs/demo
 
 test: build models
 	$(CARGO) test --release --locked -- --test-threads=1
@@ -56,5 +58,39 @@ science-directions: build models-science
 	  --harmless-val $(SHARED)/refusal_direction/harmless_val.json \
 	  --layers 4,6,8,10,12,14,16,18,20,22 --csv runs/q15-select.csv
 
+# Issue 4's science run on Qwen2.5-Coder-1.5B (outside CI; about 40 min each on 2 cores, rerun
+# to resume after an interruption): the preset's coarse grid on StrongREJECT's 60-prompt
+# subset, by generation and by first-token score, then how well the two metrics agree.
+# Add SIZE=full for every layer in E2, two window widths and three random seeds.
+SIZE ?= demo
+science-reproduce: build models-science
+	$(BIN) reproduce -m $(QWEN15) -t $(THREADS) --size $(SIZE) --harmful $(SHARED)/strongreject/strongreject_small.csv \
+	  --out runs/q15-sr60-$(SIZE)
+science-score: build models-science
+	$(BIN) reproduce -m $(QWEN15) -t $(THREADS) --size $(SIZE) --harmful $(SHARED)/strongreject/strongreject_small.csv \
+	  --metric score --out runs/q15-sr60-$(SIZE)-score
+	$(BIN) agreement runs/q15-sr60-$(SIZE) runs/q15-sr60-$(SIZE)-score
+
 clean:
 	$(CARGO) clean
+
+# Issue 6: fuzz every parser of outside data with cargo-fuzz (libFuzzer, nightly Rust) for
+# FUZZ_SECONDS each, from corpora fuzz/seed.sh builds out of the real files. Crashes land in
+# fuzz/artifacts/<target>/ and stop the run; per-target logs in fuzz/logs/; numbers in
+# fuzz/RESULTS.md.
+FUZZ_SECONDS ?= 150
+FUZZ_TARGETS := prompts safetensors gguf cvec personas
+fuzz: build models
+	@rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	fuzz/seed.sh
+	$(CARGO) +nightly fuzz build
+	@mkdir -p fuzz/logs
+	@for t in $(FUZZ_TARGETS); do \
+	  echo "fuzz $$t: $(FUZZ_SECONDS) s"; \
+	  if ! $(CARGO) +nightly fuzz run $$t -- -max_total_time=$(FUZZ_SECONDS) -timeout=10 \
+	      -print_final_stats=1 > fuzz/logs/$$t.log 2>&1; then \
+	    tail -40 fuzz/logs/$$t.log; echo "fuzz $$t: crash, input in fuzz/artifacts/$$t/"; exit 1; \
+	  fi; \
+	  grep -E '^(Done|stat::number_of_executed_units|stat::peak_rss_mb)' fuzz/logs/$$t.log; \
+	done

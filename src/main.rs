@@ -557,6 +557,15 @@ fn run(cli: Cli) -> Result<()> {
             writeln!(out, "{}", experiment::report::table(f.metric, &f.summaries))?;
             writeln!(out, "merged {} groups into {}", plan.n_groups, a.out.display())?;
         }
+        Command::Agreement(a) => {
+            let (rows, rho, ma, mb) = experiment::report::agreement(&a.a, &a.b)?;
+            let w = rows.iter().map(|r| r.0.len()).max().unwrap_or(9);
+            writeln!(out, "{:<w$} {:>12} {:>12}", "condition", ma.to_string(), mb.to_string())?;
+            for (c, x, y) in &rows {
+                writeln!(out, "{c:<w$} {x:>12.4} {y:>12.4}")?;
+            }
+            writeln!(out, "Spearman rho over {} conditions: {rho:.3}", rows.len())?;
+        }
         Command::Inspect(a) => {
             let f = DirectionFile::load(&a.file)?;
             for (k, v) in f.meta.iter().filter(|(k, _)| !k.starts_with("norms.")) {

@@ -49,6 +49,15 @@ pub enum Command {
     Reproduce(ReproduceArgs),
     /// Join the run directories of `reproduce --shard` runs and write the outputs.
     Merge(MergeArgs),
+    /// How two finished runs of one grid agree across conditions (Spearman's rho), e.g.
+    /// --metric generate against --metric score.
+    Agreement(AgreementArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct AgreementArgs {
+    pub a: PathBuf,
+    pub b: PathBuf,
 }
 
 #[derive(Args, Debug)]

@@ -516,6 +516,93 @@ pub fn table(metric: Metric, s: &[CondSummary]) -> String {
     t
 }
 
+
+/// Average ranks (ties share the mean rank), 1-based.
+fn ranks(v: &[f64]) -> Vec<f64> {
+    let mut idx: Vec<usize> = (0..v.len()).collect();
+    idx.sort_by(|&a, &b| v[a].total_cmp(&v[b]));
+    let mut r = vec![0.0; v.len()];
+    let mut i = 0;
+    while i < idx.len() {
+        let mut j = i;
+        while j + 1 < idx.len() && v[idx[j + 1]] == v[idx[i]] {
+            j += 1;
+        }
+        let avg = (i + j) as f64 / 2.0 + 1.0;
+        for &k in &idx[i..=j] {
+            r[k] = avg;
+        }
+        i = j + 1;
+    }
+    r
+}
+
+/// Pearson correlation; NaN when either side is constant.
+pub fn pearson(a: &[f64], b: &[f64]) -> f64 {
+    let n = a.len() as f64;
+    let (ma, mb) = (a.iter().sum::<f64>() / n, b.iter().sum::<f64>() / n);
+    let cov: f64 = a.iter().zip(b).map(|(x, y)| (x - ma) * (y - mb)).sum();
+    let va: f64 = a.iter().map(|x| (x - ma).powi(2)).sum();
+    let vb: f64 = b.iter().map(|y| (y - mb).powi(2)).sum();
+    cov / (va * vb).sqrt()
+}
+
+/// Spearman rank correlation (Pearson on average ranks).
+pub fn spearman(a: &[f64], b: &[f64]) -> f64 {
+    pearson(&ranks(a), &ranks(b))
+}
+
+/// One run's per-condition number, read from its summary.csv: the refusal rate (generate)
+/// or the mean score (score).
+pub fn read_summary(dir: &Path) -> Result<(Metric, Vec<(String, f64)>)> {
+    let p = dir.join("summary.csv");
+    let b = crate::util::read_input(&p, "a summary.csv")?;
+    let mut r = csv::Reader::from_reader(b.as_slice());
+    let h = r.headers().map_err(|e| Error::file(&p, format!("{e}")))?.clone();
+    let col = |n: &str| {
+        h.iter()
+            .position(|x| x == n)
+            .ok_or_else(|| Error::file(&p, format!("no column '{n}'")))
+    };
+    let (cc, cm, cr, cs) = (col("condition")?, col("metric")?, col("refusal_rate")?, col("score_mean")?);
+    let mut metric = Metric::Generate;
+    let mut out = vec![];
+    for (i, rec) in r.records().enumerate() {
+        let rec = rec.map_err(|e| Error::file(&p, format!("record {}: {e}", i + 1)))?;
+        metric = if &rec[cm] == "score" { Metric::Score } else { Metric::Generate };
+        let v = if metric == Metric::Score { &rec[cs] } else { &rec[cr] };
+        let y: f64 = v
+            .parse()
+            .map_err(|_| Error::file(&p, format!("record {}: '{v}' is not a number", i + 1)))?;
+        out.push((rec[cc].to_string(), y));
+    }
+    Ok((metric, out))
+}
+
+/// How two runs of the same grid agree across conditions (e.g. generation vs score mode):
+/// the matched conditions and Spearman's ρ.
+///
+/// # Errors
+/// Unreadable summaries, fewer than three shared conditions.
+pub fn agreement(a: &Path, b: &Path) -> Result<(Vec<(String, f64, f64)>, f64, Metric, Metric)> {
+    let (ma, va) = read_summary(a)?;
+    let (mb, vb) = read_summary(b)?;
+    let rows: Vec<(String, f64, f64)> = va
+        .iter()
+        .filter_map(|(c, x)| vb.iter().find(|(d, _)| d == c).map(|(_, y)| (c.clone(), *x, *y)))
+        .collect();
+    if rows.len() < 3 {
+        return Err(Error::Invalid(format!(
+            "agreement: {} and {} share {} conditions; need at least 3",
+            a.display(),
+            b.display(),
+            rows.len()
+        )));
+    }
+    let (x, y): (Vec<f64>, Vec<f64>) = rows.iter().map(|r| (r.1, r.2)).unzip();
+    Ok((rows, spearman(&x, &y), ma, mb))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -528,6 +615,14 @@ mod tests {
         assert!((hi - 0.2775).abs() < 1e-4, "{hi}");
         let (lo, hi) = wilson(5, 10);
         assert!((lo - 0.2366).abs() < 1e-4 && (hi - 0.7634).abs() < 1e-4, "{lo} {hi}");
+    }
+
+    #[test]
+    fn spearman_uses_average_ranks() {
+        assert!((spearman(&[1.0, 2.0, 3.0], &[10.0, 20.0, 30.0]) - 1.0).abs() < 1e-12);
+        assert!((spearman(&[1.0, 2.0, 3.0], &[3.0, 2.0, 1.0]) + 1.0).abs() < 1e-12);
+        assert_eq!(ranks(&[5.0, 1.0, 5.0]), vec![2.5, 1.0, 2.5]);
+        assert!(spearman(&[1.0, 1.0, 1.0], &[1.0, 2.0, 3.0]).is_nan());
     }
 
     #[test]
