@@ -310,8 +310,8 @@ fn ids_of(sets: &BTreeMap<String, Vec<Instruction>>) -> BTreeMap<String, Vec<Str
 /// # Errors
 /// As [`Spec::expand`] and [`load_sets`].
 pub fn check(spec: &Spec, model: &Model) -> Result<(BTreeMap<String, Vec<Instruction>>, Vec<Condition>)> {
-    let sets = load_sets(spec)?;
-    let b = provisional(spec, model.info.n_layer)?;
+    let sets = load_sets(spec).map_err(|e| spec.located(e))?;
+    let b = provisional(spec, model.info.n_layer).map_err(|e| spec.located(e))?;
     let conds = spec.expand(&b, &ids_of(&sets))?;
     Ok((sets, conds))
 }

@@ -82,6 +82,9 @@ pub struct Spec {
     #[serde(default)]
     pub steer: Option<SteerSpec>,
     pub experiment: Vec<ExperimentSpec>,
+    /// Where the spec came from (a path or "preset"), for messages; not part of results.
+    #[serde(skip)]
+    pub origin: String,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -445,7 +448,7 @@ impl Spec {
     /// # Errors
     /// The TOML error (with its line) or the first failed check, naming the field.
     pub fn parse(src: &str, origin: &str) -> Result<Spec> {
-        let spec: Spec = toml::from_str(src).map_err(|e| {
+        let mut spec: Spec = toml::from_str(src).map_err(|e| {
             let msg = e.message().to_string();
             // "line N: key: message", the key read from the offending line when it has one.
             let at = e
@@ -464,6 +467,7 @@ impl Spec {
             Error::Invalid(format!("{origin}: {at}{msg}"))
         })?;
         spec.check(origin)?;
+        spec.origin = origin.to_string();
         Ok(spec)
     }
 
@@ -637,6 +641,23 @@ impl Spec {
     /// # Errors
     /// Unknown variables, bad fields, layers out of range, duplicate condition ids.
     pub fn expand(
+        &self,
+        b: &Builtins,
+        prompt_ids: &BTreeMap<String, Vec<String>>,
+    ) -> Result<Vec<Condition>> {
+        self.expand_inner(b, prompt_ids).map_err(|e| self.located(e))
+    }
+
+    /// Prefixes an error with where the spec came from.
+    pub fn located(&self, e: Error) -> Error {
+        if self.origin.is_empty() {
+            e
+        } else {
+            Error::Invalid(format!("{}: {e}", self.origin))
+        }
+    }
+
+    fn expand_inner(
         &self,
         b: &Builtins,
         prompt_ids: &BTreeMap<String, Vec<String>>,
