@@ -20,7 +20,10 @@ fuzz_target!(|data: &[u8]| {
     let e = g.get(None).unwrap();
     for &l in &layers {
         for (x, y) in d.rows[l].iter().zip(&e.rows[l]) {
-            assert!(x == y || (x.is_nan() && y.is_nan()), "layer {l}: {x} vs {y}");
+            assert!(
+                x == y || (x.is_nan() && y.is_nan()),
+                "layer {l}: {x} vs {y}"
+            );
         }
     }
 });

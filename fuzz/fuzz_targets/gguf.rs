@@ -15,7 +15,11 @@ fuzz_target!(|data: &[u8]| {
         let _ = g.get_str("tokenizer.chat_template");
         for t in &g.tensors {
             if let Some(n) = t.n_bytes {
-                assert!(t.offset + n <= data.len() as u64, "{} out of bounds", t.name);
+                assert!(
+                    t.offset + n <= data.len() as u64,
+                    "{} out of bounds",
+                    t.name
+                );
             }
         }
     }
