@@ -6,7 +6,13 @@ use libfuzzer_sys::fuzz_target;
 use persona_gate::directions::cvec;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(f) = cvec::import(data) else { return };
+    let f = match cvec::import(data) {
+        Ok(f) => f,
+        Err(e) => {
+            assert!(!e.contains(char::is_control), "{e:?}");
+            return;
+        }
+    };
     let d = f.get(None).expect("one direction");
     let layers: Vec<usize> = (1..d.n_layer())
         .filter(|&l| d.rows[l].iter().any(|&x| x != 0.0))
