@@ -163,7 +163,7 @@ impl<R: Read> Reader<R> {
     fn need(&self, n: u64, what: &str) -> Result<(), GgufError> {
         if self.pos.checked_add(n).is_none_or(|end| end > self.size) {
             return Err(GgufError::Truncated {
-                what: what.to_string(),
+                what: crate::util::shown(what),
                 size: self.size,
             });
         }
@@ -203,7 +203,10 @@ impl<R: Read> Reader<R> {
             8 => Value::Str(self.string(key)?),
             9 => {
                 if depth > 0 {
-                    return Err(GgufError::Corrupt(format!("'{key}': nested arrays")));
+                    return Err(GgufError::Corrupt(format!(
+                        "'{}': nested arrays",
+                        crate::util::shown(key)
+                    )));
                 }
                 let et = self.u32(key)?;
                 let n = self.u64(key)?;
@@ -220,7 +223,8 @@ impl<R: Read> Reader<R> {
             12 => Value::F64(f64::from_le_bytes(self.bytes(key)?)),
             t => {
                 return Err(GgufError::Corrupt(format!(
-                    "'{key}': unknown value type {t}"
+                    "'{}': unknown value type {t}",
+                    crate::util::shown(key)
                 )))
             }
         })
@@ -272,7 +276,8 @@ impl Gguf {
             let n_dims = rd.u32(&name)?;
             if n_dims > 4 {
                 return Err(GgufError::Corrupt(format!(
-                    "tensor '{name}' has {n_dims} dims"
+                    "tensor '{}' has {n_dims} dims",
+                    crate::util::shown(&name)
                 )));
             }
             let mut dims = Vec::with_capacity(n_dims as usize);
@@ -296,9 +301,9 @@ impl Gguf {
         };
         let data_start = rd.pos.div_ceil(align) * align;
         for t in &mut tensors {
-            t.offset = data_start
-                .checked_add(t.offset)
-                .ok_or_else(|| GgufError::Corrupt(format!("tensor '{}' offset", t.name)))?;
+            t.offset = data_start.checked_add(t.offset).ok_or_else(|| {
+                GgufError::Corrupt(format!("tensor '{}' offset", crate::util::shown(&t.name)))
+            })?;
             if let Some((blck, tsize)) = ggml_type_layout(t.ggml_type) {
                 let n: Option<u64> = t.dims.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
                 let bytes = n.and_then(|n| (n / blck).checked_mul(tsize));
@@ -307,7 +312,7 @@ impl Gguf {
                     Some(end) if end <= size => t.n_bytes = bytes,
                     _ => {
                         return Err(GgufError::TensorOutOfBounds {
-                            name: t.name.clone(),
+                            name: crate::util::shown(&t.name),
                             end: end.unwrap_or(u64::MAX),
                             size,
                         })

@@ -107,7 +107,7 @@ impl Model {
                 use_extra_bufts: options.use_extra_bufts,
             },
         )
-        .map_err(|e| Error::file(path, e.to_string()))?;
+        .map_err(|e| Error::file(path, crate::util::one_line(e.to_string().trim())))?;
         let info = ModelInfo {
             path: path.to_path_buf(),
             name: gguf.get_str("general.name").map(str::to_string),

@@ -80,6 +80,37 @@ pub fn check_writable(path: &Path) -> std::io::Result<()> {
     write_atomic_inner(path, None)
 }
 
+/// A message from outside (llama.cpp's, say) with control characters escaped, so it prints
+/// as one line and cannot move the terminal's cursor.
+pub fn one_line(s: &str) -> String {
+    s.chars()
+        .flat_map(|c| {
+            let esc = c.is_control();
+            c.escape_default()
+                .filter(move |_| esc)
+                .chain((!esc).then_some(c))
+        })
+        .collect()
+}
+
+/// A name or value read from an input file, made safe for a one-line message: control
+/// characters (newlines, NUL, escape sequences) escaped, and cut at 60 characters.
+pub fn shown(s: &str) -> String {
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i == 60 {
+            out.push('…');
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// SplitMix64: a tiny seeded generator, so random controls are reproducible everywhere
 /// without depending on a crate's stream staying stable across versions.
 #[derive(Debug, Clone)]
@@ -114,6 +145,14 @@ impl Rng {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shown_names_are_one_line_and_short() {
+        assert_eq!(shown("a\nb\0c\u{1b}[31m"), "a\\nb\\u{0}c\\u{1b}[31m");
+        assert_eq!(shown(&"x".repeat(100)).chars().count(), 61);
+        assert_eq!(shown("état"), "état");
+        assert_eq!(one_line("a\tb 'c'\n"), "a\\tb 'c'\\n");
+    }
 
     #[test]
     fn failed_writes_say_why_and_leave_nothing() {

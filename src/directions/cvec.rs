@@ -8,6 +8,7 @@ use std::io::Cursor;
 
 use super::{Direction, DirectionFile};
 use crate::gguf::Gguf;
+use crate::util::shown;
 
 const ALIGN: usize = 32;
 
@@ -109,34 +110,37 @@ pub fn import(bytes: &[u8]) -> Result<DirectionFile, String> {
             .name
             .strip_prefix("direction.")
             .and_then(|s| s.parse().ok())
-            .ok_or_else(|| format!("tensor '{}' is not named direction.<layer>", t.name))?;
+            .ok_or_else(|| format!("tensor '{}' is not named direction.<layer>", shown(&t.name)))?;
         if il == 0 {
             return Err(format!(
                 "tensor '{}': layer 0 has no control-vector slot",
-                t.name
+                shown(&t.name)
             ));
         }
         if il >= MAX_LAYERS {
             return Err(format!(
                 "tensor '{}': layer {il} is beyond any model (at most {MAX_LAYERS} layers)",
-                t.name
+                shown(&t.name)
             ));
         }
         if t.ggml_type != 0 || t.dims.len() != 1 {
-            return Err(format!("tensor '{}': expected a 1-D F32 tensor", t.name));
+            return Err(format!(
+                "tensor '{}': expected a 1-D F32 tensor",
+                shown(&t.name)
+            ));
         }
         let ne = t.dims[0] as usize;
         if *n_embd.get_or_insert(ne) != ne {
             return Err(format!(
                 "tensor '{}' has {ne} elements, others have {}",
-                t.name,
+                shown(&t.name),
                 n_embd.unwrap_or(0)
             ));
         }
         let start = t.offset as usize;
         let raw = bytes
             .get(start..start + ne * 4)
-            .ok_or_else(|| format!("tensor '{}' runs past the end of the file", t.name))?;
+            .ok_or_else(|| format!("tensor '{}' runs past the end of the file", shown(&t.name)))?;
         rows.insert(
             il,
             raw.chunks_exact(4)

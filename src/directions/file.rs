@@ -13,6 +13,7 @@ use serde_json::{json, Value};
 use super::Direction;
 use crate::error::{Error, Result};
 use crate::model::ModelInfo;
+use crate::util::shown;
 
 /// A set of directions extracted together, with their provenance.
 #[derive(Debug, Clone, PartialEq)]
@@ -65,7 +66,7 @@ impl DirectionFile {
         let names = || {
             self.directions
                 .iter()
-                .map(|d| d.name.as_str())
+                .map(|d| shown(&d.name))
                 .collect::<Vec<_>>()
                 .join(", ")
         };
@@ -91,7 +92,8 @@ impl DirectionFile {
         if let Some(arch) = self.meta.get("arch") {
             if arch != &m.arch && arch != "any" {
                 return Err(Error::Invalid(format!(
-                    "directions are for arch '{arch}', the model is '{}'",
+                    "directions are for arch '{}', the model is '{}'",
+                    shown(arch),
                     m.arch
                 )));
             }
@@ -167,7 +169,7 @@ impl DirectionFile {
                     meta.insert(
                         k.clone(),
                         v.as_str()
-                            .ok_or_else(|| format!("metadata '{k}' is not a string"))?
+                            .ok_or_else(|| format!("metadata '{}' is not a string", shown(k)))?
                             .to_string(),
                     );
                 }
@@ -176,32 +178,38 @@ impl DirectionFile {
             let dtype = v
                 .get("dtype")
                 .and_then(Value::as_str)
-                .ok_or_else(|| format!("tensor '{name}': no dtype"))?;
+                .ok_or_else(|| format!("tensor '{}': no dtype", shown(name)))?;
             if dtype != "F32" {
-                return Err(format!("tensor '{name}': dtype {dtype}, expected F32"));
+                return Err(format!(
+                    "tensor '{}': dtype {}, expected F32",
+                    shown(name),
+                    shown(dtype)
+                ));
             }
             let shape: Vec<u64> = v
                 .get("shape")
                 .and_then(Value::as_array)
                 .and_then(|a| a.iter().map(Value::as_u64).collect())
-                .ok_or_else(|| format!("tensor '{name}': bad shape"))?;
+                .ok_or_else(|| format!("tensor '{}': bad shape", shown(name)))?;
             let [nl, ne] = shape[..] else {
                 return Err(format!(
-                    "tensor '{name}': shape {shape:?}, expected [n_layer, n_embd]"
+                    "tensor '{}': shape {shape:?}, expected [n_layer, n_embd]",
+                    shown(name)
                 ));
             };
             let off: Vec<u64> = v
                 .get("data_offsets")
                 .and_then(Value::as_array)
                 .and_then(|a| a.iter().map(Value::as_u64).collect())
-                .ok_or_else(|| format!("tensor '{name}': bad data_offsets"))?;
+                .ok_or_else(|| format!("tensor '{}': bad data_offsets", shown(name)))?;
             let [s, e] = off[..] else {
-                return Err(format!("tensor '{name}': bad data_offsets"));
+                return Err(format!("tensor '{}': bad data_offsets", shown(name)));
             };
             let need = nl.checked_mul(ne).and_then(|x| x.checked_mul(4));
             if e < s || e > data.len() as u64 || Some(e - s) != need || nl == 0 || ne == 0 {
                 return Err(format!(
-                    "tensor '{name}': offsets {s}..{e} do not fit shape {shape:?} in {} data bytes",
+                    "tensor '{}': offsets {s}..{e} do not fit shape {shape:?} in {} data bytes",
+                    shown(name),
                     data.len()
                 ));
             }

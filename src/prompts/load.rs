@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use super::Instruction;
 use crate::error::{Error, Result};
-use crate::util::Rng;
+use crate::util::{shown, Rng};
 
 /// The file formats we read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,6 +68,15 @@ fn utf8(bytes: &[u8]) -> std::result::Result<&str, String> {
     })
 }
 
+/// The keys or column names found, for a message: escaped, each cut short, at most 10.
+fn found(keys: &[&str]) -> String {
+    let mut v: Vec<String> = keys.iter().take(10).map(|k| shown(k)).collect();
+    if keys.len() > 10 {
+        v.push(format!("… {} in all", keys.len()));
+    }
+    v.join(", ")
+}
+
 fn pick_field<'a>(
     keys: &[&'a str],
     field: Option<&'a str>,
@@ -75,8 +84,9 @@ fn pick_field<'a>(
     match field {
         Some(f) if keys.contains(&f) => Ok(f),
         Some(f) => Err(format!(
-            "no field or column '{f}' (found: {})",
-            keys.join(", ")
+            "no field or column '{}' (found: {})",
+            shown(f),
+            found(keys)
         )),
         None => DEFAULT_FIELDS
             .iter()
@@ -86,7 +96,7 @@ fn pick_field<'a>(
                 format!(
                     "no instruction field (looked for {}; found: {}); name it with --field",
                     DEFAULT_FIELDS.join(", "),
-                    keys.join(", ")
+                    found(keys)
                 )
             }),
     }
@@ -102,7 +112,7 @@ fn from_object(
     let f = pick_field(&keys, field).map_err(|e| format!("{at}: {e}"))?;
     let text = obj[f]
         .as_str()
-        .ok_or_else(|| format!("{at}: field '{f}' is not a string"))?;
+        .ok_or_else(|| format!("{at}: field '{}' is not a string", shown(f)))?;
     let s = |k: &str| obj.get(k).and_then(Value::as_str).map(str::to_string);
     Ok(Instruction {
         id,
@@ -328,6 +338,21 @@ mod tests {
         assert!(parse(b"{}", Format::Json, None, "t")
             .unwrap_err()
             .contains("array"));
+    }
+
+    /// Fuzzing found this (cargo fuzz, target `prompts`): CSV column names with a newline and
+    /// a NUL were echoed raw into the error, which must stay one printable line.
+    #[test]
+    fn fuzz_regression_column_names_are_escaped_in_errors() {
+        let src = b"\"a\n[\0b\",c\nx,y\n";
+        let e = parse(src, Format::Csv, None, "t").unwrap_err();
+        assert!(e.contains(r"a\n[\u{0}b"), "{e}");
+        assert!(!e.contains(char::is_control), "{e:?}");
+        let e = parse(src, Format::Csv, Some("z\u{1b}"), "t").unwrap_err();
+        assert!(!e.contains(char::is_control), "{e:?}");
+        let long = format!("{{\"{}\": 1}}\n", "k".repeat(500));
+        let e = parse(long.as_bytes(), Format::Jsonl, None, "t").unwrap_err();
+        assert!(e.len() < 300, "{e}");
     }
 
     #[test]
