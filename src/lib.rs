@@ -35,6 +35,7 @@ pub mod experiment;
 pub mod ffi;
 pub mod gguf;
 pub mod hooks;
+pub mod judge;
 pub mod label;
 pub mod model;
 pub mod plot;
