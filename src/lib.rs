@@ -27,6 +27,7 @@
 
 pub mod bench;
 pub mod chat;
+pub mod compare;
 pub mod demo;
 pub mod directions;
 pub mod engine;
@@ -40,6 +41,7 @@ pub mod label;
 pub mod model;
 pub mod plot;
 pub mod prompts;
+pub mod quant;
 pub mod util;
 
 /// This tool's version, written into every output.

@@ -557,6 +557,74 @@ fn run(cli: Cli) -> Result<()> {
             writeln!(out, "{}", experiment::report::table(f.metric, &f.summaries))?;
             writeln!(out, "merged {} groups into {}", plan.n_groups, a.out.display())?;
         }
+        Command::Quantize(a) => {
+            let threads = a.threads.unwrap_or(persona_gate::model::ModelOptions::default().threads);
+            let pb = bar(0, "quantize");
+            let r = persona_gate::quant::quantize(
+                &a.model,
+                &a.types,
+                &a.out_dir,
+                threads,
+                &mut |s| pb.suspend(|| eprintln!("warning: {s}")),
+                &mut |i, n, t| {
+                    pb.set_length(n as u64);
+                    pb.set_position(i as u64);
+                    pb.set_message(t.to_string());
+                },
+            )?;
+            pb.finish_and_clear();
+            for q in &r {
+                writeln!(
+                    out,
+                    "{:<7} {} ({:.1} MiB, sha256 {}…){}",
+                    q.ty,
+                    q.path.display(),
+                    q.bytes as f64 / 1048576.0,
+                    &q.sha256[..12],
+                    if q.reused { ", reused".to_string() } else { format!(", {:.1}s", q.seconds) }
+                )?;
+            }
+        }
+        Command::Compare(a) => {
+            use experiment::{preset, spec::Spec};
+            let spec = match &a.spec {
+                Some(p) => Spec::parse(
+                    &String::from_utf8(util::read_input(p, "a spec TOML file")?)
+                        .map_err(|_| anyhow::anyhow!("{}: not UTF-8", p.display()))?,
+                    &p.display().to_string(),
+                )?,
+                None => {
+                    let g = persona_gate::model::check_gguf(&a.reference)?;
+                    let nl = g.arch_u64("block_count").unwrap_or(0) as usize;
+                    Spec::parse(&preset::preset(nl, preset::Size::Demo, &Default::default()), "preset")?
+                }
+            };
+            let opts = persona_gate::model::ModelOptions {
+                threads: a.threads.unwrap_or(persona_gate::model::ModelOptions::default().threads),
+                ctx: a.ctx,
+                ..Default::default()
+            };
+            let pb = bar(0, "compare");
+            let mut progress = |p: &str, done: usize, total: usize, item: &str| {
+                pb.set_length(total as u64);
+                pb.set_position(done as u64);
+                pb.set_message(format!("{p} {item}"));
+            };
+            let mut note = |s: String| pb.suspend(|| eprintln!("{s}"));
+            let r = persona_gate::compare::compare(
+                &a.reference,
+                &a.models,
+                &spec,
+                &a.out,
+                &opts,
+                !a.no_cross,
+                &mut progress,
+                &mut note,
+            )?;
+            pb.finish_and_clear();
+            write!(out, "{}", r.summary)?;
+            writeln!(out, "wrote {} in {}", r.files.join(", "), a.out.display())?;
+        }
         Command::Agreement(a) => {
             let (rows, rho, ma, mb) = experiment::report::agreement(&a.a, &a.b)?;
             let w = rows.iter().map(|r| r.0.len()).max().unwrap_or(9);

@@ -49,9 +49,54 @@ pub enum Command {
     Reproduce(ReproduceArgs),
     /// Join the run directories of `reproduce --shard` runs and write the outputs.
     Merge(MergeArgs),
+    /// Quantize a GGUF to several types with llama.cpp (outputs named by type, reused when
+    /// their recorded hash matches).
+    Quantize(QuantizeArgs),
+    /// Compare quantized models with a reference: direction cosines, next-token KL and
+    /// top-1 agreement, and refusal gating per condition (two-proportion tests).
+    Compare(CompareArgs),
     /// How two finished runs of one grid agree across conditions (Spearman's rho), e.g.
     /// --metric generate against --metric score.
     Agreement(AgreementArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct QuantizeArgs {
+    /// Input GGUF (F32/F16/BF16, or a quantized one: then results are relative to it).
+    #[arg(long, short = 'm')]
+    pub model: PathBuf,
+    /// Types, e.g. F16,Q8_0,Q6_K,Q5_K_M,Q4_K_M,Q3_K_M,Q2_K.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub types: Vec<String>,
+    #[arg(long)]
+    pub out_dir: PathBuf,
+    #[arg(long, short = 't')]
+    pub threads: Option<i32>,
+}
+
+#[derive(Args, Debug)]
+pub struct CompareArgs {
+    /// The reference model (e.g. F16).
+    #[arg(long)]
+    pub reference: PathBuf,
+    /// Models to compare with it.
+    #[arg(long, num_args = 1.., required = true)]
+    pub models: Vec<PathBuf>,
+    /// Experiment spec (default: the paper's preset, demo size, for the reference's depth).
+    #[arg(long)]
+    pub spec: Option<PathBuf>,
+    /// Output directory (one resumable run directory per model inside).
+    #[arg(long, short = 'o')]
+    pub out: PathBuf,
+    /// CPU threads.
+    #[arg(long, short = 't')]
+    pub threads: Option<i32>,
+    /// Context per sequence.
+    #[arg(long, default_value_t = 1024)]
+    pub ctx: u32,
+    /// Skip the runs that apply the reference's directions to each model.
+    #[arg(long)]
+    pub no_cross: bool,
 }
 
 #[derive(Args, Debug)]

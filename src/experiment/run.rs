@@ -283,6 +283,9 @@ fn provisional(spec: &Spec, n_layer: usize) -> Result<Builtins> {
         b.steer_coef = s.coefficients.first().copied();
     }
     for d in spec.directions.values() {
+        if let DirectionSpec::File { refusal_layer: Some(l), .. } = d {
+            b.refusal_layer = Some(*l);
+        }
         if let DirectionSpec::Refusal { select, layer, .. } = d {
             if let Some(l) = layer {
                 if *l >= n_layer {
@@ -388,9 +391,13 @@ pub fn prepare<'m>(
     for (name, d) in &spec.directions {
         let ctx = |e: Error| Error::Invalid(format!("directions.{name}: {e}"));
         let dir = match d {
-            DirectionSpec::File { path, name: n } => {
+            DirectionSpec::File { path, name: n, refusal_layer } => {
                 let f = DirectionFile::load(Path::new(path)).map_err(ctx)?;
                 f.check_model(&model.info).map_err(ctx)?;
+                if let Some(l) = refusal_layer {
+                    resolved.refusal_layer = Some(*l);
+                    resolved.refusal_selection = Some(format!("given with the direction file: layer {l}"));
+                }
                 f.get(n.as_deref()).map_err(ctx)?.clone()
             }
             DirectionSpec::Refusal {

@@ -159,6 +159,9 @@ pub enum DirectionSpec {
         path: String,
         #[serde(default)]
         name: Option<String>,
+        /// For a refusal direction from a file: the layer `{refusal_layer}` names.
+        #[serde(default)]
+        refusal_layer: Option<usize>,
     },
     /// Extracted now: mean(harmful) − mean(harmless) at the last prompt token.
     Refusal {
@@ -559,7 +562,14 @@ impl Spec {
                         }
                     }
                 }
-                DirectionSpec::File { .. } => {}
+                DirectionSpec::File { refusal_layer, .. } => {
+                    if refusal_layer.is_some() {
+                        if refusal_defined {
+                            return Err(err(&o(&f), "only one direction may define {refusal_layer}"));
+                        }
+                        refusal_defined = true;
+                    }
+                }
             }
         }
         if let Some(s) = &self.steer {

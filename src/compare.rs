@@ -1,0 +1,398 @@
+//! Quantized against reference: the same spec run on every model, one model in memory at a
+//! time, then
+//! - per-layer cosine of each extracted direction with the reference's;
+//! - next-token KL divergence to the reference and top-1 agreement on the evaluation prompts;
+//! - per-condition refusal / bypass / degenerate rates against the reference's, with a
+//!   two-proportion z-test; once with each model's own directions and once with the
+//!   reference's directions applied to it (same steering layer and coefficient), which
+//!   separates "the direction moved" from "the model responds differently".
+//!
+//! Each model's grid is an ordinary `reproduce` run directory under `OUT/runs/`, so a
+//! comparison resumes like any run.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use crate::chat::{Prompt, SystemPrompt};
+use crate::directions::select::kl;
+use crate::directions::{cosine, DirectionFile};
+use crate::error::{Error, Result};
+use crate::experiment::report::wilson;
+use crate::experiment::run::{Progress, RunOptions};
+use crate::experiment::spec::{DirectionSpec, Metric, Spec};
+use crate::hooks::HookSet;
+use crate::model::{Model, ModelOptions};
+use crate::plot::{line_plot, Series};
+use crate::util::write_atomic;
+
+/// One model's rates per condition, read from its summary.csv.
+#[derive(Debug, Clone)]
+pub struct Counts {
+    pub n: usize,
+    /// refusal, bypass, degenerate
+    pub k: [usize; 3],
+    pub score: f64,
+}
+
+/// Two-sided p-value of the pooled two-proportion z-test (1 when undefined).
+pub fn two_proportion_p(k1: usize, n1: usize, k2: usize, n2: usize) -> f64 {
+    if n1 == 0 || n2 == 0 {
+        return 1.0;
+    }
+    let (p1, p2) = (k1 as f64 / n1 as f64, k2 as f64 / n2 as f64);
+    let p = (k1 + k2) as f64 / (n1 + n2) as f64;
+    let se = (p * (1.0 - p) * (1.0 / n1 as f64 + 1.0 / n2 as f64)).sqrt();
+    if se == 0.0 {
+        return 1.0;
+    }
+    let z = ((p1 - p2) / se).abs();
+    erfc(z / std::f64::consts::SQRT_2)
+}
+
+/// Complementary error function (Numerical Recipes' erfcc, |error| < 1.2e-7).
+fn erfc(x: f64) -> f64 {
+    let z = x.abs();
+    let t = 1.0 / (1.0 + 0.5 * z);
+    let r = t * (-z * z - 1.265_512_23
+        + t * (1.000_023_68
+            + t * (0.374_091_96
+                + t * (0.096_784_18
+                    + t * (-0.186_288_06
+                        + t * (0.278_868_07
+                            + t * (-1.135_203_98
+                                + t * (1.488_515_87 + t * (-0.822_152_23 + t * 0.170_872_77)))))))))
+        .exp();
+    if x >= 0.0 {
+        r
+    } else {
+        2.0 - r
+    }
+}
+
+fn read_counts(dir: &Path) -> Result<Vec<(String, Counts)>> {
+    let p = dir.join("summary.csv");
+    let b = crate::util::read_input(&p, "a summary.csv")?;
+    let mut r = csv::Reader::from_reader(b.as_slice());
+    let h = r.headers().map_err(|e| Error::file(&p, e.to_string()))?.clone();
+    let col = |n: &str| h.iter().position(|x| x == n).ok_or_else(|| Error::file(&p, format!("no column '{n}'")));
+    let c = [col("condition")?, col("n")?, col("refusal")?, col("bypass")?, col("degenerate")?, col("score_mean")?];
+    let mut out = vec![];
+    for rec in r.records() {
+        let rec = rec.map_err(|e| Error::file(&p, e.to_string()))?;
+        let u = |i: usize| rec[c[i]].parse::<usize>().unwrap_or(0);
+        out.push((
+            rec[c[0]].to_string(),
+            Counts { n: u(1), k: [u(2), u(3), u(4)], score: rec[c[5]].parse().unwrap_or(f64::NAN) },
+        ));
+    }
+    Ok(out)
+}
+
+/// The spec with every extracted direction replaced by the reference run's copy, and the
+/// steering layer and coefficient fixed to the reference's.
+fn cross_spec(spec: &Spec, ref_dir: &Path) -> Result<Spec> {
+    let plan: crate::experiment::run::Plan = serde_json::from_slice(&crate::util::read_input(&ref_dir.join("plan.json"), "a plan.json")?)
+        .map_err(|e| Error::file(ref_dir.join("plan.json"), e.to_string()))?;
+    let file = ref_dir.join("prepared.safetensors").display().to_string();
+    let mut s = spec.clone();
+    s.name = format!("{}-refdirs", spec.name);
+    for (name, d) in s.directions.iter_mut() {
+        let refusal_layer = match d {
+            DirectionSpec::Refusal { .. } => plan.resolved.refusal_layer,
+            DirectionSpec::Random { .. } => continue,
+            _ => None,
+        };
+        *d = DirectionSpec::File { path: file.clone(), name: Some(name.clone()), refusal_layer };
+    }
+    if let (Some(st), Some(l), Some(c)) = (s.steer.as_mut(), plan.resolved.steer_layer, plan.resolved.steer_coef) {
+        st.layers = l.to_string();
+        st.coefficients = vec![c];
+        st.target = f64::MAX;
+    }
+    Ok(s)
+}
+
+fn stem(p: &Path) -> String {
+    p.file_stem().map_or("model".into(), |s| s.to_string_lossy().into_owned())
+}
+
+/// What the comparison wrote.
+#[derive(Debug, Clone)]
+pub struct Compared {
+    pub files: Vec<String>,
+    pub summary: String,
+}
+
+/// Runs `spec` on the reference and every model and writes the comparison into `out`.
+///
+/// # Errors
+/// Load, spec, engine or I/O errors; models with another vocabulary or depth.
+pub fn compare(
+    reference: &Path,
+    models: &[PathBuf],
+    spec: &Spec,
+    out: &Path,
+    options: &ModelOptions,
+    cross: bool,
+    progress: &mut Progress<'_>,
+    note: &mut dyn FnMut(String),
+) -> Result<Compared> {
+    let runs = out.join("runs");
+    let mut paths = vec![reference.to_path_buf()];
+    paths.extend(models.iter().cloned());
+    let mut names: Vec<String> = vec![];
+    for p in &paths {
+        let n = stem(p);
+        if names.contains(&n) {
+            return Err(Error::file(p, format!("two models share the name '{n}'; give them distinct file names")));
+        }
+        names.push(n);
+    }
+    let eval_set = spec.experiment[0].prompts.clone();
+    let mut ref_logits: Vec<Vec<f32>> = vec![];
+    let mut ref_shape = (0, 0, 0);
+    let mut quant: Vec<String> = vec![];
+    let mut kl_rows: Vec<(String, String, usize, f64, f64, f64)> = vec![];
+    for (i, p) in paths.iter().enumerate() {
+        note(format!("model {}/{}: {}", i + 1, paths.len(), p.display()));
+        // One model in memory at a time: dropped at the end of this iteration.
+        let model = Model::load(p, options)?;
+        let shape = (model.info.n_layer, model.info.n_embd, model.info.n_vocab);
+        if i == 0 {
+            ref_shape = shape;
+        } else if shape != ref_shape {
+            return Err(Error::file(p, format!(
+                "{} layers x {} dims x {} tokens, the reference has {} x {} x {}: not the same model",
+                shape.0, shape.1, shape.2, ref_shape.0, ref_shape.1, ref_shape.2
+            )));
+        }
+        quant.push(model.info.file_type.clone());
+        let dir = runs.join(&names[i]);
+        let o = crate::experiment::reproduce(&model, spec, &dir, &RunOptions::default(), progress, note)?;
+        if o.finished.is_none() {
+            return Err(Error::file(&dir, "the run did not finish"));
+        }
+        if cross && i > 0 {
+            let cs = cross_spec(spec, &runs.join(&names[0]))?;
+            let cdir = runs.join(format!("{}-refdirs", names[i]));
+            crate::experiment::reproduce(&model, &cs, &cdir, &RunOptions::default(), progress, note)?;
+        }
+        // Next-token distributions on the evaluation prompts, unsteered.
+        let sets = crate::experiment::run::load_sets(spec)?;
+        let tmpl = model.chat_template(None)?;
+        let sys = match spec.system.as_deref() {
+            None | Some("default") => SystemPrompt::TemplateDefault,
+            Some("empty") => SystemPrompt::Empty,
+            Some(t) => SystemPrompt::Text(t.to_string()),
+        };
+        let ps = Prompt::render_all(&model, &tmpl, &sys, sets[&eval_set].iter().map(|x| x.text.as_str()))?;
+        progress("logits", 0, 1, &names[i]);
+        let lg = model.session()?.first_logits(&ps, &mut HookSet::new(shape.0, shape.1))?;
+        if i == 0 {
+            ref_logits = lg;
+        } else {
+            let mut kls: Vec<f64> = ref_logits.iter().zip(&lg).map(|(a, b)| kl(a, b)).collect();
+            let top1 = ref_logits
+                .iter()
+                .zip(&lg)
+                .filter(|(a, b)| argmax(a) == argmax(b))
+                .count() as f64
+                / lg.len().max(1) as f64;
+            let mean = kls.iter().sum::<f64>() / kls.len().max(1) as f64;
+            kls.sort_by(f64::total_cmp);
+            let p95 = kls[((0.95 * (kls.len() - 1) as f64).round() as usize).min(kls.len() - 1)];
+            kl_rows.push((names[i].clone(), quant[i].clone(), kls.len(), mean, p95, top1));
+        }
+    }
+    write_outputs(out, spec, &names, &quant, &kl_rows, cross)
+}
+
+fn argmax(x: &[f32]) -> usize {
+    let mut b = 0;
+    for (i, &v) in x.iter().enumerate() {
+        if v > x[b] {
+            b = i;
+        }
+    }
+    b
+}
+
+fn write_outputs(
+    out: &Path,
+    spec: &Spec,
+    names: &[String],
+    quant: &[String],
+    kl_rows: &[(String, String, usize, f64, f64, f64)],
+    cross: bool,
+) -> Result<Compared> {
+    let runs = out.join("runs");
+    let e = |e: csv::Error| Error::Invalid(format!("csv: {e}"));
+    let mut files = vec![];
+    let put = |name: &str, b: &[u8], files: &mut Vec<String>| -> Result<()> {
+        let p = out.join(name);
+        if let Some(d) = p.parent() {
+            std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
+        }
+        write_atomic(&p, b).map_err(|e| Error::io(&p, e))?;
+        files.push(name.to_string());
+        Ok(())
+    };
+    // Cosines per direction and layer.
+    let load = |n: &str| DirectionFile::load(&runs.join(n).join("prepared.safetensors"));
+    let reff = load(&names[0])?;
+    let mut w = csv::Writer::from_writer(Vec::new());
+    w.write_record(["model", "quant", "direction", "layer", "cosine_to_reference"]).map_err(e)?;
+    let mut cos: BTreeMap<String, Vec<Series>> = BTreeMap::new();
+    let kinds: Vec<String> = spec
+        .directions
+        .iter()
+        .filter(|(_, d)| !matches!(d, DirectionSpec::Random { .. }))
+        .map(|(k, _)| k.clone())
+        .collect();
+    let mut min_cos: Vec<(String, String, f64, f64)> = vec![];
+    for (i, n) in names.iter().enumerate().skip(1) {
+        let f = load(n)?;
+        for d in &kinds {
+            let (a, b) = (reff.get(Some(d))?, f.get(Some(d))?);
+            let mut pts = vec![];
+            for l in 0..a.n_layer() {
+                let c = cosine(&a.rows[l], &b.rows[l]);
+                w.write_record([n.clone(), quant[i].clone(), d.clone(), l.to_string(), format!("{c:.6}")]).map_err(e)?;
+                pts.push((l as f64, c));
+            }
+            let (mn, mean) = (
+                pts.iter().map(|p| p.1).fold(f64::MAX, f64::min),
+                pts.iter().map(|p| p.1).sum::<f64>() / pts.len().max(1) as f64,
+            );
+            min_cos.push((quant[i].clone(), d.clone(), mean, mn));
+            cos.entry(d.clone()).or_default().push(Series { name: format!("{} ({})", quant[i], n), points: pts, band: None });
+        }
+    }
+    put("cosines.csv", &w.into_inner().map_err(|e| Error::Invalid(e.to_string()))?, &mut files)?;
+    for (d, s) in &cos {
+        let svg = line_plot(&format!("{d} direction: cosine to the {} reference", quant[0]), "layer", "cosine", s, None);
+        put(&format!("plots/cosine-{d}.svg"), svg.as_bytes(), &mut files)?;
+    }
+    // KL and top-1.
+    let mut w = csv::Writer::from_writer(Vec::new());
+    w.write_record(["model", "quant", "n", "kl_mean", "kl_p95", "top1_agreement"]).map_err(e)?;
+    for r in kl_rows {
+        w.write_record([r.0.clone(), r.1.clone(), r.2.to_string(), format!("{:.6}", r.3), format!("{:.6}", r.4), format!("{:.4}", r.5)]).map_err(e)?;
+    }
+    put("kl.csv", &w.into_inner().map_err(|e| Error::Invalid(e.to_string()))?, &mut files)?;
+    // Rates per condition against the reference.
+    let ref_counts = read_counts(&runs.join(&names[0]))?;
+    let mut w = csv::Writer::from_writer(Vec::new());
+    w.write_record([
+        "model", "quant", "directions", "condition", "label", "n", "k", "rate", "lo", "hi", "ref_n", "ref_k",
+        "ref_rate", "diff", "p_two_proportion",
+    ])
+    .map_err(e)?;
+    let labels = ["refusal", "bypass", "degenerate"];
+    let mut sig = 0usize;
+    let mut tests = 0usize;
+    let mut curves: BTreeMap<String, Vec<Series>> = BTreeMap::new();
+    for (i, n) in names.iter().enumerate() {
+        let mut variants = vec![("own", runs.join(n))];
+        if cross && i > 0 {
+            variants.push(("reference", runs.join(format!("{n}-refdirs"))));
+        }
+        for (which, dir) in variants {
+            let counts = read_counts(&dir)?;
+            for (cond, c) in &counts {
+                let Some((_, r)) = ref_counts.iter().find(|(x, _)| x == cond) else { continue };
+                for (li, l) in labels.iter().enumerate() {
+                    let (lo, hi) = wilson(c.k[li], c.n);
+                    let (rate, rr) = (c.k[li] as f64 / c.n.max(1) as f64, r.k[li] as f64 / r.n.max(1) as f64);
+                    let p = two_proportion_p(c.k[li], c.n, r.k[li], r.n);
+                    if i > 0 && li == 0 && spec.metric == Metric::Generate {
+                        tests += 1;
+                        sig += usize::from(p < 0.05);
+                    }
+                    w.write_record([
+                        n.clone(), quant[i].clone(), which.to_string(), cond.clone(), l.to_string(), c.n.to_string(),
+                        c.k[li].to_string(), format!("{rate:.4}"), format!("{lo:.4}"), format!("{hi:.4}"), r.n.to_string(),
+                        r.k[li].to_string(), format!("{rr:.4}"), format!("{:.4}", rate - rr), format!("{p:.4}"),
+                    ])
+                    .map_err(e)?;
+                }
+            }
+            // Gating curves: every plotted experiment, refusal rate against its x, per model.
+            if which == "own" {
+                let plan: crate::experiment::run::Plan = serde_json::from_slice(&crate::util::read_input(&dir.join("plan.json"), "a plan.json")?)
+                    .map_err(|e| Error::file(dir.join("plan.json"), e.to_string()))?;
+                for ex in spec.experiment.iter().filter(|x| x.plot.is_some()) {
+                    let x = &ex.plot.as_ref().expect("filtered").x;
+                    let mut pts = vec![];
+                    for c in plan.conditions.iter().filter(|c| c.experiment == ex.id) {
+                        let Some((_, k)) = counts.iter().find(|(id, _)| id == &c.id) else { continue };
+                        let xv = match c.var(x) {
+                            Some(toml::Value::Integer(v)) => *v as f64,
+                            Some(toml::Value::Float(v)) => *v,
+                            _ => pts.len() as f64,
+                        };
+                        let y = match spec.metric {
+                            Metric::Generate => k.k[0] as f64 / k.n.max(1) as f64,
+                            Metric::Score => k.score,
+                        };
+                        pts.push((xv, y));
+                    }
+                    // Several series vars share an x: keep the mean per x.
+                    let mut m: BTreeMap<i64, (f64, usize)> = BTreeMap::new();
+                    for (xv, y) in pts {
+                        let e = m.entry((xv * 1e6).round() as i64).or_insert((0.0, 0));
+                        *e = (e.0 + y, e.1 + 1);
+                    }
+                    let pts = m.iter().map(|(k, v)| (*k as f64 / 1e6, v.0 / v.1 as f64)).collect();
+                    curves.entry(ex.id.clone()).or_default().push(Series { name: quant[i].clone(), points: pts, band: None });
+                }
+            }
+        }
+    }
+    put("rates.csv", &w.into_inner().map_err(|e| Error::Invalid(e.to_string()))?, &mut files)?;
+    for (id, s) in &curves {
+        let y = if spec.metric == Metric::Generate { "refusal rate" } else { "mean refusal score" };
+        let range = (spec.metric == Metric::Generate).then_some((0.0, 1.0));
+        let x = spec.experiment.iter().find(|e| &e.id == id).and_then(|e| e.plot.as_ref()).map_or("x", |p| p.x.as_str());
+        put(&format!("plots/gating-{id}.svg"), line_plot(&format!("{id} by quantization"), x, y, s, range).as_bytes(), &mut files)?;
+    }
+    // Markdown summary.
+    let mut md = String::new();
+    let _ = writeln!(md, "# Quantization comparison\n\nReference: `{}` ({}). Spec `{}`. Each model's run is in `runs/`.\n", names[0], quant[0], spec.name);
+    let _ = writeln!(md, "| model | quant | KL mean | KL p95 | top-1 agree | {} |", kinds.iter().map(|k| format!("cos {k} mean / min")).collect::<Vec<_>>().join(" | "));
+    let _ = writeln!(md, "|---|---|---|---|---|{}", "---|".repeat(kinds.len()));
+    for r in kl_rows {
+        let cs: Vec<String> = kinds
+            .iter()
+            .map(|k| {
+                min_cos
+                    .iter()
+                    .find(|(q, d, _, _)| q == &r.1 && d == k)
+                    .map_or("–".into(), |(_, _, m, mn)| format!("{m:.4} / {mn:.4}"))
+            })
+            .collect();
+        let _ = writeln!(md, "| `{}` | {} | {:.4} | {:.4} | {:.0}% | {} |", r.0, r.1, r.3, r.4, 100.0 * r.5, cs.join(" | "));
+    }
+    if tests > 0 {
+        let _ = writeln!(md, "\n{sig} of {tests} (model, condition) refusal rates differ from the reference at p < 0.05 (two-proportion z-test, uncorrected); see `rates.csv`.");
+    }
+    let _ = writeln!(md, "\nPlots: {}.", files.iter().filter(|f| f.ends_with(".svg")).map(|f| format!("`{f}`")).collect::<Vec<_>>().join(", "));
+    put("compare.md", md.as_bytes(), &mut files)?;
+    Ok(Compared { files, summary: md })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn two_proportion_test_matches_known_values() {
+        // 50/100 vs 50/100: identical, p = 1.
+        assert!((two_proportion_p(50, 100, 50, 100) - 1.0).abs() < 1e-6);
+        // 60/100 vs 40/100: z = 2.828, p = 0.00468.
+        assert!((two_proportion_p(60, 100, 40, 100) - 0.004678).abs() < 1e-4);
+        assert_eq!(two_proportion_p(0, 10, 0, 10), 1.0);
+        assert!((erfc(0.0) - 1.0).abs() < 1e-7 && (erfc(1.0) - 0.157_299_2).abs() < 1e-6);
+    }
+}
