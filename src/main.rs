@@ -21,7 +21,24 @@ use persona_gate::prompts::load as sets;
 use persona_gate::{bench, demo, experiment, ffi, hooks, label, plot, prompts, util};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Flag errors are one line too (clap's own usage text is multi-line); help and version
+    // print as usual.
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            let text = e.to_string();
+            let first = text
+                .lines()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("invalid arguments");
+            eprintln!(
+                "persona-gate: {} (see --help)",
+                first.trim_start_matches("error: ").trim()
+            );
+            return ExitCode::from(2);
+        }
+    };
     let default = match cli.verbose {
         0 => "warn",
         1 => "persona_gate=debug,warn",
@@ -90,6 +107,11 @@ fn render_set(
         &p.system(),
         v.iter().map(|i| i.text.as_str()),
     )?)
+}
+
+/// Fails before a long job when its output could not be written.
+fn writable(p: &std::path::Path) -> Result<()> {
+    util::check_writable(p).with_context(|| format!("{}", p.display()))
 }
 
 fn write_file(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
@@ -282,6 +304,7 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Extract(cli::ExtractCmd::Refusal(a)) => {
+            writable(&a.out)?;
             let model = load(&a.model)?;
             let tmpl = template(&model, &a.prompt)?;
             let harmful = load_set(&a.harmful, &a.set, "harmful")?;
@@ -311,6 +334,7 @@ fn run(cli: Cli) -> Result<()> {
             print_norms(out, &f)?;
         }
         Command::Extract(cli::ExtractCmd::Persona(a)) => {
+            writable(&a.out)?;
             let model = load(&a.model)?;
             let tmpl = template(&model, &a.prompt)?;
             let (src, origin) = match &a.personas {
@@ -355,6 +379,9 @@ fn run(cli: Cli) -> Result<()> {
             print_norms(out, &f)?;
         }
         Command::Select(a) => {
+            if let Some(p) = &a.csv {
+                writable(p)?;
+            }
             let model = load(&a.model)?;
             let tmpl = template(&model, &a.prompt)?;
             let f = DirectionFile::load(&a.directions)?;
@@ -445,7 +472,12 @@ fn run(cli: Cli) -> Result<()> {
             let db = fb
                 .get(a.b_name.as_deref())
                 .with_context(|| format!("{}", a.b.display()))?;
-            let cos = directions::cosine_per_layer(da, db)?;
+            let cos = directions::cosine_per_layer(da, db)
+                .with_context(|| format!("{} vs {}", a.a.display(), a.b.display()))?;
+            // Check every output before writing any, so a bad --svg leaves no CSV behind.
+            for p in a.csv.iter().chain(&a.svg) {
+                util::check_writable(p).with_context(|| format!("{}", p.display()))?;
+            }
             let mut w = csv::Writer::from_writer(Vec::new());
             w.write_record(["layer", "a", "b", "cosine"])?;
             for (l, c) in cos.iter().enumerate() {
@@ -531,6 +563,7 @@ fn run(cli: Cli) -> Result<()> {
             )?;
         }
         Command::ExportCvec(a) => {
+            writable(&a.out)?;
             let f = DirectionFile::load(&a.directions)?;
             let d = f
                 .get(a.name.as_deref())

@@ -732,7 +732,6 @@ fn non_utf8_prompts() {
 }
 
 #[test]
-#[ignore = "needs fix: clap prints a multi-line usage error (exit 2) for a non-UTF-8 argument"]
 fn non_utf8_prompt_argument() {
     use std::os::unix::ffi::OsStrExt;
     let d = scratch("arg-utf8");
@@ -873,7 +872,6 @@ fn unwritable_output_directory() {
 }
 
 #[test]
-#[ignore = "needs fix in src/main.rs: `directions cos` writes --csv before --svg fails"]
 fn a_failed_second_output_leaves_no_first_output() {
     let d = scratch("cos-two-outputs");
     let f = good_direction(&d);
