@@ -58,18 +58,19 @@ science-directions: build models-science
 	  --harmless-val $(SHARED)/refusal_direction/harmless_val.json \
 	  --layers 4,6,8,10,12,14,16,18,20,22 --csv runs/q15-select.csv
 
-# Issue 4's science run on Qwen2.5-Coder-1.5B (outside CI; about 40 min each on 2 cores, rerun
-# to resume after an interruption): the preset's coarse grid on StrongREJECT's 60-prompt
-# subset, by generation and by first-token score, then how well the two metrics agree.
+# Issue 4's science run on Qwen2.5-Coder-1.5B (outside CI; about an hour on 2 cores, rerun to
+# resume after an interruption): the preset's coarse grid on StrongREJECT's 60-prompt subset,
+# then how well refusal rates and first-token scores agree across conditions. science-score
+# runs the same grid in score mode alone (no generation).
 # Add SIZE=full for every layer in E2, two window widths and three random seeds.
 SIZE ?= demo
 science-reproduce: build models-science
 	$(BIN) reproduce -m $(QWEN15) -t $(THREADS) --size $(SIZE) --harmful $(SHARED)/strongreject/strongreject_small.csv \
 	  --out runs/q15-sr60-$(SIZE)
+	$(BIN) agreement runs/q15-sr60-$(SIZE)
 science-score: build models-science
 	$(BIN) reproduce -m $(QWEN15) -t $(THREADS) --size $(SIZE) --harmful $(SHARED)/strongreject/strongreject_small.csv \
 	  --metric score --out runs/q15-sr60-$(SIZE)-score
-	$(BIN) agreement runs/q15-sr60-$(SIZE) runs/q15-sr60-$(SIZE)-score
 
 clean:
 	$(CARGO) clean

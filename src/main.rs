@@ -659,7 +659,7 @@ fn run(cli: Cli) -> Result<()> {
             writeln!(out, "wrote {} in {}", r.files.join(", "), a.out.display())?;
         }
         Command::Agreement(a) => {
-            let (rows, rho, ma, mb) = experiment::report::agreement(&a.a, &a.b)?;
+            let (rows, rho, ma, mb) = experiment::report::agreement(&a.a, a.b.as_deref())?;
             let w = rows.iter().map(|r| r.0.len()).max().unwrap_or(9);
             writeln!(out, "{:<w$} {:>12} {:>12}", "condition", ma.to_string(), mb.to_string())?;
             for (c, x, y) in &rows {

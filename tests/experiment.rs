@@ -226,6 +226,28 @@ fn reproduce_is_deterministic_resumable_and_shardable() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("6 of 12 groups are in no input"));
 
+    // Score mode: the same grid by first-token score only. Its scores are the generation
+    // run's first-token scores exactly (same hooks, same logits), with no labels.
+    let sc = root.join("sc");
+    ok(cmd(&spec, &sc, &["--metric", "score"]).output().unwrap());
+    let summary = |d: &Path| -> Vec<csv::StringRecord> {
+        csv::Reader::from_path(d.join("summary.csv")).unwrap().records().map(Result::unwrap).collect()
+    };
+    let (gen, score) = (summary(&a), summary(&sc));
+    let sh = csv::Reader::from_path(sc.join("summary.csv")).unwrap().headers().unwrap().clone();
+    let sc_col = |n: &str| sh.iter().position(|x| x == n).unwrap();
+    assert_eq!(gen.len(), score.len());
+    for (g, s) in gen.iter().zip(&score) {
+        assert_eq!(&s[sc_col("metric")], "score");
+        assert_eq!(&s[sc_col("refusal_rate")], "");
+        assert_eq!(&g[sc_col("condition")], &s[sc_col("condition")]);
+        for c in ["score_mean", "score_lo", "score_hi"] {
+            assert_eq!(&g[sc_col(c)], &s[sc_col(c)], "{c} of {}", &s[sc_col("condition")]);
+        }
+    }
+    let report = String::from_utf8(read(&sc.join("report.md"))).unwrap();
+    assert!(report.contains("metric **score**"));
+
     // SIGKILL at several points (during preparation, after k groups), then resume.
     for (i, k) in [0usize, 1, 5, 10].into_iter().enumerate() {
         let d = root.join(format!("k{i}"));
@@ -253,31 +275,6 @@ fn reproduce_is_deterministic_resumable_and_shardable() {
         ok(cmd(&spec, &d, &[]).output().unwrap());
         same_results(&a, &d);
     }
-    let _ = std::fs::remove_dir_all(&root);
-}
-
-#[test]
-fn score_mode_writes_scores_and_no_labels() {
-    let root = scratch("score");
-    let spec = root.join("mini.toml");
-    std::fs::write(&spec, SPEC).unwrap();
-    let d = root.join("s");
-    ok(cmd(&spec, &d, &["--metric", "score"]).output().unwrap());
-    let mut r = csv::Reader::from_path(d.join("summary.csv")).unwrap();
-    let h = r.headers().unwrap().clone();
-    let col = |n: &str| h.iter().position(|x| x == n).unwrap();
-    for row in r.records().map(Result::unwrap) {
-        assert_eq!(&row[col("metric")], "score");
-        assert_eq!(&row[col("refusal_rate")], "");
-        let (m, lo, hi): (f64, f64, f64) = (
-            row[col("score_mean")].parse().unwrap(),
-            row[col("score_lo")].parse().unwrap(),
-            row[col("score_hi")].parse().unwrap(),
-        );
-        assert!(lo <= m && m <= hi, "{m} [{lo}, {hi}]");
-    }
-    let report = String::from_utf8(read(&d.join("report.md"))).unwrap();
-    assert!(report.contains("metric **score**"));
     let _ = std::fs::remove_dir_all(&root);
 }
 

@@ -102,7 +102,9 @@ pub struct CompareArgs {
 #[derive(Args, Debug)]
 pub struct AgreementArgs {
     pub a: PathBuf,
-    pub b: PathBuf,
+    /// A second run; without it, A's refusal rates are compared with A's own first-token
+    /// scores (what --metric score computes).
+    pub b: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]

@@ -579,14 +579,37 @@ pub fn read_summary(dir: &Path) -> Result<(Metric, Vec<(String, f64)>)> {
     Ok((metric, out))
 }
 
+/// The mean first-token score per condition of a run's summary.
+fn read_scores(dir: &Path) -> Result<Vec<(String, f64)>> {
+    let p = dir.join("summary.csv");
+    let b = crate::util::read_input(&p, "a summary.csv")?;
+    let mut r = csv::Reader::from_reader(b.as_slice());
+    let h = r.headers().map_err(|e| Error::file(&p, format!("{e}")))?.clone();
+    let col = |n: &str| h.iter().position(|x| x == n).ok_or_else(|| Error::file(&p, format!("no column '{n}'")));
+    let (cc, cs) = (col("condition")?, col("score_mean")?);
+    r.records()
+        .map(|rec| {
+            let rec = rec.map_err(|e| Error::file(&p, format!("{e}")))?;
+            let y = rec[cs].parse().map_err(|_| Error::file(&p, format!("'{}' is not a number", &rec[cs])))?;
+            Ok((rec[cc].to_string(), y))
+        })
+        .collect()
+}
+
 /// How two runs of the same grid agree across conditions (e.g. generation vs score mode):
 /// the matched conditions and Spearman's ρ.
 ///
 /// # Errors
 /// Unreadable summaries, fewer than three shared conditions.
-pub fn agreement(a: &Path, b: &Path) -> Result<(Vec<(String, f64, f64)>, f64, Metric, Metric)> {
+pub fn agreement(a: &Path, b: Option<&Path>) -> Result<(Vec<(String, f64, f64)>, f64, Metric, Metric)> {
     let (ma, va) = read_summary(a)?;
-    let (mb, vb) = read_summary(b)?;
+    // One generation run holds both metrics: its refusal rates and its first-token scores
+    // (the very numbers score mode computes).
+    let (mb, vb) = match b {
+        Some(b) => read_summary(b)?,
+        None => (Metric::Score, read_scores(a)?),
+    };
+    let b = b.unwrap_or(a);
     let rows: Vec<(String, f64, f64)> = va
         .iter()
         .filter_map(|(c, x)| vb.iter().find(|(d, _)| d == c).map(|(_, y)| (c.clone(), *x, *y)))
