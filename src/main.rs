@@ -658,6 +658,7 @@ fn run(cli: Cli) -> Result<()> {
             write!(out, "{}", r.summary)?;
             writeln!(out, "wrote {} in {}", r.files.join(", "), a.out.display())?;
         }
+        Command::Judge(a) => cli::judge::run(&a, out)?,
         Command::Agreement(a) => {
             let (rows, rho, ma, mb) = experiment::report::agreement(&a.a, a.b.as_deref())?;
             let w = rows.iter().map(|r| r.0.len()).max().unwrap_or(9);

@@ -1,5 +1,7 @@
 //! Command-line flags (clap). No logic: each subcommand's flags become library options.
 
+pub mod judge;
+
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
@@ -55,6 +57,9 @@ pub enum Command {
     /// Compare quantized models with a reference: direction cosines, next-token KL and
     /// top-1 agreement, and refusal gating per condition (two-proportion tests).
     Compare(CompareArgs),
+    /// Judge a run directory's completions with a local GGUF judge (StrongREJECT rubric or
+    /// Llama-Guard labels).
+    Judge(judge::JudgeArgs),
     /// How two finished runs of one grid agree across conditions (Spearman's rho), e.g.
     /// --metric generate against --metric score.
     Agreement(AgreementArgs),
