@@ -68,7 +68,7 @@ pub fn reproduce(
             "threads": model.options.threads,
             "parallel": model.options.parallel,
         });
-        Some(report::finish(dir, &plan, extra)?)
+        Some(report::finish(dir, &plan, extra, groups_run > 0)?)
     } else {
         None
     };
@@ -167,7 +167,7 @@ pub fn merge(out: &Path, inputs: &[PathBuf]) -> Result<(Plan, Finished)> {
     }
     crate::util::write_atomic(&out.join("plan.json"), &bytes).map_err(|e| Error::io(out, e))?;
     let extra = json!({ "merged_from": inputs.iter().map(|p| p.display().to_string()).collect::<Vec<_>>() });
-    let f = report::finish(out, &plan, extra)?;
+    let f = report::finish(out, &plan, extra, true)?;
     Ok((plan, f))
 }
 

@@ -94,11 +94,17 @@ fn read_rows(dir: &Path, plan: &Plan) -> Result<Vec<u8>> {
     Ok(out)
 }
 
-/// Writes completions.csv, summary.csv, plots, report.md and manifest.json into `dir`.
+/// Writes completions.csv (unless it exists and `rewrite_completions` is false), summary.csv,
+/// plots, report.md and manifest.json into `dir`.
 ///
 /// # Errors
 /// Missing groups, unreadable rows, I/O errors.
-pub fn finish(dir: &Path, plan: &Plan, manifest_extra: serde_json::Value) -> Result<Finished> {
+pub fn finish(
+    dir: &Path,
+    plan: &Plan,
+    manifest_extra: serde_json::Value,
+    rewrite_completions: bool,
+) -> Result<Finished> {
     let missing = done_groups(dir, plan.n_groups).iter().filter(|d| !**d).count();
     if missing > 0 {
         return Err(Error::file(dir, format!("{missing} of {} groups are not done yet", plan.n_groups)));
@@ -173,7 +179,11 @@ pub fn finish(dir: &Path, plan: &Plan, manifest_extra: serde_json::Value) -> Res
         files.push(name.to_string());
         Ok(())
     };
-    put("completions.csv", &body)?;
+    // A finished run rerun with nothing new keeps its completions.csv as it is: columns a
+    // judge appended to it survive.
+    if rewrite_completions || !dir.join("completions.csv").exists() {
+        put("completions.csv", &body)?;
+    }
     put("summary.csv", &summary_csv(plan, &summaries)?)?;
     for (name, svg) in plots(plan, &summaries) {
         put(&format!("plots/{name}.svg"), svg.as_bytes())?;
