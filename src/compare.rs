@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use crate::chat::{Prompt, SystemPrompt};
+use crate::chat::Prompt;
 use crate::directions::select::kl;
 use crate::directions::{cosine, DirectionFile};
 use crate::error::{Error, Result};
@@ -181,11 +181,7 @@ pub fn compare(
         // Next-token distributions on the evaluation prompts, unsteered.
         let sets = crate::experiment::run::load_sets(spec)?;
         let tmpl = model.chat_template(None)?;
-        let sys = match spec.system.as_deref() {
-            None | Some("default") => SystemPrompt::TemplateDefault,
-            Some("empty") => SystemPrompt::Empty,
-            Some(t) => SystemPrompt::Text(t.to_string()),
-        };
+        let sys = crate::experiment::run::system_of(spec);
         let ps = Prompt::render_all(&model, &tmpl, &sys, sets[&eval_set].iter().map(|x| x.text.as_str()))?;
         progress("logits", 0, 1, &names[i]);
         let lg = model.session()?.first_logits(&ps, &mut HookSet::new(shape.0, shape.1))?;

@@ -203,11 +203,7 @@ impl Estimate {
 pub fn estimate(model: &Model, spec: &Spec, template: Option<String>) -> Result<Estimate> {
     let (sets, conds) = run::check(spec, model)?;
     let tmpl = model.chat_template(template)?;
-    let sys = match spec.system.as_deref() {
-        None | Some("default") => crate::chat::SystemPrompt::TemplateDefault,
-        Some("empty") => crate::chat::SystemPrompt::Empty,
-        Some(t) => crate::chat::SystemPrompt::Text(t.to_string()),
-    };
+    let sys = run::system_of(spec);
     let mut toks = std::collections::BTreeMap::new();
     let mut rendered = std::collections::BTreeMap::new();
     for (k, v) in &sets {

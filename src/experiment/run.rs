@@ -190,7 +190,8 @@ fn rows_hash(d: &Direction) -> String {
     format!("{:x}", h.finalize())
 }
 
-fn system_of(spec: &Spec) -> SystemPrompt {
+/// The system prompt a spec asks for.
+pub fn system_of(spec: &Spec) -> SystemPrompt {
     match spec.system.as_deref() {
         None | Some("default") => SystemPrompt::TemplateDefault,
         Some("empty") => SystemPrompt::Empty,
