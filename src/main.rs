@@ -53,6 +53,15 @@ fn main() -> ExitCode {
         .init();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        // A reader that went away (`| head`) is not an error of ours.
+        Err(e)
+            if e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            }) =>
+        {
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             let msg: Vec<String> = e.chain().map(|c| c.to_string()).collect();
             eprintln!("persona-gate: {}", msg.join(": ").replace('\n', " "));
