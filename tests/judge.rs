@@ -217,3 +217,27 @@ fn foreign_csv_and_short_context_are_refused() {
     assert_eq!(std::fs::read(dir.join("completions.csv")).unwrap(), before);
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// A `[judge]` table in the spec: `reproduce` judges once the grid is done, and a rerun of
+/// the finished run judges nothing new and changes nothing.
+#[test]
+fn reproduce_judges_as_it_goes() {
+    let root = scratch("spec-judge");
+    let dir = root.join("r");
+    let src = format!(
+        "{SPEC}\n[judge]\nmodel = \"{}\"\nkinds = [\"strongreject\"]\nctx = 1024\n",
+        common::model_path(common::SMOL).display()
+    );
+    make_run(&dir, &src);
+    let first = std::fs::read(dir.join("completions.csv")).unwrap();
+    let recs = records(&first);
+    let status = recs[0].iter().position(|h| h == "sr_status").expect("judge columns added");
+    for r in &recs[1..] {
+        assert!(!r[status].is_empty(), "row without a judge status");
+    }
+    let summary = std::fs::read(dir.join("judge_summary.csv")).unwrap();
+    make_run(&dir, &src);
+    assert_eq!(std::fs::read(dir.join("completions.csv")).unwrap(), first);
+    assert_eq!(std::fs::read(dir.join("judge_summary.csv")).unwrap(), summary);
+    let _ = std::fs::remove_dir_all(&root);
+}

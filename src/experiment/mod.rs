@@ -48,6 +48,11 @@ pub fn reproduce(
     progress: &mut Progress<'_>,
     note: &mut dyn FnMut(String),
 ) -> Result<Outcome> {
+    if let Some(j) = &spec.judge {
+        // A missing or broken judge model fails now, not after hours of grid.
+        crate::model::check_gguf(Path::new(&j.model))
+            .map_err(|e| Error::Invalid(format!("judge.model: {e}")))?;
+    }
     let t0 = Instant::now();
     let ready = run::prepare(spec, model, dir, opts, progress, note)?;
     let t_prep = t0.elapsed().as_secs_f64();
@@ -72,12 +77,45 @@ pub fn reproduce(
     } else {
         None
     };
+    if let (Some(j), Some(_)) = (&spec.judge, &finished) {
+        if plan.spec.metric == Metric::Generate {
+            judge_finished(model, j, dir, progress, note)?;
+        }
+    }
     Ok(Outcome {
         plan,
         groups_run,
         groups_done,
         finished,
     })
+}
+
+/// Runs the spec's judges over a finished run directory; rows already judged by the same
+/// judge are skipped, so rerunning `reproduce` only judges what is new.
+fn judge_finished(
+    model: &Model,
+    j: &spec::JudgeSpec,
+    dir: &Path,
+    progress: &mut Progress<'_>,
+    note: &mut dyn FnMut(String),
+) -> Result<()> {
+    let opts = crate::model::ModelOptions {
+        ctx: j.ctx,
+        ..model.options.clone()
+    };
+    let jm = Model::load(Path::new(&j.model), &opts)?;
+    for k in &j.kinds {
+        let kind: crate::judge::JudgeKind = k.parse()?;
+        let s = crate::judge::judge_run(
+            dir,
+            &jm,
+            kind,
+            j.template.as_deref().map(Path::new),
+            &mut |d, t| progress("judge", d, t, k),
+        )?;
+        note(s.table());
+    }
+    Ok(())
 }
 
 /// Joins shard run directories into `out` and writes the outputs. Every input must hold the

@@ -82,9 +82,33 @@ pub struct Spec {
     #[serde(default)]
     pub steer: Option<SteerSpec>,
     pub experiment: Vec<ExperimentSpec>,
+    /// Judge the completions once the grid is done (see `persona-gate judge`). Not part of
+    /// the run's fingerprint: adding or changing a judge never invalidates a finished grid.
+    #[serde(default, skip_serializing)]
+    pub judge: Option<JudgeSpec>,
     /// Where the spec came from (a path or "preset"), for messages; not part of results.
     #[serde(skip)]
     pub origin: String,
+}
+
+/// A local GGUF judge run over the finished grid.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct JudgeSpec {
+    /// The judge model (GGUF).
+    pub model: String,
+    /// `strongreject` and/or `llamaguard`.
+    pub kinds: Vec<String>,
+    /// Template file overriding the built-in one (applies to every kind listed).
+    #[serde(default)]
+    pub template: Option<String>,
+    /// Context per sequence for the judge (rubric prompt + completion).
+    #[serde(default = "d_judge_ctx")]
+    pub ctx: u32,
+}
+
+fn d_judge_ctx() -> u32 {
+    2048
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -580,6 +604,15 @@ impl Spec {
             }
             if !s.target.is_finite() {
                 return Err(err(&o("steer.target"), "must be finite"));
+            }
+        }
+        if let Some(j) = &self.judge {
+            if j.kinds.is_empty() {
+                return Err(err(&o("judge.kinds"), "list at least one of strongreject, llamaguard"));
+            }
+            for k in &j.kinds {
+                k.parse::<crate::judge::JudgeKind>()
+                    .map_err(|e| err(&o("judge.kinds"), e))?;
             }
         }
         if self.experiment.is_empty() {
