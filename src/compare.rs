@@ -125,6 +125,7 @@ pub struct Compared {
 }
 
 /// Runs `spec` on the reference and every model and writes the comparison into `out`.
+#[allow(clippy::too_many_arguments)]
 ///
 /// # Errors
 /// Load, spec, engine or I/O errors; models with another vocabulary or depth.

@@ -178,8 +178,7 @@ impl Labeler {
     /// minimum length (see `min_tokens` in the experiment runner).
     pub fn settled(&self, text: &str) -> bool {
         let t = text.trim_start();
-        self.is_refusal(t) && !self.anywhere
-            || (!self.anywhere && t.chars().count() > self.window + 40)
+        !self.anywhere && (self.is_refusal(t) || t.chars().count() > self.window + 40)
     }
 }
 

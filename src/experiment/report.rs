@@ -340,7 +340,7 @@ fn plots(plan: &Plan, s: &[CondSummary]) -> Vec<(String, String)> {
         for r in &p.reference {
             if let Some((i, _)) = plan.conditions.iter().enumerate().find(|(_, c)| &c.experiment == r) {
                 let y = y_of(metric, &s[i]);
-                list.push(Series { name: format!("{r}"), points: vec![(xmin, y), (xmax, y)], band: None });
+                list.push(Series { name: r.to_string(), points: vec![(xmin, y), (xmax, y)], band: None });
             }
         }
         let title = if e.title.is_empty() { e.id.clone() } else { format!("{}: {}", e.id, e.title) };
@@ -413,7 +413,7 @@ fn report_md(plan: &Plan, s: &[CondSummary]) -> String {
     let _ = writeln!(m, "| claim | paper (Llama-3.1-8B / Qwen2.5-7B) | this run |");
     let _ = writeln!(m, "|---|---|---|");
     let base = of(Role::Baseline);
-    let base_y = base.first().map(|c| y(c));
+    let base_y = base.first().map(&y);
     let line = |m: &mut String, claim: &str, paper: &str, ours: String| {
         let _ = writeln!(m, "| {claim} | {paper} | {ours} |");
     };
@@ -432,7 +432,7 @@ fn report_md(plan: &Plan, s: &[CondSummary]) -> String {
         let half = plan.model.n_layer as f64 / 2.0;
         let (early, late): (Vec<&CondSummary>, Vec<&CondSummary>) =
             add.iter().partition(|c| layer(c).is_some_and(|l| l < half));
-        let avg = |v: &[&CondSummary]| v.iter().map(|c| y(c)).sum::<f64>() / v.len().max(1) as f64;
+        let avg = |v: &[&CondSummary]| v.iter().map(&y).sum::<f64>() / v.len().max(1) as f64;
         let bi = best(&add, true).expect("non-empty");
         line(
             &mut m,
