@@ -102,9 +102,16 @@ fn judges_a_run_directory_and_skips_judged_rows() {
     assert!(calls > 1);
     assert_eq!((s.rows, s.judged_now, s.already_judged, s.no_completion), (5, 5, 0, 0));
     let after = std::fs::read(dir.join("completions.csv")).unwrap();
-    // Existing columns byte for byte; summary.csv untouched.
+    // Existing columns byte for byte.
     assert_eq!(first_columns(&after, n_cols), original);
-    assert_eq!(std::fs::read(dir.join("summary.csv")).unwrap(), summary_before);
+    // summary.csv: its own columns byte for byte, judged rates appended with intervals.
+    let summary_after = std::fs::read(dir.join("summary.csv")).unwrap();
+    let s_cols = records(&summary_before)[0].len();
+    assert_eq!(first_columns(&summary_after, s_cols), summary_before);
+    let sh = records(&summary_after);
+    let at = sh[0].iter().position(|h| h == "judged_sr_refused").expect("judged rates in summary.csv");
+    assert_eq!(&sh[0][at + 1], "judged_sr_refused_lo");
+    assert!(sh[1..].iter().all(|r| r[at + 3].parse::<usize>().is_ok()));
     let recs = records(&after);
     assert_eq!(recs[0].len(), n_cols + JudgeKind::StrongReject.columns().len());
     for row in 1..=n_rows {

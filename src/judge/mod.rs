@@ -1018,6 +1018,7 @@ pub fn judge_run_with(
     let all = summarize(&recs, seed);
     let spath = dir.join("judge_summary.csv");
     write_atomic(&spath, &summary_csv(&all)?).map_err(|e| Error::io(&spath, e))?;
+    add_to_run_summary(dir, &all)?;
     let unparseable = recs
         .iter()
         .skip(1)
@@ -1036,6 +1037,66 @@ pub fn judge_run_with(
         seconds: t0.elapsed().as_secs_f64(),
         summary: all.into_iter().filter(|r| r.judge == kind).collect(),
     })
+}
+
+/// Prefix of the columns `judge` appends to the run's `summary.csv`.
+pub const SUMMARY_PREFIX: &str = "judged_";
+
+/// Appends every judged metric to the run's `summary.csv` as `judged_<metric>`, `_lo`, `_hi`
+/// and `_n` per condition. The run's own columns are kept as they are; earlier `judged_`
+/// columns are replaced.
+fn add_to_run_summary(dir: &Path, all: &[SummaryRow]) -> Result<()> {
+    let p = dir.join("summary.csv");
+    let Ok(b) = std::fs::read(&p) else {
+        return Ok(());
+    };
+    let recs: Vec<csv::StringRecord> = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .from_reader(b.as_slice())
+        .records()
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|e| Error::file(&p, e.to_string()))?;
+    let Some(head) = recs.first() else {
+        return Ok(());
+    };
+    let keep: Vec<usize> = (0..head.len())
+        .filter(|&i| !head[i].starts_with(SUMMARY_PREFIX))
+        .collect();
+    let cond_col = head
+        .iter()
+        .position(|h| h == "condition")
+        .ok_or_else(|| Error::file(&p, "no column 'condition'"))?;
+    let mut metrics: Vec<String> = vec![];
+    for r in all {
+        if !metrics.contains(&r.metric) {
+            metrics.push(r.metric.clone());
+        }
+    }
+    let fmt = |x: Option<f64>| x.map_or(String::new(), |v| format!("{v:.4}"));
+    let mut w = csv::Writer::from_writer(Vec::new());
+    for (i, r) in recs.iter().enumerate() {
+        let mut v: Vec<String> = keep.iter().map(|&c| r[c].to_string()).collect();
+        for m in &metrics {
+            if i == 0 {
+                for suffix in ["", "_lo", "_hi", "_n"] {
+                    v.push(format!("{SUMMARY_PREFIX}{m}{suffix}"));
+                }
+                continue;
+            }
+            match all.iter().find(|s| &s.metric == m && s.condition == r[cond_col]) {
+                Some(s) => v.extend([
+                    fmt(s.value),
+                    fmt(s.ci.map(|c| c.0)),
+                    fmt(s.ci.map(|c| c.1)),
+                    s.n.to_string(),
+                ]),
+                None => v.extend(std::iter::repeat_n(String::new(), 4)),
+            }
+        }
+        w.write_record(&v).map_err(|e| Error::Invalid(format!("csv: {e}")))?;
+    }
+    let out = w.into_inner().map_err(|e| Error::Invalid(format!("csv: {e}")))?;
+    write_atomic(&p, &out).map_err(|e| Error::io(&p, e))
 }
 
 fn apply(
