@@ -16,10 +16,11 @@ use std::path::{Path, PathBuf};
 
 use crate::chat::Prompt;
 use crate::directions::select::kl;
+use crate::engine::argmax;
 use crate::directions::{cosine, DirectionFile};
 use crate::error::{Error, Result};
 use crate::experiment::report::wilson;
-use crate::experiment::run::{Progress, RunOptions};
+use crate::experiment::run::{Plan, Progress, RunOptions};
 use crate::experiment::spec::{DirectionSpec, Metric, Spec};
 use crate::hooks::HookSet;
 use crate::model::{Model, ModelOptions};
@@ -92,8 +93,7 @@ fn read_counts(dir: &Path) -> Result<Vec<(String, Counts)>> {
 /// The spec with every extracted direction replaced by the reference run's copy, and the
 /// steering layer and coefficient fixed to the reference's.
 fn cross_spec(spec: &Spec, ref_dir: &Path) -> Result<Spec> {
-    let plan: crate::experiment::run::Plan = serde_json::from_slice(&crate::util::read_input(&ref_dir.join("plan.json"), "a plan.json")?)
-        .map_err(|e| Error::file(ref_dir.join("plan.json"), e.to_string()))?;
+    let (_, plan) = Plan::read(ref_dir)?;
     let file = ref_dir.join("prepared.safetensors").display().to_string();
     let mut s = spec.clone();
     s.name = format!("{}-refdirs", spec.name);
@@ -151,6 +151,7 @@ pub fn compare(
         names.push(n);
     }
     let eval_set = spec.experiment[0].prompts.clone();
+    let sets = crate::experiment::run::load_sets(spec)?;
     let mut ref_logits: Vec<Vec<f32>> = vec![];
     let mut ref_shape = (0, 0, 0);
     let mut quant: Vec<String> = vec![];
@@ -180,7 +181,6 @@ pub fn compare(
             crate::experiment::reproduce(&model, &cs, &cdir, &RunOptions::default(), progress, note)?;
         }
         // Next-token distributions on the evaluation prompts, unsteered.
-        let sets = crate::experiment::run::load_sets(spec)?;
         let tmpl = model.chat_template(None)?;
         let sys = crate::experiment::run::system_of(spec);
         let ps = Prompt::render_all(&model, &tmpl, &sys, sets[&eval_set].iter().map(|x| x.text.as_str()))?;
@@ -203,16 +203,6 @@ pub fn compare(
         }
     }
     write_outputs(out, spec, &names, &quant, &kl_rows, cross)
-}
-
-fn argmax(x: &[f32]) -> usize {
-    let mut b = 0;
-    for (i, &v) in x.iter().enumerate() {
-        if v > x[b] {
-            b = i;
-        }
-    }
-    b
 }
 
 fn write_outputs(
@@ -317,8 +307,7 @@ fn write_outputs(
             }
             // Gating curves: every plotted experiment, refusal rate against its x, per model.
             if which == "own" {
-                let plan: crate::experiment::run::Plan = serde_json::from_slice(&crate::util::read_input(&dir.join("plan.json"), "a plan.json")?)
-                    .map_err(|e| Error::file(dir.join("plan.json"), e.to_string()))?;
+                let (_, plan) = Plan::read(&dir)?;
                 for ex in spec.experiment.iter().filter(|x| x.plot.is_some()) {
                     let x = &ex.plot.as_ref().expect("filtered").x;
                     let mut pts = vec![];

@@ -76,7 +76,8 @@ pub struct Session<'m> {
 /// in f32 inside the graph, the probe compares two separate decodes.
 const CVEC_PROBE_TOL: f32 = 1e-3;
 
-fn argmax(x: &[f32]) -> Token {
+/// The greedy choice: the first index of the largest logit.
+pub fn argmax(x: &[f32]) -> Token {
     let mut best = 0;
     for (i, &v) in x.iter().enumerate() {
         if v > x[best] {

@@ -100,15 +100,18 @@ fn quantize_then_compare_against_the_f16_reference() {
     let spec = root.join("cmp.toml");
     std::fs::write(&spec, SPEC).unwrap();
     let out = root.join("cmp");
-    let so = ok(bin()
-        .args(["compare", "-t", "2", "--ctx", "256", "--reference"])
-        .arg(f("F16"))
-        .arg("--models")
-        .args([f("Q8_0"), f("Q4_K_M"), f("Q2_K")])
-        .arg("--spec")
-        .arg(&spec)
-        .arg("-o")
-        .arg(&out));
+    let compare = || {
+        ok(bin()
+            .args(["compare", "-t", "2", "--ctx", "256", "--reference"])
+            .arg(f("F16"))
+            .arg("--models")
+            .args([f("Q8_0"), f("Q4_K_M"), f("Q2_K")])
+            .arg("--spec")
+            .arg(&spec)
+            .arg("-o")
+            .arg(&out))
+    };
+    let so = compare();
     for file in ["cosines.csv", "kl.csv", "rates.csv", "compare.md", "plots/cosine-persona.svg", "plots/cosine-refusal.svg", "plots/gating-E2.svg"] {
         assert!(out.join(file).is_file(), "{file} missing: {so}");
     }
@@ -144,15 +147,7 @@ fn quantize_then_compare_against_the_f16_reference() {
     assert!(out.join("runs/SmolLM2-135M-Instruct.Q2_K-refdirs/summary.csv").is_file());
     // Rerun: every model's run resumes with nothing to do, same tables.
     let before = std::fs::read(out.join("rates.csv")).unwrap();
-    ok(bin()
-        .args(["compare", "-t", "2", "--ctx", "256", "--reference"])
-        .arg(f("F16"))
-        .arg("--models")
-        .args([f("Q8_0"), f("Q4_K_M"), f("Q2_K")])
-        .arg("--spec")
-        .arg(&spec)
-        .arg("-o")
-        .arg(&out));
+    compare();
     assert_eq!(before, std::fs::read(out.join("rates.csv")).unwrap());
     let _ = std::fs::remove_dir_all(&root);
 }

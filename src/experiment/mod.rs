@@ -127,16 +127,9 @@ pub fn merge(out: &Path, inputs: &[PathBuf]) -> Result<(Plan, Finished)> {
     if inputs.is_empty() {
         return Err(Error::Invalid("merge: no input run directories".into()));
     }
-    let read_plan = |d: &Path| -> Result<(Vec<u8>, Plan)> {
-        let p = d.join("plan.json");
-        let b = crate::util::read_input(&p, "a plan.json")?;
-        let plan = serde_json::from_slice(&b)
-            .map_err(|e| Error::file(&p, format!("not a plan file: {e}")))?;
-        Ok((b, plan))
-    };
-    let (bytes, plan) = read_plan(&inputs[0])?;
+    let (bytes, plan) = Plan::read(&inputs[0])?;
     for d in &inputs[1..] {
-        let (b, _) = read_plan(d)?;
+        let (b, _) = Plan::read(d)?;
         if b != bytes {
             return Err(Error::file(
                 d.join("plan.json"),
@@ -145,7 +138,7 @@ pub fn merge(out: &Path, inputs: &[PathBuf]) -> Result<(Plan, Finished)> {
         }
     }
     if out.join("plan.json").exists() {
-        let (b, _) = read_plan(out)?;
+        let (b, _) = Plan::read(out)?;
         if b != bytes {
             return Err(Error::file(out, "holds another run; use an empty --out directory"));
         }

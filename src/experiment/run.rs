@@ -101,6 +101,18 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// Reads `DIR/plan.json`: its bytes (shards are compared by them) and the plan.
+    ///
+    /// # Errors
+    /// A missing or unreadable file, or one that is not a plan.
+    pub fn read(dir: &Path) -> Result<(Vec<u8>, Plan)> {
+        let p = dir.join("plan.json");
+        let b = crate::util::read_input(&p, "a plan.json")?;
+        let plan = serde_json::from_slice(&b)
+            .map_err(|e| Error::file(&p, format!("not a plan file: {e}")))?;
+        Ok((b, plan))
+    }
+
     /// The (condition, prompt) pairs of group `g`.
     pub fn group_pairs(&self, g: usize) -> Vec<(usize, usize)> {
         let gs = self.spec.group_size;
@@ -347,8 +359,7 @@ pub fn prepare<'m>(
     let plan_path = dir.join("plan.json");
     let dirs_path = dir.join("prepared.safetensors");
     if plan_path.exists() {
-        let plan: Plan = serde_json::from_slice(&crate::util::read_input(&plan_path, "a plan")?)
-            .map_err(|e| Error::file(&plan_path, format!("not a plan file: {e}")))?;
+        let (_, plan) = Plan::read(dir)?;
         if plan.fingerprint != fp {
             return Err(Error::file(
                 dir,

@@ -1116,9 +1116,7 @@ fn apply(
 }
 
 fn read_plan(dir: &Path) -> Result<Plan> {
-    let p = dir.join("plan.json");
-    let b = std::fs::read(&p).map_err(|e| Error::io(&p, e))?;
-    serde_json::from_slice(&b).map_err(|e| Error::file(&p, format!("not a run plan: {e}")))
+    Plan::read(dir).map(|(_, p)| p)
 }
 
 /// Judged rates per condition, for every judge whose columns the CSV has.
