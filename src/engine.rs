@@ -208,24 +208,39 @@ impl<'m> Session<'m> {
         Ok(out)
     }
 
+    /// Takes the greedy token from a sequence's logits. Non-finite logits (an overflowing
+    /// edit, a broken model file) end the run with the sequence's name rather than letting
+    /// argmax pick a token from NaNs.
     fn accept(
         &mut self,
         s: &mut SeqState,
         logits: &[f32],
         cfg: &GenConfig,
+        hooks: &HookSet,
         stop: &mut dyn FnMut(usize, &[Token]) -> bool,
-    ) {
+    ) -> Result<()> {
+        if let Some(bad) = logits.iter().position(|x| !x.is_finite()) {
+            let whose = match hooks.seq_label(s.global) {
+                Some(n) => n.to_string(),
+                None => format!("prompt {}", s.global),
+            };
+            return Err(Error::Invalid(format!(
+                "non-finite logit {} (token id {bad}) at generated token {} of {whose}",
+                logits[bad],
+                s.tokens.len(),
+            )));
+        }
         if cfg.keep_first_logits && s.first_logits.is_none() {
             s.first_logits = Some(logits.to_vec());
         }
         if cfg.max_new_tokens == 0 {
             s.done = Some(StopReason::MaxTokens);
-            return;
+            return Ok(());
         }
         let t = argmax(logits);
         if self.model.is_eog(t) && !cfg.ignore_eog {
             s.done = Some(StopReason::Eog);
-            return;
+            return Ok(());
         }
         s.tokens.push(t);
         if s.tokens.len() >= cfg.max_new_tokens {
@@ -233,6 +248,7 @@ impl<'m> Session<'m> {
         } else if stop(s.global, &s.tokens) {
             s.done = Some(StopReason::Predicate);
         }
+        Ok(())
     }
 
     fn run_wave(
@@ -284,7 +300,7 @@ impl<'m> Session<'m> {
                 self.stats.prompt_tokens += chunk.len() as u64;
             }
             let logits = self.ctx.logits(self.batch.len() - 1).to_vec();
-            self.accept(&mut seqs[slot], &logits, cfg, stop);
+            self.accept(&mut seqs[slot], &logits, cfg, hooks, stop)?;
         }
         self.stats.prompt_time += t0.elapsed();
         // Generation: one token per sequence per step, over the run of slots from the first to
@@ -330,7 +346,7 @@ impl<'m> Session<'m> {
             self.flush(&mut rows, hooks)?;
             for &slot in &live {
                 let logits = self.ctx.logits(slot - first).to_vec();
-                self.accept(&mut seqs[slot], &logits, cfg, stop);
+                self.accept(&mut seqs[slot], &logits, cfg, hooks, stop)?;
                 self.stats.gen_tokens += 1;
             }
         }

@@ -331,6 +331,8 @@ pub struct HookSet {
     want: Vec<bool>,
     rows: Vec<RowInfo>,
     out_rows: Vec<usize>,
+    /// What each sequence is (e.g. `condition E2[layer=5], prompt 3`), for error messages.
+    names: Vec<String>,
 }
 
 impl HookSet {
@@ -343,7 +345,19 @@ impl HookSet {
             want: vec![false; n_layer],
             rows: vec![],
             out_rows: vec![],
+            names: vec![],
         }
+    }
+
+    /// Names the batch's sequences (by index) so that a non-finite value is reported with
+    /// the condition it came from, not just a row number.
+    pub fn name_sequences(&mut self, names: Vec<String>) {
+        self.names = names;
+    }
+
+    /// What sequence `seq` was named, if it was.
+    pub fn seq_label(&self, seq: usize) -> Option<&str> {
+        self.names.get(seq).map(String::as_str)
     }
 
     fn check(
@@ -450,6 +464,11 @@ impl HookSet {
     }
 }
 
+/// ` (condition …)` for sequence `seq`, or nothing when unnamed.
+fn seq_name(names: &[String], seq: usize) -> String {
+    names.get(seq).map(|n| format!(" ({n})")).unwrap_or_default()
+}
+
 fn dot(a: &[f32], b: &[f32]) -> f64 {
     a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum()
 }
@@ -479,6 +498,7 @@ impl LayerVisitor for HookSet {
             ));
         };
         let mut modified = false;
+        let mut edited = vec![false; map.len()];
         for kind in [EditKind::Add, EditKind::Project] {
             for e in self.edits.iter_mut().filter(|e| e.kind == kind) {
                 let Some(v) = e.vectors.get(&layer) else {
@@ -501,7 +521,21 @@ impl LayerVisitor for HookSet {
                     }
                     e.touched += 1;
                     modified = true;
+                    edited[r] = true;
                 }
+            }
+        }
+        // An edit that overflows (a huge coefficient) must stop the run here, naming the
+        // layer and condition, rather than surface later as NaN logits or a silent label.
+        for (r, _) in edited.iter().enumerate().filter(|(_, e)| **e) {
+            let h = &data[r * n_embd..(r + 1) * n_embd];
+            if let Some(bad) = h.iter().position(|x| !x.is_finite()) {
+                let seq = self.rows[map[r]].seq;
+                return Err(format!(
+                    "non-finite activation {} after the edits, row {r} (sequence {seq}{}), dim {bad}",
+                    h[bad],
+                    seq_name(&self.names, seq)
+                ));
             }
         }
         for c in &mut self.captures {
@@ -518,8 +552,10 @@ impl LayerVisitor for HookSet {
                 let h = &data[r * n_embd..(r + 1) * n_embd];
                 if let Some(bad) = h.iter().position(|x| !x.is_finite()) {
                     return Err(format!(
-                        "non-finite activation {} in row {r} (sequence {}), dim {bad}",
-                        h[bad], row.seq
+                        "non-finite activation {} in row {r} (sequence {}{}), dim {bad}",
+                        h[bad],
+                        row.seq,
+                        seq_name(&self.names, row.seq)
                     ));
                 }
                 let cell = c.cell(g, slot, li);
@@ -578,6 +614,22 @@ mod tests {
             .to_string()
             .contains("empty"));
         assert!(parse_layers("x", 8).is_err());
+    }
+
+    #[test]
+    fn an_edit_that_overflows_names_the_sequence() {
+        // Two finite additions whose sum overflows f32 in one row.
+        let mut hs = HookSet::new(2, 3);
+        for _ in 0..2 {
+            hs.add_edit(Edit::add([(1, vec![0.0, 3e38, 0.0])].into(), Scope::only(vec![1])))
+                .unwrap();
+        }
+        hs.set_rows(rows(2));
+        hs.name_sequences(vec!["condition A, prompt 0".into(), "condition B, prompt 0".into()]);
+        let mut d = vec![1.0; 6];
+        let e = hs.visit(1, &mut d, 2).unwrap_err();
+        assert!(e.contains("non-finite activation inf"), "{e}");
+        assert!(e.contains("sequence 1 (condition B, prompt 0)"), "{e}");
     }
 
     #[test]

@@ -955,3 +955,107 @@ fn full_disk() {
     );
     assert_eq!(std::fs::read_dir(&fs.0).unwrap().count(), 0);
 }
+
+// ---- numerical guards (issue 6, part 4) ----------------------------------------------------
+
+/// SmolLM2 with its final norm's weights set to NaN, as a broken file might have: every
+/// logit is NaN while every residual activation stays finite.
+fn nan_model(d: &Path) -> PathBuf {
+    let src = common::model_path(common::SMOL);
+    let g = persona_gate::gguf::Gguf::open(&src).unwrap();
+    let t = g
+        .tensors
+        .iter()
+        .find(|t| t.name == "output_norm.weight")
+        .unwrap();
+    assert_eq!(t.ggml_type, 0, "output_norm.weight is F32");
+    let mut bytes = std::fs::read(&src).unwrap();
+    for i in 0..t.dims.iter().product::<u64>() as usize {
+        let o = t.offset as usize + 4 * i;
+        bytes[o..o + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    }
+    let p = d.join("nan.gguf");
+    std::fs::write(&p, bytes).unwrap();
+    p
+}
+
+const BASELINE_SPEC: &str = r#"
+name = "nan"
+[generation]
+max_new_tokens = 4
+min_tokens = 1
+[prompts.eval]
+source = "builtin:harmful"
+n = 2
+[directions.noise]
+kind = "random"
+seed = 0
+[[experiment]]
+id = "E0"
+prompts = "eval"
+[[experiment]]
+id = "big"
+prompts = "eval"
+intervention = [{ direction = "noise", op = "add", layers = 3, coefficient = COEF }]
+"#;
+
+#[test]
+fn non_finite_logits_name_the_prompt() {
+    let d = scratch("nan-logits");
+    nan_model(&d);
+    fails(
+        &d,
+        &["generate", "-m", "nan.gguf", "-t", "2", "-p", "Hello"],
+        &["non-finite logit NaN", "at generated token 0 of prompt 0"],
+    );
+}
+
+/// Runs `reproduce` with [`BASELINE_SPEC`] and asserts a one-line failure with `needles`
+/// and that no results (group CSVs, summary) were written.
+fn reproduce_fails_without_results(d: &Path, model: &str, coef: &str, needles: &[&str]) {
+    std::fs::write(d.join("s.toml"), BASELINE_SPEC.replace("COEF", coef)).unwrap();
+    let out = bin()
+        .current_dir(d)
+        .args(["reproduce", "-m", model, "-t", "2", "--spec", "s.toml", "-o", "run"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && out.status.code().is_some(), "{err}");
+    let last = err.lines().last().unwrap_or("");
+    assert!(last.starts_with("persona-gate: "), "{err}");
+    for n in needles {
+        assert!(last.contains(n), "'{n}' not in: {err}");
+    }
+    for bad in ["panicked", "abort", "core dumped"] {
+        assert!(!err.contains(bad), "{err}");
+    }
+    let groups: Vec<_> = std::fs::read_dir(d.join("run/groups"))
+        .map(|r| r.filter_map(|e| e.ok()).map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(groups.is_empty(), "results written: {groups:?}");
+    assert!(!d.join("run/summary.csv").exists());
+    assert!(!d.join("run/completions.csv").exists());
+}
+
+#[test]
+fn non_finite_logits_in_a_run_name_the_condition() {
+    let d = scratch("nan-run");
+    nan_model(&d);
+    reproduce_fails_without_results(
+        &d,
+        "nan.gguf",
+        "1",
+        &["non-finite logit NaN", "at generated token 0 of condition E0, prompt 0, group 0"],
+    );
+}
+
+#[test]
+fn overflowing_coefficient_names_the_condition_and_layer() {
+    let d = scratch("overflow");
+    reproduce_fails_without_results(
+        &d,
+        &smol(),
+        "1e300",
+        &["condition big: 1e300 x noise at resid_post.3 overflows f32"],
+    );
+}

@@ -714,13 +714,22 @@ impl Ready<'_> {
         };
         let norms = self.plan.resolved.resid_norms.get(&cond.prompts);
         Ok(match iv.op {
-            Op::Add => Edit::add(
-                iv.layers
-                    .iter()
-                    .map(|&l| (l, add_vector(row(l), iv.coefficient, iv.scale, norms.map(|n| n[l]))))
-                    .collect(),
-                Scope::only(seqs),
-            ),
+            Op::Add => {
+                let mut vectors = BTreeMap::new();
+                for &l in &iv.layers {
+                    let v = add_vector(row(l), iv.coefficient, iv.scale, norms.map(|n| n[l]));
+                    if v.iter().any(|x| !x.is_finite()) {
+                        return Err(Error::Invalid(format!(
+                            "condition {}: {:e} x {} at resid_post.{l} overflows f32; use a smaller coefficient",
+                            cond.id,
+                            iv.coefficient,
+                            iv.direction
+                        )));
+                    }
+                    vectors.insert(l, v);
+                }
+                Edit::add(vectors, Scope::only(seqs))
+            }
             Op::Project => Edit::project(
                 iv.layers.iter().map(|&l| (l, row(l).clone())).collect(),
                 Scope::only(seqs),
@@ -761,6 +770,12 @@ impl Ready<'_> {
                 }
             }
         }
+        hooks.name_sequences(
+            pairs
+                .iter()
+                .map(|&(c, p)| format!("condition {}, prompt {p}, group {g}", plan.conditions[c].id))
+                .collect(),
+        );
         let labeler = labeler(&plan.spec);
         let gen = &plan.spec.generation;
         let cfg = GenConfig {
@@ -779,15 +794,10 @@ impl Ready<'_> {
         let mut w = csv::WriterBuilder::new()
             .has_headers(false)
             .from_writer(Vec::new());
-        for (i, (&(c, p), o)) in pairs.iter().zip(&out).enumerate() {
+        for (&(c, p), o) in pairs.iter().zip(&out) {
             let cond = &plan.conditions[c];
+            // The engine has checked every logit for finiteness, naming the condition.
             let logits = o.first_logits.as_deref().expect("keep_first_logits was set");
-            if let Some(bad) = logits.iter().position(|x| !x.is_finite()) {
-                return Err(Error::Invalid(format!(
-                    "condition {}: prompt {p}: non-finite logit {} at token {bad} (row {i} of group {g})",
-                    cond.id, logits[bad]
-                )));
-            }
             let score = refusal_score(logits, toks);
             let ins = &self.instructions[&cond.prompts][p];
             let (label, reason, ntok, stop) = match plan.spec.metric {
