@@ -38,6 +38,7 @@ pub mod gguf;
 pub mod hooks;
 pub mod judge;
 pub mod label;
+pub mod memory;
 pub mod model;
 pub mod plot;
 pub mod prompts;

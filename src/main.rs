@@ -131,9 +131,20 @@ fn run(cli: Cli) -> Result<()> {
     let out = &mut std::io::stdout().lock();
     match cli.command {
         Command::Info(a) => {
-            let model = load(&a.model)?;
+            let model = Model::load_with(&a.model.model, &a.model.options(), false)?;
             let tmpl = template(&model, &a.prompt)?;
             writeln!(out, "{}", model.info)?;
+            let o = &model.options;
+            let need = model.footprint.need(o.ctx, o.batch, o.parallel);
+            writeln!(
+                out,
+                "memory        about {} for --parallel {} x --ctx {} ({} available: {})",
+                persona_gate::memory::gib(need),
+                o.parallel,
+                o.ctx,
+                model.budget.as_ref().map_or("unknown".into(), |b| persona_gate::memory::gib(b.bytes)),
+                model.budget.as_ref().map_or("not readable here", |b| b.source.as_str()),
+            )?;
             writeln!(out, "sha256        {}", model.sha256()?)?;
             let src = model.info.chat_template.as_deref().unwrap_or("");
             writeln!(

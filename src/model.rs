@@ -11,6 +11,7 @@ use crate::chat::ChatTemplate;
 use crate::error::{Error, Result};
 use crate::ffi;
 use crate::gguf::{self, Gguf};
+use crate::memory;
 
 /// How to load and run a model; the CLI's `--threads`, `--n-gpu-layers`, `--ctx`, … .
 #[derive(Debug, Clone)]
@@ -30,6 +31,8 @@ pub struct ModelOptions {
     /// several sequences, which moved resid_post.0 by ~1.5% and logits by up to ~1 between a
     /// prompt run alone and in a batch; without it, batched and solo are bit-identical.
     pub flash_attn: Option<bool>,
+    /// Memory the run may use (`--max-memory`); None: what the system reports available.
+    pub max_memory: Option<u64>,
 }
 
 impl Default for ModelOptions {
@@ -43,6 +46,7 @@ impl Default for ModelOptions {
             parallel: 16,
             use_extra_bufts: true,
             flash_attn: Some(false),
+            max_memory: None,
         }
     }
 }
@@ -68,6 +72,11 @@ pub struct Model {
     pub(crate) raw: ffi::Model,
     pub info: ModelInfo,
     pub gguf: Gguf,
+    /// What the memory check estimated from the header.
+    pub footprint: memory::Footprint,
+    /// The memory budget seen when loading (None where it cannot be read).
+    pub budget: Option<memory::Budget>,
+    /// As given, except `parallel`, which the memory check may have lowered.
     pub options: ModelOptions,
 }
 
@@ -95,6 +104,17 @@ impl Model {
     /// # Errors
     /// See [`check_gguf`]; llama.cpp load failures carry llama.cpp's own message.
     pub fn load(path: &Path, options: &ModelOptions) -> Result<Model> {
+        Model::load_with(path, options, true)
+    }
+
+    /// As [`Model::load`]; `check_memory` false skips the memory check (for `info`, which
+    /// decodes nothing and should describe a model too big to run here).
+    ///
+    /// # Errors
+    /// As [`Model::load`].
+    pub fn load_with(path: &Path, options: &ModelOptions, check_memory: bool) -> Result<Model> {
+        // Measured before the weights are mapped, so they are not counted twice.
+        let budget = memory::budget(options.max_memory);
         let gguf = check_gguf(path)?;
         let arch = gguf
             .arch()
@@ -123,11 +143,25 @@ impl Model {
             desc: raw.desc(),
             arch,
         };
+        let footprint = memory::Footprint::of(&gguf, info.n_layer, info.n_embd, info.n_vocab);
+        let mut options = options.clone();
+        // GPU memory is not estimated; llama.cpp's own allocation failure is reported.
+        if let (true, 0, Some(b)) = (check_memory, options.n_gpu_layers, &budget) {
+            let (p, note) =
+                memory::fit(&footprint, b, options.ctx, options.batch, options.parallel)
+                    .map_err(|e| Error::file(path, e.to_string()))?;
+            if let Some(n) = note {
+                tracing::warn!("{n}");
+            }
+            options.parallel = p;
+        }
         Ok(Model {
             raw,
             info,
             gguf,
-            options: options.clone(),
+            footprint,
+            budget,
+            options,
         })
     }
 

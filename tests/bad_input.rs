@@ -1059,3 +1059,43 @@ fn overflowing_coefficient_names_the_condition_and_layer() {
         &["condition big: 1e300 x noise at resid_post.3 overflows f32"],
     );
 }
+
+// ---- resource bounds (issue 6, part 5) -----------------------------------------------------
+
+#[test]
+fn a_model_that_does_not_fit_is_refused_up_front() {
+    let d = scratch("memory");
+    fails(
+        &d,
+        &["generate", "-m", &smol(), "-t", "2", "--max-memory", "200M", "-p", "Hi"],
+        &["SmolLM2-135M-Instruct.Q4_1.gguf", "not enough memory", "--max-memory allows 200 MiB", "lower --ctx"],
+    );
+    fails(
+        &d,
+        &["generate", "-m", &smol(), "--max-memory", "lots", "-p", "Hi"],
+        &["--max-memory", "'lots' is not a size"],
+    );
+}
+
+/// A budget that fits fewer sequences than `--parallel` runs fewer at a time, with a
+/// warning, and gives the same completions (batched equals solo).
+#[test]
+fn parallel_adapts_to_the_memory_budget() {
+    let run = |extra: &[&str]| {
+        let m = smol();
+        let mut args = vec!["generate", "-m", &m, "-t", "2", "--max-new-tokens", "12"];
+        args.extend_from_slice(extra);
+        for p in ["Name a colour.", "What is 2+2?", "Say hello.", "Name a fruit.", "Why is the sky blue?", "Count to three."] {
+            args.extend(["-p", p]);
+        }
+        let out = bin().args(&args).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        (String::from_utf8(out.stdout).unwrap(), String::from_utf8_lossy(&out.stderr).to_string())
+    };
+    let (free, free_err) = run(&[]);
+    let (tight, tight_err) = run(&["--max-memory", "330M"]);
+    assert!(!free_err.contains("running"), "{free_err}");
+    assert!(tight_err.contains("--parallel 16 needs about"), "{tight_err}");
+    assert!(tight_err.contains("running 2 sequences at a time"), "{tight_err}");
+    assert_eq!(free, tight);
+}

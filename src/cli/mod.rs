@@ -355,6 +355,10 @@ pub struct ModelArgs {
     /// auto (llama.cpp decides).
     #[arg(long, default_value = "off", value_parser = ["off", "on", "auto"])]
     pub flash_attn: String,
+    /// Memory the run may use, e.g. 8G (default: what the system reports available). A run
+    /// that would not fit uses fewer parallel sequences, or is refused up front.
+    #[arg(long, value_parser = persona_gate::memory::parse_size)]
+    pub max_memory: Option<u64>,
 }
 
 impl ModelArgs {
@@ -372,6 +376,7 @@ impl ModelArgs {
                 "auto" => None,
                 _ => Some(false),
             },
+            max_memory: self.max_memory,
         }
     }
 }
