@@ -79,8 +79,8 @@ clean:
 # FUZZ_SECONDS each, from corpora fuzz/seed.sh builds out of the real files. Crashes land in
 # fuzz/artifacts/<target>/ and stop the run; per-target logs in fuzz/logs/; numbers in
 # fuzz/RESULTS.md.
-FUZZ_SECONDS ?= 150
-FUZZ_TARGETS := prompts safetensors gguf cvec personas
+FUZZ_SECONDS ?= 100
+FUZZ_TARGETS := prompts safetensors gguf cvec personas spec
 fuzz: build models
 	@rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
 	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked

@@ -10,7 +10,7 @@ SHARED=${SHARED:-../shared/data}
 MODELS=${MODELS:-$HOME/.cache/persona-gate/models}
 BIN=${BIN:-target/release/persona-gate}
 OUT=fuzz/corpus
-mkdir -p "$OUT"/{prompts,safetensors,gguf,cvec,personas}
+mkdir -p "$OUT"/{prompts,safetensors,gguf,cvec,personas,spec}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
@@ -23,6 +23,11 @@ if [ -x "$BIN" ] && [ -f "$MODELS/SmolLM2-135M-Instruct.Q4_1.gguf" ]; then
     -o "$tmp/smol-cvec.gguf" > /dev/null
   "$BIN" export-cvec -d "$tmp/smol-compliant.safetensors" --coefficient -1 --layers 1 \
     -o "$tmp/smol-cvec1.gguf" > /dev/null
+  # The paper preset as the binary writes it, both sizes, for a 30-layer model.
+  for size in demo full; do
+    "$BIN" reproduce -m "$MODELS/SmolLM2-135M-Instruct.Q4_1.gguf" --size $size --print-spec \
+      > "$OUT/spec/preset-$size.toml"
+  done
 else
   echo "seed.sh: $BIN or the SmolLM2 model missing; using crafted direction files only" >&2
 fi
@@ -50,6 +55,15 @@ for fn in ("harmful.txt", "harmless.txt", "neutral.txt"):
     put("prompts", fn, b"\x03\x00" + open("src/prompts/builtin/" + fn, "rb").read()[:2048])
 put("prompts", "strings.json", b'\x00\x00["a", "b\\u00e9", "c"]')
 put("prompts", "goal.jsonl", b'\x01\x01{"goal": "x", "category": "c", "source": "s"}\n\n{"goal": "y"}\n')
+
+# ---- spec: the specs in the docs and every spec the tests write.
+import glob, re
+for fn in sorted(glob.glob("docs/results/*/spec.toml")):
+    put("spec", fn.split("/")[2] + ".toml", open(fn, "rb").read())
+for fn in sorted(glob.glob("tests/*.rs")):
+    for i, m in enumerate(re.findall(r'r#"(.*?)"#', open(fn).read(), re.S)):
+        if "[[experiment]]" in m:
+            put("spec", "%s-%d.toml" % (os.path.basename(fn)[:-3], i), m.encode())
 
 # ---- personas
 put("personas", "builtin.toml", open("src/prompts/builtin/personas.toml", "rb").read())
@@ -168,6 +182,6 @@ if os.path.exists(model):
     kv = [(k, v) for k, v in kv if k != b"tokenizer.chat_template"] + [(b"tokenizer.chat_template", S("{{ messages }}"))]
     put("gguf", "smol-header.gguf", gguf(kv, [("token_embd.weight", [0.0] * 8)]))
 PY
-for t in prompts safetensors gguf cvec personas; do
+for t in prompts safetensors gguf cvec personas spec; do
   echo "fuzz/corpus/$t: $(ls "$OUT/$t" | wc -l) files, $(du -sk "$OUT/$t" | cut -f1) KB"
 done

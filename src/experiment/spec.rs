@@ -441,6 +441,10 @@ pub fn fmt_num(f: f64) -> String {
 /// Names of the variables [`Builtins`] provides.
 pub const BUILTIN_VARS: &[&str] = &["n_layer", "last_layer", "steer_layer", "steer_coef", "refusal_layer"];
 
+/// Most conditions a spec may expand to (the full paper preset on an 80-layer model has a
+/// few hundred); beyond this a sweep is almost surely a mistake.
+pub const MAX_CONDITIONS: usize = 100_000;
+
 /// Values known when expanding the grid besides the sweep variables.
 #[derive(Debug, Clone, Default)]
 pub struct Builtins {
@@ -619,8 +623,15 @@ impl Spec {
             return Err(err(&o("experiment"), "no experiments defined"));
         }
         let mut ids = BTreeSet::new();
+        let mut total = 0usize;
         for e in &self.experiment {
             let f = format!("experiment {}", e.id);
+            // A sweep's grid is the product of its value lists: a typo can make it huge.
+            let n = e.sweep.values().fold(1usize, |a, v| a.saturating_mul(v.len()));
+            total = total.saturating_add(n);
+            if total > MAX_CONDITIONS {
+                return Err(err(&o(&format!("{f}: sweep")), format!("the grid reaches more than {MAX_CONDITIONS} conditions; split it into several specs")));
+            }
             if e.id.is_empty() || e.id.contains([',', '[', ']', ';', '\n', '"']) {
                 return Err(err(&o("experiment.id"), format!("'{}' must be non-empty without , ; [ ] or quotes", e.id)));
             }
