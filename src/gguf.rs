@@ -188,7 +188,9 @@ impl<R: Read> Reader<R> {
         let mut v = vec![0u8; n as usize];
         self.r.read_exact(&mut v)?;
         self.pos += n;
-        String::from_utf8(v).map_err(|_| GgufError::Corrupt(format!("{what} is not UTF-8")))
+        String::from_utf8(v).map_err(|_| {
+            GgufError::Corrupt(format!("{} is not UTF-8", crate::util::shown(what)))
+        })
     }
     fn value(&mut self, ty: u32, key: &str, depth: u8) -> Result<Value, GgufError> {
         Ok(match ty {
@@ -403,6 +405,23 @@ mod tests {
                 "prefix {n}"
             );
         }
+    }
+
+    /// Found by `make fuzz` (run 3): a key holding control characters whose string value is
+    /// not UTF-8 was echoed raw into the error. Minimal equivalent of the artifact.
+    #[test]
+    fn fuzz_regression_key_of_a_non_utf8_value_is_escaped() {
+        let mut b = b"GGUF".to_vec();
+        b.extend(3u32.to_le_bytes());
+        b.extend(0u64.to_le_bytes());
+        b.extend(1u64.to_le_bytes());
+        push_str(&mut b, "gener\u{1}\r.finetune");
+        b.extend(8u32.to_le_bytes());
+        b.extend(2u64.to_le_bytes());
+        b.extend([0xdb, 0xff]);
+        let e = Gguf::parse(Cursor::new(&b), b.len() as u64).unwrap_err().to_string();
+        assert!(e.contains("is not UTF-8"), "{e}");
+        assert!(!e.contains(char::is_control), "{e:?}");
     }
 
     #[test]

@@ -46,11 +46,16 @@ fn main() -> ExitCode {
     };
     let filter =
         tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default.into());
-    tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+        .with_target(false);
+    // Plain warnings by default; timestamps only when debugging.
+    if cli.verbose == 0 {
+        fmt.without_time().init();
+    } else {
+        fmt.init();
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         // A reader that went away (`| head`) is not an error of ours.
