@@ -72,22 +72,16 @@ fn erfc(x: f64) -> f64 {
 }
 
 fn read_counts(dir: &Path) -> Result<Vec<(String, Counts)>> {
-    let p = dir.join("summary.csv");
-    let b = crate::util::read_input(&p, "a summary.csv")?;
-    let mut r = csv::Reader::from_reader(b.as_slice());
-    let h = r.headers().map_err(|e| Error::file(&p, e.to_string()))?.clone();
-    let col = |n: &str| h.iter().position(|x| x == n).ok_or_else(|| Error::file(&p, format!("no column '{n}'")));
-    let c = [col("condition")?, col("n")?, col("refusal")?, col("bypass")?, col("degenerate")?, col("score_mean")?];
-    let mut out = vec![];
-    for rec in r.records() {
-        let rec = rec.map_err(|e| Error::file(&p, e.to_string()))?;
-        let u = |i: usize| rec[c[i]].parse::<usize>().unwrap_or(0);
-        out.push((
-            rec[c[0]].to_string(),
-            Counts { n: u(1), k: [u(2), u(3), u(4)], score: rec[c[5]].parse().unwrap_or(f64::NAN) },
-        ));
-    }
-    Ok(out)
+    let cols = ["condition", "n", "refusal", "bypass", "degenerate", "score_mean"];
+    let (_, rows) = crate::experiment::report::summary_columns(dir, &cols)?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            let u = |i: usize| r[i].parse::<usize>().unwrap_or(0);
+            let c = Counts { n: u(1), k: [u(2), u(3), u(4)], score: r[5].parse().unwrap_or(f64::NAN) };
+            (r[0].clone(), c)
+        })
+        .collect())
 }
 
 /// The spec with every extracted direction replaced by the reference run's copy, and the

@@ -565,45 +565,58 @@ pub fn spearman(a: &[f64], b: &[f64]) -> f64 {
 /// One run's per-condition number, read from its summary.csv: the refusal rate (generate)
 /// or the mean score (score).
 pub fn read_summary(dir: &Path) -> Result<(Metric, Vec<(String, f64)>)> {
-    let p = dir.join("summary.csv");
-    let b = crate::util::read_input(&p, "a summary.csv")?;
-    let mut r = csv::Reader::from_reader(b.as_slice());
-    let h = r.headers().map_err(|e| Error::file(&p, format!("{e}")))?.clone();
-    let col = |n: &str| {
-        h.iter()
-            .position(|x| x == n)
-            .ok_or_else(|| Error::file(&p, format!("no column '{n}'")))
-    };
-    let (cc, cm, cr, cs) = (col("condition")?, col("metric")?, col("refusal_rate")?, col("score_mean")?);
+    let (p, rows) = summary_columns(dir, &["condition", "metric", "refusal_rate", "score_mean"])?;
     let mut metric = Metric::Generate;
     let mut out = vec![];
-    for (i, rec) in r.records().enumerate() {
-        let rec = rec.map_err(|e| Error::file(&p, format!("record {}: {e}", i + 1)))?;
-        metric = if &rec[cm] == "score" { Metric::Score } else { Metric::Generate };
-        let v = if metric == Metric::Score { &rec[cs] } else { &rec[cr] };
+    for (i, r) in rows.iter().enumerate() {
+        metric = if r[1] == "score" { Metric::Score } else { Metric::Generate };
+        let v = if metric == Metric::Score { &r[3] } else { &r[2] };
         let y: f64 = v
             .parse()
             .map_err(|_| Error::file(&p, format!("record {}: '{v}' is not a number", i + 1)))?;
-        out.push((rec[cc].to_string(), y));
+        out.push((r[0].clone(), y));
     }
     Ok((metric, out))
 }
 
 /// The mean first-token score per condition of a run's summary.
 fn read_scores(dir: &Path) -> Result<Vec<(String, f64)>> {
+    let (p, rows) = summary_columns(dir, &["condition", "score_mean"])?;
+    rows.into_iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let y = r[1]
+                .parse()
+                .map_err(|_| Error::file(&p, format!("record {}: '{}' is not a number", i + 1, r[1])))?;
+            Ok((r[0].clone(), y))
+        })
+        .collect()
+}
+
+/// The named columns of a run's `summary.csv`, record by record, with the file's path for
+/// error messages. The one reader of summaries (reports, agreement, compare).
+///
+/// # Errors
+/// An unreadable file, a missing column, a malformed record (numbered).
+pub fn summary_columns(dir: &Path, cols: &[&str]) -> Result<(std::path::PathBuf, Vec<Vec<String>>)> {
     let p = dir.join("summary.csv");
     let b = crate::util::read_input(&p, "a summary.csv")?;
     let mut r = csv::Reader::from_reader(b.as_slice());
     let h = r.headers().map_err(|e| Error::file(&p, format!("{e}")))?.clone();
-    let col = |n: &str| h.iter().position(|x| x == n).ok_or_else(|| Error::file(&p, format!("no column '{n}'")));
-    let (cc, cs) = (col("condition")?, col("score_mean")?);
-    r.records()
-        .map(|rec| {
-            let rec = rec.map_err(|e| Error::file(&p, format!("{e}")))?;
-            let y = rec[cs].parse().map_err(|_| Error::file(&p, format!("'{}' is not a number", &rec[cs])))?;
-            Ok((rec[cc].to_string(), y))
+    let idx = cols
+        .iter()
+        .map(|n| {
+            h.iter()
+                .position(|x| x == *n)
+                .ok_or_else(|| Error::file(&p, format!("no column '{n}'")))
         })
-        .collect()
+        .collect::<Result<Vec<usize>>>()?;
+    let mut out = vec![];
+    for (i, rec) in r.records().enumerate() {
+        let rec = rec.map_err(|e| Error::file(&p, format!("record {}: {e}", i + 1)))?;
+        out.push(idx.iter().map(|&c| rec[c].to_string()).collect());
+    }
+    Ok((p, out))
 }
 
 /// How two runs of the same grid agree across conditions (e.g. generation vs score mode):
