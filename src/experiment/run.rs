@@ -603,12 +603,16 @@ pub fn prepare<'m>(
                 )));
             }
         }
+        let why = if layers.len() == 1 && s.coefficients.len() == 1 {
+            let score = at_best.first().map_or(f64::NAN, |r| r.mean_score);
+            format!("fixed by the spec; mean refusal score {score:.2}")
+        } else {
+            format!("smallest with mean refusal score <= {}", super::spec::fmt_num(s.target))
+        };
         note(format!(
-            "steering: {} at layer {best}, coefficient {} (smallest with mean refusal score <= {}; baseline {:.2})",
+            "steering: {} at layer {best}, coefficient {} ({why}; baseline {baseline:.2})",
             s.direction,
             super::spec::fmt_num(coef),
-            s.target,
-            baseline
         ));
         resolved.steer_layer = Some(best);
         resolved.steer_coef = Some(coef);
