@@ -9,7 +9,7 @@ QWEN15 := $(MODELS)/Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf
 SMOL := $(MODELS)/SmolLM2-135M-Instruct.Q4_1.gguf
 THREADS ?= 2
 
-.PHONY: setup build models models-science demo test lint bench bench-ref science-directions science-reproduce science-score clean fuzz
+.PHONY: setup build models models-science demo test lint bench bench-ref science-directions science-reproduce science-score science-compare clean fuzz
 
 setup:
 	@scripts/setup.sh
@@ -71,6 +71,15 @@ science-reproduce: build models-science
 science-score: build models-science
 	$(BIN) reproduce -m $(QWEN15) -t $(THREADS) --size $(SIZE) --harmful $(SHARED)/strongreject/strongreject_small.csv \
 	  --metric score --out runs/q15-sr60-$(SIZE)-score
+
+# Issue 5's comparison on Qwen2.5-Coder-1.5B (outside CI; about an hour on 2 cores when idle):
+# F16, Q8_0, Q3_K_M and Q2_K made from the Q4_K_M (cached next to the models, reused by
+# hash), then the trimmed spec in docs/results/q15-compare on each. Rerun to resume.
+science-compare: build models-science
+	$(BIN) quantize -m $(QWEN15) --types F16,Q8_0,Q3_K_M,Q2_K --out-dir $(MODELS)/q15 -t $(THREADS)
+	$(BIN) compare -t $(THREADS) --reference $(MODELS)/q15/Qwen2.5-Coder-1.5B-Instruct.F16.gguf \
+	  --models $(foreach q,Q8_0 Q3_K_M Q2_K,$(MODELS)/q15/Qwen2.5-Coder-1.5B-Instruct.$(q).gguf) \
+	  --spec docs/results/q15-compare/spec.toml -o runs/q15-compare
 
 clean:
 	$(CARGO) clean
