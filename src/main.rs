@@ -660,6 +660,7 @@ fn run(cli: Cli) -> Result<()> {
             let opts = persona_gate::model::ModelOptions {
                 threads: a.threads.unwrap_or(persona_gate::model::ModelOptions::default().threads),
                 ctx: a.ctx,
+                max_memory: a.max_memory,
                 ..Default::default()
             };
             let pb = bar(0, "compare");

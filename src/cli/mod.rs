@@ -99,6 +99,9 @@ pub struct CompareArgs {
     /// Context per sequence.
     #[arg(long, default_value_t = 1024)]
     pub ctx: u32,
+    /// Memory each model's run may use, e.g. 8G (default: what the system reports available).
+    #[arg(long, value_parser = persona_gate::memory::parse_size)]
+    pub max_memory: Option<u64>,
     /// Skip the runs that apply the reference's directions to each model.
     #[arg(long)]
     pub no_cross: bool,
