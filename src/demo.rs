@@ -9,6 +9,9 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 
+/// Per-layer vectors to add (layer → vector); None for the unsteered baseline.
+type LayerVectors = BTreeMap<usize, Vec<f32>>;
+
 use crate::chat::{ChatTemplate, Prompt, SystemPrompt};
 use crate::engine::GenConfig;
 use crate::error::{Error, Result};
@@ -90,7 +93,7 @@ pub fn run(
         ignore_eog: false,
     };
     let mut session = model.session()?;
-    let mut conditions: Vec<(String, Option<BTreeMap<usize, Vec<f32>>>)> =
+    let mut conditions: Vec<(String, Option<LayerVectors>)> =
         vec![("baseline".into(), None)];
     for &l in &layers {
         for &a in &cfg.coefficients {

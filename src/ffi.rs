@@ -678,6 +678,9 @@ pub fn quantize(
 // ---------------------------------------------------------------------------------------
 // ggml's own GGUF reader, to prove files we write are what llama.cpp reads
 
+/// A tensor as ggml's GGUF reader lists it: name, ggml type, bytes.
+pub type GgmlTensor = (String, u32, usize);
+
 /// Reads a GGUF file with ggml's parser (the one `--control-vector` uses): the value of
 /// `general.architecture` and each tensor's (name, ggml type, bytes).
 ///
@@ -685,7 +688,7 @@ pub fn quantize(
 /// [`FfiError::Load`] when ggml rejects the file.
 pub fn ggml_read_gguf(
     path: &Path,
-) -> Result<(Option<String>, Vec<(String, u32, usize)>), FfiError> {
+) -> Result<(Option<String>, Vec<GgmlTensor>), FfiError> {
     init();
     let c = cpath(path)?;
     take_last_error();

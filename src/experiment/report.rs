@@ -619,12 +619,15 @@ pub fn summary_columns(dir: &Path, cols: &[&str]) -> Result<(std::path::PathBuf,
     Ok((p, out))
 }
 
+/// Matched conditions (condition, A's value, B's value), Spearman's ρ, and each run's metric.
+pub type Agreement = (Vec<(String, f64, f64)>, f64, Metric, Metric);
+
 /// How two runs of the same grid agree across conditions (e.g. generation vs score mode):
 /// the matched conditions and Spearman's ρ.
 ///
 /// # Errors
 /// Unreadable summaries, fewer than three shared conditions.
-pub fn agreement(a: &Path, b: Option<&Path>) -> Result<(Vec<(String, f64, f64)>, f64, Metric, Metric)> {
+pub fn agreement(a: &Path, b: Option<&Path>) -> Result<Agreement> {
     let (ma, va) = read_summary(a)?;
     // One generation run holds both metrics: its refusal rates and its first-token scores
     // (the very numbers score mode computes).

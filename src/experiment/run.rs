@@ -323,9 +323,12 @@ fn ids_of(sets: &BTreeMap<String, Vec<Instruction>>) -> BTreeMap<String, Vec<Str
 
 /// Checks a spec against a model without running anything: returns the provisional grid.
 ///
+/// Prompt sets by name, as a spec loads them.
+pub type PromptSets = BTreeMap<String, Vec<Instruction>>;
+
 /// # Errors
 /// As [`Spec::expand`] and [`load_sets`].
-pub fn check(spec: &Spec, model: &Model) -> Result<(BTreeMap<String, Vec<Instruction>>, Vec<Condition>)> {
+pub fn check(spec: &Spec, model: &Model) -> Result<(PromptSets, Vec<Condition>)> {
     let sets = load_sets(spec).map_err(|e| spec.located(e))?;
     let b = provisional(spec, model.info.n_layer).map_err(|e| spec.located(e))?;
     let conds = spec.expand(&b, &ids_of(&sets))?;

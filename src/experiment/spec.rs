@@ -636,7 +636,7 @@ impl Spec {
                 return Err(err(&o("experiment.id"), format!("'{}' must be non-empty without , ; [ ] or quotes", e.id)));
             }
             if !ids.insert(e.id.clone()) {
-                return Err(err(&o(&"experiment.id".to_string()), format!("duplicate id '{}'", e.id)));
+                return Err(err(&o("experiment.id"), format!("duplicate id '{}'", e.id)));
             }
             set(&format!("{f}: prompts"), &e.prompts)?;
             for (k, v) in &e.sweep {
