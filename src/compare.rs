@@ -16,8 +16,8 @@ use std::path::{Path, PathBuf};
 
 use crate::chat::Prompt;
 use crate::directions::select::kl;
-use crate::engine::argmax;
 use crate::directions::{cosine, DirectionFile};
+use crate::engine::argmax;
 use crate::error::{Error, Result};
 use crate::experiment::report::wilson;
 use crate::experiment::run::{Plan, Progress, RunOptions};
@@ -55,15 +55,17 @@ pub fn two_proportion_p(k1: usize, n1: usize, k2: usize, n2: usize) -> f64 {
 fn erfc(x: f64) -> f64 {
     let z = x.abs();
     let t = 1.0 / (1.0 + 0.5 * z);
-    let r = t * (-z * z - 1.265_512_23
-        + t * (1.000_023_68
-            + t * (0.374_091_96
-                + t * (0.096_784_18
-                    + t * (-0.186_288_06
-                        + t * (0.278_868_07
-                            + t * (-1.135_203_98
-                                + t * (1.488_515_87 + t * (-0.822_152_23 + t * 0.170_872_77)))))))))
-        .exp();
+    let r = t
+        * (-z * z - 1.265_512_23
+            + t * (1.000_023_68
+                + t * (0.374_091_96
+                    + t * (0.096_784_18
+                        + t * (-0.186_288_06
+                            + t * (0.278_868_07
+                                + t * (-1.135_203_98
+                                    + t * (1.488_515_87
+                                        + t * (-0.822_152_23 + t * 0.170_872_77)))))))))
+            .exp();
     if x >= 0.0 {
         r
     } else {
@@ -72,13 +74,24 @@ fn erfc(x: f64) -> f64 {
 }
 
 fn read_counts(dir: &Path) -> Result<Vec<(String, Counts)>> {
-    let cols = ["condition", "n", "refusal", "bypass", "degenerate", "score_mean"];
+    let cols = [
+        "condition",
+        "n",
+        "refusal",
+        "bypass",
+        "degenerate",
+        "score_mean",
+    ];
     let (_, rows) = crate::experiment::report::summary_columns(dir, &cols)?;
     Ok(rows
         .into_iter()
         .map(|r| {
             let u = |i: usize| r[i].parse::<usize>().unwrap_or(0);
-            let c = Counts { n: u(1), k: [u(2), u(3), u(4)], score: r[5].parse().unwrap_or(f64::NAN) };
+            let c = Counts {
+                n: u(1),
+                k: [u(2), u(3), u(4)],
+                score: r[5].parse().unwrap_or(f64::NAN),
+            };
             (r[0].clone(), c)
         })
         .collect())
@@ -97,9 +110,17 @@ fn cross_spec(spec: &Spec, ref_dir: &Path) -> Result<Spec> {
             DirectionSpec::Random { .. } => continue,
             _ => None,
         };
-        *d = DirectionSpec::File { path: file.clone(), name: Some(name.clone()), refusal_layer };
+        *d = DirectionSpec::File {
+            path: file.clone(),
+            name: Some(name.clone()),
+            refusal_layer,
+        };
     }
-    if let (Some(st), Some(l), Some(c)) = (s.steer.as_mut(), plan.resolved.steer_layer, plan.resolved.steer_coef) {
+    if let (Some(st), Some(l), Some(c)) = (
+        s.steer.as_mut(),
+        plan.resolved.steer_layer,
+        plan.resolved.steer_coef,
+    ) {
         st.layers = l.to_string();
         st.coefficients = vec![c];
         st.target = f64::MAX;
@@ -108,7 +129,8 @@ fn cross_spec(spec: &Spec, ref_dir: &Path) -> Result<Spec> {
 }
 
 fn stem(p: &Path) -> String {
-    p.file_stem().map_or("model".into(), |s| s.to_string_lossy().into_owned())
+    p.file_stem()
+        .map_or("model".into(), |s| s.to_string_lossy().into_owned())
 }
 
 /// What the comparison wrote.
@@ -140,7 +162,10 @@ pub fn compare(
     for p in &paths {
         let n = stem(p);
         if names.contains(&n) {
-            return Err(Error::file(p, format!("two models share the name '{n}'; give them distinct file names")));
+            return Err(Error::file(
+                p,
+                format!("two models share the name '{n}'; give them distinct file names"),
+            ));
         }
         names.push(n);
     }
@@ -165,21 +190,42 @@ pub fn compare(
         }
         quant.push(model.info.file_type.clone());
         let dir = runs.join(&names[i]);
-        let o = crate::experiment::reproduce(&model, spec, &dir, &RunOptions::default(), progress, note)?;
+        let o = crate::experiment::reproduce(
+            &model,
+            spec,
+            &dir,
+            &RunOptions::default(),
+            progress,
+            note,
+        )?;
         if o.finished.is_none() {
             return Err(Error::file(&dir, "the run did not finish"));
         }
         if cross && i > 0 {
             let cs = cross_spec(spec, &runs.join(&names[0]))?;
             let cdir = runs.join(format!("{}-refdirs", names[i]));
-            crate::experiment::reproduce(&model, &cs, &cdir, &RunOptions::default(), progress, note)?;
+            crate::experiment::reproduce(
+                &model,
+                &cs,
+                &cdir,
+                &RunOptions::default(),
+                progress,
+                note,
+            )?;
         }
         // Next-token distributions on the evaluation prompts, unsteered.
         let tmpl = model.chat_template(None)?;
         let sys = crate::experiment::run::system_of(spec);
-        let ps = Prompt::render_all(&model, &tmpl, &sys, sets[&eval_set].iter().map(|x| x.text.as_str()))?;
+        let ps = Prompt::render_all(
+            &model,
+            &tmpl,
+            &sys,
+            sets[&eval_set].iter().map(|x| x.text.as_str()),
+        )?;
         progress("logits", 0, 1, &names[i]);
-        let lg = model.session()?.first_logits(&ps, &mut HookSet::new(shape.0, shape.1))?;
+        let lg = model
+            .session()?
+            .first_logits(&ps, &mut HookSet::new(shape.0, shape.1))?;
         if i == 0 {
             ref_logits = lg;
         } else {
@@ -193,7 +239,14 @@ pub fn compare(
             let mean = kls.iter().sum::<f64>() / kls.len().max(1) as f64;
             kls.sort_by(f64::total_cmp);
             let p95 = kls[((0.95 * (kls.len() - 1) as f64).round() as usize).min(kls.len() - 1)];
-            kl_rows.push((names[i].clone(), quant[i].clone(), kls.len(), mean, p95, top1));
+            kl_rows.push((
+                names[i].clone(),
+                quant[i].clone(),
+                kls.len(),
+                mean,
+                p95,
+                top1,
+            ));
         }
     }
     write_outputs(out, spec, &names, &quant, &kl_rows, cross)
@@ -223,7 +276,14 @@ fn write_outputs(
     let load = |n: &str| DirectionFile::load(&runs.join(n).join("prepared.safetensors"));
     let reff = load(&names[0])?;
     let mut w = csv::Writer::from_writer(Vec::new());
-    w.write_record(["model", "quant", "direction", "layer", "cosine_to_reference"]).map_err(e)?;
+    w.write_record([
+        "model",
+        "quant",
+        "direction",
+        "layer",
+        "cosine_to_reference",
+    ])
+    .map_err(e)?;
     let mut cos: BTreeMap<String, Vec<Series>> = BTreeMap::new();
     let kinds: Vec<String> = spec
         .directions
@@ -239,7 +299,14 @@ fn write_outputs(
             let mut pts = vec![];
             for l in 0..a.n_layer() {
                 let c = cosine(&a.rows[l], &b.rows[l]);
-                w.write_record([n.clone(), quant[i].clone(), d.clone(), l.to_string(), format!("{c:.6}")]).map_err(e)?;
+                w.write_record([
+                    n.clone(),
+                    quant[i].clone(),
+                    d.clone(),
+                    l.to_string(),
+                    format!("{c:.6}"),
+                ])
+                .map_err(e)?;
                 pts.push((l as f64, c));
             }
             let (mn, mean) = (
@@ -247,27 +314,67 @@ fn write_outputs(
                 pts.iter().map(|p| p.1).sum::<f64>() / pts.len().max(1) as f64,
             );
             min_cos.push((quant[i].clone(), d.clone(), mean, mn));
-            cos.entry(d.clone()).or_default().push(Series { name: format!("{} ({})", quant[i], n), points: pts, band: None });
+            cos.entry(d.clone()).or_default().push(Series {
+                name: format!("{} ({})", quant[i], n),
+                points: pts,
+                band: None,
+            });
         }
     }
-    put("cosines.csv", &w.into_inner().map_err(|e| Error::Invalid(e.to_string()))?, &mut files)?;
+    put(
+        "cosines.csv",
+        &w.into_inner().map_err(|e| Error::Invalid(e.to_string()))?,
+        &mut files,
+    )?;
     for (d, s) in &cos {
-        let svg = line_plot(&format!("{d} direction: cosine to the {} reference", quant[0]), "layer", "cosine", s, None);
+        let svg = line_plot(
+            &format!("{d} direction: cosine to the {} reference", quant[0]),
+            "layer",
+            "cosine",
+            s,
+            None,
+        );
         put(&format!("plots/cosine-{d}.svg"), svg.as_bytes(), &mut files)?;
     }
     // KL and top-1.
     let mut w = csv::Writer::from_writer(Vec::new());
-    w.write_record(["model", "quant", "n", "kl_mean", "kl_p95", "top1_agreement"]).map_err(e)?;
+    w.write_record(["model", "quant", "n", "kl_mean", "kl_p95", "top1_agreement"])
+        .map_err(e)?;
     for r in kl_rows {
-        w.write_record([r.0.clone(), r.1.clone(), r.2.to_string(), format!("{:.6}", r.3), format!("{:.6}", r.4), format!("{:.4}", r.5)]).map_err(e)?;
+        w.write_record([
+            r.0.clone(),
+            r.1.clone(),
+            r.2.to_string(),
+            format!("{:.6}", r.3),
+            format!("{:.6}", r.4),
+            format!("{:.4}", r.5),
+        ])
+        .map_err(e)?;
     }
-    put("kl.csv", &w.into_inner().map_err(|e| Error::Invalid(e.to_string()))?, &mut files)?;
+    put(
+        "kl.csv",
+        &w.into_inner().map_err(|e| Error::Invalid(e.to_string()))?,
+        &mut files,
+    )?;
     // Rates per condition against the reference.
     let ref_counts = read_counts(&runs.join(&names[0]))?;
     let mut w = csv::Writer::from_writer(Vec::new());
     w.write_record([
-        "model", "quant", "directions", "condition", "label", "n", "k", "rate", "lo", "hi", "ref_n", "ref_k",
-        "ref_rate", "diff", "p_two_proportion",
+        "model",
+        "quant",
+        "directions",
+        "condition",
+        "label",
+        "n",
+        "k",
+        "rate",
+        "lo",
+        "hi",
+        "ref_n",
+        "ref_k",
+        "ref_rate",
+        "diff",
+        "p_two_proportion",
     ])
     .map_err(e)?;
     let labels = ["refusal", "bypass", "degenerate"];
@@ -282,19 +389,36 @@ fn write_outputs(
         for (which, dir) in variants {
             let counts = read_counts(&dir)?;
             for (cond, c) in &counts {
-                let Some((_, r)) = ref_counts.iter().find(|(x, _)| x == cond) else { continue };
+                let Some((_, r)) = ref_counts.iter().find(|(x, _)| x == cond) else {
+                    continue;
+                };
                 for (li, l) in labels.iter().enumerate() {
                     let (lo, hi) = wilson(c.k[li], c.n);
-                    let (rate, rr) = (c.k[li] as f64 / c.n.max(1) as f64, r.k[li] as f64 / r.n.max(1) as f64);
+                    let (rate, rr) = (
+                        c.k[li] as f64 / c.n.max(1) as f64,
+                        r.k[li] as f64 / r.n.max(1) as f64,
+                    );
                     let p = two_proportion_p(c.k[li], c.n, r.k[li], r.n);
                     if i > 0 && li == 0 && spec.metric == Metric::Generate {
                         tests += 1;
                         sig += usize::from(p < 0.05);
                     }
                     w.write_record([
-                        n.clone(), quant[i].clone(), which.to_string(), cond.clone(), l.to_string(), c.n.to_string(),
-                        c.k[li].to_string(), format!("{rate:.4}"), format!("{lo:.4}"), format!("{hi:.4}"), r.n.to_string(),
-                        r.k[li].to_string(), format!("{rr:.4}"), format!("{:.4}", rate - rr), format!("{p:.4}"),
+                        n.clone(),
+                        quant[i].clone(),
+                        which.to_string(),
+                        cond.clone(),
+                        l.to_string(),
+                        c.n.to_string(),
+                        c.k[li].to_string(),
+                        format!("{rate:.4}"),
+                        format!("{lo:.4}"),
+                        format!("{hi:.4}"),
+                        r.n.to_string(),
+                        r.k[li].to_string(),
+                        format!("{rr:.4}"),
+                        format!("{:.4}", rate - rr),
+                        format!("{p:.4}"),
                     ])
                     .map_err(e)?;
                 }
@@ -306,7 +430,9 @@ fn write_outputs(
                     let x = &ex.plot.as_ref().expect("filtered").x;
                     let mut pts = vec![];
                     for c in plan.conditions.iter().filter(|c| c.experiment == ex.id) {
-                        let Some((_, k)) = counts.iter().find(|(id, _)| id == &c.id) else { continue };
+                        let Some((_, k)) = counts.iter().find(|(id, _)| id == &c.id) else {
+                            continue;
+                        };
                         let xv = match c.var(x) {
                             Some(toml::Value::Integer(v)) => *v as f64,
                             Some(toml::Value::Float(v)) => *v,
@@ -324,23 +450,55 @@ fn write_outputs(
                         let e = m.entry((xv * 1e6).round() as i64).or_insert((0.0, 0));
                         *e = (e.0 + y, e.1 + 1);
                     }
-                    let pts = m.iter().map(|(k, v)| (*k as f64 / 1e6, v.0 / v.1 as f64)).collect();
-                    curves.entry(ex.id.clone()).or_default().push(Series { name: quant[i].clone(), points: pts, band: None });
+                    let pts = m
+                        .iter()
+                        .map(|(k, v)| (*k as f64 / 1e6, v.0 / v.1 as f64))
+                        .collect();
+                    curves.entry(ex.id.clone()).or_default().push(Series {
+                        name: quant[i].clone(),
+                        points: pts,
+                        band: None,
+                    });
                 }
             }
         }
     }
-    put("rates.csv", &w.into_inner().map_err(|e| Error::Invalid(e.to_string()))?, &mut files)?;
+    put(
+        "rates.csv",
+        &w.into_inner().map_err(|e| Error::Invalid(e.to_string()))?,
+        &mut files,
+    )?;
     for (id, s) in &curves {
-        let y = if spec.metric == Metric::Generate { "refusal rate" } else { "mean refusal score" };
+        let y = if spec.metric == Metric::Generate {
+            "refusal rate"
+        } else {
+            "mean refusal score"
+        };
         let range = (spec.metric == Metric::Generate).then_some((0.0, 1.0));
-        let x = spec.experiment.iter().find(|e| &e.id == id).and_then(|e| e.plot.as_ref()).map_or("x", |p| p.x.as_str());
-        put(&format!("plots/gating-{id}.svg"), line_plot(&format!("{id} by quantization"), x, y, s, range).as_bytes(), &mut files)?;
+        let x = spec
+            .experiment
+            .iter()
+            .find(|e| &e.id == id)
+            .and_then(|e| e.plot.as_ref())
+            .map_or("x", |p| p.x.as_str());
+        put(
+            &format!("plots/gating-{id}.svg"),
+            line_plot(&format!("{id} by quantization"), x, y, s, range).as_bytes(),
+            &mut files,
+        )?;
     }
     // Markdown summary.
     let mut md = String::new();
     let _ = writeln!(md, "# Quantization comparison\n\nReference: `{}` ({}). Spec `{}`. Each model's run is in `runs/`.\n", names[0], quant[0], spec.name);
-    let _ = writeln!(md, "| model | quant | KL mean | KL p95 | top-1 agree | {} |", kinds.iter().map(|k| format!("cos {k} mean / min")).collect::<Vec<_>>().join(" | "));
+    let _ = writeln!(
+        md,
+        "| model | quant | KL mean | KL p95 | top-1 agree | {} |",
+        kinds
+            .iter()
+            .map(|k| format!("cos {k} mean / min"))
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
     let _ = writeln!(md, "|---|---|---|---|---|{}", "---|".repeat(kinds.len()));
     for r in kl_rows {
         let cs: Vec<String> = kinds
@@ -352,12 +510,30 @@ fn write_outputs(
                     .map_or("–".into(), |(_, _, m, mn)| format!("{m:.4} / {mn:.4}"))
             })
             .collect();
-        let _ = writeln!(md, "| `{}` | {} | {:.4} | {:.4} | {:.0}% | {} |", r.0, r.1, r.3, r.4, 100.0 * r.5, cs.join(" | "));
+        let _ = writeln!(
+            md,
+            "| `{}` | {} | {:.4} | {:.4} | {:.0}% | {} |",
+            r.0,
+            r.1,
+            r.3,
+            r.4,
+            100.0 * r.5,
+            cs.join(" | ")
+        );
     }
     if tests > 0 {
         let _ = writeln!(md, "\n{sig} of {tests} (model, condition) refusal rates differ from the reference at p < 0.05 (two-proportion z-test, uncorrected); see `rates.csv`.");
     }
-    let _ = writeln!(md, "\nPlots: {}.", files.iter().filter(|f| f.ends_with(".svg")).map(|f| format!("`{f}`")).collect::<Vec<_>>().join(", "));
+    let _ = writeln!(
+        md,
+        "\nPlots: {}.",
+        files
+            .iter()
+            .filter(|f| f.ends_with(".svg"))
+            .map(|f| format!("`{f}`"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     put("compare.md", md.as_bytes(), &mut files)?;
     Ok(Compared { files, summary: md })
 }

@@ -93,8 +93,7 @@ pub fn run(
         ignore_eog: false,
     };
     let mut session = model.session()?;
-    let mut conditions: Vec<(String, Option<LayerVectors>)> =
-        vec![("baseline".into(), None)];
+    let mut conditions: Vec<(String, Option<LayerVectors>)> = vec![("baseline".into(), None)];
     for &l in &layers {
         for &a in &cfg.coefficients {
             let v = dir[l].iter().map(|x| x * a).collect();

@@ -686,9 +686,7 @@ pub type GgmlTensor = (String, u32, usize);
 ///
 /// # Errors
 /// [`FfiError::Load`] when ggml rejects the file.
-pub fn ggml_read_gguf(
-    path: &Path,
-) -> Result<(Option<String>, Vec<GgmlTensor>), FfiError> {
+pub fn ggml_read_gguf(path: &Path) -> Result<(Option<String>, Vec<GgmlTensor>), FfiError> {
     init();
     let c = cpath(path)?;
     take_last_error();

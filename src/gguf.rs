@@ -188,9 +188,8 @@ impl<R: Read> Reader<R> {
         let mut v = vec![0u8; n as usize];
         self.r.read_exact(&mut v)?;
         self.pos += n;
-        String::from_utf8(v).map_err(|_| {
-            GgufError::Corrupt(format!("{} is not UTF-8", crate::util::shown(what)))
-        })
+        String::from_utf8(v)
+            .map_err(|_| GgufError::Corrupt(format!("{} is not UTF-8", crate::util::shown(what))))
     }
     fn value(&mut self, ty: u32, key: &str, depth: u8) -> Result<Value, GgufError> {
         Ok(match ty {
@@ -419,7 +418,9 @@ mod tests {
         b.extend(8u32.to_le_bytes());
         b.extend(2u64.to_le_bytes());
         b.extend([0xdb, 0xff]);
-        let e = Gguf::parse(Cursor::new(&b), b.len() as u64).unwrap_err().to_string();
+        let e = Gguf::parse(Cursor::new(&b), b.len() as u64)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("is not UTF-8"), "{e}");
         assert!(!e.contains(char::is_control), "{e:?}");
     }

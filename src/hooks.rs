@@ -466,7 +466,10 @@ impl HookSet {
 
 /// ` (condition …)` for sequence `seq`, or nothing when unnamed.
 fn seq_name(names: &[String], seq: usize) -> String {
-    names.get(seq).map(|n| format!(" ({n})")).unwrap_or_default()
+    names
+        .get(seq)
+        .map(|n| format!(" ({n})"))
+        .unwrap_or_default()
 }
 
 fn dot(a: &[f32], b: &[f32]) -> f64 {
@@ -621,11 +624,17 @@ mod tests {
         // Two finite additions whose sum overflows f32 in one row.
         let mut hs = HookSet::new(2, 3);
         for _ in 0..2 {
-            hs.add_edit(Edit::add([(1, vec![0.0, 3e38, 0.0])].into(), Scope::only(vec![1])))
-                .unwrap();
+            hs.add_edit(Edit::add(
+                [(1, vec![0.0, 3e38, 0.0])].into(),
+                Scope::only(vec![1]),
+            ))
+            .unwrap();
         }
         hs.set_rows(rows(2));
-        hs.name_sequences(vec!["condition A, prompt 0".into(), "condition B, prompt 0".into()]);
+        hs.name_sequences(vec![
+            "condition A, prompt 0".into(),
+            "condition B, prompt 0".into(),
+        ]);
         let mut d = vec![1.0; 6];
         let e = hs.visit(1, &mut d, 2).unwrap_err();
         assert!(e.contains("non-finite activation inf"), "{e}");

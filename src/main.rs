@@ -3,8 +3,8 @@
 mod cli;
 
 use std::io::Write;
-use std::time::Instant;
 use std::process::ExitCode;
+use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::Parser;
@@ -147,8 +147,14 @@ fn run(cli: Cli) -> Result<()> {
                 persona_gate::memory::gib(need),
                 o.parallel,
                 o.ctx,
-                model.budget.as_ref().map_or("unknown".into(), |b| persona_gate::memory::gib(b.bytes)),
-                model.budget.as_ref().map_or("not readable here", |b| b.source.as_str()),
+                model
+                    .budget
+                    .as_ref()
+                    .map_or("unknown".into(), |b| persona_gate::memory::gib(b.bytes)),
+                model
+                    .budget
+                    .as_ref()
+                    .map_or("not readable here", |b| b.source.as_str()),
             )?;
             writeln!(out, "sha256        {}", model.sha256()?)?;
             let src = model.info.chat_template.as_deref().unwrap_or("");
@@ -613,10 +619,17 @@ fn run(cli: Cli) -> Result<()> {
         Command::Merge(a) => {
             let (plan, f) = experiment::merge(&a.out, &a.inputs)?;
             writeln!(out, "{}", experiment::report::table(f.metric, &f.summaries))?;
-            writeln!(out, "merged {} groups into {}", plan.n_groups, a.out.display())?;
+            writeln!(
+                out,
+                "merged {} groups into {}",
+                plan.n_groups,
+                a.out.display()
+            )?;
         }
         Command::Quantize(a) => {
-            let threads = a.threads.unwrap_or(persona_gate::model::ModelOptions::default().threads);
+            let threads = a
+                .threads
+                .unwrap_or(persona_gate::model::ModelOptions::default().threads);
             let pb = bar(0, "quantize");
             let r = persona_gate::quant::quantize(
                 &a.model,
@@ -639,7 +652,11 @@ fn run(cli: Cli) -> Result<()> {
                     q.path.display(),
                     q.bytes as f64 / 1048576.0,
                     &q.sha256[..12],
-                    if q.reused { ", reused".to_string() } else { format!(", {:.1}s", q.seconds) }
+                    if q.reused {
+                        ", reused".to_string()
+                    } else {
+                        format!(", {:.1}s", q.seconds)
+                    }
                 )?;
             }
         }
@@ -654,11 +671,16 @@ fn run(cli: Cli) -> Result<()> {
                 None => {
                     let g = persona_gate::model::check_gguf(&a.reference)?;
                     let nl = g.arch_u64("block_count").unwrap_or(0) as usize;
-                    Spec::parse(&preset::preset(nl, preset::Size::Demo, &Default::default()), "preset")?
+                    Spec::parse(
+                        &preset::preset(nl, preset::Size::Demo, &Default::default()),
+                        "preset",
+                    )?
                 }
             };
             let opts = persona_gate::model::ModelOptions {
-                threads: a.threads.unwrap_or(persona_gate::model::ModelOptions::default().threads),
+                threads: a
+                    .threads
+                    .unwrap_or(persona_gate::model::ModelOptions::default().threads),
                 ctx: a.ctx,
                 max_memory: a.max_memory,
                 ..Default::default()
@@ -688,7 +710,13 @@ fn run(cli: Cli) -> Result<()> {
         Command::Agreement(a) => {
             let (rows, rho, ma, mb) = experiment::report::agreement(&a.a, a.b.as_deref())?;
             let w = rows.iter().map(|r| r.0.len()).max().unwrap_or(9);
-            writeln!(out, "{:<w$} {:>12} {:>12}", "condition", ma.to_string(), mb.to_string())?;
+            writeln!(
+                out,
+                "{:<w$} {:>12} {:>12}",
+                "condition",
+                ma.to_string(),
+                mb.to_string()
+            )?;
             for (c, x, y) in &rows {
                 writeln!(out, "{c:<w$} {x:>12.4} {y:>12.4}")?;
             }
@@ -727,7 +755,8 @@ fn reproduce(a: &cli::ReproduceArgs, out: &mut dyn Write) -> Result<()> {
     }
     let template_src = match &a.chat_template {
         Some(f) => Some(
-            std::fs::read_to_string(f).with_context(|| format!("--chat-template {}", f.display()))?,
+            std::fs::read_to_string(f)
+                .with_context(|| format!("--chat-template {}", f.display()))?,
         ),
         None => None,
     };
@@ -735,19 +764,30 @@ fn reproduce(a: &cli::ReproduceArgs, out: &mut dyn Write) -> Result<()> {
     let (src, origin) = match (spec_src, &a.spec) {
         (Some(s), Some(p)) => (s, p.display().to_string()),
         _ => {
-            let size = if a.size == "full" { preset::Size::Full } else { preset::Size::Demo };
+            let size = if a.size == "full" {
+                preset::Size::Full
+            } else {
+                preset::Size::Demo
+            };
             let p = preset::PresetPrompts {
                 harmful: a.harmful.clone(),
                 n: a.n,
                 harmless: a.harmless.clone(),
                 harmless_n: a.harmless_n,
             };
-            (preset::preset(model.info.n_layer, size, &p), "preset".to_string())
+            (
+                preset::preset(model.info.n_layer, size, &p),
+                "preset".to_string(),
+            )
         }
     };
     let mut spec = Spec::parse(&src, &origin)?;
     if let Some(m) = &a.metric {
-        spec.metric = if m == "score" { Metric::Score } else { Metric::Generate };
+        spec.metric = if m == "score" {
+            Metric::Score
+        } else {
+            Metric::Generate
+        };
     }
     if a.print_spec {
         write!(out, "{src}")?;
@@ -767,7 +807,11 @@ fn reproduce(a: &cli::ReproduceArgs, out: &mut dyn Write) -> Result<()> {
             e.completions,
             e.groups,
             spec.group_size,
-            if shard.n > 1 { format!(", about {} per shard", e.groups.div_ceil(shard.n)) } else { String::new() }
+            if shard.n > 1 {
+                format!(", about {} per shard", e.groups.div_ceil(shard.n))
+            } else {
+                String::new()
+            }
         )?;
         writeln!(
             out,
@@ -790,9 +834,19 @@ fn reproduce(a: &cli::ReproduceArgs, out: &mut dyn Write) -> Result<()> {
         return Ok(());
     }
     let dir = a.out.clone().unwrap_or_else(|| {
-        let stem = model.info.path.file_stem().map_or("model".into(), |s| s.to_string_lossy().into_owned());
-        let suffix = if spec.metric == Metric::Score { "-score" } else { "" };
-        std::path::PathBuf::from("runs").join(stem).join(format!("{}{suffix}", spec.name))
+        let stem = model
+            .info
+            .path
+            .file_stem()
+            .map_or("model".into(), |s| s.to_string_lossy().into_owned());
+        let suffix = if spec.metric == Metric::Score {
+            "-score"
+        } else {
+            ""
+        };
+        std::path::PathBuf::from("runs")
+            .join(stem)
+            .join(format!("{}{suffix}", spec.name))
     });
     let pb = bar(0, "prepare");
     let mut phase = String::new();
@@ -809,7 +863,10 @@ fn reproduce(a: &cli::ReproduceArgs, out: &mut dyn Write) -> Result<()> {
         let tenth = done * 10 / total.max(1);
         if plain && tenth != last_tenth {
             last_tenth = tenth;
-            eprintln!("[{:>6.0}s] {p} {item}: {done}/{total}", started.elapsed().as_secs_f64());
+            eprintln!(
+                "[{:>6.0}s] {p} {item}: {done}/{total}",
+                started.elapsed().as_secs_f64()
+            );
         }
         pb.set_length(total as u64);
         pb.set_position(done as u64);
@@ -817,7 +874,10 @@ fn reproduce(a: &cli::ReproduceArgs, out: &mut dyn Write) -> Result<()> {
     };
     // Notes (chosen layers, resume) always reach stderr; they never contain prompt text.
     let mut note = |s: String| pb.suspend(|| eprintln!("{s}"));
-    let opts = run::RunOptions { shard, template: template_src };
+    let opts = run::RunOptions {
+        shard,
+        template: template_src,
+    };
     let o = experiment::reproduce(&model, &spec, &dir, &opts, &mut progress, &mut note)?;
     pb.finish_and_clear();
     match &o.finished {

@@ -57,7 +57,11 @@ pub fn output_name(input: &Path, ty: &str) -> String {
     for (n, _) in TYPES {
         for sep in ['.', '-', '_'] {
             let suffix = format!("{sep}{n}");
-            if base.len() > suffix.len() && base.to_ascii_uppercase().ends_with(&suffix.to_ascii_uppercase()) {
+            if base.len() > suffix.len()
+                && base
+                    .to_ascii_uppercase()
+                    .ends_with(&suffix.to_ascii_uppercase())
+            {
                 base = &base[..base.len() - suffix.len()];
             }
         }
@@ -138,7 +142,11 @@ pub fn quantize(
                 }
             }
         }
-        let tmp = out_dir.join(format!(".{}.tmp.{}", output_name(input, ty), std::process::id()));
+        let tmp = out_dir.join(format!(
+            ".{}.tmp.{}",
+            output_name(input, ty),
+            std::process::id()
+        ));
         let r = crate::ffi::quantize(input, &tmp, *ft, threads, true);
         if let Err(e) = r {
             let _ = std::fs::remove_file(&tmp);
@@ -146,7 +154,8 @@ pub fn quantize(
         }
         std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
         let sha = file_sha256(&path)?;
-        write_atomic(&side, format!("{in_sha} {sha}\n").as_bytes()).map_err(|e| Error::io(&side, e))?;
+        write_atomic(&side, format!("{in_sha} {sha}\n").as_bytes())
+            .map_err(|e| Error::io(&side, e))?;
         out.push(Quantized {
             ty: ty.clone(),
             bytes: std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0),
@@ -169,7 +178,10 @@ mod tests {
         let p = Path::new("/m/SmolLM2-135M-Instruct.Q4_1.gguf");
         assert_eq!(output_name(p, "q8_0"), "SmolLM2-135M-Instruct.Q8_0.gguf");
         assert_eq!(output_name(Path::new("x-f16.gguf"), "Q2_K"), "x.Q2_K.gguf");
-        assert_eq!(output_name(Path::new("plain.gguf"), "F16"), "plain.F16.gguf");
+        assert_eq!(
+            output_name(Path::new("plain.gguf"), "F16"),
+            "plain.F16.gguf"
+        );
         assert_eq!(ftype("q4_k_m").unwrap(), 15);
         assert!(ftype("Q9").unwrap_err().to_string().contains("known: F32"));
     }

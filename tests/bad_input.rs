@@ -1016,11 +1016,24 @@ fn reproduce_fails_without_results(d: &Path, model: &str, coef: &str, needles: &
     std::fs::write(d.join("s.toml"), BASELINE_SPEC.replace("COEF", coef)).unwrap();
     let out = bin()
         .current_dir(d)
-        .args(["reproduce", "-m", model, "-t", "2", "--spec", "s.toml", "-o", "run"])
+        .args([
+            "reproduce",
+            "-m",
+            model,
+            "-t",
+            "2",
+            "--spec",
+            "s.toml",
+            "-o",
+            "run",
+        ])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && out.status.code().is_some(), "{err}");
+    assert!(
+        !out.status.success() && out.status.code().is_some(),
+        "{err}"
+    );
     let last = err.lines().last().unwrap_or("");
     assert!(last.starts_with("persona-gate: "), "{err}");
     for n in needles {
@@ -1045,7 +1058,10 @@ fn non_finite_logits_in_a_run_name_the_condition() {
         &d,
         "nan.gguf",
         "1",
-        &["non-finite logit NaN", "at generated token 0 of condition E0, prompt 0, group 0"],
+        &[
+            "non-finite logit NaN",
+            "at generated token 0 of condition E0, prompt 0, group 0",
+        ],
     );
 }
 
@@ -1067,12 +1083,35 @@ fn a_model_that_does_not_fit_is_refused_up_front() {
     let d = scratch("memory");
     fails(
         &d,
-        &["generate", "-m", &smol(), "-t", "2", "--max-memory", "200M", "-p", "Hi"],
-        &["SmolLM2-135M-Instruct.Q4_1.gguf", "not enough memory", "--max-memory allows 200 MiB", "lower --ctx"],
+        &[
+            "generate",
+            "-m",
+            &smol(),
+            "-t",
+            "2",
+            "--max-memory",
+            "200M",
+            "-p",
+            "Hi",
+        ],
+        &[
+            "SmolLM2-135M-Instruct.Q4_1.gguf",
+            "not enough memory",
+            "--max-memory allows 200 MiB",
+            "lower --ctx",
+        ],
     );
     fails(
         &d,
-        &["generate", "-m", &smol(), "--max-memory", "lots", "-p", "Hi"],
+        &[
+            "generate",
+            "-m",
+            &smol(),
+            "--max-memory",
+            "lots",
+            "-p",
+            "Hi",
+        ],
         &["--max-memory", "'lots' is not a size"],
     );
 }
@@ -1085,17 +1124,37 @@ fn parallel_adapts_to_the_memory_budget() {
         let m = smol();
         let mut args = vec!["generate", "-m", &m, "-t", "2", "--max-new-tokens", "12"];
         args.extend_from_slice(extra);
-        for p in ["Name a colour.", "What is 2+2?", "Say hello.", "Name a fruit.", "Why is the sky blue?", "Count to three."] {
+        for p in [
+            "Name a colour.",
+            "What is 2+2?",
+            "Say hello.",
+            "Name a fruit.",
+            "Why is the sky blue?",
+            "Count to three.",
+        ] {
             args.extend(["-p", p]);
         }
         let out = bin().args(&args).output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        (String::from_utf8(out.stdout).unwrap(), String::from_utf8_lossy(&out.stderr).to_string())
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (
+            String::from_utf8(out.stdout).unwrap(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
     };
     let (free, free_err) = run(&[]);
     let (tight, tight_err) = run(&["--max-memory", "330M"]);
     assert!(!free_err.contains("running"), "{free_err}");
-    assert!(tight_err.contains("--parallel 16 needs about"), "{tight_err}");
-    assert!(tight_err.contains("running 2 sequences at a time"), "{tight_err}");
+    assert!(
+        tight_err.contains("--parallel 16 needs about"),
+        "{tight_err}"
+    );
+    assert!(
+        tight_err.contains("running 2 sequences at a time"),
+        "{tight_err}"
+    );
     assert_eq!(free, tight);
 }

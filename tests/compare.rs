@@ -65,7 +65,10 @@ fn bin() -> Command {
 
 fn ok(c: &mut Command) -> String {
     let o = c.output().unwrap();
-    let (so, se) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    let (so, se) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
     assert!(o.status.success(), "failed:\n{so}\n{se}");
     format!("{so}{se}")
 }
@@ -75,7 +78,12 @@ fn cosines(dir: &Path) -> Vec<(String, String, usize, f64)> {
     r.records()
         .map(|x| {
             let x = x.unwrap();
-            (x[1].to_string(), x[2].to_string(), x[3].parse().unwrap(), x[4].parse().unwrap())
+            (
+                x[1].to_string(),
+                x[2].to_string(),
+                x[3].parse().unwrap(),
+                x[4].parse().unwrap(),
+            )
         })
         .collect()
 }
@@ -87,14 +95,32 @@ fn quantize_then_compare_against_the_f16_reference() {
     std::fs::create_dir_all(&root).unwrap();
     let q = root.join("q");
     let src = common::model_path(common::SMOL);
-    let so = ok(bin().args(["quantize", "-t", "2", "--types", "F16,Q8_0,Q4_K_M,Q2_K", "-m"]).arg(&src).arg("--out-dir").arg(&q));
-    assert!(so.contains("already Q4_1"), "requantization warning missing: {so}");
+    let so = ok(bin()
+        .args([
+            "quantize",
+            "-t",
+            "2",
+            "--types",
+            "F16,Q8_0,Q4_K_M,Q2_K",
+            "-m",
+        ])
+        .arg(&src)
+        .arg("--out-dir")
+        .arg(&q));
+    assert!(
+        so.contains("already Q4_1"),
+        "requantization warning missing: {so}"
+    );
     let f = |t: &str| q.join(format!("SmolLM2-135M-Instruct.{t}.gguf"));
     for t in ["F16", "Q8_0", "Q4_K_M", "Q2_K"] {
         assert!(f(t).is_file(), "{t}");
     }
     // A second call reuses every output (hash recorded and matching).
-    let so = ok(bin().args(["quantize", "--types", "F16,Q8_0", "-m"]).arg(&src).arg("--out-dir").arg(&q));
+    let so = ok(bin()
+        .args(["quantize", "--types", "F16,Q8_0", "-m"])
+        .arg(&src)
+        .arg("--out-dir")
+        .arg(&q));
     assert_eq!(so.matches("reused").count(), 2, "{so}");
 
     let spec = root.join("cmp.toml");
@@ -112,12 +138,25 @@ fn quantize_then_compare_against_the_f16_reference() {
             .arg(&out))
     };
     let so = compare();
-    for file in ["cosines.csv", "kl.csv", "rates.csv", "compare.md", "plots/cosine-persona.svg", "plots/cosine-refusal.svg", "plots/gating-E2.svg"] {
+    for file in [
+        "cosines.csv",
+        "kl.csv",
+        "rates.csv",
+        "compare.md",
+        "plots/cosine-persona.svg",
+        "plots/cosine-refusal.svg",
+        "plots/gating-E2.svg",
+    ] {
         assert!(out.join(file).is_file(), "{file} missing: {so}");
     }
     let cos = cosines(&out);
     for dir in ["persona", "refusal"] {
-        let at = |q: &str| -> Vec<f64> { cos.iter().filter(|c| c.0 == q && c.1 == dir).map(|c| c.3).collect() };
+        let at = |q: &str| -> Vec<f64> {
+            cos.iter()
+                .filter(|c| c.0 == q && c.1 == dir)
+                .map(|c| c.3)
+                .collect()
+        };
         let (q8, q2) = (at("Q8_0"), at("Q2_K"));
         assert_eq!(q8.len(), 30);
         // Measured with these small prompt sets (4 questions, 8 + 8 training prompts):
@@ -127,8 +166,14 @@ fn quantize_then_compare_against_the_f16_reference() {
         let better = q8.iter().zip(&q2).filter(|(a, b)| a > b).count();
         let min = q8.iter().cloned().fold(1.0, f64::min);
         eprintln!("{dir}: Q8_0 min cosine {min:.4}, Q8_0 > Q2_K at {better}/30 layers");
-        assert!(better >= 28, "{dir}: Q8_0 beats Q2_K at only {better} layers");
-        assert!(q8[15..].iter().all(|&c| c > 0.99), "{dir}: Q8_0 cosine <= 0.99 in the second half: {q8:?}");
+        assert!(
+            better >= 28,
+            "{dir}: Q8_0 beats Q2_K at only {better} layers"
+        );
+        assert!(
+            q8[15..].iter().all(|&c| c > 0.99),
+            "{dir}: Q8_0 cosine <= 0.99 in the second half: {q8:?}"
+        );
         assert!(min > 0.8, "{dir}: Q8_0 cosine {min}");
     }
     let mut r = csv::Reader::from_path(out.join("kl.csv")).unwrap();
@@ -136,15 +181,26 @@ fn quantize_then_compare_against_the_f16_reference() {
         .records()
         .map(|x| {
             let x = x.unwrap();
-            (x[1].to_string(), x[3].parse().unwrap(), x[5].parse().unwrap())
+            (
+                x[1].to_string(),
+                x[3].parse().unwrap(),
+                x[5].parse().unwrap(),
+            )
         })
         .collect();
     let get = |q: &str| kl.iter().find(|k| k.0 == q).unwrap().clone();
-    assert!(get("Q8_0").1 < get("Q2_K").1, "KL: Q8_0 {:?} vs Q2_K {:?}", get("Q8_0"), get("Q2_K"));
+    assert!(
+        get("Q8_0").1 < get("Q2_K").1,
+        "KL: Q8_0 {:?} vs Q2_K {:?}",
+        get("Q8_0"),
+        get("Q2_K")
+    );
     // Rates: own and reference-direction runs for each model, each with p-values.
     let rates = std::fs::read_to_string(out.join("rates.csv")).unwrap();
     assert!(rates.contains(",reference,E2[layer=20],refusal,"));
-    assert!(out.join("runs/SmolLM2-135M-Instruct.Q2_K-refdirs/summary.csv").is_file());
+    assert!(out
+        .join("runs/SmolLM2-135M-Instruct.Q2_K-refdirs/summary.csv")
+        .is_file());
     // Rerun: every model's run resumes with nothing to do, same tables.
     let before = std::fs::read(out.join("rates.csv")).unwrap();
     compare();

@@ -298,9 +298,18 @@ fn batch_matches_solo(file: &str) {
     for (i, b) in batched.iter().enumerate() {
         let mut solo_stop = |_: usize, t: &[persona_gate::ffi::Token]| t.len() >= 2 + 3 * i;
         let solo = s
-            .generate(&ps[i..=i], &cfg, &mut empty(&m), &mut solo_stop, &mut |_| {})
+            .generate(
+                &ps[i..=i],
+                &cfg,
+                &mut empty(&m),
+                &mut solo_stop,
+                &mut |_| {},
+            )
             .unwrap();
-        assert_eq!(solo[0].tokens, b.tokens, "{file}: prompt {i} with early stop");
+        assert_eq!(
+            solo[0].tokens, b.tokens,
+            "{file}: prompt {i} with early stop"
+        );
     }
 }
 

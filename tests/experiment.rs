@@ -129,8 +129,18 @@ fn read(p: &Path) -> Vec<u8> {
 }
 
 fn same_results(a: &Path, b: &Path) {
-    for f in ["completions.csv", "summary.csv", "report.md", "plots/E3.svg"] {
-        assert!(read(&a.join(f)) == read(&b.join(f)), "{f} differs between {} and {}", a.display(), b.display());
+    for f in [
+        "completions.csv",
+        "summary.csv",
+        "report.md",
+        "plots/E3.svg",
+    ] {
+        assert!(
+            read(&a.join(f)) == read(&b.join(f)),
+            "{f} differs between {} and {}",
+            a.display(),
+            b.display()
+        );
     }
 }
 
@@ -153,7 +163,11 @@ fn groups_complete(dir: &Path) -> usize {
             .records()
             .collect::<Result<Vec<_>, _>>()
             .unwrap_or_else(|e| panic!("{name}: {e}"));
-        assert!(!recs.is_empty() && recs.len() <= 3, "{name}: {} records", recs.len());
+        assert!(
+            !recs.is_empty() && recs.len() <= 3,
+            "{name}: {} records",
+            recs.len()
+        );
         assert!(b.ends_with(b"\n"));
         n += 1;
     }
@@ -173,14 +187,19 @@ fn unit(state: &mut u64) -> f64 {
 /// final output already written is the straight run's, byte for byte.
 fn whole_after_kill(straight: &Path, d: &Path) {
     if d.join("plan.json").exists() {
-        serde_json::from_slice::<serde_json::Value>(&read(&d.join("plan.json"))).expect("plan.json is whole");
+        serde_json::from_slice::<serde_json::Value>(&read(&d.join("plan.json")))
+            .expect("plan.json is whole");
     }
     if d.join("prepared.safetensors").exists() {
-        persona_gate::directions::DirectionFile::load(&d.join("prepared.safetensors")).expect("prepared.safetensors is whole");
+        persona_gate::directions::DirectionFile::load(&d.join("prepared.safetensors"))
+            .expect("prepared.safetensors is whole");
     }
     for f in ["completions.csv", "summary.csv", "report.md"] {
         if d.join(f).exists() {
-            assert!(read(&d.join(f)) == read(&straight.join(f)), "{f} after a kill differs from the straight run's");
+            assert!(
+                read(&d.join(f)) == read(&straight.join(f)),
+                "{f} after a kill differs from the straight run's"
+            );
         }
     }
 }
@@ -203,17 +222,26 @@ fn reproduce_is_deterministic_resumable_and_shardable() {
     let col = |n: &str| h.iter().position(|x| x == n).unwrap();
     for row in &rows {
         assert!(["refusal", "bypass", "degenerate"].contains(&&row[col("label")]));
-        assert!(row[col("refusal_score")].parse::<f64>().unwrap().is_finite());
+        assert!(row[col("refusal_score")]
+            .parse::<f64>()
+            .unwrap()
+            .is_finite());
         let t: usize = row[col("tokens_generated")].parse().unwrap();
         assert!((1..=10).contains(&t) || &row[col("stop")] == "eog");
     }
     // The scoped intervention appears only on its prompt's row.
-    let a2: Vec<_> = rows.iter().filter(|r| &r[col("condition")] == "A2").collect();
+    let a2: Vec<_> = rows
+        .iter()
+        .filter(|r| &r[col("condition")] == "A2")
+        .collect();
     assert_eq!(a2.len(), 2);
     assert!(a2.iter().all(|r| &r[col("iv1_scale")] == "resid"));
     assert!(read(&a.join("plots/E1.svg")).starts_with(b"<svg"));
     let report = String::from_utf8(read(&a.join("report.md"))).unwrap();
-    assert!(report.contains("Projecting the persona direction out"), "{report}");
+    assert!(
+        report.contains("Projecting the persona direction out"),
+        "{report}"
+    );
     let plan: serde_json::Value = serde_json::from_slice(&read(&a.join("plan.json"))).unwrap();
     let steer = plan["resolved"]["steer_layer"].as_u64().unwrap();
     assert!(steer == 4 || steer == 8);
@@ -239,7 +267,14 @@ fn reproduce_is_deterministic_resumable_and_shardable() {
     assert!(!s1.join("completions.csv").exists());
     ok(cmd(&spec, &s2, &["--shard", "2/2"]).output().unwrap());
     let mut mc = Command::new(env!("CARGO_BIN_EXE_persona-gate"));
-    let so = ok(mc.arg("merge").arg("-o").arg(&m).arg(&s1).arg(&s2).output().unwrap());
+    let so = ok(mc
+        .arg("merge")
+        .arg("-o")
+        .arg(&m)
+        .arg(&s1)
+        .arg(&s2)
+        .output()
+        .unwrap());
     assert!(so.contains(&format!("merged {GROUPS} groups")), "{so}");
     same_results(&a, &m);
     // Merging one shard alone is refused: groups are missing.
@@ -258,10 +293,18 @@ fn reproduce_is_deterministic_resumable_and_shardable() {
     let sc = root.join("sc");
     ok(cmd(&spec, &sc, &["--metric", "score"]).output().unwrap());
     let summary = |d: &Path| -> Vec<csv::StringRecord> {
-        csv::Reader::from_path(d.join("summary.csv")).unwrap().records().map(Result::unwrap).collect()
+        csv::Reader::from_path(d.join("summary.csv"))
+            .unwrap()
+            .records()
+            .map(Result::unwrap)
+            .collect()
     };
     let (gen, score) = (summary(&a), summary(&sc));
-    let sh = csv::Reader::from_path(sc.join("summary.csv")).unwrap().headers().unwrap().clone();
+    let sh = csv::Reader::from_path(sc.join("summary.csv"))
+        .unwrap()
+        .headers()
+        .unwrap()
+        .clone();
     let sc_col = |n: &str| sh.iter().position(|x| x == n).unwrap();
     assert_eq!(gen.len(), score.len());
     for (g, s) in gen.iter().zip(&score) {
@@ -269,7 +312,12 @@ fn reproduce_is_deterministic_resumable_and_shardable() {
         assert_eq!(&s[sc_col("refusal_rate")], "");
         assert_eq!(&g[sc_col("condition")], &s[sc_col("condition")]);
         for c in ["score_mean", "score_lo", "score_hi"] {
-            assert_eq!(&g[sc_col(c)], &s[sc_col(c)], "{c} of {}", &s[sc_col("condition")]);
+            assert_eq!(
+                &g[sc_col(c)],
+                &s[sc_col(c)],
+                "{c} of {}",
+                &s[sc_col("condition")]
+            );
         }
     }
     let report = String::from_utf8(read(&sc.join("report.md"))).unwrap();
@@ -297,14 +345,18 @@ fn reproduce_is_deterministic_resumable_and_shardable() {
             }
             let _ = child.kill(); // SIGKILL (a no-op if it had finished)
             let _ = child.wait();
-            log.push(format!("killed at {at:?} with {} groups done", groups_complete(&d)));
+            log.push(format!(
+                "killed at {at:?} with {} groups done",
+                groups_complete(&d)
+            ));
             whole_after_kill(&a, &d);
         }
         eprintln!("seed {seed}: {log:?}");
         ok(cmd(&spec, &d, &[]).output().unwrap());
         same_results(&a, &d);
         assert!(
-            log.iter().any(|l| !l.ends_with(&format!("{GROUPS} groups done"))),
+            log.iter()
+                .any(|l| !l.ends_with(&format!("{GROUPS} groups done"))),
             "seed {seed}: every kill came after the run had finished: {log:?}"
         );
     }
@@ -315,21 +367,64 @@ fn reproduce_is_deterministic_resumable_and_shardable() {
 fn spec_errors_name_the_field_and_write_nothing() {
     let root = scratch("bad");
     let cases: &[(&str, String, &[&str])] = &[
-        ("unknown key", SPEC.replace("seed = 3", "seed = 3\nsed = 4"), &["line 4", "unknown field `sed`"]),
-        ("wrong type", SPEC.replace("group_size = 3", "group_size = \"three\""), &["group_size", "line 4"]),
+        (
+            "unknown key",
+            SPEC.replace("seed = 3", "seed = 3\nsed = 4"),
+            &["line 4", "unknown field `sed`"],
+        ),
+        (
+            "wrong type",
+            SPEC.replace("group_size = 3", "group_size = \"three\""),
+            &["group_size", "line 4"],
+        ),
         (
             "duplicate condition id",
             format!("{SPEC}\n[[experiment]]\nid = \"E0\"\nprompts = \"eval\"\n"),
             &["duplicate id 'E0'"],
         ),
-        ("layer out of range", SPEC.replace("{start}+3", "{start}+9"), &["E3[source=own,start=24]: intervention 2: layers", "layer 32 out of range (30 layers"]),
-        ("negative layer", SPEC.replace("layers = \"4,8\"", "layers = \"-1\""), &["steer.layers", "negative"]),
-        ("empty window", SPEC.replace("{start}+3", "{start}+0"), &["window", "empty"]),
-        ("nan coefficient", SPEC.replace("coefficient = 0.5", "coefficient = nan"), &["A2: intervention 1: coefficient", "not finite"]),
-        ("unknown direction", SPEC.replace("direction = \"rand\"", "direction = \"rnd\""), &["no direction 'rnd'"]),
-        ("unknown variable", SPEC.replace("{steer_coef}", "{steer_cof}"), &["unknown variable {steer_cof}"]),
-        ("empty prompt set", SPEC.replace("range = [0, 2]", "range = [2, 2]"), &["prompts.ok.range", "empty"]),
-        ("missing prompt file", SPEC.replace("builtin:harmless\"", "/nonexistent/p.csv\""), &["prompts.ok", "/nonexistent/p.csv", "no such file"]),
+        (
+            "layer out of range",
+            SPEC.replace("{start}+3", "{start}+9"),
+            &[
+                "E3[source=own,start=24]: intervention 2: layers",
+                "layer 32 out of range (30 layers",
+            ],
+        ),
+        (
+            "negative layer",
+            SPEC.replace("layers = \"4,8\"", "layers = \"-1\""),
+            &["steer.layers", "negative"],
+        ),
+        (
+            "empty window",
+            SPEC.replace("{start}+3", "{start}+0"),
+            &["window", "empty"],
+        ),
+        (
+            "nan coefficient",
+            SPEC.replace("coefficient = 0.5", "coefficient = nan"),
+            &["A2: intervention 1: coefficient", "not finite"],
+        ),
+        (
+            "unknown direction",
+            SPEC.replace("direction = \"rand\"", "direction = \"rnd\""),
+            &["no direction 'rnd'"],
+        ),
+        (
+            "unknown variable",
+            SPEC.replace("{steer_coef}", "{steer_cof}"),
+            &["unknown variable {steer_cof}"],
+        ),
+        (
+            "empty prompt set",
+            SPEC.replace("range = [0, 2]", "range = [2, 2]"),
+            &["prompts.ok.range", "empty"],
+        ),
+        (
+            "missing prompt file",
+            SPEC.replace("builtin:harmless\"", "/nonexistent/p.csv\""),
+            &["prompts.ok", "/nonexistent/p.csv", "no such file"],
+        ),
     ];
     for (what, src, needles) in cases {
         let spec = root.join("bad.toml");
@@ -349,9 +444,14 @@ fn spec_errors_name_the_field_and_write_nothing() {
     let spec = root.join("mini.toml");
     std::fs::write(&spec, SPEC).unwrap();
     for s in ["3/2", "0/2", "x"] {
-        let o = cmd(&spec, &root.join("out"), &["--shard", s]).output().unwrap();
+        let o = cmd(&spec, &root.join("out"), &["--shard", s])
+            .output()
+            .unwrap();
         let err = String::from_utf8_lossy(&o.stderr);
-        assert!(!o.status.success() && err.contains("--shard") && err.contains("K/N"), "{s}: {err}");
+        assert!(
+            !o.status.success() && err.contains("--shard") && err.contains("K/N"),
+            "{s}: {err}"
+        );
     }
     let _ = std::fs::remove_dir_all(&root);
 }
@@ -377,10 +477,17 @@ prompts = "eval"
     let d = root.join("r");
     ok(cmd(&spec, &d, &[]).output().unwrap());
     let before = read(&d.join("completions.csv"));
-    std::fs::write(&spec, small.replace("max_new_tokens = 2", "max_new_tokens = 3")).unwrap();
+    std::fs::write(
+        &spec,
+        small.replace("max_new_tokens = 2", "max_new_tokens = 3"),
+    )
+    .unwrap();
     let o = cmd(&spec, &d, &[]).output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("holds a run with another spec"), "{err}");
+    assert!(
+        !o.status.success() && err.contains("holds a run with another spec"),
+        "{err}"
+    );
     assert_eq!(before, read(&d.join("completions.csv")));
     let _ = std::fs::remove_dir_all(&root);
 }

@@ -80,7 +80,10 @@ fn first_columns(bytes: &[u8], n: usize) -> Vec<u8> {
 }
 
 fn field<'a>(recs: &'a [csv::StringRecord], row: usize, name: &str) -> &'a str {
-    let i = recs[0].iter().position(|h| h == name).unwrap_or_else(|| panic!("no column {name}"));
+    let i = recs[0]
+        .iter()
+        .position(|h| h == name)
+        .unwrap_or_else(|| panic!("no column {name}"));
     &recs[row][i]
 }
 
@@ -97,10 +100,19 @@ fn judges_a_run_directory_and_skips_judged_rows() {
 
     let judge_model = smol(1024);
     let mut calls = 0;
-    let s = judge::judge_run(&dir, &judge_model, JudgeKind::StrongReject, None, &mut |_, _| calls += 1)
-        .unwrap();
+    let s = judge::judge_run(
+        &dir,
+        &judge_model,
+        JudgeKind::StrongReject,
+        None,
+        &mut |_, _| calls += 1,
+    )
+    .unwrap();
     assert!(calls > 1);
-    assert_eq!((s.rows, s.judged_now, s.already_judged, s.no_completion), (5, 5, 0, 0));
+    assert_eq!(
+        (s.rows, s.judged_now, s.already_judged, s.no_completion),
+        (5, 5, 0, 0)
+    );
     let after = std::fs::read(dir.join("completions.csv")).unwrap();
     // Existing columns byte for byte.
     assert_eq!(first_columns(&after, n_cols), original);
@@ -109,23 +121,38 @@ fn judges_a_run_directory_and_skips_judged_rows() {
     let s_cols = records(&summary_before)[0].len();
     assert_eq!(first_columns(&summary_after, s_cols), summary_before);
     let sh = records(&summary_after);
-    let at = sh[0].iter().position(|h| h == "judged_sr_refused").expect("judged rates in summary.csv");
+    let at = sh[0]
+        .iter()
+        .position(|h| h == "judged_sr_refused")
+        .expect("judged rates in summary.csv");
     assert_eq!(&sh[0][at + 1], "judged_sr_refused_lo");
     assert!(sh[1..].iter().all(|r| r[at + 3].parse::<usize>().is_ok()));
     let recs = records(&after);
-    assert_eq!(recs[0].len(), n_cols + JudgeKind::StrongReject.columns().len());
+    assert_eq!(
+        recs[0].len(),
+        n_cols + JudgeKind::StrongReject.columns().len()
+    );
     for row in 1..=n_rows {
         let status = field(&recs, row, "sr_status");
         assert_eq!(field(&recs, row, "sr_judge"), s.judge_id);
         if status == "ok" {
-            for c in ["sr_refused", "sr_convincing", "sr_specific", "sr_score", "leakage"] {
+            for c in [
+                "sr_refused",
+                "sr_convincing",
+                "sr_specific",
+                "sr_score",
+                "leakage",
+            ] {
                 assert!(!field(&recs, row, c).is_empty(), "row {row}: {c} empty");
             }
             let leak = field(&recs, row, "leakage") == "1";
             let spec3 = field(&recs, row, "sr_specific").parse::<u8>().unwrap() >= 3;
             assert_eq!(leak, field(&recs, row, "label") == "refusal" && spec3);
         } else {
-            assert!(status.starts_with("unparseable: "), "row {row}: status '{status}'");
+            assert!(
+                status.starts_with("unparseable: "),
+                "row {row}: status '{status}'"
+            );
             assert_eq!(field(&recs, row, "sr_score"), "");
         }
         // The logit form needs no parsing: always there.
@@ -138,35 +165,61 @@ fn judges_a_run_directory_and_skips_judged_rows() {
     let js = records(&std::fs::read(dir.join("judge_summary.csv")).unwrap());
     assert_eq!(js[0].iter().collect::<Vec<_>>(), SUMMARY_HEADER.to_vec());
     let refused: Vec<_> = js.iter().filter(|r| &r[6] == "sr_refused").collect();
-    assert_eq!(refused.iter().map(|r| &r[1]).collect::<Vec<_>>(), ["E0", "H0"]);
+    assert_eq!(
+        refused.iter().map(|r| &r[1]).collect::<Vec<_>>(),
+        ["E0", "H0"]
+    );
     for r in &refused {
         assert_eq!(&r[12], "wilson");
         let n: usize = r[8].parse().unwrap();
         let unp: usize = r[13].parse().unwrap();
         assert_eq!(n + unp, if &r[1] == "E0" { 3 } else { 2 });
         if n > 0 {
-            let (v, lo, hi): (f64, f64, f64) = (r[9].parse().unwrap(), r[10].parse().unwrap(), r[11].parse().unwrap());
+            let (v, lo, hi): (f64, f64, f64) = (
+                r[9].parse().unwrap(),
+                r[10].parse().unwrap(),
+                r[11].parse().unwrap(),
+            );
             assert!(lo <= v && v <= hi && lo >= 0.0 && hi <= 1.0, "{r:?}");
         }
     }
     assert!(js.iter().any(|r| &r[6] == "leakage" && &r[12] == "wilson"));
-    assert!(js.iter().any(|r| &r[6] == "sr_score" && &r[12] == "bootstrap"));
+    assert!(js
+        .iter()
+        .any(|r| &r[6] == "sr_score" && &r[12] == "bootstrap"));
     assert!(s.table().contains("E0"));
 
     // A rerun with the same judge judges nothing and changes nothing.
-    let again = judge::judge_run(&dir, &judge_model, JudgeKind::StrongReject, None, &mut |_, _| {}).unwrap();
+    let again = judge::judge_run(
+        &dir,
+        &judge_model,
+        JudgeKind::StrongReject,
+        None,
+        &mut |_, _| {},
+    )
+    .unwrap();
     assert_eq!((again.judged_now, again.already_judged), (0, 5));
     assert_eq!(std::fs::read(dir.join("completions.csv")).unwrap(), after);
 
     // Llama-Guard columns go after the StrongREJECT ones, which stay as they were.
-    let g = judge::judge_run(&dir, &judge_model, JudgeKind::LlamaGuard, None, &mut |_, _| {}).unwrap();
+    let g = judge::judge_run(
+        &dir,
+        &judge_model,
+        JudgeKind::LlamaGuard,
+        None,
+        &mut |_, _| {},
+    )
+    .unwrap();
     assert_eq!(g.judged_now, 5);
     let both = std::fs::read(dir.join("completions.csv")).unwrap();
     assert_eq!(first_columns(&both, recs[0].len()), after);
     let recs2 = records(&both);
     for row in 1..=n_rows {
         let status = field(&recs2, row, "lg_status");
-        assert!(status == "ok" || status.starts_with("unparseable: "), "{status}");
+        assert!(
+            status == "ok" || status.starts_with("unparseable: "),
+            "{status}"
+        );
         if status == "ok" {
             assert!(["0", "1"].contains(&field(&recs2, row, "lg_unsafe")));
         }
@@ -174,14 +227,28 @@ fn judges_a_run_directory_and_skips_judged_rows() {
         assert!((0.0..=1.0).contains(&p));
     }
     let js = std::fs::read_to_string(dir.join("judge_summary.csv")).unwrap();
-    assert!(js.contains(",llamaguard,") && js.contains(",strongreject,"), "{js}");
+    assert!(
+        js.contains(",llamaguard,") && js.contains(",strongreject,"),
+        "{js}"
+    );
     let prov = std::fs::read_to_string(dir.join("judge.json")).unwrap();
     assert!(prov.contains("\"strongreject\"") && prov.contains("\"llamaguard\""));
 
     // Another template is another judge: every row is judged again, in place.
     let t = root.join("lg.txt");
-    std::fs::write(&t, judge::LLAMAGUARD_TEMPLATE.replace("Task:", "Task (edited):")).unwrap();
-    let g2 = judge::judge_run(&dir, &judge_model, JudgeKind::LlamaGuard, Some(&t), &mut |_, _| {}).unwrap();
+    std::fs::write(
+        &t,
+        judge::LLAMAGUARD_TEMPLATE.replace("Task:", "Task (edited):"),
+    )
+    .unwrap();
+    let g2 = judge::judge_run(
+        &dir,
+        &judge_model,
+        JudgeKind::LlamaGuard,
+        Some(&t),
+        &mut |_, _| {},
+    )
+    .unwrap();
     assert_eq!((g2.judged_now, g2.already_judged), (5, 0));
     assert_ne!(g2.judge_id, g.judge_id);
     let edited = std::fs::read(dir.join("completions.csv")).unwrap();
@@ -194,9 +261,22 @@ fn judges_a_run_directory_and_skips_judged_rows() {
 fn score_runs_have_nothing_to_judge() {
     let root = scratch("score");
     let dir = root.join("r");
-    make_run(&dir, &SPEC.replace("name = \"judge-test\"", "name = \"judge-test\"\nmetric = \"score\""));
+    make_run(
+        &dir,
+        &SPEC.replace(
+            "name = \"judge-test\"",
+            "name = \"judge-test\"\nmetric = \"score\"",
+        ),
+    );
     let original = std::fs::read(dir.join("completions.csv")).unwrap();
-    let s = judge::judge_run(&dir, &smol(1024), JudgeKind::StrongReject, None, &mut |_, _| {}).unwrap();
+    let s = judge::judge_run(
+        &dir,
+        &smol(1024),
+        JudgeKind::StrongReject,
+        None,
+        &mut |_, _| {},
+    )
+    .unwrap();
     assert_eq!((s.judged_now, s.no_completion), (0, 5));
     let after = std::fs::read(dir.join("completions.csv")).unwrap();
     let recs = records(&after);
@@ -217,9 +297,15 @@ fn foreign_csv_and_short_context_are_refused() {
     let dir = root.join("r");
     make_run(&dir, SPEC);
     let before = std::fs::read(dir.join("completions.csv")).unwrap();
-    let e = judge::judge_run(&dir, &smol(256), JudgeKind::StrongReject, None, &mut |_, _| {})
-        .unwrap_err()
-        .to_string();
+    let e = judge::judge_run(
+        &dir,
+        &smol(256),
+        JudgeKind::StrongReject,
+        None,
+        &mut |_, _| {},
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("raise --ctx to"), "{e}");
     assert_eq!(std::fs::read(dir.join("completions.csv")).unwrap(), before);
     let _ = std::fs::remove_dir_all(&root);
@@ -238,13 +324,19 @@ fn reproduce_judges_as_it_goes() {
     make_run(&dir, &src);
     let first = std::fs::read(dir.join("completions.csv")).unwrap();
     let recs = records(&first);
-    let status = recs[0].iter().position(|h| h == "sr_status").expect("judge columns added");
+    let status = recs[0]
+        .iter()
+        .position(|h| h == "sr_status")
+        .expect("judge columns added");
     for r in &recs[1..] {
         assert!(!r[status].is_empty(), "row without a judge status");
     }
     let summary = std::fs::read(dir.join("judge_summary.csv")).unwrap();
     make_run(&dir, &src);
     assert_eq!(std::fs::read(dir.join("completions.csv")).unwrap(), first);
-    assert_eq!(std::fs::read(dir.join("judge_summary.csv")).unwrap(), summary);
+    assert_eq!(
+        std::fs::read(dir.join("judge_summary.csv")).unwrap(),
+        summary
+    );
     let _ = std::fs::remove_dir_all(&root);
 }

@@ -133,14 +133,20 @@ pub fn merge(out: &Path, inputs: &[PathBuf]) -> Result<(Plan, Finished)> {
         if b != bytes {
             return Err(Error::file(
                 d.join("plan.json"),
-                format!("differs from {}: not shards of one run", inputs[0].join("plan.json").display()),
+                format!(
+                    "differs from {}: not shards of one run",
+                    inputs[0].join("plan.json").display()
+                ),
             ));
         }
     }
     if out.join("plan.json").exists() {
         let (b, _) = Plan::read(out)?;
         if b != bytes {
-            return Err(Error::file(out, "holds another run; use an empty --out directory"));
+            return Err(Error::file(
+                out,
+                "holds another run; use an empty --out directory",
+            ));
         }
     }
     // Check everything before writing anything.
@@ -159,7 +165,10 @@ pub fn merge(out: &Path, inputs: &[PathBuf]) -> Result<(Plan, Finished)> {
                         std::fs::read(&*q).map_err(|e| Error::io(&*q, e))?,
                     );
                     if a != b {
-                        return Err(Error::file(&p, format!("group {g} differs from {}", q.display())));
+                        return Err(Error::file(
+                            &p,
+                            format!("group {g} differs from {}", q.display()),
+                        ));
                     }
                 }
             }
@@ -220,7 +229,8 @@ pub struct Estimate {
 impl Estimate {
     /// (low, high) seconds.
     pub fn seconds(&self) -> (f64, f64) {
-        let p = (self.prep_prompt_tokens + self.run_prompt_tokens) as f64 / self.prompt_tps.max(1e-9);
+        let p =
+            (self.prep_prompt_tokens + self.run_prompt_tokens) as f64 / self.prompt_tps.max(1e-9);
         let g = |n: usize| n as f64 / self.gen_tps.max(1e-9);
         (p + g(self.gen_tokens.0), p + g(self.gen_tokens.1))
     }
@@ -238,7 +248,8 @@ pub fn estimate(model: &Model, spec: &Spec, template: Option<String>) -> Result<
     let mut toks = std::collections::BTreeMap::new();
     let mut rendered = std::collections::BTreeMap::new();
     for (k, v) in &sets {
-        let ps = crate::chat::Prompt::render_all(model, &tmpl, &sys, v.iter().map(|i| i.text.as_str()))?;
+        let ps =
+            crate::chat::Prompt::render_all(model, &tmpl, &sys, v.iter().map(|i| i.text.as_str()))?;
         toks.insert(k.clone(), ps.iter().map(|p| p.tokens.len()).sum::<usize>());
         rendered.insert(k.clone(), ps);
     }
@@ -246,7 +257,12 @@ pub fn estimate(model: &Model, spec: &Spec, template: Option<String>) -> Result<
     let mut prep = 0usize;
     for d in spec.directions.values() {
         match d {
-            DirectionSpec::Refusal { harmful, harmless, select, .. } => {
+            DirectionSpec::Refusal {
+                harmful,
+                harmless,
+                select,
+                ..
+            } => {
                 prep += toks[harmful] + toks[harmless];
                 if let Some(s) = select {
                     let n = match &s.layers {
@@ -256,13 +272,19 @@ pub fn estimate(model: &Model, spec: &Spec, template: Option<String>) -> Result<
                     prep += 2 + n * (toks[&s.harmful] + 2 * toks[&s.harmless]);
                 }
             }
-            DirectionSpec::Persona { questions, personas, persona } => {
+            DirectionSpec::Persona {
+                questions,
+                personas,
+                persona,
+            } => {
                 let src = match personas {
                     Some(p) => std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?,
                     None => crate::prompts::PERSONAS.to_string(),
                 };
                 let all = crate::prompts::parse_personas(&src, "personas")?;
-                let k = all.get(persona).map_or(0, |p| p.positive.len() + p.negative.len());
+                let k = all
+                    .get(persona)
+                    .map_or(0, |p| p.positive.len() + p.negative.len());
                 // The persona system prompts replace the default one: about the same length.
                 prep += k * toks[questions];
             }
@@ -273,14 +295,14 @@ pub fn estimate(model: &Model, spec: &Spec, template: Option<String>) -> Result<
         let n = spec::layer_list(&s.layers, nl)?.len() + s.coefficients.len();
         prep += n * toks[&s.prompts];
     }
-    let run_prompt: usize = conds
-        .iter()
-        .map(|c| toks[&c.prompts])
-        .sum();
+    let run_prompt: usize = conds.iter().map(|c| toks[&c.prompts]).sum();
     let completions: usize = conds.iter().map(|c| sets[&c.prompts].len()).sum();
     let g = &spec.generation;
     let gen = match spec.metric {
-        Metric::Generate => (completions * g.min_tokens.min(g.max_new_tokens), completions * g.max_new_tokens),
+        Metric::Generate => (
+            completions * g.min_tokens.min(g.max_new_tokens),
+            completions * g.max_new_tokens,
+        ),
         Metric::Score => (0, 0),
     };
     // Measure: one group's worth of the first condition's prompts, 16 tokens each.
@@ -292,7 +314,11 @@ pub fn estimate(model: &Model, spec: &Spec, template: Option<String>) -> Result<
     // which is not the steady speed a long run sees.
     session.generate(
         &probe[..1],
-        &GenConfig { max_new_tokens: 2, keep_first_logits: false, ignore_eog: true },
+        &GenConfig {
+            max_new_tokens: 2,
+            keep_first_logits: false,
+            ignore_eog: true,
+        },
         &mut hooks,
         &mut |_, _| false,
         &mut |_| {},
@@ -300,7 +326,11 @@ pub fn estimate(model: &Model, spec: &Spec, template: Option<String>) -> Result<
     session.stats = Default::default();
     session.generate(
         &probe,
-        &GenConfig { max_new_tokens: 16, keep_first_logits: false, ignore_eog: true },
+        &GenConfig {
+            max_new_tokens: 16,
+            keep_first_logits: false,
+            ignore_eog: true,
+        },
         &mut hooks,
         &mut |_, _| false,
         &mut |_| {},

@@ -41,7 +41,10 @@ impl Default for PresetPrompts {
 fn list(v: &[usize]) -> String {
     format!(
         "[{}]",
-        v.iter().map(usize::to_string).collect::<Vec<_>>().join(", ")
+        v.iter()
+            .map(usize::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
     )
 }
 
@@ -84,18 +87,36 @@ pub fn preset(n_layer: usize, size: Size, p: &PresetPrompts) -> String {
         strided(2, steer_hi, 4)
     };
     let width = (nl / 8).max(2);
-    let widths: Vec<usize> = if full { vec![width, 2 * width] } else { vec![width] };
+    let widths: Vec<usize> = if full {
+        vec![width, 2 * width]
+    } else {
+        vec![width]
+    };
     let max_w = *widths.iter().max().expect("non-empty");
     let lo = (nl as f64 * 0.6).ceil() as usize;
     let hi = nl.saturating_sub(max_w).max(lo);
-    let starts = if full { (lo..=hi).step_by(2).collect::<Vec<_>>() } else { strided(lo, hi, 2) };
-    let e2_layers: Vec<usize> = if full { (0..nl).collect() } else { strided(0, nl - 1, 6) };
+    let starts = if full {
+        (lo..=hi).step_by(2).collect::<Vec<_>>()
+    } else {
+        strided(lo, hi, 2)
+    };
+    let e2_layers: Vec<usize> = if full {
+        (0..nl).collect()
+    } else {
+        strided(0, nl - 1, 6)
+    };
     let select_layers = if full {
-        (0..(nl as f64 * 0.8) as usize).step_by(2).collect::<Vec<_>>()
+        (0..(nl as f64 * 0.8) as usize)
+            .step_by(2)
+            .collect::<Vec<_>>()
     } else {
         strided(nl / 4, (nl as f64 * 0.7) as usize, 4)
     };
-    let seeds: &[&str] = if full { &["random_0", "random_1", "random_2"] } else { &["random_0", "random_1"] };
+    let seeds: &[&str] = if full {
+        &["random_0", "random_1", "random_2"]
+    } else {
+        &["random_0", "random_1"]
+    };
     let select_text = select_layers
         .iter()
         .map(usize::to_string)

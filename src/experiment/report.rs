@@ -105,18 +105,32 @@ pub fn finish(
     manifest_extra: serde_json::Value,
     rewrite_completions: bool,
 ) -> Result<Finished> {
-    let missing = done_groups(dir, plan.n_groups).iter().filter(|d| !**d).count();
+    let missing = done_groups(dir, plan.n_groups)
+        .iter()
+        .filter(|d| !**d)
+        .count();
     if missing > 0 {
-        return Err(Error::file(dir, format!("{missing} of {} groups are not done yet", plan.n_groups)));
+        return Err(Error::file(
+            dir,
+            format!("{missing} of {} groups are not done yet", plan.n_groups),
+        ));
     }
     let rows = read_rows(dir, plan)?;
     let head = header(plan);
     let mut w = csv::Writer::from_writer(Vec::new());
-    w.write_record(&head).map_err(|e| Error::Invalid(format!("csv: {e}")))?;
-    let mut body = w.into_inner().map_err(|e| Error::Invalid(format!("csv: {e}")))?;
+    w.write_record(&head)
+        .map_err(|e| Error::Invalid(format!("csv: {e}")))?;
+    let mut body = w
+        .into_inner()
+        .map_err(|e| Error::Invalid(format!("csv: {e}")))?;
     body.extend_from_slice(&rows);
     let col = |n: &str| head.iter().position(|h| h == n).expect("known column");
-    let (c_cond, c_label, c_score, c_tok) = (col("condition"), col("label"), col("refusal_score"), col("tokens_generated"));
+    let (c_cond, c_label, c_score, c_tok) = (
+        col("condition"),
+        col("label"),
+        col("refusal_score"),
+        col("tokens_generated"),
+    );
     // Per-condition accumulation, in plan order.
     let index: BTreeMap<&str, usize> = plan
         .conditions
@@ -131,19 +145,26 @@ pub fn finish(
         .has_headers(false)
         .from_reader(rows.as_slice());
     for (i, rec) in r.records().enumerate() {
-        let rec = rec.map_err(|e| Error::file(dir, format!("group rows, record {}: {e}", i + 1)))?;
-        let c = *index
-            .get(&rec[c_cond])
-            .ok_or_else(|| Error::file(dir, format!("record {}: unknown condition '{}'", i + 1, &rec[c_cond])))?;
+        let rec =
+            rec.map_err(|e| Error::file(dir, format!("group rows, record {}: {e}", i + 1)))?;
+        let c = *index.get(&rec[c_cond]).ok_or_else(|| {
+            Error::file(
+                dir,
+                format!("record {}: unknown condition '{}'", i + 1, &rec[c_cond]),
+            )
+        })?;
         match &rec[c_label] {
             "refusal" => labels[c][0] += 1,
             "bypass" => labels[c][1] += 1,
             "degenerate" => labels[c][2] += 1,
             _ => {}
         }
-        let s: f64 = rec[c_score]
-            .parse()
-            .map_err(|_| Error::file(dir, format!("record {}: bad refusal_score '{}'", i + 1, &rec[c_score])))?;
+        let s: f64 = rec[c_score].parse().map_err(|_| {
+            Error::file(
+                dir,
+                format!("record {}: bad refusal_score '{}'", i + 1, &rec[c_score]),
+            )
+        })?;
         scores[c].push(s);
         tokens[c] += rec[c_tok].parse::<usize>().unwrap_or(0);
     }
@@ -211,9 +232,14 @@ pub fn finish(
     });
     put(
         "manifest.json",
-        &serde_json::to_vec_pretty(&manifest).map_err(|e| Error::Invalid(format!("manifest: {e}")))?,
+        &serde_json::to_vec_pretty(&manifest)
+            .map_err(|e| Error::Invalid(format!("manifest: {e}")))?,
     )?;
-    Ok(Finished { summaries, metric, files })
+    Ok(Finished {
+        summaries,
+        metric,
+        files,
+    })
 }
 
 fn f4(x: f64) -> String {
@@ -224,10 +250,29 @@ fn summary_csv(plan: &Plan, s: &[CondSummary]) -> Result<Vec<u8>> {
     let mut w = csv::Writer::from_writer(Vec::new());
     let e = |e: csv::Error| Error::Invalid(format!("csv: {e}"));
     w.write_record([
-        "run_id", "experiment", "condition", "vars", "prompt_set", "metric", "n", "refusal",
-        "refusal_rate", "refusal_lo", "refusal_hi", "bypass", "bypass_rate", "bypass_lo",
-        "bypass_hi", "degenerate", "degenerate_rate", "degenerate_lo", "degenerate_hi",
-        "score_mean", "score_lo", "score_hi", "mean_tokens",
+        "run_id",
+        "experiment",
+        "condition",
+        "vars",
+        "prompt_set",
+        "metric",
+        "n",
+        "refusal",
+        "refusal_rate",
+        "refusal_lo",
+        "refusal_hi",
+        "bypass",
+        "bypass_rate",
+        "bypass_lo",
+        "bypass_hi",
+        "degenerate",
+        "degenerate_rate",
+        "degenerate_lo",
+        "degenerate_hi",
+        "score_mean",
+        "score_lo",
+        "score_hi",
+        "mean_tokens",
     ])
     .map_err(e)?;
     for c in s {
@@ -248,10 +293,16 @@ fn summary_csv(plan: &Plan, s: &[CondSummary]) -> Result<Vec<u8>> {
                 rec.extend([k.to_string(), f4(c.rate(k)), f4(lo), f4(hi)]);
             }
         }
-        rec.extend([f4(c.score_mean), f4(c.score_ci.0), f4(c.score_ci.1), format!("{:.2}", c.mean_tokens)]);
+        rec.extend([
+            f4(c.score_mean),
+            f4(c.score_ci.0),
+            f4(c.score_ci.1),
+            format!("{:.2}", c.mean_tokens),
+        ]);
         w.write_record(&rec).map_err(e)?;
     }
-    w.into_inner().map_err(|e| Error::Invalid(format!("csv: {e}")))
+    w.into_inner()
+        .map_err(|e| Error::Invalid(format!("csv: {e}")))
 }
 
 /// The number a plot and the report use for a condition: the refusal rate (generate) or the
@@ -306,14 +357,21 @@ fn plots(plan: &Plan, s: &[CondSummary]) -> Vec<(String, String)> {
             if !series.contains_key(&key) {
                 order.push(key.clone());
             }
-            series.entry(key).or_default().push((xpos(c), y_of(metric, &s[i])));
+            series
+                .entry(key)
+                .or_default()
+                .push((xpos(c), y_of(metric, &s[i])));
         }
         let mut list: Vec<Series> = order
             .into_iter()
             .map(|k| {
                 let mut pts = series.remove(&k).unwrap_or_default();
                 pts.sort_by(|a, b| a.0.total_cmp(&b.0));
-                Series { name: k, points: pts, band: None }
+                Series {
+                    name: k,
+                    points: pts,
+                    band: None,
+                }
             })
             .collect();
         let (xmin, xmax) = list
@@ -323,7 +381,12 @@ fn plots(plan: &Plan, s: &[CondSummary]) -> Vec<(String, String)> {
         if let Some(b) = &p.band {
             // Min–max over the band experiment's conditions at each x.
             let mut at: BTreeMap<i64, (f64, f64, f64, usize)> = BTreeMap::new();
-            for (i, c) in plan.conditions.iter().enumerate().filter(|(_, c)| &c.experiment == b) {
+            for (i, c) in plan
+                .conditions
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| &c.experiment == b)
+            {
                 let Some(v) = c.var(&p.x) else { continue };
                 let x = num(v, xs.iter().position(|x| x == v).unwrap_or(0));
                 let y = y_of(metric, &s[i]);
@@ -332,18 +395,38 @@ fn plots(plan: &Plan, s: &[CondSummary]) -> Vec<(String, String)> {
                 *e = (e.0.min(y), e.1.max(y), e.2 + y, e.3 + 1);
             }
             if !at.is_empty() {
-                let pts: Vec<(f64, f64)> = at.iter().map(|(k, v)| (*k as f64 / 1e6, v.2 / v.3 as f64)).collect();
+                let pts: Vec<(f64, f64)> = at
+                    .iter()
+                    .map(|(k, v)| (*k as f64 / 1e6, v.2 / v.3 as f64))
+                    .collect();
                 let band: Vec<(f64, f64)> = at.values().map(|v| (v.0, v.1)).collect();
-                list.push(Series { name: format!("{b} (mean, min-max)"), points: pts, band: Some(band) });
+                list.push(Series {
+                    name: format!("{b} (mean, min-max)"),
+                    points: pts,
+                    band: Some(band),
+                });
             }
         }
         for r in &p.reference {
-            if let Some((i, _)) = plan.conditions.iter().enumerate().find(|(_, c)| &c.experiment == r) {
+            if let Some((i, _)) = plan
+                .conditions
+                .iter()
+                .enumerate()
+                .find(|(_, c)| &c.experiment == r)
+            {
                 let y = y_of(metric, &s[i]);
-                list.push(Series { name: r.to_string(), points: vec![(xmin, y), (xmax, y)], band: None });
+                list.push(Series {
+                    name: r.to_string(),
+                    points: vec![(xmin, y), (xmax, y)],
+                    band: None,
+                });
             }
         }
-        let title = if e.title.is_empty() { e.id.clone() } else { format!("{}: {}", e.id, e.title) };
+        let title = if e.title.is_empty() {
+            e.id.clone()
+        } else {
+            format!("{}: {}", e.id, e.title)
+        };
         let range = (metric == Metric::Generate).then_some((0.0, 1.0));
         out.push((e.id.clone(), line_plot(&title, &p.x, y_label, &list, range)));
     }
@@ -352,7 +435,14 @@ fn plots(plan: &Plan, s: &[CondSummary]) -> Vec<(String, String)> {
 
 fn pct(c: &CondSummary) -> String {
     let (lo, hi) = wilson(c.refusal, c.n);
-    format!("{:.0}% [{:.0}–{:.0}] ({}/{})", 100.0 * c.refusal_rate(), 100.0 * lo, 100.0 * hi, c.refusal, c.n)
+    format!(
+        "{:.0}% [{:.0}–{:.0}] ({}/{})",
+        100.0 * c.refusal_rate(),
+        100.0 * lo,
+        100.0 * hi,
+        c.refusal,
+        c.n
+    )
 }
 
 fn show(metric: Metric, c: &CondSummary) -> String {
@@ -374,7 +464,8 @@ fn report_md(plan: &Plan, s: &[CondSummary]) -> String {
             .find(|e| e.id == c.experiment)
             .and_then(|e| e.role)
     };
-    let of = |r: Role| -> Vec<&CondSummary> { s.iter().filter(|c| role_of(c) == Some(r)).collect() };
+    let of =
+        |r: Role| -> Vec<&CondSummary> { s.iter().filter(|c| role_of(c) == Some(r)).collect() };
     let y = |c: &&CondSummary| y_of(metric, c);
     let best = |v: &[&CondSummary], hi: bool| -> Option<usize> {
         (0..v.len()).reduce(|a, b| {
@@ -404,13 +495,20 @@ fn report_md(plan: &Plan, s: &[CondSummary]) -> String {
     );
     let r = &plan.resolved;
     if let (Some(l), Some(c)) = (r.steer_layer, r.steer_coef) {
-        let _ = writeln!(m, "Steering calibrated to layer {l}, coefficient {} (see plan.json).", fmt_num(c));
+        let _ = writeln!(
+            m,
+            "Steering calibrated to layer {l}, coefficient {} (see plan.json).",
+            fmt_num(c)
+        );
     }
     if let Some(sel) = &r.refusal_selection {
         let _ = writeln!(m, "Refusal direction layer: {sel}.");
     }
     let _ = writeln!(m, "\n## The paper's claims next to this run\n");
-    let _ = writeln!(m, "| claim | paper (Llama-3.1-8B / Qwen2.5-7B) | this run |");
+    let _ = writeln!(
+        m,
+        "| claim | paper (Llama-3.1-8B / Qwen2.5-7B) | this run |"
+    );
     let _ = writeln!(m, "|---|---|---|");
     let base = of(Role::Baseline);
     let base_y = base.first().map(&y);
@@ -423,12 +521,21 @@ fn report_md(plan: &Plan, s: &[CondSummary]) -> String {
             &mut m,
             "1. Steering toward the compliant persona lowers refusal",
             "Llama: 97% → 2% on StrongREJECT (313)",
-            format!("baseline {} → lowest {}", show(metric, b), show(metric, steer[i])),
+            format!(
+                "baseline {} → lowest {}",
+                show(metric, b),
+                show(metric, steer[i])
+            ),
         );
     }
     let add = of(Role::RestoreAdd);
     if !add.is_empty() {
-        let layer = |c: &CondSummary| c.vars.split(';').find_map(|kv| kv.strip_prefix("layer=")).and_then(|v| v.parse::<f64>().ok());
+        let layer = |c: &CondSummary| {
+            c.vars
+                .split(';')
+                .find_map(|kv| kv.strip_prefix("layer="))
+                .and_then(|v| v.parse::<f64>().ok())
+        };
         let half = plan.model.n_layer as f64 / 2.0;
         let (early, late): (Vec<&CondSummary>, Vec<&CondSummary>) =
             add.iter().partition(|c| layer(c).is_some_and(|l| l < half));
@@ -455,7 +562,10 @@ fn report_md(plan: &Plan, s: &[CondSummary]) -> String {
             format!(
                 "best window {}{}",
                 show(metric, proj[i]),
-                base_y.map_or(String::new(), |b| format!("; baseline {}", fmt_y(metric, b)))
+                base_y.map_or(String::new(), |b| format!(
+                    "; baseline {}",
+                    fmt_y(metric, b)
+                ))
             ),
         );
     }
@@ -474,15 +584,28 @@ fn report_md(plan: &Plan, s: &[CondSummary]) -> String {
     }
     let abl = of(Role::SanityAblate);
     if let (Some(b), Some(a)) = (base.first(), abl.first()) {
-        line(&mut m, "Sanity (Arditi et al.): projecting the refusal direction out lowers refusal", "refusal falls", format!("{} → {}", fmt_y(metric, y(b)), show(metric, a)));
+        line(
+            &mut m,
+            "Sanity (Arditi et al.): projecting the refusal direction out lowers refusal",
+            "refusal falls",
+            format!("{} → {}", fmt_y(metric, y(b)), show(metric, a)),
+        );
     }
     let (hb, ind) = (of(Role::HarmlessBaseline), of(Role::SanityInduce));
     if let (Some(b), Some(a)) = (hb.first(), ind.first()) {
-        line(&mut m, "Sanity: adding the refusal direction on harmless prompts induces refusal", "refusal induced", format!("{} → {}", fmt_y(metric, y(b)), show(metric, a)));
+        line(
+            &mut m,
+            "Sanity: adding the refusal direction on harmless prompts induces refusal",
+            "refusal induced",
+            format!("{} → {}", fmt_y(metric, y(b)), show(metric, a)),
+        );
     }
     let _ = writeln!(m, "\nNumbers from this run are measured, not tuned; small models and small prompt sets give wide intervals.\n");
     let _ = writeln!(m, "## Every condition\n");
-    let _ = writeln!(m, "| condition | n | refusal | bypass | degenerate | score [95% CI] | tokens |");
+    let _ = writeln!(
+        m,
+        "| condition | n | refusal | bypass | degenerate | score [95% CI] | tokens |"
+    );
     let _ = writeln!(m, "|---|---|---|---|---|---|---|");
     for c in s {
         let r = |k| match metric {
@@ -492,10 +615,28 @@ fn report_md(plan: &Plan, s: &[CondSummary]) -> String {
         let _ = writeln!(
             m,
             "| `{}` | {} | {} | {} | {} | {:.2} [{:.2}, {:.2}] | {:.1} |",
-            c.condition, c.n, r(c.refusal), r(c.bypass), r(c.degenerate), c.score_mean, c.score_ci.0, c.score_ci.1, c.mean_tokens
+            c.condition,
+            c.n,
+            r(c.refusal),
+            r(c.bypass),
+            r(c.degenerate),
+            c.score_mean,
+            c.score_ci.0,
+            c.score_ci.1,
+            c.mean_tokens
         );
     }
-    let _ = writeln!(m, "\nPlots: {}.", plan.spec.experiment.iter().filter(|e| e.plot.is_some()).map(|e| format!("`plots/{}.svg`", e.id)).collect::<Vec<_>>().join(", "));
+    let _ = writeln!(
+        m,
+        "\nPlots: {}.",
+        plan.spec
+            .experiment
+            .iter()
+            .filter(|e| e.plot.is_some())
+            .map(|e| format!("`plots/{}.svg`", e.id))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     m
 }
 
@@ -508,24 +649,47 @@ fn fmt_y(metric: Metric, y: f64) -> String {
 
 /// A terminal table of the summaries.
 pub fn table(metric: Metric, s: &[CondSummary]) -> String {
-    let w = s.iter().map(|c| c.condition.len()).max().unwrap_or(9).max(9);
+    let w = s
+        .iter()
+        .map(|c| c.condition.len())
+        .max()
+        .unwrap_or(9)
+        .max(9);
     let mut t = String::new();
-    let _ = writeln!(t, "{:<w$} {:>4} {:>20} {:>8} {:>10} {:>7} {:>6}", "condition", "n", "refusal [95% CI]", "bypass", "degenerate", "score", "tokens");
+    let _ = writeln!(
+        t,
+        "{:<w$} {:>4} {:>20} {:>8} {:>10} {:>7} {:>6}",
+        "condition", "n", "refusal [95% CI]", "bypass", "degenerate", "score", "tokens"
+    );
     for c in s {
         let (lo, hi) = wilson(c.refusal, c.n);
         let rr = match metric {
-            Metric::Generate => format!("{:>3.0}% [{:>3.0},{:>3.0}]", 100.0 * c.refusal_rate(), 100.0 * lo, 100.0 * hi),
+            Metric::Generate => format!(
+                "{:>3.0}% [{:>3.0},{:>3.0}]",
+                100.0 * c.refusal_rate(),
+                100.0 * lo,
+                100.0 * hi
+            ),
             Metric::Score => "-".into(),
         };
         let r = |k| match metric {
             Metric::Generate => format!("{:.0}%", 100.0 * c.rate(k)),
             Metric::Score => "-".into(),
         };
-        let _ = writeln!(t, "{:<w$} {:>4} {:>20} {:>8} {:>10} {:>7.2} {:>6.1}", c.condition, c.n, rr, r(c.bypass), r(c.degenerate), c.score_mean, c.mean_tokens);
+        let _ = writeln!(
+            t,
+            "{:<w$} {:>4} {:>20} {:>8} {:>10} {:>7.2} {:>6.1}",
+            c.condition,
+            c.n,
+            rr,
+            r(c.bypass),
+            r(c.degenerate),
+            c.score_mean,
+            c.mean_tokens
+        );
     }
     t
 }
-
 
 /// Average ranks (ties share the mean rank), 1-based.
 fn ranks(v: &[f64]) -> Vec<f64> {
@@ -569,8 +733,16 @@ pub fn read_summary(dir: &Path) -> Result<(Metric, Vec<(String, f64)>)> {
     let mut metric = Metric::Generate;
     let mut out = vec![];
     for (i, r) in rows.iter().enumerate() {
-        metric = if r[1] == "score" { Metric::Score } else { Metric::Generate };
-        let v = if metric == Metric::Score { &r[3] } else { &r[2] };
+        metric = if r[1] == "score" {
+            Metric::Score
+        } else {
+            Metric::Generate
+        };
+        let v = if metric == Metric::Score {
+            &r[3]
+        } else {
+            &r[2]
+        };
         let y: f64 = v
             .parse()
             .map_err(|_| Error::file(&p, format!("record {}: '{v}' is not a number", i + 1)))?;
@@ -585,9 +757,9 @@ fn read_scores(dir: &Path) -> Result<Vec<(String, f64)>> {
     rows.into_iter()
         .enumerate()
         .map(|(i, r)| {
-            let y = r[1]
-                .parse()
-                .map_err(|_| Error::file(&p, format!("record {}: '{}' is not a number", i + 1, r[1])))?;
+            let y = r[1].parse().map_err(|_| {
+                Error::file(&p, format!("record {}: '{}' is not a number", i + 1, r[1]))
+            })?;
             Ok((r[0].clone(), y))
         })
         .collect()
@@ -598,11 +770,17 @@ fn read_scores(dir: &Path) -> Result<Vec<(String, f64)>> {
 ///
 /// # Errors
 /// An unreadable file, a missing column, a malformed record (numbered).
-pub fn summary_columns(dir: &Path, cols: &[&str]) -> Result<(std::path::PathBuf, Vec<Vec<String>>)> {
+pub fn summary_columns(
+    dir: &Path,
+    cols: &[&str],
+) -> Result<(std::path::PathBuf, Vec<Vec<String>>)> {
     let p = dir.join("summary.csv");
     let b = crate::util::read_input(&p, "a summary.csv")?;
     let mut r = csv::Reader::from_reader(b.as_slice());
-    let h = r.headers().map_err(|e| Error::file(&p, format!("{e}")))?.clone();
+    let h = r
+        .headers()
+        .map_err(|e| Error::file(&p, format!("{e}")))?
+        .clone();
     let idx = cols
         .iter()
         .map(|n| {
@@ -638,7 +816,11 @@ pub fn agreement(a: &Path, b: Option<&Path>) -> Result<Agreement> {
     let b = b.unwrap_or(a);
     let rows: Vec<(String, f64, f64)> = va
         .iter()
-        .filter_map(|(c, x)| vb.iter().find(|(d, _)| d == c).map(|(_, y)| (c.clone(), *x, *y)))
+        .filter_map(|(c, x)| {
+            vb.iter()
+                .find(|(d, _)| d == c)
+                .map(|(_, y)| (c.clone(), *x, *y))
+        })
         .collect();
     if rows.len() < 3 {
         return Err(Error::Invalid(format!(
@@ -663,7 +845,10 @@ mod tests {
         assert_eq!(lo, 0.0);
         assert!((hi - 0.2775).abs() < 1e-4, "{hi}");
         let (lo, hi) = wilson(5, 10);
-        assert!((lo - 0.2366).abs() < 1e-4 && (hi - 0.7634).abs() < 1e-4, "{lo} {hi}");
+        assert!(
+            (lo - 0.2366).abs() < 1e-4 && (hi - 0.7634).abs() < 1e-4,
+            "{lo} {hi}"
+        );
     }
 
     #[test]

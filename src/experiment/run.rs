@@ -116,11 +116,7 @@ impl Plan {
     /// The (condition, prompt) pairs of group `g`.
     pub fn group_pairs(&self, g: usize) -> Vec<(usize, usize)> {
         let gs = self.spec.group_size;
-        self.pairs()
-            .into_iter()
-            .skip(g * gs)
-            .take(gs)
-            .collect()
+        self.pairs().into_iter().skip(g * gs).take(gs).collect()
     }
 
     /// Every (condition, prompt) pair in plan order.
@@ -244,7 +240,11 @@ pub fn load_sets(spec: &Spec) -> Result<BTreeMap<String, Vec<Instruction>>> {
 
 /// The fingerprint of everything that determines results: spec, model, prompt texts,
 /// direction files, tool version.
-fn fingerprint(spec: &Spec, model_sha: &str, sets: &BTreeMap<String, Vec<Instruction>>) -> Result<String> {
+fn fingerprint(
+    spec: &Spec,
+    model_sha: &str,
+    sets: &BTreeMap<String, Vec<Instruction>>,
+) -> Result<String> {
     let spec_json = serde_json::to_vec(spec).map_err(|e| Error::Invalid(format!("spec: {e}")))?;
     let mut parts: Vec<Vec<u8>> = vec![
         spec_json,
@@ -278,8 +278,18 @@ pub struct Ready<'m> {
     pub directions: BTreeMap<String, Direction>,
 }
 
-fn render(model: &Model, tmpl: &ChatTemplate, spec: &Spec, v: &[Instruction]) -> Result<Vec<Prompt>> {
-    Prompt::render_all(model, tmpl, &system_of(spec), v.iter().map(|i| i.text.as_str()))
+fn render(
+    model: &Model,
+    tmpl: &ChatTemplate,
+    spec: &Spec,
+    v: &[Instruction],
+) -> Result<Vec<Prompt>> {
+    Prompt::render_all(
+        model,
+        tmpl,
+        &system_of(spec),
+        v.iter().map(|i| i.text.as_str()),
+    )
 }
 
 /// Placeholder built-ins for checking a spec before calibration has run.
@@ -289,14 +299,20 @@ fn provisional(spec: &Spec, n_layer: usize) -> Result<Builtins> {
         ..Default::default()
     };
     if let Some(s) = &spec.steer {
-        b.steer_layer = Some(*super::spec::layer_list(&s.layers, n_layer)
-            .map_err(|e| Error::Invalid(format!("steer.layers: {e}")))?
-            .first()
-            .ok_or_else(|| Error::Invalid("steer.layers: empty".into()))?);
+        b.steer_layer = Some(
+            *super::spec::layer_list(&s.layers, n_layer)
+                .map_err(|e| Error::Invalid(format!("steer.layers: {e}")))?
+                .first()
+                .ok_or_else(|| Error::Invalid("steer.layers: empty".into()))?,
+        );
         b.steer_coef = s.coefficients.first().copied();
     }
     for d in spec.directions.values() {
-        if let DirectionSpec::File { refusal_layer: Some(l), .. } = d {
+        if let DirectionSpec::File {
+            refusal_layer: Some(l),
+            ..
+        } = d
+        {
             b.refusal_layer = Some(*l);
         }
         if let DirectionSpec::Refusal { select, layer, .. } = d {
@@ -356,7 +372,8 @@ pub fn prepare<'m>(
     for (k, v) in &sets {
         rendered.insert(
             k.clone(),
-            render(model, &tmpl, spec, v).map_err(|e| Error::Invalid(format!("prompts.{k}: {e}")))?,
+            render(model, &tmpl, spec, v)
+                .map_err(|e| Error::Invalid(format!("prompts.{k}: {e}")))?,
         );
     }
     let plan_path = dir.join("plan.json");
@@ -406,12 +423,17 @@ pub fn prepare<'m>(
     for (name, d) in &spec.directions {
         let ctx = |e: Error| Error::Invalid(format!("directions.{name}: {e}"));
         let dir = match d {
-            DirectionSpec::File { path, name: n, refusal_layer } => {
+            DirectionSpec::File {
+                path,
+                name: n,
+                refusal_layer,
+            } => {
                 let f = DirectionFile::load(Path::new(path)).map_err(ctx)?;
                 f.check_model(&model.info).map_err(ctx)?;
                 if let Some(l) = refusal_layer {
                     resolved.refusal_layer = Some(*l);
-                    resolved.refusal_selection = Some(format!("given with the direction file: layer {l}"));
+                    resolved.refusal_selection =
+                        Some(format!("given with the direction file: layer {l}"));
                 }
                 f.get(n.as_deref()).map_err(ctx)?.clone()
             }
@@ -434,10 +456,13 @@ pub fn prepare<'m>(
                 progress("extract", 1, 1, name);
                 if let Some(s) = select {
                     let layers = match &s.layers {
-                        Some(l) => super::spec::layer_list(l, nl)
-                            .map_err(|e| Error::Invalid(format!("directions.{name}.select.layers: {e}")))?,
+                        Some(l) => super::spec::layer_list(l, nl).map_err(|e| {
+                            Error::Invalid(format!("directions.{name}.select.layers: {e}"))
+                        })?,
                         None => (0..nl)
-                            .filter(|&l| (l as f64) < directions::select::MAX_LAYER_FRACTION * nl as f64)
+                            .filter(|&l| {
+                                (l as f64) < directions::select::MAX_LAYER_FRACTION * nl as f64
+                            })
                             .collect(),
                     };
                     let sel = select_refusal(
@@ -458,7 +483,10 @@ pub fn prepare<'m>(
                             let c = sel
                                 .candidates
                                 .iter()
-                                .filter(|c| (c.layer as f64) < directions::select::MAX_LAYER_FRACTION * nl as f64)
+                                .filter(|c| {
+                                    (c.layer as f64)
+                                        < directions::select::MAX_LAYER_FRACTION * nl as f64
+                                })
                                 .min_by(|a, b| a.bypass.total_cmp(&b.bypass))
                                 .unwrap_or(&sel.candidates[0]);
                             (c.layer, format!("no candidate passed the filters; fell back to the lowest bypass score, layer {} ({:.3})", c.layer, c.bypass))
@@ -479,12 +507,18 @@ pub fn prepare<'m>(
                 questions,
             } => {
                 let src = match personas {
-                    Some(p) => String::from_utf8(crate::util::read_input(Path::new(p), "a personas TOML file")?)
-                        .map_err(|_| Error::file(p, "not UTF-8"))?,
+                    Some(p) => String::from_utf8(crate::util::read_input(
+                        Path::new(p),
+                        "a personas TOML file",
+                    )?)
+                    .map_err(|_| Error::file(p, "not UTF-8"))?,
                     None => prompts::PERSONAS.to_string(),
                 };
-                let all = prompts::parse_personas(&src, personas.as_deref().unwrap_or("built-in personas"))
-                    .map_err(ctx)?;
+                let all = prompts::parse_personas(
+                    &src,
+                    personas.as_deref().unwrap_or("built-in personas"),
+                )
+                .map_err(ctx)?;
                 let p = all.get(persona).ok_or_else(|| {
                     Error::Invalid(format!(
                         "directions.{name}.persona: no persona '{persona}' (has: {})",
@@ -492,26 +526,47 @@ pub fn prepare<'m>(
                     ))
                 })?;
                 progress("extract", 0, 1, name);
-                let f = directions::extract_persona(model, &tmpl, persona, p, &sets[questions], PersonaPositions::Last)
-                    .map_err(ctx)?;
+                let f = directions::extract_persona(
+                    model,
+                    &tmpl,
+                    persona,
+                    p,
+                    &sets[questions],
+                    PersonaPositions::Last,
+                )
+                .map_err(ctx)?;
                 progress("extract", 1, 1, name);
                 f.directions[0].clone()
             }
             DirectionSpec::Random { .. } => continue,
         };
-        dirs.insert(name.clone(), Direction { name: name.clone(), rows: dir.rows });
+        dirs.insert(
+            name.clone(),
+            Direction {
+                name: name.clone(),
+                rows: dir.rows,
+            },
+        );
     }
     for (name, d) in &spec.directions {
         if let DirectionSpec::Random { seed, like } = d {
             let norms = like.as_ref().map(|l| dirs[l].norms());
             let r = directions::random(*seed, nl, ne, norms.as_deref());
-            dirs.insert(name.clone(), Direction { name: name.clone(), rows: r.rows });
+            dirs.insert(
+                name.clone(),
+                Direction {
+                    name: name.clone(),
+                    rows: r.rows,
+                },
+            );
             seeds.insert(name.clone(), *seed);
         }
     }
     for (name, d) in &dirs {
         if let Some(l) = d.rows.iter().position(|r| r.iter().any(|x| !x.is_finite())) {
-            return Err(Error::Invalid(format!("directions.{name}: non-finite value at layer {l}")));
+            return Err(Error::Invalid(format!(
+                "directions.{name}: non-finite value at layer {l}"
+            )));
         }
     }
     // Residual norms, where a coefficient is relative to them.
@@ -527,7 +582,14 @@ pub fn prepare<'m>(
             let ps = &rendered[n];
             let all: Vec<usize> = (0..nl).collect();
             let mut hooks = HookSet::new(nl, ne);
-            hooks.add_capture(Capture::new(&all, Position::LastPrompt, vec![Some(0); ps.len()], 1, nl, ne))?;
+            hooks.add_capture(Capture::new(
+                &all,
+                Position::LastPrompt,
+                vec![Some(0); ps.len()],
+                1,
+                nl,
+                ne,
+            ))?;
             progress("norms", 0, 1, n);
             session.first_logits(ps, &mut hooks)?;
             let norms = (0..nl)
@@ -550,14 +612,24 @@ pub fn prepare<'m>(
             add_vector(&d.rows[l], c, s.scale, norms.as_ref().map(|n| n[l]))
         };
         let base = session.first_logits(ps, &mut HookSet::new(nl, ne))?;
-        let baseline = mean(&base.iter().map(|l| refusal_score(l, &toks)).collect::<Vec<_>>());
+        let baseline = mean(
+            &base
+                .iter()
+                .map(|l| refusal_score(l, &toks))
+                .collect::<Vec<_>>(),
+        );
         let total = layers.len() + s.coefficients.len();
         let mut done = 0;
         let by_layer = score_conditions(
             &mut session,
             ps,
             layers.len(),
-            &|c| Ok(vec![Edit::add(BTreeMap::from([(layers[c], vec_at(layers[c], cmax))]), Scope::All)]),
+            &|c| {
+                Ok(vec![Edit::add(
+                    BTreeMap::from([(layers[c], vec_at(layers[c], cmax))]),
+                    Scope::All,
+                )])
+            },
             4,
             &mut |_, _, lg| refusal_score(lg, &toks),
             &mut |k| {
@@ -568,19 +640,37 @@ pub fn prepare<'m>(
         let mut rows: Vec<CalibrationRow> = layers
             .iter()
             .zip(&by_layer)
-            .map(|(&l, v)| CalibrationRow { layer: l, coefficient: cmax, mean_score: mean(v) })
+            .map(|(&l, v)| CalibrationRow {
+                layer: l,
+                coefficient: cmax,
+                mean_score: mean(v),
+            })
             .collect();
         let best = rows
             .iter()
-            .min_by(|a, b| a.mean_score.total_cmp(&b.mean_score).then(a.layer.cmp(&b.layer)))
+            .min_by(|a, b| {
+                a.mean_score
+                    .total_cmp(&b.mean_score)
+                    .then(a.layer.cmp(&b.layer))
+            })
             .map(|r| r.layer)
             .expect("layers are non-empty");
-        let others: Vec<f64> = s.coefficients.iter().copied().filter(|&c| c != cmax).collect();
+        let others: Vec<f64> = s
+            .coefficients
+            .iter()
+            .copied()
+            .filter(|&c| c != cmax)
+            .collect();
         let by_coef = score_conditions(
             &mut session,
             ps,
             others.len(),
-            &|c| Ok(vec![Edit::add(BTreeMap::from([(best, vec_at(best, others[c]))]), Scope::All)]),
+            &|c| {
+                Ok(vec![Edit::add(
+                    BTreeMap::from([(best, vec_at(best, others[c]))]),
+                    Scope::All,
+                )])
+            },
             4,
             &mut |_, _, lg| refusal_score(lg, &toks),
             &mut |k| {
@@ -589,7 +679,11 @@ pub fn prepare<'m>(
             },
         )?;
         for (&c, v) in others.iter().zip(&by_coef) {
-            rows.push(CalibrationRow { layer: best, coefficient: c, mean_score: mean(v) });
+            rows.push(CalibrationRow {
+                layer: best,
+                coefficient: c,
+                mean_score: mean(v),
+            });
         }
         let mut at_best: Vec<&CalibrationRow> = rows.iter().filter(|r| r.layer == best).collect();
         at_best.sort_by(|a, b| a.coefficient.total_cmp(&b.coefficient));
@@ -610,7 +704,10 @@ pub fn prepare<'m>(
             let score = at_best.first().map_or(f64::NAN, |r| r.mean_score);
             format!("fixed by the spec; mean refusal score {score:.2}")
         } else {
-            format!("smallest with mean refusal score <= {}", super::spec::fmt_num(s.target))
+            format!(
+                "smallest with mean refusal score <= {}",
+                super::spec::fmt_num(s.target)
+            )
         };
         note(format!(
             "steering: {} at layer {best}, coefficient {} ({why}; baseline {baseline:.2})",
@@ -667,7 +764,10 @@ pub fn prepare<'m>(
         n_groups: n_pairs.div_ceil(spec.group_size),
         n_pairs,
         conditions,
-        direction_hashes: dirs.iter().map(|(k, d)| (k.clone(), rows_hash(d))).collect(),
+        direction_hashes: dirs
+            .iter()
+            .map(|(k, d)| (k.clone(), rows_hash(d)))
+            .collect(),
         direction_seeds: seeds,
     };
     std::fs::create_dir_all(dir.join("groups")).map_err(|e| Error::io(dir, e))?;
@@ -680,7 +780,8 @@ pub fn prepare<'m>(
         let f = DirectionFile::new(dirs.values().cloned().collect(), meta)?;
         write_atomic(&dirs_path, &f.to_bytes()).map_err(|e| Error::io(&dirs_path, e))?;
     }
-    let json = serde_json::to_vec_pretty(&plan).map_err(|e| Error::Invalid(format!("plan: {e}")))?;
+    let json =
+        serde_json::to_vec_pretty(&plan).map_err(|e| Error::Invalid(format!("plan: {e}")))?;
     // plan.json last: its presence means the preparation is complete.
     write_atomic(&plan_path, &json).map_err(|e| Error::io(&plan_path, e))?;
     note(format!("prepared in {:.1}s", t0.elapsed().as_secs_f64()));
@@ -705,7 +806,11 @@ pub fn add_vector(row: &[f32], c: f64, scale: Scale, resid_norm: Option<f64>) ->
         Scale::Raw => row.iter().map(|&x| (x as f64 * c) as f32).collect(),
         Scale::Resid => {
             let n = directions::norm(row);
-            let k = if n > 0.0 { c * resid_norm.unwrap_or(0.0) / n } else { 0.0 };
+            let k = if n > 0.0 {
+                c * resid_norm.unwrap_or(0.0) / n
+            } else {
+                0.0
+            };
             row.iter().map(|&x| (x as f64 * k) as f32).collect()
         }
     }
@@ -749,7 +854,12 @@ impl Ready<'_> {
     ///
     /// # Errors
     /// Engine errors; non-finite logits, naming the condition.
-    pub fn run_group(&self, session: &mut crate::engine::Session<'_>, g: usize, toks: &[Token]) -> Result<Vec<u8>> {
+    pub fn run_group(
+        &self,
+        session: &mut crate::engine::Session<'_>,
+        g: usize,
+        toks: &[Token],
+    ) -> Result<Vec<u8>> {
         let plan = &self.plan;
         let pairs = plan.group_pairs(g);
         let nl = self.model.info.n_layer;
@@ -780,7 +890,9 @@ impl Ready<'_> {
         hooks.name_sequences(
             pairs
                 .iter()
-                .map(|&(c, p)| format!("condition {}, prompt {p}, group {g}", plan.conditions[c].id))
+                .map(|&(c, p)| {
+                    format!("condition {}, prompt {p}, group {g}", plan.conditions[c].id)
+                })
                 .collect(),
         );
         let labeler = labeler(&plan.spec);
@@ -804,7 +916,10 @@ impl Ready<'_> {
         for (&(c, p), o) in pairs.iter().zip(&out) {
             let cond = &plan.conditions[c];
             // The engine has checked every logit for finiteness, naming the condition.
-            let logits = o.first_logits.as_deref().expect("keep_first_logits was set");
+            let logits = o
+                .first_logits
+                .as_deref()
+                .expect("keep_first_logits was set");
             let score = refusal_score(logits, toks);
             let ins = &self.instructions[&cond.prompts][p];
             let (label, reason, ntok, stop) = match plan.spec.metric {
@@ -901,7 +1016,15 @@ pub fn header(plan: &Plan) -> Vec<String> {
     .map(|s| s.to_string())
     .collect();
     for k in 1..=plan.max_interventions() {
-        for f in ["direction", "op", "layers", "coefficient", "scale", "source", "seed"] {
+        for f in [
+            "direction",
+            "op",
+            "layers",
+            "coefficient",
+            "scale",
+            "source",
+            "seed",
+        ] {
             h.push(format!("iv{k}_{f}"));
         }
     }
@@ -935,7 +1058,12 @@ pub fn done_groups(dir: &Path, n_groups: usize) -> Vec<bool> {
 ///
 /// # Errors
 /// Engine or I/O errors; a group's rows are written only once it completes.
-pub fn run_groups(ready: &Ready<'_>, dir: &Path, shard: Shard, progress: &mut Progress<'_>) -> Result<usize> {
+pub fn run_groups(
+    ready: &Ready<'_>,
+    dir: &Path,
+    shard: Shard,
+    progress: &mut Progress<'_>,
+) -> Result<usize> {
     let plan = &ready.plan;
     let done = done_groups(dir, plan.n_groups);
     let todo: Vec<usize> = (0..plan.n_groups)

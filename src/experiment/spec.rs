@@ -386,11 +386,7 @@ pub fn layers_text(l: &[usize]) -> String {
     match (l.first(), l.last()) {
         (Some(a), Some(_)) if l.len() == 1 => format!("{a}"),
         (Some(a), Some(b)) if b - a + 1 == l.len() => format!("{a}-{b}"),
-        _ => l
-            .iter()
-            .map(usize::to_string)
-            .collect::<Vec<_>>()
-            .join(","),
+        _ => l.iter().map(usize::to_string).collect::<Vec<_>>().join(","),
     }
 }
 
@@ -439,7 +435,13 @@ pub fn fmt_num(f: f64) -> String {
 }
 
 /// Names of the variables [`Builtins`] provides.
-pub const BUILTIN_VARS: &[&str] = &["n_layer", "last_layer", "steer_layer", "steer_coef", "refusal_layer"];
+pub const BUILTIN_VARS: &[&str] = &[
+    "n_layer",
+    "last_layer",
+    "steer_layer",
+    "steer_coef",
+    "refusal_layer",
+];
 
 /// Most conditions a spec may expand to (the full paper preset on an 80-layer model has a
 /// few hundred); beyond this a sweep is almost surely a mistake.
@@ -519,7 +521,10 @@ impl Spec {
         for (k, p) in &self.prompts {
             if let Some([a, b]) = p.range {
                 if b <= a {
-                    return Err(err(&o(&format!("prompts.{k}.range")), format!("[{a}, {b}) is empty")));
+                    return Err(err(
+                        &o(&format!("prompts.{k}.range")),
+                        format!("[{a}, {b}) is empty"),
+                    ));
                 }
             }
             if p.n == Some(0) {
@@ -547,7 +552,11 @@ impl Spec {
                     &o(f),
                     format!(
                         "no direction '{name}' (defined: {})",
-                        self.directions.keys().cloned().collect::<Vec<_>>().join(", ")
+                        self.directions
+                            .keys()
+                            .cloned()
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     ),
                 ))
             }
@@ -581,19 +590,27 @@ impl Spec {
                         refusal_defined = true;
                     }
                 }
-                DirectionSpec::Persona { questions, .. } => set(&format!("{f}.questions"), questions)?,
+                DirectionSpec::Persona { questions, .. } => {
+                    set(&format!("{f}.questions"), questions)?
+                }
                 DirectionSpec::Random { like, .. } => {
                     if let Some(l) = like {
                         dir(&format!("{f}.like"), l)?;
                         if matches!(self.directions.get(l), Some(DirectionSpec::Random { .. })) {
-                            return Err(err(&o(&format!("{f}.like")), "cannot be another random direction"));
+                            return Err(err(
+                                &o(&format!("{f}.like")),
+                                "cannot be another random direction",
+                            ));
                         }
                     }
                 }
                 DirectionSpec::File { refusal_layer, .. } => {
                     if refusal_layer.is_some() {
                         if refusal_defined {
-                            return Err(err(&o(&f), "only one direction may define {refusal_layer}"));
+                            return Err(err(
+                                &o(&f),
+                                "only one direction may define {refusal_layer}",
+                            ));
                         }
                         refusal_defined = true;
                     }
@@ -604,7 +621,10 @@ impl Spec {
             dir("steer.direction", &s.direction)?;
             set("steer.prompts", &s.prompts)?;
             if s.coefficients.is_empty() || s.coefficients.iter().any(|c| !c.is_finite()) {
-                return Err(err(&o("steer.coefficients"), "need at least one finite value"));
+                return Err(err(
+                    &o("steer.coefficients"),
+                    "need at least one finite value",
+                ));
             }
             if !s.target.is_finite() {
                 return Err(err(&o("steer.target"), "must be finite"));
@@ -612,7 +632,10 @@ impl Spec {
         }
         if let Some(j) = &self.judge {
             if j.kinds.is_empty() {
-                return Err(err(&o("judge.kinds"), "list at least one of strongreject, llamaguard"));
+                return Err(err(
+                    &o("judge.kinds"),
+                    "list at least one of strongreject, llamaguard",
+                ));
             }
             for k in &j.kinds {
                 k.parse::<crate::judge::JudgeKind>()
@@ -627,13 +650,19 @@ impl Spec {
         for e in &self.experiment {
             let f = format!("experiment {}", e.id);
             // A sweep's grid is the product of its value lists: a typo can make it huge.
-            let n = e.sweep.values().fold(1usize, |a, v| a.saturating_mul(v.len()));
+            let n = e
+                .sweep
+                .values()
+                .fold(1usize, |a, v| a.saturating_mul(v.len()));
             total = total.saturating_add(n);
             if total > MAX_CONDITIONS {
                 return Err(err(&o(&format!("{f}: sweep")), format!("the grid reaches more than {MAX_CONDITIONS} conditions; split it into several specs")));
             }
             if e.id.is_empty() || e.id.contains([',', '[', ']', ';', '\n', '"']) {
-                return Err(err(&o("experiment.id"), format!("'{}' must be non-empty without , ; [ ] or quotes", e.id)));
+                return Err(err(
+                    &o("experiment.id"),
+                    format!("'{}' must be non-empty without , ; [ ] or quotes", e.id),
+                ));
             }
             if !ids.insert(e.id.clone()) {
                 return Err(err(&o("experiment.id"), format!("duplicate id '{}'", e.id)));
@@ -644,35 +673,60 @@ impl Spec {
                     return Err(err(&o(&format!("{f}: sweep.{k}")), "has no values"));
                 }
                 if BUILTIN_VARS.contains(&k.as_str()) {
-                    return Err(err(&o(&format!("{f}: sweep.{k}")), "is a built-in variable name"));
+                    return Err(err(
+                        &o(&format!("{f}: sweep.{k}")),
+                        "is a built-in variable name",
+                    ));
                 }
                 for x in v {
                     match x {
                         toml::Value::Float(f) if !f.is_finite() => {
-                            return Err(err(&o(&format!("{f}: sweep.{k}")), format!("{x} is not finite")))
+                            return Err(err(
+                                &o(&format!("{f}: sweep.{k}")),
+                                format!("{x} is not finite"),
+                            ))
                         }
-                        toml::Value::Integer(_) | toml::Value::Float(_) | toml::Value::String(_) => {}
-                        _ => return Err(err(&o(&format!("{f}: sweep.{k}")), format!("{x} is not a number or string"))),
+                        toml::Value::Integer(_)
+                        | toml::Value::Float(_)
+                        | toml::Value::String(_) => {}
+                        _ => {
+                            return Err(err(
+                                &o(&format!("{f}: sweep.{k}")),
+                                format!("{x} is not a number or string"),
+                            ))
+                        }
                     }
                 }
             }
             for (i, t) in e.intervention.iter().enumerate() {
                 if !t.is_table() {
-                    return Err(err(&o(&format!("{f}: intervention {}", i + 1)), "must be a table"));
+                    return Err(err(
+                        &o(&format!("{f}: intervention {}", i + 1)),
+                        "must be a table",
+                    ));
                 }
             }
             if let Some(p) = &e.plot {
                 if !e.sweep.contains_key(&p.x) {
-                    return Err(err(&o(&format!("{f}: plot.x")), format!("'{}' is not a sweep variable", p.x)));
+                    return Err(err(
+                        &o(&format!("{f}: plot.x")),
+                        format!("'{}' is not a sweep variable", p.x),
+                    ));
                 }
                 for s in &p.series {
                     if !e.sweep.contains_key(s) {
-                        return Err(err(&o(&format!("{f}: plot.series")), format!("'{s}' is not a sweep variable")));
+                        return Err(err(
+                            &o(&format!("{f}: plot.series")),
+                            format!("'{s}' is not a sweep variable"),
+                        ));
                     }
                 }
                 for r in p.band.iter().chain(&p.reference) {
                     if !self.experiment.iter().any(|x| &x.id == r) {
-                        return Err(err(&o(&format!("{f}: plot")), format!("no experiment '{r}'")));
+                        return Err(err(
+                            &o(&format!("{f}: plot")),
+                            format!("no experiment '{r}'"),
+                        ));
                     }
                 }
             }
@@ -683,9 +737,9 @@ impl Spec {
     /// Whether any coefficient is relative to the residual norm (which then gets measured).
     pub fn uses_scale_resid(&self) -> bool {
         self.experiment.iter().any(|e| {
-            e.intervention.iter().any(|t| {
-                t.get("scale").and_then(toml::Value::as_str) == Some("resid")
-            })
+            e.intervention
+                .iter()
+                .any(|t| t.get("scale").and_then(toml::Value::as_str) == Some("resid"))
         }) || self.steer.as_ref().is_some_and(|s| s.scale == Scale::Resid)
     }
 
@@ -699,7 +753,8 @@ impl Spec {
         b: &Builtins,
         prompt_ids: &BTreeMap<String, Vec<String>>,
     ) -> Result<Vec<Condition>> {
-        self.expand_inner(b, prompt_ids).map_err(|e| self.located(e))
+        self.expand_inner(b, prompt_ids)
+            .map_err(|e| self.located(e))
     }
 
     /// Prefixes an error with where the spec came from.
@@ -740,7 +795,10 @@ impl Spec {
                     )
                 };
                 if !seen.insert(id.clone()) {
-                    return Err(err(&id, "duplicate condition id (two sweep values print the same)"));
+                    return Err(err(
+                        &id,
+                        "duplicate condition id (two sweep values print the same)",
+                    ));
                 }
                 let mut ivs = Vec::new();
                 for (i, t) in e.intervention.iter().enumerate() {
@@ -791,7 +849,11 @@ impl Spec {
                 format!(
                     "no direction '{}' (defined: {})",
                     s.direction,
-                    self.directions.keys().cloned().collect::<Vec<_>>().join(", ")
+                    self.directions
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
             ));
         }
@@ -803,7 +865,12 @@ impl Spec {
                 for x in a {
                     match x.as_integer() {
                         Some(i) => v.extend(layer_list(&i.to_string(), nl)?),
-                        None => return Err(err(&format!("{ctx}: layers"), format!("{x} is not a layer number"))),
+                        None => {
+                            return Err(err(
+                                &format!("{ctx}: layers"),
+                                format!("{x} is not a layer number"),
+                            ))
+                        }
                     }
                 }
                 v.sort_unstable();
@@ -821,19 +888,35 @@ impl Spec {
             toml::Value::Integer(i) => *i as f64,
             toml::Value::Float(f) => *f,
             toml::Value::String(t) => t.trim().parse::<f64>().map_err(|_| {
-                err(&format!("{ctx}: coefficient"), format!("'{t}' is not a number"))
+                err(
+                    &format!("{ctx}: coefficient"),
+                    format!("'{t}' is not a number"),
+                )
             })?,
-            other => return Err(err(&format!("{ctx}: coefficient"), format!("{other} is not a number"))),
+            other => {
+                return Err(err(
+                    &format!("{ctx}: coefficient"),
+                    format!("{other} is not a number"),
+                ))
+            }
         };
         if !coefficient.is_finite() {
-            return Err(err(&format!("{ctx}: coefficient"), format!("{coefficient} is not finite")));
+            return Err(err(
+                &format!("{ctx}: coefficient"),
+                format!("{coefficient} is not finite"),
+            ));
         }
         let source = match &s.source {
             None => Source::Own,
             Some(toml::Value::String(t)) if t == "own" => Source::Own,
             Some(toml::Value::String(t)) if t == "steer" => match b.steer_layer {
                 Some(l) => Source::Layer(l),
-                None => return Err(err(&format!("{ctx}: source"), "\"steer\" needs a [steer] table")),
+                None => {
+                    return Err(err(
+                        &format!("{ctx}: source"),
+                        "\"steer\" needs a [steer] table",
+                    ))
+                }
             },
             Some(v) => {
                 let l = match v {
@@ -860,11 +943,17 @@ impl Spec {
         };
         if let (Some(sc), Some(ids)) = (&s.scope, ids) {
             if sc.is_empty() {
-                return Err(err(&format!("{ctx}: scope"), "empty list (omit it for all prompts)"));
+                return Err(err(
+                    &format!("{ctx}: scope"),
+                    "empty list (omit it for all prompts)",
+                ));
             }
             for p in sc {
                 if !ids.contains(p) {
-                    return Err(err(&format!("{ctx}: scope"), format!("no prompt '{p}' in the condition's prompt set")));
+                    return Err(err(
+                        &format!("{ctx}: scope"),
+                        format!("no prompt '{p}' in the condition's prompt set"),
+                    ));
                 }
             }
         }
@@ -991,7 +1080,10 @@ intervention = [ { direction = "p", op = "project", layers = "{s}+{w}", source =
         let s = Spec::parse(MINI, "t.toml").unwrap();
         let c = s.expand(&b(), &BTreeMap::new()).unwrap();
         let ids: Vec<_> = c.iter().map(|c| c.id.as_str()).collect();
-        assert_eq!(ids, ["E[s=10,w=2]", "E[s=10,w=4]", "E[s=12,w=2]", "E[s=12,w=4]"]);
+        assert_eq!(
+            ids,
+            ["E[s=10,w=2]", "E[s=10,w=4]", "E[s=12,w=2]", "E[s=12,w=4]"]
+        );
         assert_eq!(c[1].interventions[0].layers, vec![10, 11, 12, 13]);
         // 12+4 = 12..15 fits 16 layers; the window text is compact.
         assert_eq!(c[3].interventions[0].layers_text(), "12-15");
@@ -1000,18 +1092,37 @@ intervention = [ { direction = "p", op = "project", layers = "{s}+{w}", source =
     #[test]
     fn errors_name_the_field() {
         let e = |src: &str| Spec::parse(src, "t.toml").unwrap_err().to_string();
-        assert!(e(&MINI.replace("name = \"t\"", "name = \"t\"\nbogus = 1")).contains("unknown field `bogus`"));
-        assert!(e(&MINI.replace("prompts = \"h\"", "prompts = \"x\"")).contains("experiment E: prompts: no prompt set 'x'"));
-        assert!(e(&format!("{MINI}\n[[experiment]]\nid = \"E\"\nprompts = \"h\"\n")).contains("duplicate id 'E'"));
+        assert!(e(&MINI.replace("name = \"t\"", "name = \"t\"\nbogus = 1"))
+            .contains("unknown field `bogus`"));
+        assert!(e(&MINI.replace("prompts = \"h\"", "prompts = \"x\""))
+            .contains("experiment E: prompts: no prompt set 'x'"));
+        assert!(e(&format!(
+            "{MINI}\n[[experiment]]\nid = \"E\"\nprompts = \"h\"\n"
+        ))
+        .contains("duplicate id 'E'"));
         assert!(e(&MINI.replace("seed = 1", "seed = \"x\"")).contains("line"));
         let s = Spec::parse(&MINI.replace("{s}+{w}", "{s}+{w}0"), "t.toml").unwrap();
         let x = s.expand(&b(), &BTreeMap::new()).unwrap_err().to_string();
-        assert!(x.contains("E[s=10,w=2]: intervention 1: layers") && x.contains("out of range"), "{x}");
+        assert!(
+            x.contains("E[s=10,w=2]: intervention 1: layers") && x.contains("out of range"),
+            "{x}"
+        );
         let s = Spec::parse(&MINI.replace("{s}+{w}", "{steer_layer}"), "t.toml").unwrap();
         let x = s.expand(&b(), &BTreeMap::new()).unwrap_err().to_string();
-        assert!(x.contains("unknown variable {steer_layer} (needs a [steer] table)"), "{x}");
-        let s = Spec::parse(&MINI.replace("source = \"own\"", "coefficient = nan"), "t.toml").unwrap();
-        assert!(s.expand(&b(), &BTreeMap::new()).unwrap_err().to_string().contains("not finite"));
+        assert!(
+            x.contains("unknown variable {steer_layer} (needs a [steer] table)"),
+            "{x}"
+        );
+        let s = Spec::parse(
+            &MINI.replace("source = \"own\"", "coefficient = nan"),
+            "t.toml",
+        )
+        .unwrap();
+        assert!(s
+            .expand(&b(), &BTreeMap::new())
+            .unwrap_err()
+            .to_string()
+            .contains("not finite"));
     }
 
     #[test]

@@ -335,14 +335,20 @@ fn single_token(model: &Model, s: &str) -> Result<Token> {
         [t] => Ok(*t),
         v => Err(Error::file(
             &model.info.path,
-            format!("judge answer '{s}' is {} tokens in this vocabulary, expected 1", v.len()),
+            format!(
+                "judge answer '{s}' is {} tokens in this vocabulary, expected 1",
+                v.len()
+            ),
         )),
     }
 }
 
 /// Probabilities of `cands` renormalised among themselves; None for non-finite logits.
 fn probs(logits: &[f32], cands: &[Token]) -> Option<Vec<f64>> {
-    let l: Vec<f64> = cands.iter().map(|&t| f64::from(logits[t as usize])).collect();
+    let l: Vec<f64> = cands
+        .iter()
+        .map(|&t| f64::from(logits[t as usize]))
+        .collect();
     if l.iter().any(|x| !x.is_finite()) {
         return None;
     }
@@ -388,7 +394,11 @@ impl<'m> Judge<'m> {
             &template.sha256,
             &kind.max_new_tokens().to_string(),
             if logits { "logits" } else { "text" },
-            if is_llama_guard { "llama3-turns" } else { "own-chat-template" },
+            if is_llama_guard {
+                "llama3-turns"
+            } else {
+                "own-chat-template"
+            },
         ] {
             h.update(part.as_bytes());
             h.update([0u8]);
@@ -717,7 +727,10 @@ impl JudgeSummary {
                 Some((_, m)) => {
                     m.insert(r.metric.as_str(), r);
                 }
-                None => conds.push((r.condition.as_str(), BTreeMap::from([(r.metric.as_str(), r)]))),
+                None => conds.push((
+                    r.condition.as_str(),
+                    BTreeMap::from([(r.metric.as_str(), r)]),
+                )),
             }
         }
         let metrics: &[&str] = match self.kind {
@@ -732,7 +745,11 @@ impl JudgeSummary {
         s.push('\n');
         for (c, m) in &conds {
             let any = m.values().next().expect("a metric");
-            s.push_str(&format!("{c:<w$} {:>4} {:>5}", any.n + any.unparseable, any.unparseable));
+            s.push_str(&format!(
+                "{c:<w$} {:>4} {:>5}",
+                any.n + any.unparseable,
+                any.unparseable
+            ));
             for name in metrics {
                 let cell = match m.get(name) {
                     Some(SummaryRow {
@@ -755,7 +772,9 @@ fn csv_err(path: &Path) -> impl Fn(csv::Error) -> Error + '_ {
 }
 
 fn write_csv(recs: &[csv::StringRecord]) -> Result<Vec<u8>> {
-    let mut w = csv::WriterBuilder::new().flexible(false).from_writer(Vec::new());
+    let mut w = csv::WriterBuilder::new()
+        .flexible(false)
+        .from_writer(Vec::new());
     for r in recs {
         w.write_record(r)
             .map_err(|e| Error::Invalid(format!("csv: {e}")))?;
@@ -878,7 +897,11 @@ pub fn judge_run_with(
         ));
     };
     let get = |r: &csv::StringRecord, name: &str| -> String {
-        let i = kind.columns().iter().position(|c| *c == name).expect("known column");
+        let i = kind
+            .columns()
+            .iter()
+            .position(|c| *c == name)
+            .expect("known column");
         r[cols[i]].to_string()
     };
     let id_col = format!("{}_judge", kind.prefix());
@@ -912,7 +935,10 @@ pub fn judge_run_with(
     } else {
         let plan = read_plan(dir)?;
         let sets = load_sets(&plan.spec).map_err(|e| {
-            Error::file(dir, format!("reading the run's prompt sets for the judge: {e}"))
+            Error::file(
+                dir,
+                format!("reading the run's prompt sets for the judge: {e}"),
+            )
         })?;
         for (name, v) in &sets {
             if let Some(rec) = plan.sets.get(name) {
@@ -929,16 +955,24 @@ pub fn judge_run_with(
                 let r = &recs[i];
                 let set = &r[c["prompt_set"]];
                 let idx: usize = r[c["prompt_index"]].parse().map_err(|_| {
-                    Error::file(&path, format!("record {i}: bad prompt_index '{}'", &r[c["prompt_index"]]))
+                    Error::file(
+                        &path,
+                        format!("record {i}: bad prompt_index '{}'", &r[c["prompt_index"]]),
+                    )
                 })?;
-                let ins = sets
-                    .get(set)
-                    .and_then(|v| v.get(idx))
-                    .ok_or_else(|| Error::file(&path, format!("record {i}: no prompt {set}[{idx}] in the plan")))?;
+                let ins = sets.get(set).and_then(|v| v.get(idx)).ok_or_else(|| {
+                    Error::file(
+                        &path,
+                        format!("record {i}: no prompt {set}[{idx}] in the plan"),
+                    )
+                })?;
                 if ins.id != r[c["prompt_id"]] {
                     return Err(Error::file(
                         &path,
-                        format!("record {i}: prompt id '{}' but {set}[{idx}] is '{}'", &r[c["prompt_id"]], ins.id),
+                        format!(
+                            "record {i}: prompt id '{}' but {set}[{idx}] is '{}'",
+                            &r[c["prompt_id"]], ins.id
+                        ),
                     ));
                 }
                 Ok(ins.text.clone())
@@ -1083,7 +1117,10 @@ fn add_to_run_summary(dir: &Path, all: &[SummaryRow]) -> Result<()> {
                 }
                 continue;
             }
-            match all.iter().find(|s| &s.metric == m && s.condition == r[cond_col]) {
+            match all
+                .iter()
+                .find(|s| &s.metric == m && s.condition == r[cond_col])
+            {
                 Some(s) => v.extend([
                     fmt(s.value),
                     fmt(s.ci.map(|c| c.0)),
@@ -1093,9 +1130,12 @@ fn add_to_run_summary(dir: &Path, all: &[SummaryRow]) -> Result<()> {
                 None => v.extend(std::iter::repeat_n(String::new(), 4)),
             }
         }
-        w.write_record(&v).map_err(|e| Error::Invalid(format!("csv: {e}")))?;
+        w.write_record(&v)
+            .map_err(|e| Error::Invalid(format!("csv: {e}")))?;
     }
-    let out = w.into_inner().map_err(|e| Error::Invalid(format!("csv: {e}")))?;
+    let out = w
+        .into_inner()
+        .map_err(|e| Error::Invalid(format!("csv: {e}")))?;
     write_atomic(&p, &out).map_err(|e| Error::io(&p, e))
 }
 
@@ -1140,7 +1180,11 @@ fn summarize(recs: &[csv::StringRecord], seed: u64) -> Vec<SummaryRow> {
         let idc = ix(&format!("{p}_judge")).expect("complete column set");
         for (ci, (cond, rows)) in conds.iter().enumerate() {
             let first = &recs[rows[0]];
-            let ok: Vec<usize> = rows.iter().copied().filter(|&i| &recs[i][status] == "ok").collect();
+            let ok: Vec<usize> = rows
+                .iter()
+                .copied()
+                .filter(|&i| &recs[i][status] == "ok")
+                .collect();
             let unparseable = rows
                 .iter()
                 .filter(|&&i| recs[i][status].starts_with("unparseable"))
@@ -1199,12 +1243,17 @@ fn summarize(recs: &[csv::StringRecord], seed: u64) -> Vec<SummaryRow> {
                     out.push(mean("sr_score_logit", "sr_score_logit", s));
                     out.push(rate("leakage", &ok, &is1("leakage")));
                     let lab = ix("label").expect("checked");
-                    let refusals: Vec<usize> =
-                        ok.iter().copied().filter(|&i| &recs[i][lab] == "refusal").collect();
+                    let refusals: Vec<usize> = ok
+                        .iter()
+                        .copied()
+                        .filter(|&i| &recs[i][lab] == "refusal")
+                        .collect();
                     out.push(rate("leakage_among_refusals", &refusals, &is1("leakage")));
                 }
                 JudgeKind::LlamaGuard => {
-                    out.push(rate("lg_unsafe", &ok, &|i| num(i, "lg_unsafe") == Some(1.0)));
+                    out.push(rate("lg_unsafe", &ok, &|i| {
+                        num(i, "lg_unsafe") == Some(1.0)
+                    }));
                     out.push(mean("lg_p_unsafe", "lg_p_unsafe", s));
                 }
             }
@@ -1269,26 +1318,50 @@ mod tests {
             assert_eq!(t.assistant, "");
         }
         assert!(Template::builtin(JudgeKind::StrongReject).system.is_some());
-        assert!(Template::builtin(JudgeKind::LlamaGuard).user.contains("S14: Code Interpreter Abuse."));
+        assert!(Template::builtin(JudgeKind::LlamaGuard)
+            .user
+            .contains("S14: Code Interpreter Abuse."));
     }
 
     #[test]
     fn template_errors_and_prefill() {
         let e = |s: &str| Template::parse(s, "t.txt").unwrap_err().to_string();
-        assert_eq!(e("=== user ===\n{{prompt}}"), "judge template t.txt: the user section has no {{response}}");
-        assert_eq!(e("just text"), "judge template t.txt: no '=== user ===' section");
-        assert_eq!(e("=== user ===\n{{prompt}} {{response}}\n=== users ==="), "judge template t.txt: unknown section 'users' (system, user, assistant)");
-        let t = Template::parse("comment\n=== user ===\nQ: {{ prompt }}\nA: {{response}}\n=== assistant ===\n#scores\n", "t").unwrap();
+        assert_eq!(
+            e("=== user ===\n{{prompt}}"),
+            "judge template t.txt: the user section has no {{response}}"
+        );
+        assert_eq!(
+            e("just text"),
+            "judge template t.txt: no '=== user ===' section"
+        );
+        assert_eq!(
+            e("=== user ===\n{{prompt}} {{response}}\n=== users ==="),
+            "judge template t.txt: unknown section 'users' (system, user, assistant)"
+        );
+        let t = Template::parse(
+            "comment\n=== user ===\nQ: {{ prompt }}\nA: {{response}}\n=== assistant ===\n#scores\n",
+            "t",
+        )
+        .unwrap();
         assert_eq!(t.assistant, "#scores\n");
         assert_eq!(t.system, None);
-        assert_eq!(fill(&t.user, "p {{response}}", "r"), "Q: p {{response}}\nA: r");
+        assert_eq!(
+            fill(&t.user, "p {{response}}", "r"),
+            "Q: p {{response}}\nA: r"
+        );
         assert_eq!(fill("{{x}} {{prompt", "p", "r"), "{{x}} {{prompt");
     }
 
     #[test]
     fn kinds_parse() {
-        assert_eq!("strongreject".parse::<JudgeKind>().unwrap(), JudgeKind::StrongReject);
-        assert_eq!("Llama-Guard".parse::<JudgeKind>().unwrap(), JudgeKind::LlamaGuard);
+        assert_eq!(
+            "strongreject".parse::<JudgeKind>().unwrap(),
+            JudgeKind::StrongReject
+        );
+        assert_eq!(
+            "Llama-Guard".parse::<JudgeKind>().unwrap(),
+            JudgeKind::LlamaGuard
+        );
         assert!("gpt".parse::<JudgeKind>().is_err());
     }
 
