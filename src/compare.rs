@@ -25,7 +25,7 @@ use crate::experiment::spec::{DirectionSpec, Metric, Spec};
 use crate::hooks::HookSet;
 use crate::model::{Model, ModelOptions};
 use crate::plot::{line_plot, Series};
-use crate::util::write_atomic;
+use crate::util::write_output;
 
 /// One model's rates per condition, read from its summary.csv.
 #[derive(Debug, Clone)]
@@ -263,15 +263,7 @@ fn write_outputs(
     let runs = out.join("runs");
     let e = |e: csv::Error| Error::Invalid(format!("csv: {e}"));
     let mut files = vec![];
-    let put = |name: &str, b: &[u8], files: &mut Vec<String>| -> Result<()> {
-        let p = out.join(name);
-        if let Some(d) = p.parent() {
-            std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
-        }
-        write_atomic(&p, b).map_err(|e| Error::io(&p, e))?;
-        files.push(name.to_string());
-        Ok(())
-    };
+    let put = |name: &str, b: &[u8], files: &mut Vec<String>| write_output(out, name, b, files);
     // Cosines per direction and layer.
     let load = |n: &str| DirectionFile::load(&runs.join(n).join("prepared.safetensors"));
     let reff = load(&names[0])?;

@@ -31,6 +31,22 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     write_atomic_inner(path, Some(bytes))
 }
 
+/// One output of a command's result directory: `dir/name` written atomically, with the
+/// folders `name` names (`plots/…`) created, and `name` added to `written`, the list the
+/// command reports at the end.
+///
+/// # Errors
+/// As [`write_atomic`], naming the path; a folder that cannot be created.
+pub fn write_output(dir: &Path, name: &str, bytes: &[u8], written: &mut Vec<String>) -> Result<()> {
+    let p = dir.join(name);
+    if let Some(parent) = p.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    }
+    write_atomic(&p, bytes).map_err(|e| Error::io(&p, e))?;
+    written.push(name.to_string());
+    Ok(())
+}
+
 /// `write_atomic`, or with `None` only the checks and the temp file's creation.
 fn write_atomic_inner(path: &Path, bytes: Option<&[u8]>) -> std::io::Result<()> {
     let dir = path

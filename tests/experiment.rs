@@ -174,15 +174,6 @@ fn groups_complete(dir: &Path) -> usize {
     n
 }
 
-/// A uniform draw in [0, 1) from a splitmix64 state.
-fn unit(state: &mut u64) -> f64 {
-    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    (z ^ (z >> 31)) as f64 / (u64::MAX as f64 + 1.0)
-}
-
 /// After a kill: plan.json, if there, parses; the prepared directions, if there, load; any
 /// final output already written is the straight run's, byte for byte.
 fn whole_after_kill(straight: &Path, d: &Path) {
@@ -329,10 +320,10 @@ fn reproduce_is_deterministic_resumable_and_shardable() {
     // run byte for byte.
     for seed in [1u64, 2, 3] {
         let d = root.join(format!("kill{seed}"));
-        let mut rng = seed;
+        let mut rng = persona_gate::util::Rng::new(seed);
         let mut log = Vec::new();
         for _ in 0..2 {
-            let at = straight.mul_f64(unit(&mut rng));
+            let at = straight.mul_f64(rng.next_f64());
             let mut child = cmd(&spec, &d, &[])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())

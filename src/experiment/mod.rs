@@ -312,29 +312,20 @@ pub fn estimate(model: &Model, spec: &Spec, template: Option<String>) -> Result<
     let mut hooks = HookSet::new(nl, model.info.n_embd);
     // Warm up first: the first decode pages the weights in from disk (seconds for a GB model),
     // which is not the steady speed a long run sees.
+    let cfg = |max_new_tokens| GenConfig {
+        max_new_tokens,
+        keep_first_logits: false,
+        ignore_eog: true,
+    };
     session.generate(
         &probe[..1],
-        &GenConfig {
-            max_new_tokens: 2,
-            keep_first_logits: false,
-            ignore_eog: true,
-        },
+        &cfg(2),
         &mut hooks,
         &mut |_, _| false,
         &mut |_| {},
     )?;
     session.stats = Default::default();
-    session.generate(
-        &probe,
-        &GenConfig {
-            max_new_tokens: 16,
-            keep_first_logits: false,
-            ignore_eog: true,
-        },
-        &mut hooks,
-        &mut |_, _| false,
-        &mut |_| {},
-    )?;
+    session.generate(&probe, &cfg(16), &mut hooks, &mut |_, _| false, &mut |_| {})?;
     let st = &session.stats;
     Ok(Estimate {
         conditions: conds.len(),

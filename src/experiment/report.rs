@@ -14,7 +14,7 @@ use super::run::{done_groups, group_file, header, Plan};
 use super::spec::{fmt_num, value_text, Metric, Role};
 use crate::error::{Error, Result};
 use crate::plot::{line_plot, Series};
-use crate::util::{write_atomic, Rng};
+use crate::util::{write_output, Rng};
 
 /// z for a 95% interval.
 const Z95: f64 = 1.959_963_984_540_054;
@@ -191,15 +191,7 @@ pub fn finish(
         .collect();
     let metric = plan.spec.metric;
     let mut files = vec![];
-    let mut put = |name: &str, bytes: &[u8]| -> Result<()> {
-        let p = dir.join(name);
-        if let Some(parent) = p.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-        }
-        write_atomic(&p, bytes).map_err(|e| Error::io(&p, e))?;
-        files.push(name.to_string());
-        Ok(())
-    };
+    let mut put = |name: &str, bytes: &[u8]| write_output(dir, name, bytes, &mut files);
     // A finished run rerun with nothing new keeps its completions.csv as it is: columns a
     // judge appended to it survive.
     if rewrite_completions || !dir.join("completions.csv").exists() {
