@@ -156,6 +156,7 @@ pub fn run(
                     max_new_tokens: 0,
                     keep_first_logits: false,
                     ignore_eog: true,
+                    digest: false,
                 },
             )
         } else {
@@ -167,6 +168,7 @@ pub fn run(
                     max_new_tokens: cfg.ntg + 1,
                     keep_first_logits: false,
                     ignore_eog: true,
+                    digest: false,
                 },
             )
         };

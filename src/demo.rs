@@ -91,6 +91,7 @@ pub fn run(
         max_new_tokens: cfg.max_new_tokens,
         keep_first_logits: false,
         ignore_eog: false,
+        digest: false,
     };
     let mut session = model.session()?;
     let mut conditions: Vec<(String, Option<LayerVectors>)> = vec![("baseline".into(), None)];

@@ -59,6 +59,8 @@ fn decode_reason(code: i32) -> &'static str {
 // Backend and logging
 
 static INIT: Once = Once::new();
+/// The kernel mode this process committed to (None until the first model load).
+static ROW_INVARIANT: Mutex<Option<bool>> = Mutex::new(None);
 static LAST_ERROR: Mutex<Option<String>> = Mutex::new(None);
 static LOG_LINE: Mutex<String> = Mutex::new(String::new());
 
@@ -121,6 +123,46 @@ pub fn init() {
             sys::llama_backend_init();
         }
     });
+}
+
+/// Chooses, once per process and before any matrix product, whether ggml's CPU kernels are
+/// row-invariant: `true` forces the tiled K-quant matmul at every row count (ggml takes it
+/// only from eight rows on, and rounds differently below), so each row's result is the same
+/// in any batch. Repacked weights must be off too (`LoadParams::use_extra_bufts`); the
+/// engine's module docs list what else invariance needs.
+///
+/// # Errors
+/// When the process already runs in the other mode (ggml reads these switches once).
+pub fn set_row_invariant(on: bool) -> Result<(), String> {
+    let mut m = ROW_INVARIANT
+        .lock()
+        .map_err(|_| "kernel mode lock poisoned".to_string())?;
+    match *m {
+        Some(v) if v == on => return Ok(()),
+        Some(v) => return Err(format!(
+            "this process already runs {} kernels; the kernel mode cannot change within a process",
+            if v {
+                "row-invariant"
+            } else {
+                "llama.cpp's default"
+            }
+        )),
+        None => {}
+    }
+    if on {
+        // ggml-cpu's tiled.cpp reads these once, at the first K-quant matmul, which comes
+        // after this (no model is loaded yet). Set unconditionally: a user's
+        // GGML_CPU_TILED_MM=0 would otherwise break invariance silently.
+        std::env::set_var("GGML_CPU_TILED_MM", "1");
+        std::env::set_var("GGML_CPU_TILED_MM_FORCE", "1");
+    }
+    *m = Some(on);
+    Ok(())
+}
+
+/// Whether this process runs row-invariant kernels (None: no model loaded yet).
+pub fn row_invariant() -> Option<bool> {
+    ROW_INVARIANT.lock().ok().and_then(|m| *m)
 }
 
 /// llama.cpp's description of the compiled CPU features and backends.
@@ -566,6 +608,17 @@ impl<'m> Context<'m> {
         unsafe {
             let mem = sys::llama_get_memory(self.ptr.as_ptr());
             sys::llama_memory_seq_rm(mem, seq, -1, -1);
+        }
+    }
+
+    /// Copies sequence `src`'s cells to `dst` (which must be empty). With one KV stream per
+    /// sequence this copies `src`'s whole stream, so `src` must hold exactly what `dst` should
+    /// start with; llama.cpp performs the copy before the next decode.
+    pub fn seq_cp(&mut self, src: i32, dst: i32) {
+        // SAFETY: valid context; seq ids are below n_seq_max (the engine's slots).
+        unsafe {
+            let mem = sys::llama_get_memory(self.ptr.as_ptr());
+            sys::llama_memory_seq_cp(mem, src, dst, -1, -1);
         }
     }
 

@@ -90,6 +90,23 @@ pub struct RowInfo {
     pub kind: RowKind,
     /// Whether the row produces logits (only those rows reach the last layer).
     pub output: bool,
+    /// A shared-prefix row, decoded once for several prompts: the index of the list of the
+    /// *other* prompts that own it (given to [`HookSet::set_rows`]), or [`RowInfo::OWN`].
+    pub shared: u32,
+}
+
+impl RowInfo {
+    /// The row belongs to `seq` alone.
+    pub const OWN: u32 = u32::MAX;
+
+    pub fn own(seq: usize, kind: RowKind, output: bool) -> RowInfo {
+        RowInfo {
+            seq,
+            kind,
+            output,
+            shared: RowInfo::OWN,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,8 +115,8 @@ pub enum RowKind {
     Prompt { idx: u32, len: u32, post_start: u32 },
     /// The `idx`-th generated token, fed back in.
     Generated { idx: u32 },
-    /// A finished sequence kept in a generation step so the live ones stay one ubatch;
-    /// hooks never touch or read it.
+    /// A row that belongs to no prompt (kept for callers that pad a batch); hooks never
+    /// touch or read it.
     Padding,
 }
 
@@ -117,6 +134,7 @@ impl Scope {
         seqs.dedup();
         Scope::Only(seqs)
     }
+    #[cfg(test)]
     fn contains(&self, seq: usize) -> bool {
         match self {
             Scope::All => true,
@@ -199,8 +217,24 @@ pub enum Position {
     GeneratedMean,
 }
 
-/// Running f64 sums of residual rows per (group, slot, layer): O(layers × n_embd) memory
-/// per group, never per token.
+/// Fixed-point scale of capture sums: 2^64, so an i128 holds any residual value exactly
+/// down to 2^-64 and sums up to 2^63.
+const FIXED: f64 = 18_446_744_073_709_551_616.0;
+
+/// `x` in fixed point. Exact for |x| >= 2^-40 (f32's 24-bit mantissa fits in 64 fraction
+/// bits); below that, rounded the same way every time.
+fn fixed(x: f64) -> i128 {
+    (x * FIXED).round() as i128
+}
+
+fn unfixed(v: i128) -> f64 {
+    v as f64 / FIXED
+}
+
+/// Running sums of residual rows per (group, slot, layer): O(layers × n_embd) memory per
+/// group, never per token. Sums are kept in 64.64 fixed point, so they are exact and do not
+/// depend on the order rows arrive in: a direction is bit-identical whatever the batch
+/// schedule, `--parallel` or prefix sharing.
 #[derive(Debug, Clone)]
 pub struct Capture {
     pub position: Position,
@@ -210,10 +244,10 @@ pub struct Capture {
     n_groups: usize,
     n_slots: usize,
     n_embd: usize,
-    sums: Vec<f64>,
+    sums: Vec<i128>,
     /// Sum of each row's L2 norm per cell: the mean residual norm (not the norm of the mean),
     /// the unit for coefficients given relative to the residual stream.
-    norm_sums: Vec<f64>,
+    norm_sums: Vec<i128>,
     counts: Vec<u64>,
 }
 
@@ -246,8 +280,8 @@ impl Capture {
             n_groups,
             n_slots,
             n_embd,
-            sums: vec![0.0; n_groups * n_slots * layers.len() * n_embd],
-            norm_sums: vec![0.0; n_groups * n_slots * layers.len()],
+            sums: vec![0; n_groups * n_slots * layers.len() * n_embd],
+            norm_sums: vec![0; n_groups * n_slots * layers.len()],
             counts: vec![0; n_groups * n_slots * layers.len()],
         }
     }
@@ -291,20 +325,27 @@ impl Capture {
         self.layer_idx[layer].map_or(0, |li| self.counts[self.cell(group, slot, li)])
     }
 
-    /// The f64 sum for (group, slot, layer); layer must be one of the captured layers.
-    pub fn sum(&self, group: usize, slot: usize, layer: usize) -> &[f64] {
+    fn raw_sum(&self, group: usize, slot: usize, layer: usize) -> &[i128] {
         let li = self.layer_idx[layer].expect("layer is one of the captured layers");
         let c = self.cell(group, slot, li) * self.n_embd;
         &self.sums[c..c + self.n_embd]
+    }
+
+    /// The sum for (group, slot, layer); layer must be one of the captured layers.
+    pub fn sum(&self, group: usize, slot: usize, layer: usize) -> Vec<f64> {
+        self.raw_sum(group, slot, layer)
+            .iter()
+            .map(|&v| unfixed(v))
+            .collect()
     }
 
     /// The mean row for (group, slot, layer), or None when nothing was captured there.
     pub fn mean(&self, group: usize, slot: usize, layer: usize) -> Option<Vec<f64>> {
         let n = self.count(group, slot, layer);
         (n > 0).then(|| {
-            self.sum(group, slot, layer)
+            self.raw_sum(group, slot, layer)
                 .iter()
-                .map(|s| s / n as f64)
+                .map(|&s| unfixed(s) / n as f64)
                 .collect()
         })
     }
@@ -313,7 +354,7 @@ impl Capture {
     pub fn mean_norm(&self, group: usize, slot: usize, layer: usize) -> Option<f64> {
         let n = self.count(group, slot, layer);
         let li = self.layer_idx[layer]?;
-        (n > 0).then(|| self.norm_sums[self.cell(group, slot, li)] / n as f64)
+        (n > 0).then(|| unfixed(self.norm_sums[self.cell(group, slot, li)]) / n as f64)
     }
 
     fn total(&self) -> u64 {
@@ -331,6 +372,11 @@ pub struct HookSet {
     want: Vec<bool>,
     rows: Vec<RowInfo>,
     out_rows: Vec<usize>,
+    /// The other owners of each shared-prefix row set, indexed by `RowInfo::shared`.
+    shared: Vec<Vec<usize>>,
+    /// Per sequence, the edits that apply to it: adds before projections, each kind in the
+    /// order added. Built on demand for as many sequences as the rows name.
+    by_seq: Vec<Vec<u32>>,
     /// What each sequence is (e.g. `condition E2[layer=5], prompt 3`), for error messages.
     names: Vec<String>,
 }
@@ -345,8 +391,52 @@ impl HookSet {
             want: vec![false; n_layer],
             rows: vec![],
             out_rows: vec![],
+            shared: vec![],
+            by_seq: vec![],
             names: vec![],
         }
+    }
+
+    /// Indexes which edits apply to each of the first `n_seqs` sequences, so a decode costs
+    /// one lookup per row and edit instead of a scope search per edit.
+    fn index(&mut self, n_seqs: usize) {
+        let mut by_seq: Vec<Vec<u32>> = vec![Vec::new(); n_seqs];
+        for kind in [EditKind::Add, EditKind::Project] {
+            for (i, e) in self
+                .edits
+                .iter()
+                .enumerate()
+                .filter(|(_, e)| e.kind == kind)
+            {
+                match &e.scope {
+                    Scope::All => by_seq.iter_mut().for_each(|v| v.push(i as u32)),
+                    Scope::Only(seqs) => {
+                        for &q in seqs.iter().filter(|&&q| q < n_seqs) {
+                            by_seq[q].push(i as u32);
+                        }
+                    }
+                }
+            }
+        }
+        self.by_seq = by_seq;
+    }
+
+    /// Makes sure the per-sequence index covers sequences `0..n_seqs`.
+    pub fn prepare(&mut self, n_seqs: usize) {
+        if self.by_seq.len() < n_seqs {
+            self.index(n_seqs);
+        }
+    }
+
+    /// Identifies the edits sequence `seq` is decoded under: two sequences with equal
+    /// signatures get identical activations from identical tokens, so they may share rows.
+    pub fn signature(&mut self, seq: usize) -> u64 {
+        self.prepare(seq + 1);
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for &e in &self.by_seq[seq] {
+            h = (h ^ (e as u64 + 1)).wrapping_mul(0x0100_0000_01b3);
+        }
+        h
     }
 
     /// Names the batch's sequences (by index) so that a non-finite value is reported with
@@ -392,6 +482,7 @@ impl HookSet {
             self.want[l] = true;
         }
         self.edits.push(e);
+        self.by_seq.clear();
         Ok(self.edits.len() - 1)
     }
 
@@ -414,11 +505,7 @@ impl HookSet {
     /// unless it produces logits; the engine then marks it as an output. Only the rows needed
     /// are marked: each costs an output-head pass (n_embd × n_vocab).
     pub fn needs_row_at_last_layer(&self, seq: usize, kind: RowKind) -> bool {
-        let row = RowInfo {
-            seq,
-            kind,
-            output: false,
-        };
+        let row = RowInfo::own(seq, kind, false);
         self.captures.iter().any(|c| {
             c.layer_idx[self.n_layer - 1].is_some()
                 && c.group_of_seq.get(seq).copied().flatten().is_some()
@@ -426,15 +513,19 @@ impl HookSet {
         })
     }
 
-    /// Called by the engine before each decode with that batch's rows, in batch order.
-    pub fn set_rows(&mut self, rows: Vec<RowInfo>) {
+    /// Called by the engine before each decode with that batch's rows, in batch order, and
+    /// the owner lists that shared-prefix rows point at.
+    pub fn set_rows(&mut self, rows: Vec<RowInfo>, shared: Vec<Vec<usize>>) {
         self.out_rows = rows
             .iter()
             .enumerate()
             .filter(|(_, r)| r.output)
             .map(|(i, _)| i)
             .collect();
+        let n = rows.iter().map(|r| r.seq + 1).max().unwrap_or(0);
+        self.prepare(n);
         self.rows = rows;
+        self.shared = shared;
     }
 
     /// Fails if a registered hook never touched a row: a silent no-op would make a steered
@@ -502,30 +593,31 @@ impl LayerVisitor for HookSet {
         };
         let mut modified = false;
         let mut edited = vec![false; map.len()];
-        for kind in [EditKind::Add, EditKind::Project] {
-            for e in self.edits.iter_mut().filter(|e| e.kind == kind) {
+        // A shared-prefix row is edited once, as its first owner's: the engine shares rows
+        // only between sequences with equal signatures, i.e. the same edits.
+        for (r, &ri) in map.iter().enumerate() {
+            let row = self.rows[ri];
+            if row.kind == RowKind::Padding {
+                continue;
+            }
+            for &ei in &self.by_seq[row.seq] {
+                let e = &mut self.edits[ei as usize];
                 let Some(v) = e.vectors.get(&layer) else {
                     continue;
                 };
-                for (r, &ri) in map.iter().enumerate() {
-                    let row = self.rows[ri];
-                    if row.kind == RowKind::Padding || !e.scope.contains(row.seq) {
-                        continue;
+                let h = &mut data[r * n_embd..(r + 1) * n_embd];
+                match e.kind {
+                    EditKind::Add => h.iter_mut().zip(v).for_each(|(x, &a)| *x += a),
+                    EditKind::Project => {
+                        let p = dot(h, v);
+                        h.iter_mut()
+                            .zip(v)
+                            .for_each(|(x, &d)| *x = (*x as f64 - p * d as f64) as f32);
                     }
-                    let h = &mut data[r * n_embd..(r + 1) * n_embd];
-                    match kind {
-                        EditKind::Add => h.iter_mut().zip(v).for_each(|(x, &a)| *x += a),
-                        EditKind::Project => {
-                            let p = dot(h, v);
-                            h.iter_mut()
-                                .zip(v)
-                                .for_each(|(x, &d)| *x = (*x as f64 - p * d as f64) as f32);
-                        }
-                    }
-                    e.touched += 1;
-                    modified = true;
-                    edited[r] = true;
                 }
+                e.touched += 1;
+                modified = true;
+                edited[r] = true;
             }
         }
         // An edit that overflows (a huge coefficient) must stop the run here, naming the
@@ -541,31 +633,44 @@ impl LayerVisitor for HookSet {
                 ));
             }
         }
+        const NONE: &[usize] = &[];
         for c in &mut self.captures {
             let Some(li) = c.layer_idx[layer] else {
                 continue;
             };
             for (r, &ri) in map.iter().enumerate() {
                 let row = self.rows[ri];
-                let (Some(g), Some(slot)) =
-                    (c.group_of_seq.get(row.seq).copied().flatten(), c.slot(&row))
-                else {
-                    continue;
+                // A shared row counts once for every prompt that owns it. Shared rows lie
+                // before every owner's post-instruction span and last token, so the slot is
+                // the same for each owner.
+                let others = match row.shared {
+                    RowInfo::OWN => NONE,
+                    k => self.shared[k as usize].as_slice(),
                 };
-                let h = &data[r * n_embd..(r + 1) * n_embd];
-                if let Some(bad) = h.iter().position(|x| !x.is_finite()) {
-                    return Err(format!(
-                        "non-finite activation {} in row {r} (sequence {}{}), dim {bad}",
-                        h[bad],
-                        row.seq,
-                        seq_name(&self.names, row.seq)
-                    ));
+                for seq in std::iter::once(row.seq).chain(others.iter().copied()) {
+                    let (Some(g), Some(slot)) =
+                        (c.group_of_seq.get(seq).copied().flatten(), c.slot(&row))
+                    else {
+                        continue;
+                    };
+                    let h = &data[r * n_embd..(r + 1) * n_embd];
+                    if let Some(bad) = h.iter().position(|x| !x.is_finite()) {
+                        return Err(format!(
+                            "non-finite activation {} in row {r} (sequence {seq}{}), dim {bad}",
+                            h[bad],
+                            seq_name(&self.names, seq)
+                        ));
+                    }
+                    let cell = c.cell(g, slot, li);
+                    c.counts[cell] += 1;
+                    // The row's own norm is computed in one fixed order, then summed exactly.
+                    c.norm_sums[cell] +=
+                        fixed(h.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt());
+                    let s = &mut c.sums[cell * n_embd..(cell + 1) * n_embd];
+                    s.iter_mut()
+                        .zip(h)
+                        .for_each(|(a, &x)| *a += fixed(x as f64));
                 }
-                let cell = c.cell(g, slot, li);
-                c.counts[cell] += 1;
-                c.norm_sums[cell] += h.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
-                let s = &mut c.sums[cell * n_embd..(cell + 1) * n_embd];
-                s.iter_mut().zip(h).for_each(|(a, &x)| *a += x as f64);
             }
         }
         Ok(modified)
@@ -578,14 +683,16 @@ mod tests {
 
     fn rows(n: usize) -> Vec<RowInfo> {
         (0..n)
-            .map(|i| RowInfo {
-                seq: i,
-                kind: RowKind::Prompt {
-                    idx: 0,
-                    len: 1,
-                    post_start: 0,
-                },
-                output: true,
+            .map(|i| {
+                RowInfo::own(
+                    i,
+                    RowKind::Prompt {
+                        idx: 0,
+                        len: 1,
+                        post_start: 0,
+                    },
+                    true,
+                )
             })
             .collect()
     }
@@ -630,7 +737,7 @@ mod tests {
             ))
             .unwrap();
         }
-        hs.set_rows(rows(2));
+        hs.set_rows(rows(2), vec![]);
         hs.name_sequences(vec![
             "condition A, prompt 0".into(),
             "condition B, prompt 0".into(),
@@ -648,7 +755,7 @@ mod tests {
             .unwrap();
         hs.add_edit(Edit::project([(0, vec![0.0, 2.0, 0.0])].into(), Scope::All).unwrap())
             .unwrap();
-        hs.set_rows(rows(2));
+        hs.set_rows(rows(2), vec![]);
         let mut d = vec![1.0, 1.0, 1.0, 2.0, 2.0, 2.0];
         assert!(hs.visit(0, &mut d, 2).unwrap());
         assert_eq!(d, vec![1.0, 0.0, 1.0, 2.0, 0.0, 2.0]);
@@ -663,7 +770,7 @@ mod tests {
             Scope::only(vec![1]),
         ))
         .unwrap();
-        hs.set_rows(rows(2));
+        hs.set_rows(rows(2), vec![]);
         assert!(hs.check_touched().is_err());
         let mut d = vec![0.0; 4];
         hs.visit(1, &mut d, 2).unwrap();
@@ -678,7 +785,7 @@ mod tests {
             .unwrap();
         let mut r = rows(3);
         r[0].output = false;
-        hs.set_rows(r);
+        hs.set_rows(r, vec![]);
         let mut d = vec![0.0, 0.0]; // rows of seq 1 and seq 2
         hs.visit(1, &mut d, 2).unwrap();
         assert_eq!(d, vec![0.0, 1.0]);
@@ -700,16 +807,21 @@ mod tests {
             2,
         ))
         .unwrap();
-        let r = |seq, idx| RowInfo {
-            seq,
-            kind: RowKind::Prompt {
-                idx,
-                len: 3,
-                post_start: 1,
-            },
-            output: false,
+        let r = |seq, idx| {
+            RowInfo::own(
+                seq,
+                RowKind::Prompt {
+                    idx,
+                    len: 3,
+                    post_start: 1,
+                },
+                false,
+            )
         };
-        hs.set_rows(vec![r(0, 0), r(0, 1), r(0, 2), r(1, 0), r(1, 1), r(1, 2)]);
+        hs.set_rows(
+            vec![r(0, 0), r(0, 1), r(0, 2), r(1, 0), r(1, 1), r(1, 2)],
+            vec![],
+        );
         let mut d = vec![9.0, 9.0, 1.0, 2.0, 3.0, 4.0, 9.0, 9.0, 5.0, 6.0, 7.0, 8.0];
         assert!(!hs.visit(0, &mut d, 6).unwrap());
         let c = &hs.captures[0];
@@ -719,6 +831,53 @@ mod tests {
         // Rows (3,4) and (7,8): norms 5 and sqrt(113).
         let want = (5.0 + 113f64.sqrt()) / 2.0;
         assert!((c.mean_norm(0, 0, 0).unwrap() - want).abs() < 1e-12);
+    }
+
+    #[test]
+    fn capture_sums_do_not_depend_on_row_order() {
+        // Values whose f64 sum depends on the order: 1e8 + 1e-8 - 1e8.
+        let vals = [1e8f32, 1e-8, -1e8, 3.0, 1e-3];
+        let mut sums = Vec::new();
+        for order in [[0, 1, 2, 3, 4], [2, 4, 0, 3, 1], [4, 3, 2, 1, 0]] {
+            let mut hs = HookSet::new(1, 1);
+            hs.add_capture(Capture::new(
+                &[0],
+                Position::PromptMean,
+                vec![Some(0); 5],
+                1,
+                1,
+                1,
+            ))
+            .unwrap();
+            for &i in &order {
+                hs.set_rows(rows(5)[i..=i].to_vec(), vec![]);
+                let mut d = vec![vals[i]];
+                hs.visit(0, &mut d, 1).unwrap();
+            }
+            sums.push(hs.captures[0].sum(0, 0, 0)[0].to_bits());
+        }
+        assert!(sums.windows(2).all(|w| w[0] == w[1]), "{sums:?}");
+    }
+
+    #[test]
+    fn a_shared_row_counts_for_every_owner() {
+        let mut hs = HookSet::new(1, 1);
+        hs.add_capture(Capture::new(
+            &[0],
+            Position::PromptMean,
+            vec![Some(0), Some(1), Some(1)],
+            1,
+            1,
+            1,
+        ))
+        .unwrap();
+        let mut r = rows(1);
+        r[0].shared = 0;
+        hs.set_rows(r, vec![vec![1, 2]]);
+        hs.visit(0, &mut [2.0], 1).unwrap();
+        let c = &hs.captures[0];
+        assert_eq!((c.count(0, 0, 0), c.count(1, 0, 0)), (1, 2));
+        assert_eq!(c.mean(1, 0, 0).unwrap(), vec![2.0]);
     }
 
     #[test]

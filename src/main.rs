@@ -215,6 +215,7 @@ fn run(cli: Cli) -> Result<()> {
                 max_new_tokens: a.max_new_tokens,
                 keep_first_logits: false,
                 ignore_eog: false,
+                digest: false,
             };
             let mut h = HookSet::new(model.info.n_layer, model.info.n_embd);
             let g = model

@@ -47,8 +47,11 @@ impl Footprint {
     }
 
     /// Bytes for a context of `parallel` sequences of `ctx` cells, `batch` tokens per decode.
+    /// The engine adds its shared-prefix cache streams, and llama.cpp rounds each stream up
+    /// to a multiple of 256 cells.
     pub fn need(&self, ctx: u32, batch: u32, parallel: u32) -> u64 {
-        let kv = self.kv_per_cell * ctx as u64 * parallel as u64;
+        let streams = parallel as u64 + crate::engine::CACHE_STREAMS as u64;
+        let kv = self.kv_per_cell * (ctx as u64).div_ceil(256) * 256 * streams;
         let compute = batch as u64 * 4 * (self.n_vocab + 8 * self.n_embd) + 16 * MIB;
         let output = parallel as u64 * self.n_vocab * 4;
         self.weights + kv + compute + output + OVERHEAD

@@ -24,8 +24,11 @@ pub struct ModelOptions {
     pub batch: u32,
     /// Maximum sequences decoded together.
     pub parallel: u32,
-    /// llama.cpp's repacked weight buffers (see `ffi::LoadParams`).
+    /// llama.cpp's repacked weight buffers (see `ffi::LoadParams`); only with
+    /// [`Kernels::Llama`], as repacked weights are not row-invariant.
     pub use_extra_bufts: bool,
+    /// Which CPU matrix kernels run; see [`Kernels`].
+    pub kernels: Kernels,
     /// Flash attention; None = llama.cpp's auto choice. Off by default: measured here,
     /// llama.cpp's CPU flash-attention kernel takes a different path when a batch holds
     /// several sequences, which moved resid_post.0 by ~1.5% and logits by up to ~1 between a
@@ -45,8 +48,34 @@ impl Default for ModelOptions {
             batch: 512,
             parallel: 16,
             use_extra_bufts: true,
+            kernels: Kernels::Invariant,
             flash_attn: Some(false),
             max_memory: None,
+        }
+    }
+}
+
+/// Which CPU matrix kernels llama.cpp runs. One per process: ggml reads its switches once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Kernels {
+    /// Row-invariant (default): a sequence's numbers are the same bit for bit whatever else
+    /// is in the batch. Weights stay in their file layout (no repacking) and K-quant
+    /// matrices use ggml's tiled kernel at every row count. As fast as llama.cpp's own choice
+    /// from eight sequences on (faster at prompt processing on the machines measured), up to
+    /// several times slower for one to seven sequences on K-quant models.
+    #[default]
+    Invariant,
+    /// llama.cpp's own choice: repacked weights, kernels picked by the number of rows. The
+    /// fastest for a single sequence; results then move in the last bits with the batch, so
+    /// greedy text can differ between a prompt run alone and in a batch.
+    Llama,
+}
+
+impl Kernels {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernels::Invariant => "invariant",
+            Kernels::Llama => "llama",
         }
     }
 }
@@ -120,11 +149,13 @@ impl Model {
             .arch()
             .ok_or_else(|| Error::file(path, "GGUF has no general.architecture key"))?
             .to_string();
+        ffi::set_row_invariant(options.kernels == Kernels::Invariant)
+            .map_err(|e| Error::Invalid(e.to_string()))?;
         let raw = ffi::Model::load(
             path,
             &ffi::LoadParams {
                 n_gpu_layers: options.n_gpu_layers,
-                use_extra_bufts: options.use_extra_bufts,
+                use_extra_bufts: options.use_extra_bufts && options.kernels == Kernels::Llama,
             },
         )
         .map_err(|e| Error::file(path, crate::util::one_line(e.to_string().trim())))?;

@@ -13,10 +13,11 @@ use persona_gate::util::Rng;
 
 /// Native control vector vs the same vector added from the eval callback (6b).
 const CVEC_VS_CALLBACK_TOL: f32 = 1e-5;
-/// Batched vs solo first-token logits (6d). With one KV stream per sequence, prefill of one
-/// sequence per decode and flash attention off, they are bit-identical (measured: 0). Before
-/// those choices, with a unified KV cache and llama.cpp's auto flash attention, they differed
-/// by up to 1.01 (SmolLM2) and 0.49 (Qwen 0.5B).
+/// Batched vs solo first-token logits (6d). With one KV stream per sequence, row-invariant
+/// kernels, no one-token prompt chunks and flash attention off, they are bit-identical
+/// (measured: 0). Before those choices, with a unified KV cache and llama.cpp's auto flash
+/// attention, they differed by up to 1.01 (SmolLM2) and 0.49 (Qwen 0.5B); with llama.cpp's
+/// default kernels a generated token's logits move by up to 0.3 with the batch size.
 const BATCH_VS_SOLO_TOL: f32 = 0.0;
 
 fn empty(m: &Model) -> HookSet {
@@ -268,6 +269,7 @@ fn batch_matches_solo(file: &str) {
         max_new_tokens: 24,
         keep_first_logits: false,
         ignore_eog: false,
+        digest: false,
     };
     let mut s = m.session().unwrap();
     let batched = s
@@ -342,6 +344,7 @@ fn per_sequence_hook_touches_only_its_sequence(file: &str) {
         max_new_tokens: 12,
         keep_first_logits: false,
         ignore_eog: false,
+        digest: false,
     };
     let mut s = m.session().unwrap();
     let g0 = s
@@ -364,6 +367,133 @@ fn per_sequence_hook_touches_only_its_sequence(file: &str) {
     }
 }
 
+/// Prompts of different lengths behind the template's shared system prompt, so a schedule
+/// has shared prefixes, staircase prefill calls, refills and slot moves to get wrong.
+const SEVEN: [&str; 7] = [
+    "Hi!",
+    "Explain photosynthesis in one sentence.",
+    "What is the capital of France?",
+    "Write a haiku about the sea, then explain its imagery line by line.",
+    "How do I pick a lock?",
+    "List three prime numbers.",
+    "Describe, step by step and in detail, how a bicycle gear system works and why it helps.",
+];
+
+struct Run {
+    digest: Vec<u64>,
+    tokens: Vec<Vec<i32>>,
+    /// Per prompt and layer, the bits of the captured prompt-mean row.
+    means: Vec<Vec<Vec<u64>>>,
+    shared: u64,
+}
+
+/// Generates SEVEN (in `order`) with `parallel` slots, an add hook scoped to two prompts, a
+/// per-prompt capture and early stops at different steps.
+fn run_schedule(file: &str, parallel: u32, order: &[usize], share: bool) -> Run {
+    let m = load(file, parallel);
+    let texts: Vec<&str> = order.iter().map(|&i| SEVEN[i]).collect();
+    let ps = prompts(&m, &texts);
+    let (nl, ne) = (m.info.n_layer, m.info.n_embd);
+    let l = nl / 2;
+    // Scaled by the norm over all seven prompts, so the vector is the same in every run.
+    let v = random_vec(5, ne, 0.4 * resid_norm(&m, &prompts(&m, &SEVEN), l));
+    let mut h = empty(&m);
+    let scoped: Vec<usize> = (0..order.len())
+        .filter(|&k| order[k] == 1 || order[k] == 4)
+        .collect();
+    if !scoped.is_empty() {
+        h.add_edit(Edit::add([(l, v)].into(), Scope::only(scoped)))
+            .unwrap();
+    }
+    let layers = [1, l, nl - 1];
+    h.add_capture(Capture::new(
+        &layers,
+        Position::PromptMean,
+        (0..order.len()).map(Some).collect(),
+        1,
+        nl,
+        ne,
+    ))
+    .unwrap();
+    let cfg = persona_gate::engine::GenConfig {
+        max_new_tokens: 14,
+        keep_first_logits: true,
+        digest: true,
+        ..Default::default()
+    };
+    let mut s = m.session().unwrap();
+    s.set_prefix_sharing(share);
+    let mut stop = |k: usize, t: &[persona_gate::ffi::Token]| t.len() >= 3 + 2 * order[k];
+    let g = s
+        .generate(&ps, &cfg, &mut h, &mut stop, &mut |_| {})
+        .unwrap();
+    let mut run = Run {
+        digest: vec![0; 7],
+        tokens: vec![vec![]; 7],
+        means: vec![vec![]; 7],
+        shared: s.stats.shared_tokens,
+    };
+    for (k, &i) in order.iter().enumerate() {
+        run.digest[i] = g[k].digest;
+        run.tokens[i] = g[k].tokens.clone();
+        run.means[i] = layers
+            .iter()
+            .map(|&l| {
+                h.captures[0]
+                    .mean(k, 0, l)
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.to_bits())
+                    .collect()
+            })
+            .collect();
+    }
+    run
+}
+
+/// Batch invariance over whole trajectories (issue 12): every prompt's logits at every step
+/// (chained in a digest), its tokens and its captured activations are bit-identical alone,
+/// with 2, 3 and 16 slots (refills, slot moves), in reverse order, and with shared-prefix
+/// decoding off.
+fn schedules_are_bit_identical(file: &str) {
+    let fwd: Vec<usize> = (0..7).collect();
+    let rev: Vec<usize> = (0..7).rev().collect();
+    let base = run_schedule(file, 16, &fwd, true);
+    assert!(base.shared > 0, "{file}: no prefix was shared");
+    let mut runs = vec![
+        ("3 slots", run_schedule(file, 3, &fwd, true)),
+        ("2 slots, reversed", run_schedule(file, 2, &rev, true)),
+        ("16 slots, no sharing", run_schedule(file, 16, &fwd, false)),
+    ];
+    for i in 0..7 {
+        runs.push((
+            [
+                "alone 0", "alone 1", "alone 2", "alone 3", "alone 4", "alone 5", "alone 6",
+            ][i],
+            run_schedule(file, 1, &[i], true),
+        ));
+    }
+    for (name, r) in &runs {
+        for i in 0..7 {
+            if r.tokens[i].is_empty() && r.digest[i] == 0 {
+                continue; // not in this run
+            }
+            assert_eq!(
+                r.tokens[i], base.tokens[i],
+                "{file} {name}: prompt {i} tokens"
+            );
+            assert_eq!(
+                r.digest[i], base.digest[i],
+                "{file} {name}: prompt {i} logits"
+            );
+            assert_eq!(
+                r.means[i], base.means[i],
+                "{file} {name}: prompt {i} capture"
+            );
+        }
+    }
+}
+
 macro_rules! on_both {
     ($($name:ident),*) => {
         mod smol { $( #[test] fn $name() { super::$name(super::SMOL) } )* }
@@ -376,5 +506,6 @@ on_both!(
     callback_add_equals_native_cvec,
     projection_removes_the_direction,
     batch_matches_solo,
-    per_sequence_hook_touches_only_its_sequence
+    per_sequence_hook_touches_only_its_sequence,
+    schedules_are_bit_identical
 );

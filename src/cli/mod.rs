@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use persona_gate::chat::SystemPrompt;
-use persona_gate::model::ModelOptions;
+use persona_gate::model::{Kernels, ModelOptions};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -330,6 +330,12 @@ pub struct InspectArgs {
     pub file: PathBuf,
 }
 
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelsArg {
+    Invariant,
+    Llama,
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
     /// GGUF model file.
@@ -350,10 +356,16 @@ pub struct ModelArgs {
     /// Sequences decoded together.
     #[arg(long, default_value_t = 16)]
     pub parallel: u32,
-    /// Turn off llama.cpp's repacked weight buffers (workaround for builds whose extra
-    /// kernels crash, e.g. AMX under target-cpu=native).
+    /// Turn off llama.cpp's repacked weight buffers with --kernels llama (workaround for
+    /// builds whose extra kernels crash, e.g. AMX under target-cpu=native).
     #[arg(long)]
     pub no_extra_bufts: bool,
+    /// CPU matrix kernels: invariant (default: every sequence's numbers are the same bit
+    /// for bit in any batch, alone, resumed or sharded) or llama (llama.cpp's own choice:
+    /// faster for one to seven sequences on K-quant models, but results then depend in the
+    /// last bits on what else is in the batch).
+    #[arg(long, value_enum, default_value_t = KernelsArg::Invariant)]
+    pub kernels: KernelsArg,
     /// Flash attention: off (default; batched and solo runs then agree bit for bit), on, or
     /// auto (llama.cpp decides).
     #[arg(long, default_value = "off", value_parser = ["off", "on", "auto"])]
@@ -374,6 +386,10 @@ impl ModelArgs {
             batch: self.batch,
             parallel: self.parallel,
             use_extra_bufts: !self.no_extra_bufts,
+            kernels: match self.kernels {
+                KernelsArg::Invariant => Kernels::Invariant,
+                KernelsArg::Llama => Kernels::Llama,
+            },
             flash_attn: match self.flash_attn.as_str() {
                 "on" => Some(true),
                 "auto" => None,

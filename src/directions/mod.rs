@@ -240,6 +240,7 @@ pub fn extract_persona(
         max_new_tokens: max_new,
         keep_first_logits: false,
         ignore_eog: false,
+        digest: false,
     };
     model
         .session()?

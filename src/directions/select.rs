@@ -123,6 +123,7 @@ pub fn score_conditions(
         max_new_tokens: 0,
         keep_first_logits: true,
         ignore_eog: false,
+        digest: false,
     };
     let mut start = 0;
     while start < n_cond {

@@ -316,6 +316,7 @@ pub fn estimate(model: &Model, spec: &Spec, template: Option<String>) -> Result<
         max_new_tokens,
         keep_first_logits: false,
         ignore_eog: true,
+        digest: false,
     };
     session.generate(
         &probe[..1],

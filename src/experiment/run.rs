@@ -904,6 +904,7 @@ impl Ready<'_> {
             },
             keep_first_logits: true,
             ignore_eog: false,
+            digest: false,
         };
         let model = self.model;
         let mut stop = |_: usize, t: &[Token]| {

@@ -497,6 +497,7 @@ impl<'m> Judge<'m> {
             max_new_tokens: max_new,
             keep_first_logits: true,
             ignore_eog: false,
+            digest: false,
         };
         let mut hooks = HookSet::new(self.model.info.n_layer, self.model.info.n_embd);
         let model = self.model;

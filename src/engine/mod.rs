@@ -1,0 +1,795 @@
+//! Batched evaluation and greedy generation of many prompts, with hooks.
+//!
+//! A [`Session`] decodes prompts through `--parallel` *slots* (llama.cpp sequence ids, each
+//! with its own KV stream, `kv_unified = false`), continuously: a prompt enters a free slot
+//! as soon as one is free, its prompt is prefilled, and it joins the one-token-per-sequence
+//! generation steps; when it stops its slot is refilled with the next prompt, or, once none
+//! is left, the last live sequence's stream is moved into the hole so the live slots stay
+//! `0..n` and no step carries a finished sequence. Prompts that begin with the same tokens
+//! under the same hooks (a system prompt and template header) have those rows decoded once,
+//! into a spare *cache* stream, and copied to each (llama.cpp's sequence copy), with every
+//! capture counting the shared rows for each owner.
+//!
+//! **Batch invariance.** A sequence's numbers do not depend on what else is decoded with it,
+//! bit for bit, so a prompt's output is the same alone, in any batch, after a resume and in
+//! any shard. Three things make that hold on the CPU (measured in `tests/engine.rs`, and
+//! before that with a probe of every schedule shape on Qwen2.5-Coder-0.5B and -1.5B, AVX2 and
+//! AVX-512 builds):
+//! - **row-invariant kernels** ([`crate::model::Kernels::Invariant`], the default): no
+//!   repacked weights and llama.cpp's tiled K-quant matmul forced at every row count. By
+//!   default llama.cpp switches kernels with the number of rows (repacked weights run rows
+//!   in groups of four and the rest one by one; K-quants take a tiled kernel from eight
+//!   rows on), and those kernels round differently: a generated token's logits moved by up
+//!   to 0.3 with the batch size;
+//! - **one ubatch per decode call**, rows in push order: prefill calls take the same number
+//!   of tokens from each of a run of consecutive slots, generation steps one token from each
+//!   live slot (see [`schedule`]). llama.cpp's split for per-sequence streams makes exactly
+//!   that one ubatch, so hooks know which row is which;
+//! - **no one-token prompt chunks**: attention over a chunk of one token takes another
+//!   kernel than over two or more, so prompts are cut into chunks of at least two tokens
+//!   (a prompt of one token excepted), exactly as when they run alone.
+//!
+//! Flash attention is off by default for the same reason (its CPU kernel takes a different
+//! path for several sequences). Per-sequence streams start at cell 0, so attention sees the
+//! same cells in the same order whatever the neighbours.
+
+pub mod schedule;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use crate::chat::Prompt;
+use crate::error::{Error, Result};
+use crate::ffi::{self, Token};
+use crate::hooks::{Capture, HookSet, Position, RowInfo, RowKind};
+use crate::model::Model;
+
+use schedule::Cluster;
+
+/// Why a sequence stopped generating.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// End of generation token (EOS/EOT); not included in the tokens.
+    Eog,
+    MaxTokens,
+    /// The caller's predicate said the outcome was settled.
+    Predicate,
+}
+
+/// Greedy generation settings.
+#[derive(Debug, Clone, Default)]
+pub struct GenConfig {
+    /// 0 evaluates prompts only (first-response logits, captures at prompt positions).
+    pub max_new_tokens: usize,
+    /// Keep the full logits at the first response position (for refusal scores, KL).
+    pub keep_first_logits: bool,
+    /// Keep generating past end-of-generation tokens (benchmarks only).
+    pub ignore_eog: bool,
+    /// Hash every logit vector a sequence's tokens were chosen from ([`Generation::digest`]),
+    /// so tests can assert that whole trajectories are bit-identical.
+    pub digest: bool,
+}
+
+/// One prompt's result.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    pub tokens: Vec<Token>,
+    pub text: String,
+    pub stop: StopReason,
+    /// Logits predicting the first response token, if asked for.
+    pub first_logits: Option<Vec<f32>>,
+    /// FNV-1a over the bits of every logit vector read for this sequence, if asked for.
+    pub digest: u64,
+}
+
+/// Token, call and time counters, for the benchmark and dry-run estimates.
+#[derive(Debug, Clone, Default)]
+pub struct Stats {
+    /// Prompt tokens decoded (shared prefix rows once).
+    pub prompt_tokens: u64,
+    /// Prompt tokens not decoded because a shared prefix was copied instead.
+    pub shared_tokens: u64,
+    pub prompt_calls: u64,
+    pub prompt_time: Duration,
+    pub gen_tokens: u64,
+    pub gen_steps: u64,
+    pub gen_time: Duration,
+    /// KV streams copied (shared prefixes and slot moves).
+    pub stream_copies: u64,
+    /// Rows decoded for no sequence (none since finished sequences leave the batch; kept so
+    /// the benchmark can show it).
+    pub padding_rows: u64,
+}
+
+impl Stats {
+    /// Mean sequences per generation step.
+    pub fn occupancy(&self) -> f64 {
+        self.gen_tokens as f64 / (self.gen_steps.max(1)) as f64
+    }
+}
+
+/// Spare KV streams that hold decoded shared prefixes until every member has copied them.
+pub const CACHE_STREAMS: u32 = 2;
+
+/// A decoding session over a model: one llama.cpp context, reused across calls.
+pub struct Session<'m> {
+    model: &'m Model,
+    ctx: ffi::Context<'m>,
+    batch: ffi::Batch,
+    arch_checked: bool,
+    /// Generation slots: sequence ids `0..slots`; the cache streams follow.
+    slots: usize,
+    /// Decode shared prefixes once (default on; off to measure or test without it).
+    share_prefixes: bool,
+    pub stats: Stats,
+}
+
+/// Tolerance for checking that the native control vector really was added: llama.cpp adds it
+/// in f32 inside the graph, the probe compares two separate decodes.
+const CVEC_PROBE_TOL: f32 = 1e-3;
+
+/// The greedy choice: the first index of the largest logit.
+pub fn argmax(x: &[f32]) -> Token {
+    let mut best = 0;
+    for (i, &v) in x.iter().enumerate() {
+        if v > x[best] {
+            best = i;
+        }
+    }
+    best as Token
+}
+
+/// FNV-1a over f32 bit patterns, chained from `h`.
+fn fnv(mut h: u64, v: &[f32]) -> u64 {
+    for x in v {
+        for b in x.to_bits().to_le_bytes() {
+            h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h
+}
+
+const FNV_START: u64 = 0xcbf2_9ce4_8422_2325;
+
+impl Model {
+    /// Opens a decoding session with this model's options.
+    ///
+    /// # Errors
+    /// Bad sizes; llama.cpp context creation failures (usually memory).
+    pub fn session(&self) -> Result<Session<'_>> {
+        let o = &self.options;
+        if o.parallel == 0 || o.ctx == 0 {
+            return Err(Error::Invalid(
+                "--parallel and --ctx must be at least 1".into(),
+            ));
+        }
+        if o.batch < 8 {
+            return Err(Error::Invalid(format!(
+                "--batch {} is too small: a decode call needs at least 8 tokens",
+                o.batch
+            )));
+        }
+        let slots = o.parallel.min(256 - CACHE_STREAMS);
+        let ctx = ffi::Context::new(
+            &self.raw,
+            ffi::ContextParams {
+                n_ctx_seq: o.ctx,
+                n_batch: o.batch,
+                n_seq_max: slots + CACHE_STREAMS,
+                n_threads: o.threads,
+                flash_attn: o.flash_attn,
+            },
+        )?;
+        Ok(Session {
+            model: self,
+            ctx,
+            batch: ffi::Batch::new(o.batch as usize),
+            arch_checked: false,
+            slots: slots as usize,
+            share_prefixes: true,
+            stats: Stats::default(),
+        })
+    }
+}
+
+/// A sequence in a generation slot.
+struct Live {
+    prompt: usize,
+    tokens: Vec<Token>,
+    done: Option<StopReason>,
+    first_logits: Option<Vec<f32>>,
+    digest: u64,
+}
+
+/// Where a cluster's shared prefix is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cached {
+    NotYet,
+    /// Decoded in this cache stream.
+    In(i32),
+    /// No cache stream was free when its first member arrived: members decode in full.
+    Unshared,
+    /// Every member has its copy.
+    Released,
+}
+
+/// What one `generate` call decodes: the prompts, their clusters, and the callbacks.
+struct Job<'a> {
+    prompts: &'a [Prompt],
+    cfg: &'a GenConfig,
+    /// Cluster index of each prompt, if it shares a prefix.
+    cluster_of: Vec<Option<usize>>,
+    clusters: Vec<Cluster>,
+    cached: Vec<Cached>,
+}
+
+impl<'m> Session<'m> {
+    pub fn model(&self) -> &'m Model {
+        self.model
+    }
+
+    /// Turns shared-prefix decoding on or off. Results are the same bit for bit either way;
+    /// off, every prompt decodes all its tokens.
+    pub fn set_prefix_sharing(&mut self, on: bool) {
+        self.share_prefixes = on;
+    }
+
+    /// Runs one decode call with the rows pushed so far, then checks (once) that the graph
+    /// exposes `l_out-<il>` for every layer: our hooks attach nowhere else.
+    fn flush(
+        &mut self,
+        rows: &mut Vec<RowInfo>,
+        shared: Vec<Vec<usize>>,
+        hooks: &mut HookSet,
+    ) -> Result<()> {
+        let visitor: Option<&mut dyn ffi::LayerVisitor> = if hooks.is_empty() {
+            None
+        } else {
+            hooks.set_rows(std::mem::take(rows), shared);
+            Some(hooks)
+        };
+        let res = self.ctx.decode(&self.batch, visitor);
+        rows.clear();
+        res?;
+        if !self.arch_checked {
+            let missing: Vec<usize> = self
+                .ctx
+                .l_out_layers_seen()
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| !**s)
+                .map(|(i, _)| i)
+                .collect();
+            if !missing.is_empty() {
+                return Err(Error::Arch {
+                    arch: self.model.info.arch.clone(),
+                    msg: format!("its llama.cpp graph has no l_out-<il> tensor for layers {missing:?}; residual hooks cannot attach"),
+                });
+            }
+            self.arch_checked = true;
+        }
+        Ok(())
+    }
+
+    /// Checks every prompt against `--ctx` before any decoding.
+    fn check_fits(&self, prompts: &[Prompt], max_new: usize) -> Result<()> {
+        let ctx = self.model.options.ctx as usize;
+        for (i, p) in prompts.iter().enumerate() {
+            if p.tokens.is_empty() {
+                return Err(Error::Invalid(format!("prompt {i} is empty")));
+            }
+            if p.tokens.len() + max_new > ctx {
+                return Err(Error::Invalid(format!(
+                    "prompt {i} needs {} tokens + {max_new} new > --ctx {ctx} per sequence; shorten it or raise --ctx",
+                    p.tokens.len(),
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Greedy generation for every prompt, batched. `stop(i, tokens)` may end prompt `i`
+    /// early once its outcome is settled. Hooks see every prompt and generated row.
+    /// `progress(n)` is told each time `n` more prompts are finished.
+    ///
+    /// # Errors
+    /// Decode or hook failures, a prompt that does not fit the context, or a registered hook
+    /// that touched nothing.
+    pub fn generate(
+        &mut self,
+        prompts: &[Prompt],
+        cfg: &GenConfig,
+        hooks: &mut HookSet,
+        stop: &mut dyn FnMut(usize, &[Token]) -> bool,
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<Vec<Generation>> {
+        let mut out: Vec<Option<Generation>> = vec![None; prompts.len()];
+        self.generate_each(prompts, cfg, hooks, stop, &mut |i, g| {
+            out[i] = Some(g);
+            progress(1);
+            Ok(())
+        })?;
+        Ok(out
+            .into_iter()
+            .map(|g| g.expect("generate_each finishes every prompt"))
+            .collect())
+    }
+
+    /// As [`Session::generate`], handing each prompt's result to `done(index, generation)`
+    /// as soon as it finishes (prompts finish out of order). An error from `done` stops the
+    /// run.
+    ///
+    /// # Errors
+    /// As [`Session::generate`], and whatever `done` returns.
+    pub fn generate_each(
+        &mut self,
+        prompts: &[Prompt],
+        cfg: &GenConfig,
+        hooks: &mut HookSet,
+        stop: &mut dyn FnMut(usize, &[Token]) -> bool,
+        done: &mut dyn FnMut(usize, Generation) -> Result<()>,
+    ) -> Result<()> {
+        self.check_fits(prompts, cfg.max_new_tokens)?;
+        hooks.prepare(prompts.len());
+        let mut job = self.plan(prompts, cfg, hooks);
+        self.ctx.clear_kv();
+        let mut pending: VecDeque<usize> = (0..prompts.len()).collect();
+        let mut live: Vec<Live> = Vec::with_capacity(self.slots);
+        loop {
+            self.retire(&mut live, done)?;
+            if live.len() < self.slots && !pending.is_empty() {
+                let first = live.len();
+                while live.len() < self.slots {
+                    let Some(p) = pending.pop_front() else { break };
+                    live.push(Live {
+                        prompt: p,
+                        tokens: vec![],
+                        done: None,
+                        first_logits: None,
+                        digest: FNV_START,
+                    });
+                }
+                self.prefill(&mut live, first, &mut job, hooks, stop)?;
+                // Prompts that are done at their first token (score mode, an immediate
+                // end of generation) free their slot before any generation step.
+                if live[first..].iter().any(|s| s.done.is_some()) {
+                    continue;
+                }
+            }
+            if live.is_empty() {
+                break;
+            }
+            self.step(&mut live, &job, hooks, stop)?;
+        }
+        if !hooks.is_empty() {
+            hooks.check_touched()?;
+        }
+        Ok(())
+    }
+
+    /// Finds the shared prefixes of a job.
+    fn plan<'a>(&self, prompts: &'a [Prompt], cfg: &'a GenConfig, hooks: &mut HookSet) -> Job<'a> {
+        let tokens: Vec<&[Token]> = prompts.iter().map(|p| p.tokens.as_slice()).collect();
+        let signature: Vec<u64> = (0..prompts.len()).map(|i| hooks.signature(i)).collect();
+        // Each prompt keeps its post-instruction span and at least two tokens to itself.
+        let limit: Vec<usize> = prompts
+            .iter()
+            .map(|p| {
+                p.post_instruction
+                    .start
+                    .min(p.tokens.len().saturating_sub(2))
+            })
+            .collect();
+        let clusters = if self.share_prefixes {
+            schedule::plan_prefixes(&tokens, &signature, &limit)
+        } else {
+            Vec::new()
+        };
+        let mut cluster_of = vec![None; prompts.len()];
+        for (c, cl) in clusters.iter().enumerate() {
+            for m in cl.members.clone() {
+                cluster_of[m] = Some(c);
+            }
+        }
+        Job {
+            prompts,
+            cfg,
+            cluster_of,
+            cached: vec![Cached::NotYet; clusters.len()],
+            clusters,
+        }
+    }
+
+    /// Hands finished sequences to `done` and closes their holes: the last live sequence's
+    /// stream moves into each hole, so live slots stay `0..n`.
+    fn retire(
+        &mut self,
+        live: &mut Vec<Live>,
+        done: &mut dyn FnMut(usize, Generation) -> Result<()>,
+    ) -> Result<()> {
+        let finished: Vec<usize> = (0..live.len())
+            .rev()
+            .filter(|&i| live[i].done.is_some())
+            .collect();
+        for h in finished {
+            let last = live.len() - 1;
+            self.ctx.seq_rm(h as i32);
+            if h != last {
+                self.ctx.seq_cp(last as i32, h as i32);
+                self.ctx.seq_rm(last as i32);
+                self.stats.stream_copies += 1;
+            }
+            let s = live.swap_remove(h);
+            let g = Generation {
+                text: self.model.detokenize(&s.tokens),
+                tokens: s.tokens,
+                stop: s.done.expect("finished"),
+                first_logits: s.first_logits,
+                digest: s.digest,
+            };
+            done(s.prompt, g)?;
+        }
+        Ok(())
+    }
+
+    /// Prefills the prompts that just entered slots `first..`: shared prefixes not yet in a
+    /// cache stream are decoded there, copied into the new slots, then every prompt's own
+    /// tokens are decoded in as few calls as the rules in [`schedule`] allow.
+    fn prefill(
+        &mut self,
+        live: &mut [Live],
+        first: usize,
+        job: &mut Job<'_>,
+        hooks: &mut HookSet,
+        stop: &mut dyn FnMut(usize, &[Token]) -> bool,
+    ) -> Result<()> {
+        let t0 = Instant::now();
+        // 1. Cache streams for clusters whose first member is here.
+        let cache_base = self.slots as i32;
+        let mut to_decode: Vec<(i32, usize)> = Vec::new(); // (stream, cluster)
+        for s in &live[first..] {
+            let Some(c) = job.cluster_of[s.prompt] else {
+                continue;
+            };
+            if job.cached[c] != Cached::NotYet {
+                continue;
+            }
+            let busy = |st: i32| job.cached.iter().any(|x| *x == Cached::In(st));
+            match (cache_base..cache_base + CACHE_STREAMS as i32).find(|&st| !busy(st)) {
+                Some(st) => {
+                    job.cached[c] = Cached::In(st);
+                    to_decode.push((st, c));
+                }
+                None => job.cached[c] = Cached::Unshared,
+            }
+        }
+        to_decode.sort_unstable();
+        if !to_decode.is_empty() {
+            let items: Vec<PrefillItem> = to_decode
+                .iter()
+                .map(|&(st, c)| {
+                    let cl = &job.clusters[c];
+                    PrefillItem {
+                        stream: st,
+                        prompt: cl.members.start,
+                        from: 0,
+                        to: cl.len,
+                        shared: cl.members.clone().skip(1).collect(),
+                    }
+                })
+                .collect();
+            self.decode_prefill(items, job, hooks, &mut |_, _| Ok(()))?;
+        }
+        // 2. Copies, then each new prompt's own tokens.
+        let mut items = Vec::new();
+        for (slot, s) in live.iter().enumerate().skip(first) {
+            let n = job.prompts[s.prompt].tokens.len();
+            let mut from = 0;
+            if let Some(c) = job.cluster_of[s.prompt] {
+                if let Cached::In(st) = job.cached[c] {
+                    self.ctx.seq_cp(st, slot as i32);
+                    self.stats.stream_copies += 1;
+                    from = job.clusters[c].len;
+                    if s.prompt != job.clusters[c].members.start {
+                        self.stats.shared_tokens += from as u64;
+                    }
+                }
+            }
+            items.push(PrefillItem {
+                stream: slot as i32,
+                prompt: s.prompt,
+                from,
+                to: n,
+                shared: vec![],
+            });
+        }
+        let mut firsts: Vec<(usize, Vec<f32>)> = Vec::new();
+        self.decode_prefill(items, job, hooks, &mut |stream, logits| {
+            firsts.push((stream as usize, logits.to_vec()));
+            Ok(())
+        })?;
+        // 3. Cache streams whose last member has copied are free again (the copies ran at
+        //    the start of the decode above).
+        for s in &live[first..] {
+            if let Some(c) = job.cluster_of[s.prompt] {
+                if let Cached::In(st) = job.cached[c] {
+                    if s.prompt + 1 == job.clusters[c].members.end {
+                        self.ctx.seq_rm(st);
+                        job.cached[c] = Cached::Released;
+                    }
+                }
+            }
+        }
+        self.stats.prompt_time += t0.elapsed();
+        for (slot, logits) in firsts {
+            self.accept(&mut live[slot], &logits, job.cfg, hooks, stop)?;
+        }
+        Ok(())
+    }
+
+    /// Decodes prompt tokens `from..to` of each item into its stream, packed into calls by
+    /// [`schedule::next_prefill`]; `last(stream, logits)` gets each item's last-token logits
+    /// when `to` is the prompt's end.
+    fn decode_prefill(
+        &mut self,
+        items: Vec<PrefillItem>,
+        job: &Job<'_>,
+        hooks: &mut HookSet,
+        last: &mut dyn FnMut(i32, &[f32]) -> Result<()>,
+    ) -> Result<()> {
+        let mut next: Vec<usize> = items.iter().map(|it| it.from).collect();
+        let cap = self.batch.capacity();
+        loop {
+            let pending: Vec<(usize, usize)> = items
+                .iter()
+                .zip(&next)
+                .filter(|(it, &n)| n < it.to)
+                .map(|(it, &n)| (it.stream as usize, it.to - n))
+                .collect();
+            if pending.is_empty() {
+                return Ok(());
+            }
+            let (k, take) = schedule::next_prefill(&pending, cap);
+            self.batch.clear();
+            let mut rows = Vec::new();
+            let mut shared_sets = Vec::new();
+            let mut outputs = Vec::new();
+            for &(stream, _) in &pending[..k] {
+                let i = items
+                    .iter()
+                    .position(|it| it.stream as usize == stream)
+                    .expect("pending comes from items");
+                let it = &items[i];
+                let p = &job.prompts[it.prompt];
+                let len = p.tokens.len();
+                let shared = if it.shared.is_empty() {
+                    RowInfo::OWN
+                } else {
+                    shared_sets.push(it.shared.clone());
+                    (shared_sets.len() - 1) as u32
+                };
+                for idx in next[i]..next[i] + take {
+                    let kind = RowKind::Prompt {
+                        idx: idx as u32,
+                        len: len as u32,
+                        post_start: p.post_instruction.start as u32,
+                    };
+                    let is_last = idx + 1 == len;
+                    let output = is_last
+                        || hooks.needs_row_at_last_layer(it.prompt, kind)
+                        || it
+                            .shared
+                            .iter()
+                            .any(|&m| hooks.needs_row_at_last_layer(m, kind));
+                    if is_last {
+                        outputs.push((it.stream, self.batch.len()));
+                    }
+                    self.batch
+                        .push(p.tokens[idx], idx as i32, it.stream, output);
+                    rows.push(RowInfo {
+                        seq: it.prompt,
+                        kind,
+                        output,
+                        shared,
+                    });
+                }
+                next[i] += take;
+            }
+            self.flush(&mut rows, shared_sets, hooks)?;
+            self.stats.prompt_tokens += (k * take) as u64;
+            self.stats.prompt_calls += 1;
+            for (stream, b) in outputs {
+                last(stream, self.ctx.logits(b))?;
+            }
+        }
+    }
+
+    /// One generation step: the last accepted token of every live sequence, in slot order.
+    fn step(
+        &mut self,
+        live: &mut [Live],
+        job: &Job<'_>,
+        hooks: &mut HookSet,
+        stop: &mut dyn FnMut(usize, &[Token]) -> bool,
+    ) -> Result<()> {
+        let t1 = Instant::now();
+        self.batch.clear();
+        let mut rows = Vec::with_capacity(live.len());
+        for (slot, s) in live.iter().enumerate() {
+            let k = s.tokens.len() - 1;
+            let pos = job.prompts[s.prompt].tokens.len() + k;
+            self.batch.push(s.tokens[k], pos as i32, slot as i32, true);
+            rows.push(RowInfo::own(
+                s.prompt,
+                RowKind::Generated { idx: k as u32 },
+                true,
+            ));
+        }
+        self.flush(&mut rows, Vec::new(), hooks)?;
+        self.stats.gen_steps += 1;
+        for (i, s) in live.iter_mut().enumerate() {
+            let logits = self.ctx.logits(i).to_vec();
+            self.accept(s, &logits, job.cfg, hooks, stop)?;
+            self.stats.gen_tokens += 1;
+        }
+        self.stats.gen_time += t1.elapsed();
+        Ok(())
+    }
+
+    /// Takes the greedy token from a sequence's logits. Non-finite logits (an overflowing
+    /// edit, a broken model file) end the run with the sequence's name rather than letting
+    /// argmax pick a token from NaNs.
+    fn accept(
+        &mut self,
+        s: &mut Live,
+        logits: &[f32],
+        cfg: &GenConfig,
+        hooks: &HookSet,
+        stop: &mut dyn FnMut(usize, &[Token]) -> bool,
+    ) -> Result<()> {
+        if let Some(bad) = logits.iter().position(|x| !x.is_finite()) {
+            let whose = match hooks.seq_label(s.prompt) {
+                Some(n) => n.to_string(),
+                None => format!("prompt {}", s.prompt),
+            };
+            return Err(Error::Invalid(format!(
+                "non-finite logit {} (token id {bad}) at generated token {} of {whose}",
+                logits[bad],
+                s.tokens.len(),
+            )));
+        }
+        if cfg.digest {
+            s.digest = fnv(s.digest, logits);
+        }
+        if cfg.keep_first_logits && s.first_logits.is_none() {
+            s.first_logits = Some(logits.to_vec());
+        }
+        if cfg.max_new_tokens == 0 {
+            s.done = Some(StopReason::MaxTokens);
+            return Ok(());
+        }
+        let t = argmax(logits);
+        if self.model.is_eog(t) && !cfg.ignore_eog {
+            s.done = Some(StopReason::Eog);
+            return Ok(());
+        }
+        s.tokens.push(t);
+        if s.tokens.len() >= cfg.max_new_tokens {
+            s.done = Some(StopReason::MaxTokens);
+        } else if stop(s.prompt, &s.tokens) {
+            s.done = Some(StopReason::Predicate);
+        }
+        Ok(())
+    }
+
+    /// Logits at the first response position for every prompt (no generation).
+    ///
+    /// # Errors
+    /// As [`Session::generate`].
+    pub fn first_logits(
+        &mut self,
+        prompts: &[Prompt],
+        hooks: &mut HookSet,
+    ) -> Result<Vec<Vec<f32>>> {
+        let cfg = GenConfig {
+            max_new_tokens: 0,
+            keep_first_logits: true,
+            ..GenConfig::default()
+        };
+        let g = self.generate(prompts, &cfg, hooks, &mut |_, _| false, &mut |_| {})?;
+        Ok(g.into_iter()
+            .map(|g| g.first_logits.expect("keep_first_logits was set"))
+            .collect())
+    }
+
+    /// Sets llama.cpp's native control vector (`layer → vector`, layers ≥ 1), uniform over
+    /// the batch, or clears it with `None`. The first layer is probed once: a model whose
+    /// graph ignores control vectors fails here instead of silently running unsteered.
+    ///
+    /// # Errors
+    /// Layer 0 or out of range, wrong vector size, or a probe that shows no effect.
+    pub fn set_control_vector(&mut self, cv: Option<&BTreeMap<usize, Vec<f32>>>) -> Result<()> {
+        let Some(cv) = cv.filter(|c| !c.is_empty()) else {
+            self.ctx.set_cvec(None, -1, -1)?;
+            return Ok(());
+        };
+        let (n_layer, n_embd) = (self.model.info.n_layer, self.model.info.n_embd);
+        let mut data = vec![0f32; n_embd * (n_layer - 1)];
+        for (&l, v) in cv {
+            if l == 0 || l >= n_layer {
+                return Err(Error::Invalid(format!(
+                    "native control vector at layer {l}: llama.cpp has slots for layers 1-{} only (use a hook add for layer 0)",
+                    n_layer - 1
+                )));
+            }
+            if v.len() != n_embd {
+                return Err(Error::Invalid(format!(
+                    "control vector at layer {l} has {} dims, n_embd is {n_embd}",
+                    v.len()
+                )));
+            }
+            data[(l - 1) * n_embd..l * n_embd].copy_from_slice(v);
+        }
+        let (&first, v) = cv.iter().next().expect("non-empty");
+        let (&last, _) = cv.iter().next_back().expect("non-empty");
+        self.ctx.set_cvec(None, -1, -1)?;
+        let before = self.probe(first)?;
+        self.ctx.set_cvec(Some(&data), first as i32, last as i32)?;
+        let after = self.probe(first)?;
+        let err = before
+            .iter()
+            .zip(&after)
+            .zip(v)
+            .map(|((b, a), x)| (a - b - x).abs())
+            .fold(0f32, f32::max);
+        let scale = v.iter().fold(1f32, |m, x| m.max(x.abs()));
+        if err > CVEC_PROBE_TOL * scale {
+            self.ctx.set_cvec(None, -1, -1)?;
+            return Err(Error::Arch {
+                arch: self.model.info.arch.clone(),
+                msg: format!("the native control vector did not reach l_out-{first} (max error {err}); this graph ignores control vectors"),
+            });
+        }
+        Ok(())
+    }
+
+    /// `l_out-<layer>` of a one-token prompt (the BOS token).
+    fn probe(&mut self, layer: usize) -> Result<Vec<f32>> {
+        let (n_layer, n_embd) = (self.model.info.n_layer, self.model.info.n_embd);
+        let p = Prompt {
+            text: String::new(),
+            tokens: vec![self.model.bos()],
+            instruction: 0..0,
+            post_instruction: 1..1,
+        };
+        let mut hooks = HookSet::new(n_layer, n_embd);
+        hooks.add_capture(Capture::new(
+            &[layer],
+            Position::LastPrompt,
+            vec![Some(0)],
+            1,
+            n_layer,
+            n_embd,
+        ))?;
+        let saved = std::mem::take(&mut self.stats);
+        let r = self.first_logits(std::slice::from_ref(&p), &mut hooks);
+        self.stats = saved;
+        r?;
+        self.ctx.clear_kv();
+        Ok(hooks.captures[0]
+            .sum(0, 0, layer)
+            .iter()
+            .map(|&x| x as f32)
+            .collect())
+    }
+}
+
+/// Prompt tokens `from..to` of `prompt` to decode into `stream`; `shared` lists the other
+/// prompts that own these rows (a cluster's prefix).
+struct PrefillItem {
+    stream: i32,
+    prompt: usize,
+    from: usize,
+    to: usize,
+    shared: Vec<usize>,
+}
