@@ -8,6 +8,15 @@ QWEN05 := $(MODELS)/Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf
 QWEN15 := $(MODELS)/Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf
 SMOL := $(MODELS)/SmolLM2-135M-Instruct.Q4_1.gguf
 THREADS ?= 2
+# The instruction set to build for: native (this CPU's own, AMX left out, checked by running
+# a probe), or a fixed level: v4, v3 (= portable: AVX2, runs on any x86-64-v3 CPU), v2.
+# An explicit RUSTFLAGS in the environment wins. Plain `cargo build` uses .cargo/config.toml's
+# portable x86-64-v3.
+ISA ?= native
+ifeq ($(origin RUSTFLAGS),undefined)
+RUSTFLAGS := $(shell ISA=$(ISA) scripts/cpu-flags.sh)
+endif
+export RUSTFLAGS
 
 .PHONY: setup build models models-science demo test lint bench bench-ref science-directions science-reproduce science-score science-compare clean fuzz
 

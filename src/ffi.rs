@@ -139,14 +139,16 @@ pub fn set_row_invariant(on: bool) -> Result<(), String> {
         .map_err(|_| "kernel mode lock poisoned".to_string())?;
     match *m {
         Some(v) if v == on => return Ok(()),
-        Some(v) => return Err(format!(
+        Some(v) => {
+            return Err(format!(
             "this process already runs {} kernels; the kernel mode cannot change within a process",
             if v {
                 "row-invariant"
             } else {
                 "llama.cpp's default"
             }
-        )),
+        ))
+        }
         None => {}
     }
     if on {

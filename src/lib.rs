@@ -28,6 +28,7 @@
 pub mod bench;
 pub mod chat;
 pub mod compare;
+pub mod cpu;
 pub mod demo;
 pub mod directions;
 pub mod engine;

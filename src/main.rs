@@ -20,7 +20,21 @@ use persona_gate::model::Model;
 use persona_gate::prompts::load as sets;
 use persona_gate::{bench, demo, experiment, ffi, hooks, label, plot, prompts, util};
 
+/// Checks the CPU before any other code of the binary runs, including llama.cpp's C++ static
+/// constructors (prioritised `.init_array` entries run before unprioritised ones).
+#[cfg(target_os = "linux")]
+#[used]
+#[link_section = ".init_array.00101"]
+static CPU_CHECK: extern "C" fn() = {
+    extern "C" fn check() {
+        persona_gate::cpu::check_or_exit();
+    }
+    check
+};
+
 fn main() -> ExitCode {
+    #[cfg(not(target_os = "linux"))]
+    persona_gate::cpu::check_or_exit();
     // Flag errors are one line too (clap's own usage text is multi-line); help and version
     // print as usual.
     let cli = match Cli::try_parse() {

@@ -46,12 +46,17 @@ impl Footprint {
         }
     }
 
+    /// KV-cache bytes for `parallel` sequences plus the engine's prefix streams.
+    pub fn kv(&self, ctx: u32, parallel: u32) -> u64 {
+        let streams = parallel as u64 + crate::engine::CACHE_STREAMS as u64;
+        self.kv_per_cell * (ctx as u64).div_ceil(256) * 256 * streams
+    }
+
     /// Bytes for a context of `parallel` sequences of `ctx` cells, `batch` tokens per decode.
     /// The engine adds its shared-prefix cache streams, and llama.cpp rounds each stream up
     /// to a multiple of 256 cells.
     pub fn need(&self, ctx: u32, batch: u32, parallel: u32) -> u64 {
-        let streams = parallel as u64 + crate::engine::CACHE_STREAMS as u64;
-        let kv = self.kv_per_cell * (ctx as u64).div_ceil(256) * 256 * streams;
+        let kv = self.kv(ctx, parallel);
         let compute = batch as u64 * 4 * (self.n_vocab + 8 * self.n_embd) + 16 * MIB;
         let output = parallel as u64 * self.n_vocab * 4;
         self.weights + kv + compute + output + OVERHEAD
@@ -174,17 +179,19 @@ pub fn fit(
         Some(p) => Ok((
             p,
             Some(format!(
-                "--parallel {parallel} needs about {} (KV cache {} for {parallel} x {ctx} cells) but {} allows {}; running {p} sequences at a time (results are the same, only slower)",
+                "--parallel {parallel} needs about {} (KV cache {} for {parallel} + {} x {ctx} cells) but {} allows {}; running {p} sequences at a time (results are the same, only slower)",
                 gib(need),
-                gib(fp.kv_per_cell * ctx as u64 * parallel as u64),
+                gib(fp.kv(ctx, parallel)),
+                crate::engine::CACHE_STREAMS,
                 budget.source,
                 gib(budget.bytes)
             )),
         )),
         None => Err(Error::Invalid(format!(
-            "not enough memory: the model ({}) plus a KV cache for one sequence of --ctx {ctx} ({}) and llama.cpp's buffers need about {}, but {} allows {}; lower --ctx or --batch, or use a smaller quantization",
+            "not enough memory: the model ({}) plus a KV cache for one sequence of --ctx {ctx} and {} prefix streams ({}) and llama.cpp's buffers need about {}, but {} allows {}; lower --ctx or --batch, or use a smaller quantization",
             gib(fp.weights),
-            gib(fp.kv_per_cell * ctx as u64),
+            crate::engine::CACHE_STREAMS,
+            gib(fp.kv(ctx, 1)),
             gib(fp.need(ctx, batch, 1)),
             budget.source,
             gib(budget.bytes)

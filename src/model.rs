@@ -149,6 +149,11 @@ impl Model {
             .arch()
             .ok_or_else(|| Error::file(path, "GGUF has no general.architecture key"))?
             .to_string();
+        if let Some(msg) = crate::cpu::refusal() {
+            return Err(Error::Invalid(
+                msg.trim_start_matches("persona-gate: ").to_string(),
+            ));
+        }
         ffi::set_row_invariant(options.kernels == Kernels::Invariant)
             .map_err(|e| Error::Invalid(e.to_string()))?;
         let raw = ffi::Model::load(

@@ -1146,7 +1146,8 @@ fn parallel_adapts_to_the_memory_budget() {
         )
     };
     let (free, free_err) = run(&[]);
-    let (tight, tight_err) = run(&["--max-memory", "330M"]);
+    // 2 + 2 streams (two sequences and the prefix cache) of 22 MiB fit, a third does not.
+    let (tight, tight_err) = run(&["--max-memory", "374M"]);
     assert!(!free_err.contains("running"), "{free_err}");
     assert!(
         tight_err.contains("--parallel 16 needs about"),
@@ -1157,4 +1158,26 @@ fn parallel_adapts_to_the_memory_budget() {
         "{tight_err}"
     );
     assert_eq!(free, tight);
+}
+
+/// A binary started on a CPU that lacks what it was built for says so in one line and exits 1
+/// before llama.cpp runs (issue 12); simulated by hiding one compiled-in feature.
+#[test]
+fn a_cpu_without_the_build_s_instruction_set_is_refused_in_one_line() {
+    let compiled = persona_gate::cpu::compiled();
+    let Some(feature) = compiled.last() else {
+        eprintln!("SKIPPED: this build enables no target features to hide");
+        return;
+    };
+    let out = bin()
+        .args(["info", "-m", &smol()])
+        .env("PERSONA_GATE_TEST_CPU_LACKS", feature)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains(&format!("this CPU lacks {feature}")), "{err}");
+    assert!(err.contains(&persona_gate::cpu::built_for()), "{err}");
+    assert!(out.stdout.is_empty());
 }

@@ -25,7 +25,7 @@ use super::spec::{
 use crate::chat::{ChatTemplate, Prompt, SystemPrompt};
 use crate::directions::select::{refusal_score, refusal_tokens, score_conditions, select_refusal};
 use crate::directions::{self, Direction, DirectionFile, PersonaPositions, RefusalPositions};
-use crate::engine::{GenConfig, StopReason};
+use crate::engine::{GenConfig, Generation, StopReason};
 use crate::error::{Error, Result};
 use crate::ffi::Token;
 use crate::hooks::{Capture, Edit, HookSet, Position, Scope};
@@ -850,21 +850,19 @@ impl Ready<'_> {
         })
     }
 
-    /// Runs group `g` and returns its CSV rows (no header).
+    /// The engine job for `pairs` = (condition, prompt) in plan order: one prompt per pair,
+    /// and one hook set holding every condition's edits, each scoped to its own pairs.
     ///
     /// # Errors
-    /// Engine errors; non-finite logits, naming the condition.
-    pub fn run_group(
+    /// A direction or intervention that cannot become an edit.
+    pub fn job(
         &self,
-        session: &mut crate::engine::Session<'_>,
-        g: usize,
-        toks: &[Token],
-    ) -> Result<Vec<u8>> {
+        pairs: &[(usize, usize)],
+        label: &dyn Fn(usize) -> String,
+    ) -> Result<(Vec<Prompt>, HookSet)> {
         let plan = &self.plan;
-        let pairs = plan.group_pairs(g);
-        let nl = self.model.info.n_layer;
         let mut batch = Vec::with_capacity(pairs.len());
-        let mut hooks = HookSet::new(nl, self.model.info.n_embd);
+        let mut hooks = HookSet::new(self.model.info.n_layer, self.model.info.n_embd);
         let mut by_cond: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
         for (i, &(c, p)) in pairs.iter().enumerate() {
             batch.push(self.prompts[&plan.conditions[c].prompts][p].clone());
@@ -887,106 +885,166 @@ impl Ready<'_> {
                 }
             }
         }
-        hooks.name_sequences(
-            pairs
-                .iter()
-                .map(|&(c, p)| {
-                    format!("condition {}, prompt {p}, group {g}", plan.conditions[c].id)
-                })
-                .collect(),
-        );
-        let labeler = labeler(&plan.spec);
-        let gen = &plan.spec.generation;
-        let cfg = GenConfig {
+        hooks.name_sequences((0..pairs.len()).map(label).collect());
+        Ok((batch, hooks))
+    }
+
+    /// The generation settings of this plan's grid.
+    pub fn gen_config(&self) -> GenConfig {
+        let plan = &self.plan;
+        GenConfig {
             max_new_tokens: match plan.spec.metric {
-                Metric::Generate => gen.max_new_tokens,
+                Metric::Generate => plan.spec.generation.max_new_tokens,
                 Metric::Score => 0,
             },
             keep_first_logits: true,
-            ignore_eog: false,
-            digest: false,
+            ..GenConfig::default()
+        }
+    }
+
+    /// One pair's CSV record.
+    fn record(
+        &self,
+        c: usize,
+        p: usize,
+        o: &Generation,
+        labeler: &Labeler,
+        toks: &[Token],
+    ) -> Vec<String> {
+        let plan = &self.plan;
+        let cond = &plan.conditions[c];
+        // The engine has checked every logit for finiteness, naming the condition.
+        let logits = o
+            .first_logits
+            .as_deref()
+            .expect("keep_first_logits was set");
+        let score = refusal_score(logits, toks);
+        let ins = &self.instructions[&cond.prompts][p];
+        let (label, reason, ntok, stop) = match plan.spec.metric {
+            Metric::Score => (String::new(), String::new(), 0, String::new()),
+            Metric::Generate => (
+                labeler.label(&o.text).to_string(),
+                degenerate_reason(&o.text).unwrap_or("").to_string(),
+                o.tokens.len(),
+                match o.stop {
+                    StopReason::Eog => "eog",
+                    StopReason::MaxTokens => "max_tokens",
+                    StopReason::Predicate => "settled",
+                }
+                .to_string(),
+            ),
         };
+        let mut rec = vec![
+            plan.run_id.clone(),
+            plan.model.file.clone(),
+            plan.model.sha256.clone(),
+            plan.model.quant.clone(),
+            cond.experiment.clone(),
+            cond.id.clone(),
+            cond.vars_text(),
+        ];
+        for k in 0..plan.max_interventions() {
+            match cond.interventions.get(k) {
+                Some(iv) => rec.extend([
+                    iv.direction.clone(),
+                    iv.op.to_string(),
+                    iv.layers_text(),
+                    super::spec::fmt_num(iv.coefficient),
+                    match iv.scale {
+                        Scale::Raw => "raw".into(),
+                        Scale::Resid => "resid".into(),
+                    },
+                    iv.source.to_string(),
+                    plan.direction_seeds
+                        .get(&iv.direction)
+                        .map_or(String::new(), u64::to_string),
+                ]),
+                None => rec.extend(std::iter::repeat_n(String::new(), 7)),
+            }
+        }
+        rec.extend([
+            cond.prompts.clone(),
+            p.to_string(),
+            ins.id.clone(),
+            ins.category.clone().unwrap_or_default(),
+            ins.source.clone().unwrap_or_default(),
+            plan.spec.metric.to_string(),
+            label,
+            reason,
+            format!("{score:.4}"),
+            ntok.to_string(),
+            stop,
+            match plan.spec.metric {
+                Metric::Score => String::new(),
+                Metric::Generate => o.text.clone(),
+            },
+        ]);
+        rec
+    }
+
+    /// Runs `groups` as one continuously batched job and hands each group's CSV rows (no
+    /// header, plan order) to `written(group, bytes)` as soon as its last pair is done.
+    /// Batch invariance makes every row the same as when its group runs alone.
+    ///
+    /// # Errors
+    /// Engine errors; non-finite logits, naming the condition; whatever `written` returns.
+    pub fn run_groups_streaming(
+        &self,
+        session: &mut crate::engine::Session<'_>,
+        groups: &[usize],
+        toks: &[Token],
+        written: &mut dyn FnMut(usize, Vec<u8>) -> Result<()>,
+    ) -> Result<()> {
+        let plan = &self.plan;
+        let mut pairs = Vec::new();
+        let mut slot_of = Vec::new(); // (group index in `groups`, position in the group)
+        for (gi, &g) in groups.iter().enumerate() {
+            for (k, pair) in plan.group_pairs(g).into_iter().enumerate() {
+                pairs.push(pair);
+                slot_of.push((gi, k));
+            }
+        }
+        let label = |i: usize| {
+            let (c, p) = pairs[i];
+            format!(
+                "condition {}, prompt {p}, group {}",
+                plan.conditions[c].id, groups[slot_of[i].0]
+            )
+        };
+        let (batch, mut hooks) = self.job(&pairs, &label)?;
+        let labeler = labeler(&plan.spec);
+        let gen = &plan.spec.generation;
+        let cfg = self.gen_config();
         let model = self.model;
         let mut stop = |_: usize, t: &[Token]| {
             gen.early_stop && t.len() >= gen.min_tokens && labeler.settled(&model.detokenize(t))
         };
-        let out = session.generate(&batch, &cfg, &mut hooks, &mut stop, &mut |_| {})?;
-        let mut w = csv::WriterBuilder::new()
-            .has_headers(false)
-            .from_writer(Vec::new());
-        for (&(c, p), o) in pairs.iter().zip(&out) {
-            let cond = &plan.conditions[c];
-            // The engine has checked every logit for finiteness, naming the condition.
-            let logits = o
-                .first_logits
-                .as_deref()
-                .expect("keep_first_logits was set");
-            let score = refusal_score(logits, toks);
-            let ins = &self.instructions[&cond.prompts][p];
-            let (label, reason, ntok, stop) = match plan.spec.metric {
-                Metric::Score => (String::new(), String::new(), 0, String::new()),
-                Metric::Generate => (
-                    labeler.label(&o.text).to_string(),
-                    degenerate_reason(&o.text).unwrap_or("").to_string(),
-                    o.tokens.len(),
-                    match o.stop {
-                        StopReason::Eog => "eog",
-                        StopReason::MaxTokens => "max_tokens",
-                        StopReason::Predicate => "settled",
-                    }
-                    .to_string(),
-                ),
-            };
-            let mut rec = vec![
-                plan.run_id.clone(),
-                plan.model.file.clone(),
-                plan.model.sha256.clone(),
-                plan.model.quant.clone(),
-                cond.experiment.clone(),
-                cond.id.clone(),
-                cond.vars_text(),
-            ];
-            for k in 0..plan.max_interventions() {
-                match cond.interventions.get(k) {
-                    Some(iv) => rec.extend([
-                        iv.direction.clone(),
-                        iv.op.to_string(),
-                        iv.layers_text(),
-                        super::spec::fmt_num(iv.coefficient),
-                        match iv.scale {
-                            Scale::Raw => "raw".into(),
-                            Scale::Resid => "resid".into(),
-                        },
-                        iv.source.to_string(),
-                        plan.direction_seeds
-                            .get(&iv.direction)
-                            .map_or(String::new(), u64::to_string),
-                    ]),
-                    None => rec.extend(std::iter::repeat_n(String::new(), 7)),
+        let mut rows: Vec<Vec<Option<Vec<String>>>> = groups
+            .iter()
+            .map(|&g| vec![None; plan.group_pairs(g).len()])
+            .collect();
+        let mut left: Vec<usize> = rows.iter().map(Vec::len).collect();
+        let labeler2 = labeler.clone();
+        session.generate_each(&batch, &cfg, &mut hooks, &mut stop, &mut |i, o| {
+            let (c, p) = pairs[i];
+            let (gi, k) = slot_of[i];
+            rows[gi][k] = Some(self.record(c, p, &o, &labeler2, toks));
+            left[gi] -= 1;
+            if left[gi] == 0 {
+                let mut w = csv::WriterBuilder::new()
+                    .has_headers(false)
+                    .from_writer(Vec::new());
+                for r in rows[gi].drain(..) {
+                    w.write_record(&r.expect("every pair of the group is done"))
+                        .map_err(|e| Error::Invalid(format!("csv: {e}")))?;
                 }
+                let bytes = w
+                    .into_inner()
+                    .map_err(|e| Error::Invalid(format!("csv: {e}")))?;
+                written(groups[gi], bytes)?;
             }
-            rec.extend([
-                cond.prompts.clone(),
-                p.to_string(),
-                ins.id.clone(),
-                ins.category.clone().unwrap_or_default(),
-                ins.source.clone().unwrap_or_default(),
-                plan.spec.metric.to_string(),
-                label,
-                reason,
-                format!("{score:.4}"),
-                ntok.to_string(),
-                stop,
-                match plan.spec.metric {
-                    Metric::Score => String::new(),
-                    Metric::Generate => o.text.clone(),
-                },
-            ]);
-            w.write_record(&rec)
-                .map_err(|e| Error::Invalid(format!("csv: {e}")))?;
-        }
-        w.into_inner()
-            .map_err(|e| Error::Invalid(format!("csv: {e}")))
+            Ok(())
+        })
     }
 }
 
@@ -1055,7 +1113,8 @@ pub fn done_groups(dir: &Path, n_groups: usize) -> Vec<bool> {
     (0..n_groups).map(|g| group_file(dir, g).exists()).collect()
 }
 
-/// Runs this shard's groups that are not done yet. Returns how many ran now.
+/// Runs this shard's groups that are not done yet, all in one continuously batched job,
+/// writing each group's file as soon as it completes. Returns how many ran now.
 ///
 /// # Errors
 /// Engine or I/O errors; a group's rows are written only once it completes.
@@ -1077,16 +1136,16 @@ pub fn run_groups(
     let mut session = ready.model.session()?;
     let total_pairs: usize = todo.iter().map(|&g| plan.group_pairs(g).len()).sum();
     let mut pairs_done = 0;
-    for &g in &todo {
-        let pairs = plan.group_pairs(g);
-        let first = &plan.conditions[pairs[0].0].id;
-        progress("run", pairs_done, total_pairs, first);
-        let rows = ready.run_group(&mut session, g, &toks)?;
+    let first = plan.conditions[plan.group_pairs(todo[0])[0].0].id.clone();
+    progress("run", 0, total_pairs, &first);
+    ready.run_groups_streaming(&mut session, &todo, &toks, &mut |g, rows| {
         let path = group_file(dir, g);
         write_atomic(&path, &rows).map_err(|e| Error::io(&path, e))?;
-        pairs_done += pairs.len();
-        progress("run", pairs_done, total_pairs, first);
-    }
+        pairs_done += plan.group_pairs(g).len();
+        let cond = &plan.conditions[plan.group_pairs(g)[0].0].id;
+        progress("run", pairs_done, total_pairs, cond);
+        Ok(())
+    })?;
     Ok(todo.len())
 }
 
