@@ -44,14 +44,17 @@ lint:
 	$(CARGO) fmt --check
 	$(CARGO) clippy --release --all-targets -- -D warnings
 
+# persona-gate's throughput beside llama.cpp's own llama-batched-bench, same model, threads,
+# shape and instruction set (the reference tools are built once by scripts/build-llama-ref.sh).
 bench: build models
-	$(BIN) bench --model $(QWEN05) --threads $(THREADS)
+	@bin=$$(scripts/build-llama-ref.sh) && \
+	$(BIN) bench --model $(QWEN05) --threads $(THREADS) --llama-bin $$bin
 
-# llama.cpp's own llama-bench / llama-batched-bench on the same model, for the README table.
+# llama.cpp's own llama-bench and llama-batched-bench on the same model and build, raw.
 bench-ref: models
 	@bin=$$(scripts/build-llama-ref.sh) && \
-	$$bin/llama-bench -m $(QWEN05) -t $(THREADS) -p 512 -n 0 -r 3 && \
-	$$bin/llama-batched-bench -m $(QWEN05) -t $(THREADS) -c 4096 -b 512 -ub 512 -npp 128 -ntg 64 -npl 1,4,16 --kv-unified
+	$$bin/llama-bench -m $(QWEN05) -t $(THREADS) -p 512 -n 32 -r 3 -fa 0 && \
+	$$bin/llama-batched-bench -m $(QWEN05) -t $(THREADS) -c 4096 -b 512 -ub 512 -npp 50 -ntg 32 -npl 1,16,24 -fa off
 
 # Issue 3's science check on Qwen2.5-Coder-1.5B (outside CI: ~10 min on 2 cores): extract
 # the refusal direction from the refusal_direction train splits, select a layer on the

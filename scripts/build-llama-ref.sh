@@ -9,9 +9,14 @@
 # and LLAMA_STATE_SEQ_VERSION (4 vs 3) -- same public API (load_mtp, n_rs_seq,
 # llama_set_adapter_cvec, ...).
 #
+# Built for the same instruction set as persona-gate (scripts/cpu-flags.sh, ISA=native by
+# default): the same -march level and the same GGML_AVX* options llama-cpp-sys-2 derives from
+# the Rust target features, so the two are compared on equal kernels.
+#
 # Idempotent: download, unpack, configure and build are each skipped when already done.
 # Progress goes to stderr; stdout is only the bin directory.
 set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
 
 lcp_ver=0.3.36
 cache="${XDG_CACHE_HOME:-$HOME/.cache}/persona-gate"
@@ -19,7 +24,27 @@ dl="$cache/sdist"
 tarball="$dl/llama_cpp_python-$lcp_ver.tar.gz"
 srcroot="$cache/llama-cpp-python-$lcp_ver"
 src="$srcroot/vendor/llama.cpp"
-build="$cache/llama-ref-lcp$lcp_ver-native"
+rustflags="${RUSTFLAGS:-$(ISA="${ISA:-native}" "$here/cpu-flags.sh")}"
+march=$(printf '%s\n' "$rustflags" | sed -n 's/.*target-cpu=\([^ ]*\).*/\1/p')
+feats=$(printf '%s\n' "$rustflags" | sed -n 's/.*target-feature=\([^ ]*\).*/\1/p')
+isa_opts=(-DGGML_NATIVE=OFF)
+tag="${march:-default}"
+if [ -n "$march" ]; then
+  isa_opts+=("-DCMAKE_C_FLAGS=-march=$march" "-DCMAKE_CXX_FLAGS=-march=$march")
+fi
+# The options llama-cpp-sys-2's build.rs sets for the features the level implies or names.
+case "$march" in
+  x86-64-v3|x86-64-v4) isa_opts+=(-DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_SSE42=ON) ;;
+esac
+for f in ${feats//,/ }; do
+  case "$f" in
+    +avx512vnni) isa_opts+=(-DGGML_AVX512_VNNI=ON); tag="$tag-vnni" ;;
+    +avx512bf16) isa_opts+=(-DGGML_AVX512_BF16=ON); tag="$tag-bf16" ;;
+    +avx512vbmi) isa_opts+=(-DGGML_AVX512_VBMI=ON); tag="$tag-vbmi" ;;
+    +avxvnni) isa_opts+=(-DGGML_AVX_VNNI=ON); tag="$tag-avxvnni" ;;
+  esac
+done
+build="$cache/llama-ref-lcp$lcp_ver-$tag"
 bin="$build/bin"
 jobs="${JOBS:-2}"
 
@@ -47,7 +72,7 @@ if [ ! -f "$build/CMakeCache.txt" ]; then
   log "configuring $src -> $build"
   cmake -S "$src" -B "$build" \
     -DCMAKE_BUILD_TYPE=Release \
-    -DGGML_NATIVE=ON \
+    "${isa_opts[@]}" \
     -DLLAMA_CURL=OFF \
     -DLLAMA_BUILD_TESTS=OFF \
     -DLLAMA_BUILD_EXAMPLES=OFF \

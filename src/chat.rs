@@ -31,6 +31,33 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     bos: String,
     eos: String,
+    special: SpecialTokens,
+    /// Where the template came from, for errors: the GGUF's metadata or a file.
+    origin: String,
+}
+
+/// Instructions one render may execute (minijinja's fuel). Real chat templates take a few
+/// thousand per conversation; a template with nested loops over huge ranges (one downloaded
+/// with a model can hold anything) stops here instead of hanging.
+const TEMPLATE_FUEL: u64 = 2_000_000;
+/// Largest template source accepted, and largest rendered prompt: real ones are a few KiB.
+pub const MAX_TEMPLATE_BYTES: usize = 1 << 20;
+
+/// A writer that refuses to grow past [`MAX_TEMPLATE_BYTES`], so a template that renders
+/// hundreds of megabytes fails early, before the tokenizer ever sees it.
+struct Capped(Vec<u8>);
+
+impl std::io::Write for Capped {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        if self.0.len() + b.len() > MAX_TEMPLATE_BYTES {
+            return Err(std::io::Error::other("rendered prompt too large"));
+        }
+        self.0.extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// A rendered prompt: the text, and where the user's instruction sits in it (bytes).
@@ -38,6 +65,23 @@ pub struct ChatTemplate {
 pub struct Formatted {
     pub text: String,
     pub instruction: Range<usize>,
+    /// How special-token strings inside the instruction are read.
+    pub special: SpecialTokens,
+}
+
+/// Whether special-token strings (`<|im_end|>`, `<|eot_id|>`, ...) written inside a user's
+/// instruction become control tokens.
+///
+/// `Literal` (the default) reads them as plain text, so an instruction cannot close its own
+/// turn and forge an assistant turn: the template alone decides the conversation's
+/// structure, as a server must. `Parse` reads them as control tokens, as Hugging Face's
+/// `apply_chat_template` followed by tokenisation does, for research on such injections.
+/// Instructions without special-token strings tokenise the same either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SpecialTokens {
+    #[default]
+    Literal,
+    Parse,
 }
 
 /// A prompt ready for the engine: tokens plus the spans directions are read at.
@@ -57,9 +101,30 @@ const SENTINEL: &str = "\u{E000}persona-gate-instruction\u{E001}";
 
 impl ChatTemplate {
     /// # Errors
-    /// [`Error::Template`] when the template does not compile.
+    /// [`Error::Template`] when the template does not compile or is too large.
     pub fn new(src: String, bos: String, eos: String) -> Result<ChatTemplate> {
+        ChatTemplate::with_origin(src, bos, eos, "given".into())
+    }
+
+    /// As [`ChatTemplate::new`], naming where the template came from in every error.
+    ///
+    /// # Errors
+    /// As [`ChatTemplate::new`].
+    pub fn with_origin(
+        src: String,
+        bos: String,
+        eos: String,
+        origin: String,
+    ) -> Result<ChatTemplate> {
+        if src.len() > MAX_TEMPLATE_BYTES {
+            return Err(Error::Template(format!(
+                "{origin}: {} bytes, more than the {} KiB a chat template may have",
+                src.len(),
+                MAX_TEMPLATE_BYTES >> 10
+            )));
+        }
         let mut env = Environment::new();
+        env.set_fuel(Some(TEMPLATE_FUEL));
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function(
@@ -74,8 +139,19 @@ impl ChatTemplate {
             "26 Jul 2024".to_string()
         });
         env.add_template_owned("chat", src)
-            .map_err(|e| Error::Template(e.to_string()))?;
-        Ok(ChatTemplate { env, bos, eos })
+            .map_err(|e| Error::Template(format!("{origin}: {}", one_line_err(&e))))?;
+        Ok(ChatTemplate {
+            env,
+            bos,
+            eos,
+            special: SpecialTokens::default(),
+            origin,
+        })
+    }
+
+    /// How special-token strings in instructions are read (default: literally).
+    pub fn set_special_tokens(&mut self, s: SpecialTokens) {
+        self.special = s;
     }
 
     fn render_raw(&self, system: &SystemPrompt, user: &str) -> Result<String> {
@@ -86,17 +162,33 @@ impl ChatTemplate {
             SystemPrompt::Text(t) => messages.push(context! { role => "system", content => t }),
         }
         messages.push(context! { role => "user", content => user });
-        let tmpl = self
-            .env
-            .get_template("chat")
-            .map_err(|e| Error::Template(e.to_string()))?;
-        tmpl.render(context! {
-            messages => messages,
-            add_generation_prompt => true,
-            bos_token => &self.bos,
-            eos_token => &self.eos,
-        })
-        .map_err(|e| Error::Template(e.to_string()))
+        let err = |e: minijinja::Error| {
+            let why = match e.kind() {
+                ErrorKind::OutOfFuel => format!(
+                    "rendering took more than {TEMPLATE_FUEL} template instructions (a loop that does not end?)"
+                ),
+                ErrorKind::WriteFailure => format!(
+                    "renders more than {} KiB for one conversation",
+                    MAX_TEMPLATE_BYTES >> 10
+                ),
+                _ => one_line_err(&e),
+            };
+            Error::Template(format!("{}: {why}", self.origin))
+        };
+        let tmpl = self.env.get_template("chat").map_err(err)?;
+        let mut out = Capped(Vec::new());
+        tmpl.render_captured_to(
+            context! {
+                messages => messages,
+                add_generation_prompt => true,
+                bos_token => &self.bos,
+                eos_token => &self.eos,
+            },
+            &mut out,
+        )
+        .map_err(err)?;
+        String::from_utf8(out.0)
+            .map_err(|_| Error::Template(format!("{}: renders invalid UTF-8", self.origin)))
     }
 
     /// Renders one user turn (with the chosen system turn) and the generation prompt.
@@ -114,6 +206,7 @@ impl ChatTemplate {
                 return Ok(Formatted {
                     instruction: pre.len()..text.len() - post.len(),
                     text,
+                    special: self.special,
                 });
             }
         }
@@ -124,8 +217,37 @@ impl ChatTemplate {
         Ok(Formatted {
             instruction: start..start + needle.len(),
             text,
+            special: self.special,
         })
     }
+}
+
+impl Prompt {
+    /// Tokenises a prompt whose instruction holds special-token strings, reading them as
+    /// text: the template around it with special tokens parsed, the instruction without.
+    fn new_literal(model: &Model, f: Formatted) -> Result<Prompt> {
+        let (a, b) = (f.instruction.start, f.instruction.end);
+        let mut tokens = model.tokenize(&f.text[..a])?;
+        if model.add_bos() && tokens.first() != Some(&model.bos()) {
+            tokens.insert(0, model.bos());
+        }
+        let start = tokens.len();
+        tokens.extend(model.tokenize_literal(&f.text[a..b])?);
+        let post = tokens.len();
+        tokens.extend(model.tokenize(&f.text[b..])?);
+        let n = tokens.len();
+        Ok(Prompt {
+            text: f.text,
+            tokens,
+            instruction: start..post,
+            post_instruction: post..n,
+        })
+    }
+}
+
+/// A minijinja error on one line (its Display can span several with the source excerpt).
+fn one_line_err(e: &minijinja::Error) -> String {
+    crate::util::one_line(e.to_string().trim())
 }
 
 impl Prompt {
@@ -150,6 +272,12 @@ impl Prompt {
     /// # Errors
     /// Tokenizer failures.
     pub fn new(model: &Model, f: Formatted) -> Result<Prompt> {
+        if f.special == SpecialTokens::Literal {
+            let ins = &f.text[f.instruction.clone()];
+            if model.tokenize(ins)? != model.tokenize_literal(ins)? {
+                return Prompt::new_literal(model, f);
+            }
+        }
         let mut tokens = model.tokenize(&f.text)?;
         let mut lead = 0;
         if model.add_bos() && tokens.first() != Some(&model.bos()) {

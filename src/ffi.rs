@@ -176,6 +176,28 @@ pub fn system_info() -> String {
         .into_owned()
 }
 
+/// Whether this build can offload layers to a GPU (a cuda, metal or vulkan backend).
+pub fn gpu_offload_supported() -> bool {
+    init();
+    // SAFETY: a pure query after backend init.
+    unsafe { sys::llama_supports_gpu_offload() }
+}
+
+/// The linked ggml's version and commit, e.g. `("0.26.0", "d10b47d")`, read at run time.
+pub fn ggml_version() -> (String, String) {
+    // SAFETY: both return static NUL-terminated strings.
+    unsafe {
+        (
+            CStr::from_ptr(sys::ggml_version())
+                .to_string_lossy()
+                .into_owned(),
+            CStr::from_ptr(sys::ggml_commit())
+                .to_string_lossy()
+                .into_owned(),
+        )
+    }
+}
+
 /// ggml's (block size, bytes per block) for a type id, to check our own GGUF table.
 pub fn ggml_type_layout(t: u32) -> (u64, u64) {
     // SAFETY: pure lookups in ggml's static type traits table; t is below GGML_TYPE_COUNT.
@@ -305,6 +327,20 @@ impl Model {
     /// # Errors
     /// [`FfiError::Tokenize`] when llama.cpp rejects the text.
     pub fn tokenize(&self, text: &str, add_special: bool) -> Result<Vec<Token>, FfiError> {
+        self.tokenize_with(text, add_special, true)
+    }
+
+    /// Tokenises `text`; `parse_special` false reads special-token strings such as
+    /// `<|im_end|>` as plain text.
+    ///
+    /// # Errors
+    /// [`FfiError::Tokenize`] when llama.cpp rejects the text.
+    pub fn tokenize_with(
+        &self,
+        text: &str,
+        add_special: bool,
+        parse_special: bool,
+    ) -> Result<Vec<Token>, FfiError> {
         let len = i32::try_from(text.len()).map_err(|_| FfiError::Tokenize(text.len()))?;
         let mut out = vec![0 as Token; text.len() + 8];
         for _ in 0..2 {
@@ -317,7 +353,7 @@ impl Model {
                     out.as_mut_ptr(),
                     out.len() as i32,
                     add_special,
-                    true,
+                    parse_special,
                 )
             };
             if n >= 0 {

@@ -134,13 +134,6 @@ impl Scope {
         seqs.dedup();
         Scope::Only(seqs)
     }
-    #[cfg(test)]
-    fn contains(&self, seq: usize) -> bool {
-        match self {
-            Scope::All => true,
-            Scope::Only(v) => v.binary_search(&seq).is_ok(),
-        }
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -39,6 +39,7 @@ pub mod gguf;
 pub mod hooks;
 pub mod judge;
 pub mod label;
+pub mod lock;
 pub mod memory;
 pub mod model;
 pub mod plot;

@@ -18,7 +18,7 @@ use persona_gate::engine::GenConfig;
 use persona_gate::hooks::HookSet;
 use persona_gate::model::Model;
 use persona_gate::prompts::load as sets;
-use persona_gate::{bench, demo, experiment, ffi, hooks, label, plot, prompts, util};
+use persona_gate::{demo, experiment, ffi, hooks, label, plot, prompts, util};
 
 /// Checks the CPU before any other code of the binary runs, including llama.cpp's C++ static
 /// constructors (prioritised `.init_array` entries run before unprioritised ones).
@@ -95,13 +95,12 @@ fn load(m: &cli::ModelArgs) -> Result<Model> {
 
 fn template(model: &Model, p: &cli::PromptArgs) -> Result<ChatTemplate> {
     let src = match &p.chat_template {
-        Some(f) => Some(
-            std::fs::read_to_string(f)
-                .with_context(|| format!("--chat-template {}", f.display()))?,
-        ),
+        Some(f) => Some(util::read_text(f, "a Jinja chat template").context("--chat-template")?),
         None => None,
     };
-    Ok(model.chat_template(src)?)
+    let mut t = model.chat_template(src)?;
+    t.set_special_tokens(p.special());
+    Ok(t)
 }
 
 /// A progress bar on stderr; hidden when stderr is not a terminal.
@@ -120,7 +119,7 @@ fn bar(total: usize, what: &str) -> indicatif::ProgressBar {
 
 fn load_set(spec: &str, a: &cli::SetArgs, flag: &str) -> Result<Vec<prompts::Instruction>> {
     let v = sets::resolve(spec, a.field.as_deref()).with_context(|| format!("--{flag}"))?;
-    Ok(sets::sample(v, a.n, a.seed))
+    sets::sample(v, a.n, a.seed).map_err(|e| anyhow::anyhow!("--{flag} {spec}: --n: {e}"))
 }
 
 fn render_set(
@@ -170,6 +169,12 @@ fn run(cli: Cli) -> Result<()> {
                     .as_ref()
                     .map_or("not readable here", |b| b.source.as_str()),
             )?;
+            writeln!(
+                out,
+                "build         {}, kernels {}",
+                persona_gate::cpu::built_for(),
+                o.kernels.name()
+            )?;
             writeln!(out, "sha256        {}", model.sha256()?)?;
             let src = model.info.chat_template.as_deref().unwrap_or("");
             writeln!(
@@ -183,7 +188,7 @@ fn run(cli: Cli) -> Result<()> {
                 }
             )?;
             if a.show_template {
-                writeln!(out, "{src}")?;
+                writeln!(out, "{}", util::printable(src))?;
             }
             let f = tmpl.render(&a.prompt.system(), "Hello!")?;
             let p = Prompt::new(&model, f)?;
@@ -273,82 +278,7 @@ fn run(cli: Cli) -> Result<()> {
             };
             demo::run(&model, &tmpl, &cfg, out)?;
         }
-        Command::Bench(a) => {
-            let model = load(&a.model)?;
-            anyhow::ensure!(
-                a.pp >= 1 && a.npp >= 1 && a.ntg >= 1 && a.repetitions >= 1,
-                "--pp, --npp, --ntg and --repetitions must be at least 1"
-            );
-            let opts = a.model.options();
-            writeln!(
-                out,
-                "model {} ({}), threads {}, batch {}, {}",
-                model.info.path.display(),
-                model.info.file_type,
-                opts.threads,
-                opts.batch,
-                persona_gate::LLAMA_CPP
-            )?;
-            writeln!(out, "| hooks | test | tokens/s |\n|---|---|---:|")?;
-            let cfg = bench::BenchConfig {
-                pp: a.pp,
-                npp: a.npp,
-                ntg: a.ntg,
-                batches: a.batches.clone(),
-                repetitions: a.repetitions,
-            };
-            let configs: Vec<bench::HookConfig> = if a.hooks.is_empty() {
-                bench::HookConfig::ALL.to_vec()
-            } else {
-                let mut v: Vec<bench::HookConfig> = a
-                    .hooks
-                    .iter()
-                    .map(|h| match h.as_str() {
-                        "capture" => bench::HookConfig::CaptureAll,
-                        "cvec" => bench::HookConfig::CvecAll,
-                        "project" => bench::HookConfig::Project8,
-                        _ => bench::HookConfig::None,
-                    })
-                    .collect();
-                if !v.contains(&bench::HookConfig::None) {
-                    v.insert(0, bench::HookConfig::None);
-                }
-                v
-            };
-            let rows = bench::run(&model, &cfg, &configs, &mut |r| {
-                let test = if r.batch == 0 {
-                    format!("pp{}", a.pp)
-                } else {
-                    format!("tg{} @ {} seq", a.ntg, r.batch)
-                };
-                let _ = writeln!(
-                    std::io::stdout(),
-                    "| {} | {} | {:.1} |",
-                    r.hooks.name(),
-                    test,
-                    r.tokens_per_s
-                );
-            })?;
-            writeln!(out, "\nratio to no hooks:")?;
-            for r in rows.iter().filter(|r| r.hooks != bench::HookConfig::None) {
-                let base = rows
-                    .iter()
-                    .find(|b| b.hooks == bench::HookConfig::None && b.batch == r.batch)
-                    .map_or(f64::NAN, |b| b.tokens_per_s);
-                let test = if r.batch == 0 {
-                    format!("pp{}", a.pp)
-                } else {
-                    format!("tg{} @ {} seq", a.ntg, r.batch)
-                };
-                writeln!(
-                    out,
-                    "  {:<28} {:<14} {:.3}",
-                    r.hooks.name(),
-                    test,
-                    r.tokens_per_s / base
-                )?;
-            }
-        }
+        Command::Bench(a) => cli::bench::run(&a, load(&a.model)?, out)?,
         Command::Extract(cli::ExtractCmd::Refusal(a)) => {
             writable(&a.out)?;
             let model = load(&a.model)?;
@@ -385,8 +315,7 @@ fn run(cli: Cli) -> Result<()> {
             let tmpl = template(&model, &a.prompt)?;
             let (src, origin) = match &a.personas {
                 Some(p) => (
-                    std::fs::read_to_string(p)
-                        .with_context(|| format!("--personas {}", p.display()))?,
+                    util::read_text(p, "a personas TOML file").context("--personas")?,
                     p.display().to_string(),
                 ),
                 None => (
@@ -740,7 +669,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Inspect(a) => {
             let f = DirectionFile::load(&a.file)?;
             for (k, v) in f.meta.iter().filter(|(k, _)| !k.starts_with("norms.")) {
-                writeln!(out, "{k:<18} {v}")?;
+                writeln!(out, "{:<18} {}", util::one_line(k), util::one_line(v))?;
             }
             print_norms(out, &f)?;
         }
@@ -769,10 +698,7 @@ fn reproduce(a: &cli::ReproduceArgs, out: &mut dyn Write) -> Result<()> {
         Spec::parse(src, &p.display().to_string())?;
     }
     let template_src = match &a.chat_template {
-        Some(f) => Some(
-            std::fs::read_to_string(f)
-                .with_context(|| format!("--chat-template {}", f.display()))?,
-        ),
+        Some(f) => Some(util::read_text(f, "a Jinja chat template").context("--chat-template")?),
         None => None,
     };
     let model = load(&a.model)?;
@@ -892,6 +818,7 @@ fn reproduce(a: &cli::ReproduceArgs, out: &mut dyn Write) -> Result<()> {
     let opts = run::RunOptions {
         shard,
         template: template_src,
+        special: a.special_tokens.mode(),
     };
     let o = experiment::reproduce(&model, &spec, &dir, &opts, &mut progress, &mut note)?;
     pb.finish_and_clear();
@@ -916,7 +843,7 @@ fn print_norms(out: &mut dyn Write, f: &DirectionFile) -> Result<()> {
         writeln!(
             out,
             "{:<18} [{} x {}] norms by layer: {}",
-            d.name,
+            util::one_line(&d.name),
             d.n_layer(),
             d.n_embd(),
             n.join(" ")

@@ -80,6 +80,84 @@ impl Kernels {
     }
 }
 
+/// llama.cpp's LLAMA_MAX_LAYERS: a GGUF claiming more layers trips an assertion.
+const LLAMA_MAX_LAYERS: u64 = 512;
+/// ggml's GGML_MAX_N_THREADS.
+const MAX_THREADS: i32 = 512;
+/// llama.cpp's LLAMA_MAX_SEQ, less the engine's shared-prefix streams.
+const MAX_PARALLEL: u32 = 256 - crate::engine::CACHE_STREAMS;
+
+impl ModelOptions {
+    /// Checks the values llama.cpp would otherwise meet with an assertion, a crash or a
+    /// silent clamp.
+    ///
+    /// # Errors
+    /// Names the flag and its range.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Invalid(m));
+        if !(1..=MAX_THREADS).contains(&self.threads) {
+            return bad(format!(
+                "--threads {} is out of range (1 to {MAX_THREADS})",
+                self.threads
+            ));
+        }
+        if !(1..=MAX_PARALLEL).contains(&self.parallel) {
+            return bad(format!(
+                "--parallel {} is out of range (1 to {MAX_PARALLEL})",
+                self.parallel
+            ));
+        }
+        if self.batch < 8 {
+            return bad(format!(
+                "--batch {} is too small (at least 8 tokens per decode call)",
+                self.batch
+            ));
+        }
+        if self.batch < self.parallel {
+            return bad(format!(
+                "--batch {} is below --parallel {}: a generation step decodes one token of every sequence in one call",
+                self.batch, self.parallel
+            ));
+        }
+        if self.ctx == 0 || self.ctx > 1 << 20 {
+            return bad(format!(
+                "--ctx {} is out of range (1 to {})",
+                self.ctx,
+                1 << 20
+            ));
+        }
+        if let Some(m) = self.max_memory {
+            if !(16 << 20..=1 << 50).contains(&m) {
+                return bad(format!(
+                    "--max-memory {} is out of range (16 MiB to 1 PiB)",
+                    memory::gib(m)
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Everything about how this process computes that can change a completion's numbers:
+    /// the linked ggml, the instruction set the binary was built for, the kernel mode, flash
+    /// attention and GPU offload. (`--parallel`, `--batch`, `--ctx` and `--threads` cannot:
+    /// the engine is batch- and thread-invariant, tested.) Part of a run's fingerprint, so a
+    /// run directory never mixes completions computed two ways.
+    pub fn numerics(&self) -> String {
+        let (v, c) = ffi::ggml_version();
+        format!(
+            "ggml {v} ({c}); build {}; kernels {}; flash-attn {}; gpu-layers {}",
+            crate::cpu::built_for(),
+            self.kernels.name(),
+            match self.flash_attn {
+                None => "auto",
+                Some(true) => "on",
+                Some(false) => "off",
+            },
+            self.n_gpu_layers,
+        )
+    }
+}
+
 /// What `info` prints: read from the GGUF header and from llama.cpp after loading.
 #[derive(Debug, Clone)]
 pub struct ModelInfo {
@@ -142,6 +220,7 @@ impl Model {
     /// # Errors
     /// As [`Model::load`].
     pub fn load_with(path: &Path, options: &ModelOptions, check_memory: bool) -> Result<Model> {
+        options.validate()?;
         // Measured before the weights are mapped, so they are not counted twice.
         let budget = memory::budget(options.max_memory);
         let gguf = check_gguf(path)?;
@@ -149,6 +228,24 @@ impl Model {
             .arch()
             .ok_or_else(|| Error::file(path, "GGUF has no general.architecture key"))?
             .to_string();
+        // llama.cpp asserts on these instead of failing: check them first.
+        match gguf.arch_u64("block_count") {
+            Some(n) if (1..=LLAMA_MAX_LAYERS).contains(&n) => {}
+            Some(n) => return Err(Error::file(
+                path,
+                format!(
+                    "{arch}.block_count is {n}; llama.cpp supports 1 to {LLAMA_MAX_LAYERS} layers"
+                ),
+            )),
+            // llama.cpp itself reports a missing key (or an unknown architecture).
+            None => {}
+        }
+        if options.n_gpu_layers != 0 && !ffi::gpu_offload_supported() {
+            tracing::warn!(
+                "--n-gpu-layers {} has no effect: this build has no GPU backend (build with --features cuda, metal or vulkan)",
+                options.n_gpu_layers
+            );
+        }
         if let Some(msg) = crate::cpu::refusal() {
             return Err(Error::Invalid(
                 msg.trim_start_matches("persona-gate: ").to_string(),
@@ -206,6 +303,13 @@ impl Model {
     /// # Errors
     /// When the GGUF has no template and none was given, or it does not compile.
     pub fn chat_template(&self, override_src: Option<String>) -> Result<ChatTemplate> {
+        let origin = match &override_src {
+            Some(_) => "from --chat-template".to_string(),
+            None => format!(
+                "tokenizer.chat_template of {}",
+                crate::util::one_line(&self.info.path.display().to_string())
+            ),
+        };
         let src = override_src
             .or_else(|| self.info.chat_template.clone())
             .ok_or_else(|| {
@@ -216,7 +320,7 @@ impl Model {
             })?;
         let text =
             |t: ffi::Token| String::from_utf8_lossy(&self.raw.token_bytes(t, true)).into_owned();
-        ChatTemplate::new(src, text(self.raw.bos()), text(self.raw.eos()))
+        ChatTemplate::with_origin(src, text(self.raw.bos()), text(self.raw.eos()), origin)
     }
 
     /// The model file's sha256, from the cache when path, size and mtime match.
@@ -229,6 +333,11 @@ impl Model {
 
     pub fn tokenize(&self, text: &str) -> Result<Vec<ffi::Token>> {
         Ok(self.raw.tokenize(text, false)?)
+    }
+
+    /// Tokenises text with special-token strings read as plain text.
+    pub fn tokenize_literal(&self, text: &str) -> Result<Vec<ffi::Token>> {
+        Ok(self.raw.tokenize_with(text, false, false)?)
     }
 
     /// The text of generated tokens (control tokens dropped), lossily decoded as UTF-8.
@@ -258,12 +367,15 @@ impl Model {
 
 impl fmt::Display for ModelInfo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "path          {}", self.path.display())?;
+        // Every string here comes from the file: escaped, so metadata cannot drive the
+        // terminal (escape sequences) or fake extra lines.
+        let esc = crate::util::one_line;
+        writeln!(f, "path          {}", esc(&self.path.display().to_string()))?;
         if let Some(n) = &self.name {
-            writeln!(f, "name          {n}")?;
+            writeln!(f, "name          {}", esc(n))?;
         }
-        writeln!(f, "arch          {}", self.arch)?;
-        writeln!(f, "description   {}", self.desc)?;
+        writeln!(f, "arch          {}", esc(&self.arch))?;
+        writeln!(f, "description   {}", esc(&self.desc))?;
         writeln!(f, "n_layer       {}", self.n_layer)?;
         writeln!(f, "n_embd        {}", self.n_embd)?;
         writeln!(f, "n_vocab       {}", self.n_vocab)?;
@@ -300,7 +412,19 @@ pub fn file_sha256(path: &Path) -> Result<String> {
         .ok()
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .map_or(0, |d| d.as_nanos());
-    let key = format!("{}\t{}\t{}", canon.display(), md.len(), mtime);
+    // mtime alone can be set back after an in-place edit (touch -d); the inode change time
+    // cannot, and a file replaced by another has a new inode.
+    #[cfg(unix)]
+    let (ino, ctime) = {
+        use std::os::unix::fs::MetadataExt;
+        (
+            md.ino(),
+            md.ctime() as i128 * 1_000_000_000 + md.ctime_nsec() as i128,
+        )
+    };
+    #[cfg(not(unix))]
+    let (ino, ctime) = (0u64, 0i128);
+    let key = format!("{}\t{}\t{mtime}\t{ino}\t{ctime}", canon.display(), md.len());
     let cache = cache_dir().join("sha256.tsv");
     let cached = std::fs::read_to_string(&cache).unwrap_or_default();
     for line in cached.lines() {

@@ -5,12 +5,21 @@ use std::path::Path;
 
 use crate::error::{Error, Result};
 
+/// The largest input file read whole: far above any prompt set, spec, template or direction
+/// file (an 8B model's direction file is 0.5 MiB), far below this machine's memory.
+pub const MAX_INPUT: u64 = 1 << 30;
+
 /// Reads a whole input file; `expected` names what it should be ("a direction file") for the
-/// message when `path` is a directory.
+/// message when `path` is not a regular file.
+///
+/// Only regular files are read, and at most [`MAX_INPUT`] bytes: a FIFO would block forever
+/// and `/dev/zero` would be read until memory runs out.
 ///
 /// # Errors
-/// Missing ("no such file"), a directory, or any other I/O error, naming the path.
+/// Missing ("no such file"), a directory, a FIFO, device or socket, a file over the cap, or
+/// any other I/O error, naming the path.
 pub fn read_input(path: &Path, expected: &str) -> Result<Vec<u8>> {
+    use std::io::Read;
     let md = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
     if md.is_dir() {
         return Err(Error::file(
@@ -18,7 +27,48 @@ pub fn read_input(path: &Path, expected: &str) -> Result<Vec<u8>> {
             format!("is a directory, expected {expected}"),
         ));
     }
-    std::fs::read(path).map_err(|e| Error::io(path, e))
+    if !md.is_file() {
+        return Err(Error::file(
+            path,
+            format!("is not a regular file (a FIFO, device or socket), expected {expected}"),
+        ));
+    }
+    if md.len() > MAX_INPUT {
+        return Err(Error::file(
+            path,
+            format!(
+                "is {} bytes, more than the {} MiB an input may have; expected {expected}",
+                md.len(),
+                MAX_INPUT >> 20
+            ),
+        ));
+    }
+    let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut out = Vec::with_capacity(md.len() as usize);
+    // The cap holds even if the file grows while it is read.
+    f.take(MAX_INPUT + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| Error::io(path, e))?;
+    if out.len() as u64 > MAX_INPUT {
+        return Err(Error::file(
+            path,
+            "grew past the input size cap while being read",
+        ));
+    }
+    Ok(out)
+}
+
+/// [`read_input`] for a text file.
+///
+/// # Errors
+/// As [`read_input`], and a file that is not UTF-8.
+pub fn read_text(path: &Path, expected: &str) -> Result<String> {
+    String::from_utf8(read_input(path, expected)?).map_err(|e| {
+        Error::file(
+            path,
+            format!("is not UTF-8 (byte {})", e.utf8_error().valid_up_to()),
+        )
+    })
 }
 
 /// Writes `bytes` to a temp file beside `path`, syncs it, then renames it into place, so no
@@ -102,6 +152,19 @@ pub fn one_line(s: &str) -> String {
     s.chars()
         .flat_map(|c| {
             let esc = c.is_control();
+            c.escape_default()
+                .filter(move |_| esc)
+                .chain((!esc).then_some(c))
+        })
+        .collect()
+}
+
+/// Multi-line text from a file (a chat template) made safe to print: control characters
+/// other than newline and tab are escaped, so it cannot drive the terminal.
+pub fn printable(s: &str) -> String {
+    s.chars()
+        .flat_map(|c| {
+            let esc = c.is_control() && c != '\n' && c != '\t';
             c.escape_default()
                 .filter(move |_| esc)
                 .chain((!esc).then_some(c))

@@ -494,6 +494,37 @@ fn schedules_are_bit_identical(file: &str) {
     }
 }
 
+/// The thread count changes nothing either (a run resumed with another --threads is the
+/// same run): every prompt's whole logit trajectory with 1 and 2 threads.
+fn threads_do_not_change_results(file: &str) {
+    let mut digests = vec![];
+    for t in [1, 2] {
+        let m = persona_gate::model::Model::load(
+            &model_path(file),
+            &persona_gate::model::ModelOptions {
+                threads: t,
+                parallel: 4,
+                ctx: 512,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let ps = prompts(&m, &FOUR);
+        let cfg = persona_gate::engine::GenConfig {
+            max_new_tokens: 8,
+            digest: true,
+            ..Default::default()
+        };
+        let g = m
+            .session()
+            .unwrap()
+            .generate(&ps, &cfg, &mut empty(&m), &mut |_, _| false, &mut |_| {})
+            .unwrap();
+        digests.push(g.iter().map(|g| g.digest).collect::<Vec<_>>());
+    }
+    assert_eq!(digests[0], digests[1], "{file}: 1 vs 2 threads");
+}
+
 macro_rules! on_both {
     ($($name:ident),*) => {
         mod smol { $( #[test] fn $name() { super::$name(super::SMOL) } )* }
@@ -507,5 +538,6 @@ on_both!(
     projection_removes_the_direction,
     batch_matches_solo,
     per_sequence_hook_touches_only_its_sequence,
-    schedules_are_bit_identical
+    schedules_are_bit_identical,
+    threads_do_not_change_results
 );

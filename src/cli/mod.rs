@@ -1,5 +1,6 @@
 //! Command-line flags (clap). No logic: each subcommand's flags become library options.
 
+pub mod bench;
 pub mod judge;
 
 use std::path::PathBuf;
@@ -155,6 +156,26 @@ pub struct ReproduceArgs {
     /// Jinja chat template file instead of the GGUF's.
     #[arg(long)]
     pub chat_template: Option<PathBuf>,
+    /// Special-token strings inside instructions: literal (default: read as plain text, so
+    /// an instruction cannot close its own turn) or parse (as control tokens, like Hugging
+    /// Face's apply_chat_template; for injection research).
+    #[arg(long, value_enum, default_value_t = SpecialArg::Literal)]
+    pub special_tokens: SpecialArg,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpecialArg {
+    Literal,
+    Parse,
+}
+
+impl SpecialArg {
+    pub fn mode(self) -> persona_gate::chat::SpecialTokens {
+        match self {
+            SpecialArg::Literal => persona_gate::chat::SpecialTokens::Literal,
+            SpecialArg::Parse => persona_gate::chat::SpecialTokens::Parse,
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -411,9 +432,18 @@ pub struct PromptArgs {
     /// Jinja chat template file to use instead of the GGUF's tokenizer.chat_template.
     #[arg(long)]
     pub chat_template: Option<PathBuf>,
+    /// Special-token strings inside instructions: literal (default: plain text, so an
+    /// instruction cannot close its own turn) or parse (as control tokens, like Hugging
+    /// Face's apply_chat_template; for injection research).
+    #[arg(long, value_enum, default_value_t = SpecialArg::Literal)]
+    pub special_tokens: SpecialArg,
 }
 
 impl PromptArgs {
+    pub fn special(&self) -> persona_gate::chat::SpecialTokens {
+        self.special_tokens.mode()
+    }
+
     pub fn system(&self) -> SystemPrompt {
         match (&self.system, self.no_system) {
             (Some(t), _) => SystemPrompt::Text(t.clone()),
@@ -466,26 +496,4 @@ pub struct DemoArgs {
     pub max_new_tokens: usize,
 }
 
-#[derive(Args, Debug)]
-pub struct BenchArgs {
-    #[command(flatten)]
-    pub model: ModelArgs,
-    /// Prompt tokens for the prompt-processing run (llama-bench -p).
-    #[arg(long, default_value_t = 512)]
-    pub pp: usize,
-    /// Prompt tokens per sequence in generation runs (llama-batched-bench -npp).
-    #[arg(long, default_value_t = 128)]
-    pub npp: usize,
-    /// Generated tokens per sequence (llama-batched-bench -ntg).
-    #[arg(long, default_value_t = 64)]
-    pub ntg: usize,
-    /// Sequences generated together (llama-batched-bench -npl).
-    #[arg(long, value_delimiter = ',', default_values_t = vec![1usize, 4, 16])]
-    pub batches: Vec<usize>,
-    /// Timed repetitions per cell (the best is reported).
-    #[arg(long, default_value_t = 2)]
-    pub repetitions: usize,
-    /// Hook configurations to time: none, capture, cvec, project (default: all).
-    #[arg(long, value_delimiter = ',', value_parser = ["none", "capture", "cvec", "project"])]
-    pub hooks: Vec<String>,
-}
+pub use bench::BenchArgs;

@@ -56,6 +56,12 @@ pub fn export(
         if l >= d.n_layer() {
             return Err(format!("layer {l} out of range ({} layers)", d.n_layer()));
         }
+        if d.rows[l].iter().any(|&x| !(x * coefficient).is_finite()) {
+            return Err(format!(
+                "{coefficient} x {} overflows f32 at layer {l}; use a smaller coefficient",
+                d.name
+            ));
+        }
         if d.rows[l].iter().all(|&x| x == 0.0) {
             return Err(format!(
                 "{} is zero at layer {l} (a layer missing from the control vector it came from?)",

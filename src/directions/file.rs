@@ -22,6 +22,40 @@ pub struct DirectionFile {
     pub meta: BTreeMap<String, String>,
 }
 
+/// A JSON object's entries in file order, refusing a key given twice: a JSON map would keep
+/// the last and silently drop the first (two tensors of one name).
+struct Entries(Vec<(String, Value)>);
+
+impl<'de> serde::Deserialize<'de> for Entries {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Entries;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> std::result::Result<Entries, A::Error> {
+                let mut seen = std::collections::BTreeSet::new();
+                let mut out = Vec::new();
+                while let Some((k, v)) = m.next_entry::<String, Value>()? {
+                    if !seen.insert(k.clone()) {
+                        return Err(serde::de::Error::custom(format!(
+                            "tensor name '{}' appears twice",
+                            shown(&k)
+                        )));
+                    }
+                    out.push((k, v));
+                }
+                Ok(Entries(out))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// Largest header we accept (the format's own reference limit is 100 MB).
 const MAX_HEADER: u64 = 100 << 20;
 
@@ -40,6 +74,19 @@ impl DirectionFile {
             if d.n_layer() != nl || d.rows.iter().any(|r| r.len() != ne) || ne == 0 {
                 return Err(Error::Invalid(format!(
                     "direction {} is not [{nl} x {ne}]",
+                    d.name
+                )));
+            }
+            // No writer of direction files puts NaN or inf in one (README, "Reliability").
+            if let Some((l, r)) = d
+                .rows
+                .iter()
+                .enumerate()
+                .find(|(_, r)| r.iter().any(|x| !x.is_finite()))
+            {
+                let bad = r.iter().find(|x| !x.is_finite()).expect("found");
+                return Err(Error::Invalid(format!(
+                    "direction {} holds {bad} at layer {l}: not written",
                     d.name
                 )));
             }
@@ -158,12 +205,14 @@ impl DirectionFile {
             ));
         }
         let data = &b[8 + n as usize..];
-        let header: serde_json::Map<String, Value> = serde_json::from_slice(&b[8..8 + n as usize])
+        let header: Entries = serde_json::from_slice(&b[8..8 + n as usize])
             .map_err(|e| format!("corrupt safetensors header: {e}"))?;
+        let mut header = header.0;
+        header.sort_by(|a, b| a.0.cmp(&b.0));
         let mut meta = BTreeMap::new();
         let mut directions = Vec::new();
         for (name, v) in &header {
-            if name == "__metadata__" {
+            if *name == "__metadata__" {
                 let m = v.as_object().ok_or("__metadata__ is not an object")?;
                 for (k, v) in m {
                     meta.insert(
@@ -253,10 +302,23 @@ impl DirectionFile {
     /// Missing file, corrupt contents; the message names the path.
     pub fn load(path: &Path) -> Result<DirectionFile> {
         let b = crate::util::read_input(path, "a .safetensors or control-vector .gguf file")?;
-        if b.starts_with(b"GGUF") {
-            return super::cvec::import(&b).map_err(|e| Error::file(path, e));
+        let f = if b.starts_with(b"GGUF") {
+            super::cvec::import(&b).map_err(|e| Error::file(path, e))?
+        } else {
+            DirectionFile::from_bytes(&b).map_err(|e| Error::file(path, e))?
+        };
+        for d in &f.directions {
+            if let Some(l) = d.rows.iter().position(|r| r.iter().any(|x| !x.is_finite())) {
+                return Err(Error::file(
+                    path,
+                    format!(
+                        "{}: layer {l} holds NaN or inf",
+                        crate::util::shown(&d.name)
+                    ),
+                ));
+            }
         }
-        DirectionFile::from_bytes(&b).map_err(|e| Error::file(path, e))
+        Ok(f)
     }
 }
 

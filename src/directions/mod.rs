@@ -304,11 +304,24 @@ pub fn cosine_per_layer(a: &Direction, b: &Direction) -> Result<Vec<f64>> {
             b.n_embd()
         )));
     }
-    Ok(a.rows
+    a.rows
         .iter()
         .zip(&b.rows)
-        .map(|(x, y)| cosine(x, y))
-        .collect())
+        .enumerate()
+        .map(|(l, (x, y))| {
+            // A zero or non-finite row has no direction: say so rather than print 0 or NaN.
+            for (d, r) in [(a, x), (b, y)] {
+                let n = norm(r);
+                if !(n.is_finite() && n > 0.0) {
+                    return Err(Error::Invalid(format!(
+                        "{} has norm {n} at layer {l}: its cosine is undefined",
+                        d.name
+                    )));
+                }
+            }
+            Ok(cosine(x, y))
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -53,17 +53,16 @@ pub fn reproduce(
         crate::model::check_gguf(Path::new(&j.model))
             .map_err(|e| Error::Invalid(format!("judge.model: {e}")))?;
     }
+    // One process per run directory: a second one would silently replace this one's results.
+    let _lock = crate::lock::DirLock::acquire(dir)?;
     let t0 = Instant::now();
     let ready = run::prepare(spec, model, dir, opts, progress, note)?;
     let t_prep = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
-    let groups_run = run::run_groups(&ready, dir, opts.shard, progress)?;
+    let groups_run = run::run_groups(&ready, dir, opts.shard, progress, note)?;
     let t_run = t1.elapsed().as_secs_f64();
     let plan = ready.plan;
-    let groups_done = run::done_groups(dir, plan.n_groups)
-        .iter()
-        .filter(|d| **d)
-        .count();
+    let groups_done = run::done_groups(dir, &plan).iter().filter(|d| **d).count();
     let finished = if groups_done == plan.n_groups {
         let extra = json!({
             "shard": format!("{}/{}", opts.shard.k, opts.shard.n),
@@ -128,6 +127,7 @@ pub fn merge(out: &Path, inputs: &[PathBuf]) -> Result<(Plan, Finished)> {
         return Err(Error::Invalid("merge: no input run directories".into()));
     }
     let (bytes, plan) = Plan::read(&inputs[0])?;
+    let _lock = crate::lock::DirLock::acquire(out)?;
     for d in &inputs[1..] {
         let (b, _) = Plan::read(d)?;
         if b != bytes {
@@ -154,8 +154,16 @@ pub fn merge(out: &Path, inputs: &[PathBuf]) -> Result<(Plan, Finished)> {
     for d in inputs {
         for (g, src) in sources.iter_mut().enumerate() {
             let p = run::group_file(d, g);
-            if !p.exists() {
-                continue;
+            match run::verify_group(&plan, d, g) {
+                run::GroupState::Missing => continue,
+                run::GroupState::Done => {}
+                run::GroupState::Invalid(why) => return Err(Error::file(&p, why)),
+                run::GroupState::Foreign(id) => {
+                    return Err(Error::file(
+                        &p,
+                        format!("holds rows of run {id}, not {}", plan.run_id),
+                    ))
+                }
             }
             match src {
                 None => *src = Some(p),
@@ -177,7 +185,7 @@ pub fn merge(out: &Path, inputs: &[PathBuf]) -> Result<(Plan, Finished)> {
     let missing: Vec<usize> = sources
         .iter()
         .enumerate()
-        .filter(|(g, s)| s.is_none() && !run::group_file(out, *g).exists())
+        .filter(|(g, s)| s.is_none() && run::verify_group(&plan, out, *g) != run::GroupState::Done)
         .map(|(g, _)| g)
         .collect();
     if !missing.is_empty() {
@@ -278,7 +286,9 @@ pub fn estimate(model: &Model, spec: &Spec, template: Option<String>) -> Result<
                 persona,
             } => {
                 let src = match personas {
-                    Some(p) => std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?,
+                    Some(p) => {
+                        crate::util::read_text(std::path::Path::new(p), "a personas TOML file")?
+                    }
                     None => crate::prompts::PERSONAS.to_string(),
                 };
                 let all = crate::prompts::parse_personas(&src, "personas")?;
@@ -305,9 +315,13 @@ pub fn estimate(model: &Model, spec: &Spec, template: Option<String>) -> Result<
         ),
         Metric::Score => (0, 0),
     };
-    // Measure: one group's worth of the first condition's prompts, 16 tokens each.
+    // Measure: a batch of the first condition's prompts (--parallel of them), 16 tokens each.
     let first = &rendered[&conds[0].prompts];
-    let probe: Vec<_> = first.iter().take(spec.group_size).cloned().collect();
+    let probe: Vec<_> = first
+        .iter()
+        .take(model.options.parallel as usize)
+        .cloned()
+        .collect();
     let mut session = model.session()?;
     let mut hooks = HookSet::new(nl, model.info.n_embd);
     // Warm up first: the first decode pages the weights in from disk (seconds for a GB model),
@@ -335,7 +349,10 @@ pub fn estimate(model: &Model, spec: &Spec, template: Option<String>) -> Result<
         prep_prompt_tokens: prep,
         run_prompt_tokens: run_prompt,
         gen_tokens: gen,
-        prompt_tps: st.prompt_tokens as f64 / st.prompt_time.as_secs_f64().max(1e-9),
+        // Tokens copied from a shared prefix count as processed: the estimate's token counts
+        // include them, and the probe's prompts share a prefix as the run's do.
+        prompt_tps: (st.prompt_tokens + st.shared_tokens) as f64
+            / st.prompt_time.as_secs_f64().max(1e-9),
         gen_tps: st.gen_tokens as f64 / st.gen_time.as_secs_f64().max(1e-9),
     })
 }

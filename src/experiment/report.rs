@@ -105,15 +105,26 @@ pub fn finish(
     manifest_extra: serde_json::Value,
     rewrite_completions: bool,
 ) -> Result<Finished> {
-    let missing = done_groups(dir, plan.n_groups)
-        .iter()
-        .filter(|d| !**d)
-        .count();
-    if missing > 0 {
-        return Err(Error::file(
-            dir,
-            format!("{missing} of {} groups are not done yet", plan.n_groups),
-        ));
+    for g in 0..plan.n_groups {
+        match super::run::verify_group(plan, dir, g) {
+            super::run::GroupState::Done => {}
+            super::run::GroupState::Missing => {
+                let missing = done_groups(dir, plan).iter().filter(|d| !**d).count();
+                return Err(Error::file(
+                    dir,
+                    format!("{missing} of {} groups are not done yet", plan.n_groups),
+                ));
+            }
+            super::run::GroupState::Invalid(why) => {
+                return Err(Error::file(group_file(dir, g), why))
+            }
+            super::run::GroupState::Foreign(id) => {
+                return Err(Error::file(
+                    group_file(dir, g),
+                    format!("holds rows of run {id}, not {}", plan.run_id),
+                ))
+            }
+        }
     }
     let rows = read_rows(dir, plan)?;
     let head = header(plan);

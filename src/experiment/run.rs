@@ -173,6 +173,13 @@ pub struct RunOptions {
     pub shard: Shard,
     /// Chat-template override.
     pub template: Option<String>,
+    /// How special-token strings in instructions are read.
+    pub special: crate::chat::SpecialTokens,
+}
+
+/// Whether `dir/groups` holds any entry.
+fn has_group_files(dir: &Path) -> bool {
+    std::fs::read_dir(dir.join("groups")).is_ok_and(|mut d| d.next().is_some())
 }
 
 pub(crate) fn group_file(dir: &Path, g: usize) -> PathBuf {
@@ -226,7 +233,8 @@ pub fn load_sets(spec: &Spec) -> Result<BTreeMap<String, Vec<Instruction>>> {
             }
             v = v.drain(a..b).collect();
         }
-        let v = prompts::load::sample(v, s.n, s.seed);
+        let v = prompts::load::sample(v, s.n, s.seed)
+            .map_err(|e| Error::Invalid(format!("prompts.{name}: {e}")))?;
         if v.is_empty() {
             return Err(Error::Invalid(format!(
                 "prompts.{name}: {} has no prompts",
@@ -238,19 +246,32 @@ pub fn load_sets(spec: &Spec) -> Result<BTreeMap<String, Vec<Instruction>>> {
     Ok(out)
 }
 
-/// The fingerprint of everything that determines results: spec, model, prompt texts,
-/// direction files, tool version.
+/// The fingerprint of everything that determines results: spec, model, prompt texts, the
+/// chat template and the prompts exactly as tokenised (so the template text, the system
+/// prompt and the tokenizer are all covered), direction files, tool version, and how this
+/// process computes ([`crate::model::ModelOptions::numerics`]).
 fn fingerprint(
     spec: &Spec,
     model_sha: &str,
     sets: &BTreeMap<String, Vec<Instruction>>,
+    template_src: &str,
+    rendered: &BTreeMap<String, Vec<Prompt>>,
+    numerics: &str,
 ) -> Result<String> {
     let spec_json = serde_json::to_vec(spec).map_err(|e| Error::Invalid(format!("spec: {e}")))?;
     let mut parts: Vec<Vec<u8>> = vec![
         spec_json,
         model_sha.as_bytes().to_vec(),
         crate::VERSION.as_bytes().to_vec(),
+        template_src.as_bytes().to_vec(),
+        numerics.as_bytes().to_vec(),
     ];
+    for (k, ps) in rendered {
+        parts.push(k.as_bytes().to_vec());
+        for p in ps {
+            parts.push(p.tokens.iter().flat_map(|t| t.to_le_bytes()).collect());
+        }
+    }
     for (k, v) in sets {
         parts.push(k.as_bytes().to_vec());
         for i in v {
@@ -366,8 +387,8 @@ pub fn prepare<'m>(
 ) -> Result<Ready<'m>> {
     let (sets, _) = check(spec, model)?;
     let model_sha = model.sha256()?;
-    let fp = fingerprint(spec, &model_sha, &sets)?;
-    let tmpl = model.chat_template(opts.template.clone())?;
+    let mut tmpl = model.chat_template(opts.template.clone())?;
+    tmpl.set_special_tokens(opts.special);
     let mut rendered = BTreeMap::new();
     for (k, v) in &sets {
         rendered.insert(
@@ -376,14 +397,36 @@ pub fn prepare<'m>(
                 .map_err(|e| Error::Invalid(format!("prompts.{k}: {e}")))?,
         );
     }
+    let template_src = opts
+        .template
+        .clone()
+        .or_else(|| model.info.chat_template.clone())
+        .unwrap_or_default();
+    let fp = fingerprint(
+        spec,
+        &model_sha,
+        &sets,
+        &template_src,
+        &rendered,
+        &model.options.numerics(),
+    )?;
     let plan_path = dir.join("plan.json");
     let dirs_path = dir.join("prepared.safetensors");
+    if !plan_path.exists() && has_group_files(dir) {
+        return Err(Error::file(
+            dir,
+            "holds group files but no plan.json, so they cannot be checked against this run; use a new --out directory",
+        ));
+    }
     if plan_path.exists() {
         let (_, plan) = Plan::read(dir)?;
         if plan.fingerprint != fp {
             return Err(Error::file(
                 dir,
-                "holds a run with another spec, model or prompt set; use a new --out directory",
+                format!(
+                    "holds a run with another spec, model, prompt set, chat template or way of computing (this process: {}); use a new --out directory",
+                    model.options.numerics()
+                ),
             ));
         }
         let directions = if plan.direction_hashes.is_empty() {
@@ -395,6 +438,18 @@ pub fn prepare<'m>(
                 .map(|d| (d.name.clone(), d))
                 .collect()
         };
+        // Foreign rows are refused before anything else is said or done.
+        for g in 0..plan.n_groups {
+            if let GroupState::Foreign(id) = verify_group(&plan, dir, g) {
+                return Err(Error::file(
+                    group_file(dir, g),
+                    format!(
+                        "holds rows of run {id}, not of this run ({}); use a new --out directory",
+                        plan.run_id
+                    ),
+                ));
+            }
+        }
         note(format!("resuming {}: plan.json matches", dir.display()));
         return Ok(Ready {
             plan,
@@ -507,11 +562,7 @@ pub fn prepare<'m>(
                 questions,
             } => {
                 let src = match personas {
-                    Some(p) => String::from_utf8(crate::util::read_input(
-                        Path::new(p),
-                        "a personas TOML file",
-                    )?)
-                    .map_err(|_| Error::file(p, "not UTF-8"))?,
+                    Some(p) => crate::util::read_text(Path::new(p), "a personas TOML file")?,
                     None => prompts::PERSONAS.to_string(),
                 };
                 let all = prompts::parse_personas(
@@ -770,6 +821,45 @@ pub fn prepare<'m>(
             .collect(),
         direction_seeds: seeds,
     };
+    // Every edit must be valid before anything is written: a zero-norm projection direction
+    // or an add that overflows would otherwise surface only when its group runs.
+    for cond in &plan.conditions {
+        for (k, iv) in cond.interventions.iter().enumerate() {
+            let d = &dirs[&iv.direction];
+            for &l in &iv.layers {
+                let row = match iv.source {
+                    Source::Own => &d.rows[l],
+                    Source::Layer(s) => &d.rows[s],
+                };
+                let bad = match iv.op {
+                    Op::Project => {
+                        let n = directions::norm(row);
+                        (!(n.is_finite() && n > 0.0))
+                            .then(|| format!("has norm {n}, so it cannot be projected out"))
+                    }
+                    Op::Add => {
+                        let norms = plan.resolved.resid_norms.get(&cond.prompts);
+                        let v = add_vector(row, iv.coefficient, iv.scale, norms.map(|n| n[l]));
+                        if v.iter().any(|x| !x.is_finite()) {
+                            return Err(Error::Invalid(format!(
+                                "condition {}: {:e} x {} at resid_post.{l} overflows f32; use a smaller coefficient",
+                                cond.id, iv.coefficient, iv.direction
+                            )));
+                        }
+                        None
+                    }
+                };
+                if let Some(why) = bad {
+                    return Err(Error::Invalid(format!(
+                        "condition {}: intervention {}: {} at resid_post.{l} {why}",
+                        cond.id,
+                        k + 1,
+                        iv.direction
+                    )));
+                }
+            }
+        }
+    }
     std::fs::create_dir_all(dir.join("groups")).map_err(|e| Error::io(dir, e))?;
     let mut meta = BTreeMap::new();
     meta.insert("kind".into(), "experiment".into());
@@ -1108,9 +1198,116 @@ pub fn header(plan: &Plan) -> Vec<String> {
     h
 }
 
-/// Which groups are done in `dir`.
-pub fn done_groups(dir: &Path, n_groups: usize) -> Vec<bool> {
-    (0..n_groups).map(|g| group_file(dir, g).exists()).collect()
+/// What a group file holds, checked against the plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GroupState {
+    Missing,
+    /// Exactly this group's pairs, in plan order, from this run.
+    Done,
+    /// Unreadable, truncated, or not this group's rows; why.
+    Invalid(String),
+    /// Rows from another run (another run id): results that must not be mixed in.
+    Foreign(String),
+}
+
+/// Verifies group `g`'s file in `dir`: it parses as CSV with the plan's columns and holds
+/// exactly the group's (condition, prompt) pairs in plan order, each row carrying this run's
+/// id. A file that merely exists proves nothing (an empty or truncated one, or one copied in
+/// from another run).
+pub fn verify_group(plan: &Plan, dir: &Path, g: usize) -> GroupState {
+    let p = group_file(dir, g);
+    let bytes = match std::fs::symlink_metadata(&p) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return GroupState::Missing,
+        Err(e) => return GroupState::Invalid(e.to_string()),
+        Ok(md) if !md.is_file() => return GroupState::Invalid("not a regular file".into()),
+        Ok(_) => match crate::util::read_input(&p, "a group file") {
+            Ok(b) => b,
+            Err(e) => return GroupState::Invalid(e.to_string()),
+        },
+    };
+    let want = plan.group_pairs(g);
+    let head = header(plan);
+    let col = |n: &str| head.iter().position(|h| h == n).expect("known column");
+    let (c_run, c_cond, c_idx) = (col("run_id"), col("condition"), col("prompt_index"));
+    let mut r = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .flexible(true)
+        .from_reader(bytes.as_slice());
+    let mut n = 0;
+    for (i, rec) in r.records().enumerate() {
+        let rec = match rec {
+            Ok(rec) => rec,
+            Err(e) => return GroupState::Invalid(format!("row {}: {e}", i + 1)),
+        };
+        if rec.len() != head.len() {
+            return GroupState::Invalid(format!(
+                "row {} has {} fields, the plan's header {}",
+                i + 1,
+                rec.len(),
+                head.len()
+            ));
+        }
+        if rec[c_run] != plan.run_id {
+            return GroupState::Foreign(crate::util::shown(&rec[c_run]));
+        }
+        let Some(&(c, pi)) = want.get(i) else {
+            return GroupState::Invalid(format!("more than the group's {} rows", want.len()));
+        };
+        if rec[c_cond] != plan.conditions[c].id || rec[c_idx] != pi.to_string() {
+            return GroupState::Invalid(format!(
+                "row {} is {} prompt {}, expected {} prompt {pi}",
+                i + 1,
+                crate::util::shown(&rec[c_cond]),
+                crate::util::shown(&rec[c_idx]),
+                plan.conditions[c].id
+            ));
+        }
+        n += 1;
+    }
+    if n != want.len() {
+        return GroupState::Invalid(format!("{n} rows, the group has {}", want.len()));
+    }
+    GroupState::Done
+}
+
+/// Which groups are done (verified) in `dir`.
+pub fn done_groups(dir: &Path, plan: &Plan) -> Vec<bool> {
+    (0..plan.n_groups)
+        .map(|g| verify_group(plan, dir, g) == GroupState::Done)
+        .collect()
+}
+
+/// Verifies every group file in `dir`: foreign rows are an error (results of two runs must
+/// not mix); an invalid file is reported through `note` and counts as not done, so it is
+/// computed again.
+///
+/// # Errors
+/// A group holding another run's rows.
+pub fn check_groups(dir: &Path, plan: &Plan, note: &mut dyn FnMut(String)) -> Result<Vec<bool>> {
+    let mut done = Vec::with_capacity(plan.n_groups);
+    for g in 0..plan.n_groups {
+        done.push(match verify_group(plan, dir, g) {
+            GroupState::Done => true,
+            GroupState::Missing => false,
+            GroupState::Invalid(why) => {
+                note(format!(
+                    "{}: {why}; computing group {g} again",
+                    group_file(dir, g).display()
+                ));
+                false
+            }
+            GroupState::Foreign(id) => {
+                return Err(Error::file(
+                    group_file(dir, g),
+                    format!(
+                        "holds rows of run {id}, not of this run ({}); use a new --out directory",
+                        plan.run_id
+                    ),
+                ))
+            }
+        });
+    }
+    Ok(done)
 }
 
 /// Runs this shard's groups that are not done yet, all in one continuously batched job,
@@ -1123,9 +1320,10 @@ pub fn run_groups(
     dir: &Path,
     shard: Shard,
     progress: &mut Progress<'_>,
+    note: &mut dyn FnMut(String),
 ) -> Result<usize> {
     let plan = &ready.plan;
-    let done = done_groups(dir, plan.n_groups);
+    let done = check_groups(dir, plan, note)?;
     let todo: Vec<usize> = (0..plan.n_groups)
         .filter(|&g| g % shard.n == shard.k - 1 && !done[g])
         .collect();

@@ -470,6 +470,27 @@ impl Builtins {
     }
 }
 
+/// Why `s` cannot name a file in a run directory, if it cannot: names from a spec become
+/// file and directory names, so they are limited to one plain path component.
+pub fn bad_file_name(s: &str) -> Option<&'static str> {
+    if s.is_empty() {
+        return Some("is empty");
+    }
+    if s.len() > 64 {
+        return Some("is longer than 64 characters");
+    }
+    if s.starts_with('.') {
+        return Some("starts with a dot");
+    }
+    if !s
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '+'))
+    {
+        return Some("may hold only letters, digits and _ - . +");
+    }
+    None
+}
+
 fn err(ctx: &str, msg: impl fmt::Display) -> Error {
     Error::Invalid(format!("{ctx}: {msg}"))
 }
@@ -506,6 +527,15 @@ impl Spec {
 
     fn check(&self, origin: &str) -> Result<()> {
         let o = |f: &str| format!("{origin}: {f}");
+        if let Some(why) = bad_file_name(&self.name) {
+            return Err(err(
+                &o("name"),
+                format!(
+                    "'{}' {why} (it names the default run directory runs/<model>/<name>)",
+                    crate::util::shown(&self.name)
+                ),
+            ));
+        }
         if self.group_size == 0 {
             return Err(err(&o("group_size"), "must be at least 1"));
         }
@@ -517,6 +547,14 @@ impl Spec {
         }
         if self.prompts.is_empty() {
             return Err(err(&o("prompts"), "no prompt sets defined"));
+        }
+        for name in self.directions.keys() {
+            if let Some(why) = bad_file_name(name) {
+                return Err(err(
+                    &o(&format!("directions.{}", crate::util::shown(name))),
+                    format!("the name {why} (it names plot files)"),
+                ));
+            }
         }
         for (k, p) in &self.prompts {
             if let Some([a, b]) = p.range {
@@ -658,10 +696,13 @@ impl Spec {
             if total > MAX_CONDITIONS {
                 return Err(err(&o(&format!("{f}: sweep")), format!("the grid reaches more than {MAX_CONDITIONS} conditions; split it into several specs")));
             }
-            if e.id.is_empty() || e.id.contains([',', '[', ']', ';', '\n', '"']) {
+            if let Some(why) = bad_file_name(&e.id) {
                 return Err(err(
                     &o("experiment.id"),
-                    format!("'{}' must be non-empty without , ; [ ] or quotes", e.id),
+                    format!(
+                        "'{}' {why} (it names plots/<id>.svg)",
+                        crate::util::shown(&e.id)
+                    ),
                 ));
             }
             if !ids.insert(e.id.clone()) {

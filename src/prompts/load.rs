@@ -175,6 +175,12 @@ pub fn parse(
             v
         }
         Format::Csv => {
+            // The csv crate reads an unterminated quote to the end of the file, silently
+            // merging every later row into one field. In valid CSV quotes come in pairs
+            // (opening/closing, and "" inside a field), so an odd count is always an error.
+            if let Some(line) = unterminated_quote(text) {
+                return Err(format!("line {line}: a quoted field is never closed"));
+            }
             let mut rd = csv::ReaderBuilder::new()
                 .flexible(false)
                 .from_reader(text.as_bytes());
@@ -233,9 +239,31 @@ pub fn parse(
 
 /// A deterministic sample of `n` instructions (all of them, in order, when `n` ≥ len):
 /// a seeded Fisher–Yates shuffle, then the first `n`, kept in file order.
-pub fn sample(v: Vec<Instruction>, n: Option<usize>, seed: u64) -> Vec<Instruction> {
+/// The line where the last quoted field opens if a CSV text's quotes are unbalanced.
+fn unterminated_quote(text: &str) -> Option<usize> {
+    let mut open: Option<usize> = None;
+    let mut line = 1;
+    for c in text.chars() {
+        match c {
+            '"' => open = if open.is_some() { None } else { Some(line) },
+            '\n' => line += 1,
+            _ => {}
+        }
+    }
+    open
+}
+
+pub fn sample(
+    v: Vec<Instruction>,
+    n: Option<usize>,
+    seed: u64,
+) -> std::result::Result<Vec<Instruction>, String> {
+    if let Some(n) = n.filter(|&n| n > v.len()) {
+        // Silently taking fewer would report a 313-prompt run that used 60.
+        return Err(format!("n = {n} but the set has {} prompts", v.len()));
+    }
     let Some(n) = n.filter(|&n| n < v.len()) else {
-        return v;
+        return Ok(v);
     };
     let mut idx: Vec<usize> = (0..v.len()).collect();
     let mut rng = Rng::new(seed);
@@ -246,9 +274,10 @@ pub fn sample(v: Vec<Instruction>, n: Option<usize>, seed: u64) -> Vec<Instructi
     let mut keep: Vec<usize> = idx[..n].to_vec();
     keep.sort_unstable();
     let mut v: Vec<Option<Instruction>> = v.into_iter().map(Some).collect();
-    keep.into_iter()
+    Ok(keep
+        .into_iter()
         .map(|i| v[i].take().expect("indices are distinct"))
-        .collect()
+        .collect())
 }
 
 /// A prompt set by spec: `builtin:NAME` or a file path.
@@ -365,13 +394,15 @@ mod tests {
                 source: None,
             })
             .collect();
-        let a = sample(v.clone(), Some(10), 1);
-        assert_eq!(a, sample(v.clone(), Some(10), 1));
-        assert_ne!(a, sample(v.clone(), Some(10), 2));
+        let a = sample(v.clone(), Some(10), 1).unwrap();
+        assert_eq!(a, sample(v.clone(), Some(10), 1).unwrap());
+        assert_ne!(a, sample(v.clone(), Some(10), 2).unwrap());
         assert!(a
             .windows(2)
             .all(|w| w[0].id.parse::<u32>().unwrap() < w[1].id.parse::<u32>().unwrap()));
-        assert_eq!(sample(v.clone(), Some(99), 1).len(), 50);
+        assert_eq!(sample(v.clone(), Some(50), 1).unwrap().len(), 50);
+        let e = sample(v.clone(), Some(99), 1).unwrap_err();
+        assert!(e.contains("n = 99 but the set has 50"), "{e}");
     }
 
     #[test]

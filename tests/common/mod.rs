@@ -2,7 +2,9 @@
 //! (scripts/fetch-models.sh) into the cache; a missing model fails loudly.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use persona_gate::chat::{Prompt, SystemPrompt};
 use persona_gate::model::{Model, ModelOptions};
@@ -81,4 +83,92 @@ pub fn margin(x: &[f32]) -> f32 {
         }
     }
     a - b
+}
+
+// ---- the one harness for tests that run the real binary ----------------------------------
+
+pub fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_persona-gate"))
+}
+
+pub fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("pg-bad-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+pub fn smol() -> String {
+    model_path(SMOL).to_str().unwrap().to_string()
+}
+
+/// Every file under `dir` (recursively) with its size and, for files up to 8 MiB, its bytes.
+pub fn snapshot(dir: &Path) -> BTreeMap<PathBuf, (u64, Option<Vec<u8>>)> {
+    let mut out = BTreeMap::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let p = e.path();
+            let md = std::fs::symlink_metadata(&p).unwrap();
+            if md.is_dir() {
+                out.insert(p.clone(), (0, None));
+                todo.push(p);
+            } else {
+                // Only regular files are read: a FIFO would block the snapshot itself. A run
+                // directory's `.lock` names whichever process last held it: state, not
+                // results (a refused process may leave its name there), so it is not part
+                // of the snapshot.
+                if p.file_name().is_some_and(|n| n == ".lock") {
+                    continue;
+                }
+                let bytes =
+                    (md.is_file() && md.len() <= 8 << 20).then(|| std::fs::read(&p).unwrap());
+                out.insert(p, (md.len(), bytes));
+            }
+        }
+    }
+    out
+}
+
+/// Runs `args` in `dir` and asserts a clean one-line failure that contains every needle.
+pub fn fails(dir: &Path, args: &[&str], needles: &[&str]) {
+    fails_watching(dir, &[], args, needles);
+}
+
+/// As [`fails`], also snapshotting `extra` directories (an output directory elsewhere).
+pub fn fails_watching(dir: &Path, extra: &[&Path], args: &[&str], needles: &[&str]) {
+    let before: Vec<_> = std::iter::once(dir)
+        .chain(extra.iter().copied())
+        .map(snapshot)
+        .collect();
+    let out = bin().current_dir(dir).args(args).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && out.status.code().is_some(),
+        "{args:?}: expected a non-zero exit code, got {:?}; stderr: {err}",
+        out.status
+    );
+    assert!(
+        err.ends_with('\n'),
+        "{args:?}: stderr not one line: {err:?}"
+    );
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "{args:?}: expected one line, got: {err}");
+    assert!(lines[0].starts_with("persona-gate: "), "{args:?}: {err}");
+    for n in needles {
+        assert!(lines[0].contains(n), "{args:?}: '{n}' not in: {err}");
+    }
+    for bad in ["panicked", "abort", "core dumped", "RUST_BACKTRACE", "SIG"] {
+        assert!(!err.contains(bad), "{args:?}: {err}");
+    }
+    let after: Vec<_> = std::iter::once(dir)
+        .chain(extra.iter().copied())
+        .map(snapshot)
+        .collect();
+    for (b, a) in before.iter().zip(&after) {
+        let added: Vec<_> = a.keys().filter(|k| !b.contains_key(*k)).collect();
+        assert!(added.is_empty(), "{args:?}: new files {added:?}");
+        assert_eq!(a, b, "{args:?}: files changed");
+    }
 }
