@@ -38,7 +38,7 @@ demo: build models
 	$(BIN) reproduce --model $(QWEN05) --threads $(THREADS) --out runs/demo
 
 test: build models
-	$(CARGO) test --release --locked -- --test-threads=1
+	$(CARGO) test --release --locked --no-fail-fast -- --test-threads=1
 
 lint:
 	$(CARGO) fmt --check

@@ -370,6 +370,43 @@ mod tests {
     }
 
     #[test]
+    fn a_template_that_loops_or_floods_fails_naming_its_origin() {
+        let origin = "tokenizer.chat_template of model.gguf".to_string();
+        let looping =
+            "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}";
+        let t = ChatTemplate::with_origin(looping.into(), "".into(), "".into(), origin.clone())
+            .unwrap();
+        let e = t
+            .render_raw(&SystemPrompt::TemplateDefault, "hi")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&origin) && e.contains("template instructions"),
+            "{e}"
+        );
+        let flood = "{% for i in range(100000) %}{{ 'x' * 100000 }}{% endfor %}";
+        let t =
+            ChatTemplate::with_origin(flood.into(), "".into(), "".into(), origin.clone()).unwrap();
+        let e = t
+            .render_raw(&SystemPrompt::TemplateDefault, "hi")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&origin) && e.contains("renders more than"),
+            "{e}"
+        );
+        let big = "x".repeat(MAX_TEMPLATE_BYTES + 1);
+        let e = ChatTemplate::with_origin(big, "".into(), "".into(), origin.clone())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains(&origin) && e.contains("may have"), "{e}");
+        // A real template stays far inside the budget.
+        let t = ChatTemplate::new(CHATML_QWEN.into(), "".into(), "<|im_end|>".into()).unwrap();
+        assert!(t.render_raw(&SystemPrompt::TemplateDefault, "hi").is_ok());
+    }
+
+    #[test]
     fn raise_exception_is_an_error() {
         let t = ChatTemplate::new(
             "{{ raise_exception('no system role') }}".into(),

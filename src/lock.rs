@@ -131,9 +131,16 @@ mod tests {
         assert!(e.contains(&format!("pid {}", std::process::id())), "{e}");
         assert!(e.contains(&host()), "{e}");
         drop(a);
+        // The lock of a run that wrote nothing leaves no directory behind.
+        assert!(!dir.exists());
         let b = DirLock::acquire(&dir).unwrap();
         assert!(b.path().ends_with(".lock"));
+        std::fs::write(dir.join("result"), "x").unwrap();
         drop(b);
+        assert!(
+            dir.join("result").exists(),
+            "a directory with results is kept"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

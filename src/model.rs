@@ -231,12 +231,14 @@ impl Model {
         // llama.cpp asserts on these instead of failing: check them first.
         match gguf.arch_u64("block_count") {
             Some(n) if (1..=LLAMA_MAX_LAYERS).contains(&n) => {}
-            Some(n) => return Err(Error::file(
-                path,
-                format!(
+            Some(n) => {
+                return Err(Error::file(
+                    path,
+                    format!(
                     "{arch}.block_count is {n}; llama.cpp supports 1 to {LLAMA_MAX_LAYERS} layers"
                 ),
-            )),
+                ))
+            }
             // llama.cpp itself reports a missing key (or an unknown architecture).
             None => {}
         }
