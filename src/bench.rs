@@ -97,6 +97,8 @@ pub struct Job {
     pub prompt_tokens: u64,
     pub shared_tokens: u64,
     pub gen_tokens: u64,
+    /// Prefill decode calls.
+    pub prompt_calls: u64,
     /// Rows decoded for no sequence, as a share of all decoded rows.
     pub padding_share: f64,
     /// Mean sequences per generation step.
@@ -350,6 +352,7 @@ fn grid_once(model: &Model, cfg: &BenchConfig, share: bool, variable_stops: bool
         prompt_tokens: s.prompt_tokens,
         shared_tokens: s.shared_tokens,
         gen_tokens: s.gen_tokens,
+        prompt_calls: s.prompt_calls,
         padding_share: s.padding_rows as f64 / (s.padding_rows + s.gen_tokens).max(1) as f64,
         occupancy: s.occupancy(),
     })
@@ -395,19 +398,24 @@ pub fn persona(model: &Model, repetitions: usize) -> Result<Job> {
     let mut best = Job::default();
     for _ in 0..repetitions.max(1) {
         let t0 = Instant::now();
-        crate::directions::extract_persona(
+        let mut stats = crate::engine::Stats::default();
+        crate::directions::extract_persona_with_stats(
             model,
             &tmpl,
             "compliant",
             persona,
             &questions,
             crate::directions::PersonaPositions::Last,
+            &mut stats,
         )?;
         let s = secs(t0.elapsed());
         if best.seconds == 0.0 || s < best.seconds {
             best = Job {
                 seconds: s,
                 prompts: n,
+                prompt_tokens: stats.prompt_tokens,
+                shared_tokens: stats.shared_tokens,
+                prompt_calls: stats.prompt_calls,
                 ..Job::default()
             };
         }

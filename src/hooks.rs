@@ -367,6 +367,10 @@ pub struct HookSet {
     out_rows: Vec<usize>,
     /// The other owners of each shared-prefix row set, indexed by `RowInfo::shared`.
     shared: Vec<Vec<usize>>,
+    /// Layers some hook acts on for the rows of the current decode: the callback asks only
+    /// for these, so a call whose rows no hook touches runs as one graph (each wanted layer
+    /// splits llama.cpp's graph, and is a device sync on a GPU).
+    active: Vec<bool>,
     /// Per sequence, the edits that apply to it: adds before projections, each kind in the
     /// order added. Built on demand for as many sequences as the rows name.
     by_seq: Vec<Vec<u32>>,
@@ -385,6 +389,7 @@ impl HookSet {
             rows: vec![],
             out_rows: vec![],
             shared: vec![],
+            active: vec![false; n_layer],
             by_seq: vec![],
             names: vec![],
         }
@@ -519,6 +524,43 @@ impl HookSet {
         self.prepare(n);
         self.rows = rows;
         self.shared = shared;
+        self.active = self.active_layers();
+    }
+
+    /// The layers where some edit applies to a row of the current decode, or some capture
+    /// reads one.
+    fn active_layers(&self) -> Vec<bool> {
+        let mut act = vec![false; self.n_layer];
+        let mut seqs: Vec<usize> = self.rows.iter().map(|r| r.seq).collect();
+        seqs.sort_unstable();
+        seqs.dedup();
+        for &q in &seqs {
+            for &e in &self.by_seq[q] {
+                for l in self.edits[e as usize].layers() {
+                    act[l] = true;
+                }
+            }
+        }
+        const NONE: &[usize] = &[];
+        for c in &self.captures {
+            let reads = self.rows.iter().any(|r| {
+                let others = match r.shared {
+                    RowInfo::OWN => NONE,
+                    k => self.shared[k as usize].as_slice(),
+                };
+                r.kind != RowKind::Padding
+                    && c.slot(r).is_some()
+                    && std::iter::once(r.seq)
+                        .chain(others.iter().copied())
+                        .any(|q| c.group_of_seq.get(q).copied().flatten().is_some())
+            });
+            if reads {
+                for &l in &c.layers {
+                    act[l] = true;
+                }
+            }
+        }
+        act
     }
 
     /// Fails if a registered hook never touched a row: a silent no-op would make a steered
@@ -562,7 +604,7 @@ fn dot(a: &[f32], b: &[f32]) -> f64 {
 
 impl LayerVisitor for HookSet {
     fn wants(&self, layer: usize) -> bool {
-        self.want.get(layer).copied().unwrap_or(false)
+        self.active.get(layer).copied().unwrap_or(false)
     }
 
     fn visit(

@@ -46,20 +46,40 @@ impl Footprint {
         }
     }
 
-    /// KV-cache bytes for `parallel` sequences plus the engine's prefix streams.
+    /// KV-cache bytes for `parallel` sequences plus the engine's fewest prefix streams.
     pub fn kv(&self, ctx: u32, parallel: u32) -> u64 {
-        let streams = parallel as u64 + crate::engine::CACHE_STREAMS as u64;
-        self.kv_per_cell * (ctx as u64).div_ceil(256) * 256 * streams
+        self.kv_streams(ctx, parallel + crate::engine::CACHE_STREAMS)
     }
 
-    /// Bytes for a context of `parallel` sequences of `ctx` cells, `batch` tokens per decode.
-    /// The engine adds its shared-prefix cache streams, and llama.cpp rounds each stream up
-    /// to a multiple of 256 cells.
+    /// KV-cache bytes for `streams` streams of `ctx` cells (llama.cpp rounds each up to a
+    /// multiple of 256 cells).
+    pub fn kv_streams(&self, ctx: u32, streams: u32) -> u64 {
+        self.kv_per_cell * (ctx as u64).div_ceil(256) * 256 * streams as u64
+    }
+
+    /// Bytes for a context of `parallel` sequences of `ctx` cells, `batch` tokens per decode,
+    /// with the engine's fewest shared-prefix streams.
     pub fn need(&self, ctx: u32, batch: u32, parallel: u32) -> u64 {
-        let kv = self.kv(ctx, parallel);
+        self.need_with(ctx, batch, parallel, crate::engine::CACHE_STREAMS)
+    }
+
+    /// As [`Footprint::need`] with `prefix` shared-prefix streams.
+    pub fn need_with(&self, ctx: u32, batch: u32, parallel: u32, prefix: u32) -> u64 {
+        let kv = self.kv_streams(ctx, parallel + prefix);
         let compute = batch as u64 * 4 * (self.n_vocab + 8 * self.n_embd) + 16 * MIB;
         let output = parallel as u64 * self.n_vocab * 4;
         self.weights + kv + compute + output + OVERHEAD
+    }
+
+    /// The most shared-prefix streams, from the engine's fewest up to `want`, that fit
+    /// `budget` beside `parallel` sequences. More streams let prompts of many clusters
+    /// (conditions, system prompts) be admitted side by side, sorted by length.
+    pub fn prefix_streams(&self, budget: &Budget, ctx: u32, batch: u32, parallel: u32, want: u32) -> u32 {
+        let min = crate::engine::CACHE_STREAMS;
+        (min..=want.max(min))
+            .rev()
+            .find(|&n| self.need_with(ctx, batch, parallel, n) <= budget.bytes)
+            .unwrap_or(min)
     }
 }
 
@@ -217,6 +237,21 @@ mod tests {
     fn kv_matches_llama_cpp_log() {
         // llama.cpp logged "KV buffer size = 360.00 MiB" for 16 x 1024 cells.
         assert_eq!(fp().kv_per_cell * 1024 * 16, 360 * MIB);
+    }
+
+    #[test]
+    fn prefix_streams_take_what_the_budget_leaves() {
+        let f = fp();
+        let b = |bytes| Budget {
+            bytes,
+            source: "--max-memory".into(),
+        };
+        assert_eq!(f.prefix_streams(&b(u64::MAX), 1024, 512, 16, 16), 16);
+        let five = f.need_with(1024, 512, 16, 5);
+        assert_eq!(f.prefix_streams(&b(five), 1024, 512, 16, 16), 5);
+        assert_eq!(f.prefix_streams(&b(five - 1), 1024, 512, 16, 16), 4);
+        // Never fewer than the engine's minimum (which `fit` already counted).
+        assert_eq!(f.prefix_streams(&b(0), 1024, 512, 16, 16), crate::engine::CACHE_STREAMS);
     }
 
     #[test]

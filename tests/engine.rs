@@ -525,6 +525,89 @@ fn threads_do_not_change_results(file: &str) {
     assert_eq!(digests[0], digests[1], "{file}: 1 vs 2 threads");
 }
 
+/// Prompts of many clusters (five system prompts x four questions, so more clusters than a
+/// two-slot session has prefix streams and streams are freed and reused), prompt-only and
+/// generating: first logits, whole trajectories and prompt-mean captures are the same bits
+/// with 2 or 16 slots (windows of two clusters or one window of all five), without prefix
+/// sharing, and for a prompt alone.
+fn clusters_are_bit_identical(file: &str) {
+    const SYSTEMS: [&str; 5] = [
+        "You are a helpful assistant.",
+        "You are a pirate. Answer every question in a pirate's voice, with nautical words.",
+        "You are terse.",
+        "You are a careful scientist who explains the reasoning behind every answer you give.",
+        "Answer as a poet would.",
+    ];
+    let run = |parallel: u32, share: bool, max_new: usize, only: Option<usize>| {
+        let m = load(file, parallel);
+        let t = m.chat_template(None).unwrap();
+        let mut ps = vec![];
+        for sys in SYSTEMS {
+            for q in FOUR {
+                let f = t
+                    .render(&persona_gate::chat::SystemPrompt::Text(sys.into()), q)
+                    .unwrap();
+                ps.push(Prompt::new(&m, f).unwrap());
+            }
+        }
+        if let Some(i) = only {
+            ps = vec![ps[i].clone()];
+        }
+        let (nl, ne) = (m.info.n_layer, m.info.n_embd);
+        let layers = [0, nl / 2, nl - 1];
+        let mut h = empty(&m);
+        h.add_capture(Capture::new(
+            &layers,
+            Position::PromptMean,
+            (0..ps.len()).map(Some).collect(),
+            1,
+            nl,
+            ne,
+        ))
+        .unwrap();
+        let cfg = persona_gate::engine::GenConfig {
+            max_new_tokens: max_new,
+            keep_first_logits: true,
+            digest: true,
+            ..Default::default()
+        };
+        let mut s = m.session().unwrap();
+        s.set_prefix_sharing(share);
+        let g = s
+            .generate(&ps, &cfg, &mut h, &mut |_, _| false, &mut |_| {})
+            .unwrap();
+        let out: Vec<(Vec<u32>, u64, Vec<i32>, Vec<Vec<u64>>)> = g
+            .iter()
+            .enumerate()
+            .map(|(k, g)| {
+                let first = g.first_logits.as_ref().unwrap();
+                let means = layers
+                    .iter()
+                    .map(|&l| {
+                        let v = h.captures[0].mean(k, 0, l).unwrap();
+                        v.iter().map(|x| x.to_bits()).collect()
+                    })
+                    .collect();
+                (first.iter().map(|x| x.to_bits()).collect(), g.digest, g.tokens.clone(), means)
+            })
+            .collect();
+        (out, s.stats.shared_tokens)
+    };
+    for max_new in [0, 6] {
+        let (base, shared) = run(16, true, max_new, None);
+        assert!(shared > 0, "{file}: no prefix was shared");
+        let (two, shared2) = run(2, true, max_new, None);
+        assert!(shared2 > 0, "{file}: no prefix was shared with two slots");
+        let (none, _) = run(16, false, max_new, None);
+        assert_eq!(two, base, "{file}: 2 slots vs 16, max_new {max_new}");
+        assert_eq!(none, base, "{file}: no sharing vs sharing, max_new {max_new}");
+        for i in [5, 18] {
+            let (alone, _) = run(1, true, max_new, Some(i));
+            assert_eq!(alone[0], base[i], "{file}: prompt {i} alone, max_new {max_new}");
+        }
+    }
+}
+
 macro_rules! on_both {
     ($($name:ident),*) => {
         mod smol { $( #[test] fn $name() { super::$name(super::SMOL) } )* }
@@ -539,5 +622,6 @@ on_both!(
     batch_matches_solo,
     per_sequence_hook_touches_only_its_sequence,
     schedules_are_bit_identical,
+    clusters_are_bit_identical,
     threads_do_not_change_results
 );

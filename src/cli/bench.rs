@@ -171,7 +171,7 @@ pub fn run(a: &BenchArgs, model: Model, out: &mut dyn Write) -> anyhow::Result<(
         )?;
         writeln!(
             out,
-            "| run | s | prompt tokens decoded | copied from a shared prefix | padding rows | sequences per step |\n|---|---:|---:|---:|---:|---:|"
+            "| run | s | prompt tokens decoded | in calls | copied from a shared prefix | padding rows | sequences per step |\n|---|---:|---:|---:|---:|---:|---:|"
         )?;
         for (name, j) in [
             ("shared prefixes", &shared),
@@ -180,9 +180,10 @@ pub fn run(a: &BenchArgs, model: Model, out: &mut dyn Write) -> anyhow::Result<(
         ] {
             writeln!(
                 out,
-                "| {name} | {:.2} | {} | {} | {:.1}% | {:.1} |",
+                "| {name} | {:.2} | {} | {} | {} | {:.1}% | {:.1} |",
                 j.seconds,
                 j.prompt_tokens,
+                j.prompt_calls,
                 j.shared_tokens,
                 100.0 * j.padding_share,
                 j.occupancy
@@ -204,8 +205,8 @@ pub fn run(a: &BenchArgs, model: Model, out: &mut dyn Write) -> anyhow::Result<(
         let j = bench::persona(&model, cfg.repetitions)?;
         writeln!(
             out,
-            "\npersona extraction: {} prompts (built-in compliant persona x neutral questions), {:.2} s",
-            j.prompts, j.seconds
+            "\npersona extraction: {} prompts (built-in compliant persona x neutral questions), {:.2} s; {} prompt tokens decoded in {} calls, {} copied from shared prefixes",
+            j.prompts, j.seconds, j.prompt_tokens, j.prompt_calls, j.shared_tokens
         )?;
     }
     if want(Workload::Hooks) {

@@ -205,6 +205,23 @@ pub fn extract_persona(
     questions: &[Instruction],
     at: PersonaPositions,
 ) -> Result<DirectionFile> {
+    let mut stats = crate::engine::Stats::default();
+    extract_persona_with_stats(model, tmpl, name, persona, questions, at, &mut stats)
+}
+
+/// As [`extract_persona`], also returning the engine's counters (for the benchmark).
+///
+/// # Errors
+/// As [`extract_persona`].
+pub fn extract_persona_with_stats(
+    model: &Model,
+    tmpl: &ChatTemplate,
+    name: &str,
+    persona: &Persona,
+    questions: &[Instruction],
+    at: PersonaPositions,
+    stats: &mut crate::engine::Stats,
+) -> Result<DirectionFile> {
     if questions.is_empty() {
         return Err(Error::Invalid(
             "persona direction: the question set is empty".into(),
@@ -242,9 +259,9 @@ pub fn extract_persona(
         ignore_eog: false,
         digest: false,
     };
-    model
-        .session()?
-        .generate(&ps, &cfg, &mut hooks, &mut |_, _| false, &mut |_| {})?;
+    let mut session = model.session()?;
+    session.generate(&ps, &cfg, &mut hooks, &mut |_, _| false, &mut |_| {})?;
+    *stats = session.stats.clone();
     let rows = diff_rows(&hooks.captures[0], 0, nl, "persona direction")?;
     let mut meta = base_meta(model, "persona")?;
     meta.insert("persona".into(), name.into());

@@ -108,7 +108,10 @@ impl Stats {
     }
 }
 
-/// Spare KV streams that hold decoded shared prefixes until every member has copied them.
+/// The fewest spare KV streams that hold decoded shared prefixes until every member has
+/// copied them. A session takes up to one per slot when memory allows (see
+/// [`crate::memory::Footprint::prefix_streams`]): prompts of that many clusters are then
+/// admitted side by side, sorted by length, so equal lengths share wide prefill calls.
 pub const CACHE_STREAMS: u32 = 2;
 
 /// A decoding session over a model: one llama.cpp context, reused across calls.
@@ -119,6 +122,8 @@ pub struct Session<'m> {
     arch_checked: bool,
     /// Generation slots: sequence ids `0..slots`; the cache streams follow.
     slots: usize,
+    /// Cache streams for shared prefixes: ids `slots..slots + cache_streams`.
+    cache_streams: u32,
     /// Decode shared prefixes once (default on; off to measure or test without it).
     share_prefixes: bool,
     pub stats: Stats,
@@ -170,12 +175,21 @@ impl Model {
             )));
         }
         let slots = o.parallel.min(256 - CACHE_STREAMS);
+        // As many prefix streams as slots when memory allows (GPU memory is not estimated:
+        // the fewest there).
+        let want = slots.min(256 - slots).max(CACHE_STREAMS);
+        let cache_streams = match (&self.budget, o.n_gpu_layers) {
+            (Some(b), 0) => self
+                .footprint
+                .prefix_streams(b, o.ctx, o.batch, slots, want),
+            _ => CACHE_STREAMS,
+        };
         let ctx = ffi::Context::new(
             &self.raw,
             ffi::ContextParams {
                 n_ctx_seq: o.ctx,
                 n_batch: o.batch,
-                n_seq_max: slots + CACHE_STREAMS,
+                n_seq_max: slots + cache_streams,
                 n_threads: o.threads,
                 flash_attn: o.flash_attn,
             },
@@ -186,6 +200,7 @@ impl Model {
             batch: ffi::Batch::new(o.batch as usize),
             arch_checked: false,
             slots: slots as usize,
+            cache_streams,
             share_prefixes: true,
             stats: Stats::default(),
         })
@@ -199,6 +214,18 @@ struct Live {
     done: Option<StopReason>,
     first_logits: Option<Vec<f32>>,
     digest: u64,
+}
+
+impl Live {
+    fn new(prompt: usize) -> Live {
+        Live {
+            prompt,
+            tokens: vec![],
+            done: None,
+            first_logits: None,
+            digest: FNV_START,
+        }
+    }
 }
 
 /// Where a cluster's shared prefix is.
@@ -221,6 +248,10 @@ struct Job<'a> {
     cluster_of: Vec<Option<usize>>,
     clusters: Vec<Cluster>,
     cached: Vec<Cached>,
+    /// Members of each cluster that have copied its prefix so far.
+    copied: Vec<usize>,
+    /// The order prompts enter slots: see [`schedule::admission_order`].
+    order: Vec<usize>,
 }
 
 impl<'m> Session<'m> {
@@ -333,7 +364,14 @@ impl<'m> Session<'m> {
         hooks.prepare(prompts.len());
         let mut job = self.plan(prompts, cfg, hooks);
         self.ctx.clear_kv();
-        let mut pending: VecDeque<usize> = (0..prompts.len()).collect();
+        if cfg.max_new_tokens == 0 {
+            self.evaluate(&mut job, hooks, stop, done)?;
+            if !hooks.is_empty() {
+                hooks.check_touched()?;
+            }
+            return Ok(());
+        }
+        let mut pending: VecDeque<usize> = job.order.iter().copied().collect();
         let mut live: Vec<Live> = Vec::with_capacity(self.slots);
         loop {
             self.retire(&mut live, done)?;
@@ -341,13 +379,7 @@ impl<'m> Session<'m> {
                 let first = live.len();
                 while live.len() < self.slots {
                     let Some(p) = pending.pop_front() else { break };
-                    live.push(Live {
-                        prompt: p,
-                        tokens: vec![],
-                        done: None,
-                        first_logits: None,
-                        digest: FNV_START,
-                    });
+                    live.push(Live::new(p));
                 }
                 self.prefill(&mut live, first, &mut job, hooks, stop)?;
                 // Prompts that are done at their first token (score mode, an immediate
@@ -391,11 +423,18 @@ impl<'m> Session<'m> {
                 cluster_of[m] = Some(c);
             }
         }
+        let own: Vec<usize> = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| p.tokens.len() - cluster_of[i].map_or(0, |c| clusters[c].len))
+            .collect();
         Job {
             prompts,
             cfg,
+            order: schedule::admission_order(&own, &clusters, self.cache_streams as usize),
             cluster_of,
             cached: vec![Cached::NotYet; clusters.len()],
+            copied: vec![0; clusters.len()],
             clusters,
         }
     }
@@ -420,16 +459,115 @@ impl<'m> Session<'m> {
                 self.stats.stream_copies += 1;
             }
             let s = live.swap_remove(h);
-            let g = Generation {
-                text: self.model.detokenize(&s.tokens),
-                tokens: s.tokens,
-                stop: s.done.expect("finished"),
-                first_logits: s.first_logits,
-                digest: s.digest,
-            };
-            done(s.prompt, g)?;
+            let (p, g) = self.finished(s);
+            done(p, g)?;
         }
         Ok(())
+    }
+
+    /// Decodes into cache streams the shared prefixes of the clusters whose first member is
+    /// among `arrivals` (in admission order). A cluster that finds no free cache stream runs
+    /// unshared.
+    fn start_prefixes(
+        &mut self,
+        arrivals: &[usize],
+        job: &mut Job<'_>,
+        hooks: &mut HookSet,
+    ) -> Result<()> {
+        let cache_base = self.slots as i32;
+        let mut to_decode: Vec<(i32, usize)> = Vec::new(); // (stream, cluster)
+        for &p in arrivals {
+            let Some(c) = job.cluster_of[p] else {
+                continue;
+            };
+            if job.cached[c] != Cached::NotYet {
+                continue;
+            }
+            let busy = |st: i32| job.cached.iter().any(|x| *x == Cached::In(st));
+            match (cache_base..cache_base + self.cache_streams as i32).find(|&st| !busy(st)) {
+                Some(st) => {
+                    job.cached[c] = Cached::In(st);
+                    to_decode.push((st, c));
+                }
+                None => job.cached[c] = Cached::Unshared,
+            }
+        }
+        to_decode.sort_unstable();
+        if to_decode.is_empty() {
+            return Ok(());
+        }
+        let items: Vec<PrefillItem> = to_decode
+            .iter()
+            .map(|&(st, c)| {
+                let cl = &job.clusters[c];
+                PrefillItem {
+                    stream: st,
+                    prompt: cl.members.start,
+                    from: 0,
+                    to: cl.len,
+                    shared: cl.members.clone().skip(1).collect(),
+                }
+            })
+            .collect();
+        self.decode_prefill(items, job, hooks, &mut |_, _| Ok(()))
+    }
+
+    /// Queues the copy of prompt `p`'s shared prefix into `slot`, if it has one in a cache
+    /// stream; returns where its own tokens start.
+    fn copy_prefix(&mut self, slot: usize, p: usize, job: &mut Job<'_>) -> usize {
+        let Some(c) = job.cluster_of[p] else {
+            return 0;
+        };
+        let Cached::In(st) = job.cached[c] else {
+            return 0;
+        };
+        self.ctx.seq_cp(st, slot as i32);
+        self.stats.stream_copies += 1;
+        let from = job.clusters[c].len;
+        // The first copy stands for the one decode of the prefix; the others are saved.
+        if job.copied[c] > 0 {
+            self.stats.shared_tokens += from as u64;
+        }
+        job.copied[c] += 1;
+        // The last member's copy frees the stream: its data is copied at the start of the
+        // next decode, before that decode writes anything (into this stream or any other).
+        if job.copied[c] == job.clusters[c].members.len() {
+            self.ctx.seq_rm(st);
+            job.cached[c] = Cached::Released;
+        }
+        from
+    }
+
+    /// Starts the prompts `arrived` = (slot, prompt): copies the shared prefixes already in
+    /// a cache stream first (freeing the streams whose every member now has its copy), then
+    /// decodes the prefixes of clusters arriving for the first time and copies those.
+    /// Returns where each prompt's own tokens start.
+    fn admit(
+        &mut self,
+        arrived: &[(usize, usize)],
+        job: &mut Job<'_>,
+        hooks: &mut HookSet,
+    ) -> Result<Vec<usize>> {
+        let mut from: Vec<Option<usize>> = vec![None; arrived.len()];
+        for (k, &(slot, p)) in arrived.iter().enumerate() {
+            if let Some(c) = job.cluster_of[p] {
+                if matches!(job.cached[c], Cached::In(_)) {
+                    from[k] = Some(self.copy_prefix(slot, p, job));
+                }
+            }
+        }
+        let rest: Vec<usize> = arrived
+            .iter()
+            .zip(&from)
+            .filter(|(_, f)| f.is_none())
+            .map(|(a, _)| a.1)
+            .collect();
+        self.start_prefixes(&rest, job, hooks)?;
+        Ok(arrived
+            .iter()
+            .zip(from)
+            .map(|(&(slot, p), f)| f.unwrap_or_else(|| self.copy_prefix(slot, p, job)))
+            .collect())
     }
 
     /// Prefills the prompts that just entered slots `first..`: shared prefixes not yet in a
@@ -444,62 +582,20 @@ impl<'m> Session<'m> {
         stop: &mut dyn FnMut(usize, &[Token]) -> bool,
     ) -> Result<()> {
         let t0 = Instant::now();
-        // 1. Cache streams for clusters whose first member is here.
-        let cache_base = self.slots as i32;
-        let mut to_decode: Vec<(i32, usize)> = Vec::new(); // (stream, cluster)
-        for s in &live[first..] {
-            let Some(c) = job.cluster_of[s.prompt] else {
-                continue;
-            };
-            if job.cached[c] != Cached::NotYet {
-                continue;
-            }
-            let busy = |st: i32| job.cached.iter().any(|x| *x == Cached::In(st));
-            match (cache_base..cache_base + CACHE_STREAMS as i32).find(|&st| !busy(st)) {
-                Some(st) => {
-                    job.cached[c] = Cached::In(st);
-                    to_decode.push((st, c));
-                }
-                None => job.cached[c] = Cached::Unshared,
-            }
-        }
-        to_decode.sort_unstable();
-        if !to_decode.is_empty() {
-            let items: Vec<PrefillItem> = to_decode
-                .iter()
-                .map(|&(st, c)| {
-                    let cl = &job.clusters[c];
-                    PrefillItem {
-                        stream: st,
-                        prompt: cl.members.start,
-                        from: 0,
-                        to: cl.len,
-                        shared: cl.members.clone().skip(1).collect(),
-                    }
-                })
-                .collect();
-            self.decode_prefill(items, job, hooks, &mut |_, _| Ok(()))?;
-        }
-        // 2. Copies, then each new prompt's own tokens.
+        let arrived: Vec<(usize, usize)> = live
+            .iter()
+            .enumerate()
+            .skip(first)
+            .map(|(slot, s)| (slot, s.prompt))
+            .collect();
+        let starts = self.admit(&arrived, job, hooks)?;
         let mut items = Vec::new();
-        for (slot, s) in live.iter().enumerate().skip(first) {
-            let n = job.prompts[s.prompt].tokens.len();
-            let mut from = 0;
-            if let Some(c) = job.cluster_of[s.prompt] {
-                if let Cached::In(st) = job.cached[c] {
-                    self.ctx.seq_cp(st, slot as i32);
-                    self.stats.stream_copies += 1;
-                    from = job.clusters[c].len;
-                    if s.prompt != job.clusters[c].members.start {
-                        self.stats.shared_tokens += from as u64;
-                    }
-                }
-            }
+        for ((slot, s), from) in live.iter().enumerate().skip(first).zip(starts) {
             items.push(PrefillItem {
                 stream: slot as i32,
                 prompt: s.prompt,
                 from,
-                to: n,
+                to: job.prompts[s.prompt].tokens.len(),
                 shared: vec![],
             });
         }
@@ -508,23 +604,90 @@ impl<'m> Session<'m> {
             firsts.push((stream as usize, logits.to_vec()));
             Ok(())
         })?;
-        // 3. Cache streams whose last member has copied are free again (the copies ran at
-        //    the start of the decode above).
-        for s in &live[first..] {
-            if let Some(c) = job.cluster_of[s.prompt] {
-                if let Cached::In(st) = job.cached[c] {
-                    if s.prompt + 1 == job.clusters[c].members.end {
-                        self.ctx.seq_rm(st);
-                        job.cached[c] = Cached::Released;
-                    }
-                }
-            }
-        }
         self.stats.prompt_time += t0.elapsed();
         for (slot, logits) in firsts {
             self.accept(&mut live[slot], &logits, job.cfg, hooks, stop)?;
         }
         Ok(())
+    }
+
+    /// Prompts only (no generation): every slot prefills continuously, and a slot whose
+    /// prompt is done is refilled before the next call, so each call takes the same number
+    /// of tokens from every slot, many rows at once. (Rounds that must finish every prompt
+    /// before refilling end in a staircase of tiny calls: measured on persona extraction,
+    /// 136 calls of 14 rows on average for 128 prompts.)
+    fn evaluate(
+        &mut self,
+        job: &mut Job<'_>,
+        hooks: &mut HookSet,
+        stop: &mut dyn FnMut(usize, &[Token]) -> bool,
+        done: &mut dyn FnMut(usize, Generation) -> Result<()>,
+    ) -> Result<()> {
+        let n = self.slots;
+        let mut pending: VecDeque<usize> = job.order.iter().copied().collect();
+        let mut slots: Vec<Option<(Live, PrefillItem)>> = (0..n).map(|_| None).collect();
+        loop {
+            let t0 = Instant::now();
+            let mut arrived: Vec<(usize, usize)> = Vec::new();
+            for (i, s) in slots.iter().enumerate() {
+                if s.is_none() {
+                    match pending.pop_front() {
+                        Some(p) => arrived.push((i, p)),
+                        None => break,
+                    }
+                }
+            }
+            let starts = self.admit(&arrived, job, hooks)?;
+            for (&(i, p), from) in arrived.iter().zip(starts) {
+                slots[i] = Some((
+                    Live::new(p),
+                    PrefillItem {
+                        stream: i as i32,
+                        prompt: p,
+                        from,
+                        to: job.prompts[p].tokens.len(),
+                        shared: vec![],
+                    },
+                ));
+            }
+            let active: Vec<usize> = (0..n).filter(|&i| slots[i].is_some()).collect();
+            if active.is_empty() {
+                break;
+            }
+            let items: Vec<PrefillItem> = active
+                .iter()
+                .map(|&i| slots[i].as_ref().expect("active").1.clone())
+                .collect();
+            let mut next: Vec<usize> = items.iter().map(|it| it.from).collect();
+            let outs = self.prefill_call(&items, &mut next, job, hooks)?;
+            for (k, &i) in active.iter().enumerate() {
+                slots[i].as_mut().expect("active").1.from = next[k];
+            }
+            self.stats.prompt_time += t0.elapsed();
+            for (k, logits) in outs {
+                let i = active[k];
+                let (mut live, _) = slots[i].take().expect("active");
+                self.accept(&mut live, &logits, job.cfg, hooks, stop)?;
+                self.ctx.seq_rm(i as i32);
+                let g = self.finished(live);
+                done(g.0, g.1)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A finished sequence's (prompt, result).
+    fn finished(&self, s: Live) -> (usize, Generation) {
+        (
+            s.prompt,
+            Generation {
+                text: self.model.detokenize(&s.tokens),
+                tokens: s.tokens,
+                stop: s.done.unwrap_or(StopReason::MaxTokens),
+                first_logits: s.first_logits,
+                digest: s.digest,
+            },
+        )
     }
 
     /// Decodes prompt tokens `from..to` of each item into its stream, packed into calls by
@@ -538,70 +701,77 @@ impl<'m> Session<'m> {
         last: &mut dyn FnMut(i32, &[f32]) -> Result<()>,
     ) -> Result<()> {
         let mut next: Vec<usize> = items.iter().map(|it| it.from).collect();
-        let cap = self.batch.capacity();
-        loop {
-            let pending: Vec<(usize, usize)> = items
-                .iter()
-                .zip(&next)
-                .filter(|(it, &n)| n < it.to)
-                .map(|(it, &n)| (it.stream as usize, it.to - n))
-                .collect();
-            if pending.is_empty() {
-                return Ok(());
-            }
-            let (k, take) = schedule::next_prefill(&pending, cap);
-            self.batch.clear();
-            let mut rows = Vec::new();
-            let mut shared_sets = Vec::new();
-            let mut outputs = Vec::new();
-            for &(stream, _) in &pending[..k] {
-                let i = items
-                    .iter()
-                    .position(|it| it.stream as usize == stream)
-                    .expect("pending comes from items");
-                let it = &items[i];
-                let p = &job.prompts[it.prompt];
-                let len = p.tokens.len();
-                let shared = if it.shared.is_empty() {
-                    RowInfo::OWN
-                } else {
-                    shared_sets.push(it.shared.clone());
-                    (shared_sets.len() - 1) as u32
-                };
-                for idx in next[i]..next[i] + take {
-                    let kind = RowKind::Prompt {
-                        idx: idx as u32,
-                        len: len as u32,
-                        post_start: p.post_instruction.start as u32,
-                    };
-                    let is_last = idx + 1 == len;
-                    let output = is_last
-                        || hooks.needs_row_at_last_layer(it.prompt, kind)
-                        || it
-                            .shared
-                            .iter()
-                            .any(|&m| hooks.needs_row_at_last_layer(m, kind));
-                    if is_last {
-                        outputs.push((it.stream, self.batch.len()));
-                    }
-                    self.batch
-                        .push(p.tokens[idx], idx as i32, it.stream, output);
-                    rows.push(RowInfo {
-                        seq: it.prompt,
-                        kind,
-                        output,
-                        shared,
-                    });
-                }
-                next[i] += take;
-            }
-            self.flush(&mut rows, shared_sets, hooks)?;
-            self.stats.prompt_tokens += (k * take) as u64;
-            self.stats.prompt_calls += 1;
-            for (stream, b) in outputs {
-                last(stream, self.ctx.logits(b))?;
+        while items.iter().zip(&next).any(|(it, &n)| n < it.to) {
+            for (k, logits) in self.prefill_call(&items, &mut next, job, hooks)? {
+                last(items[k].stream, &logits)?;
             }
         }
+        Ok(())
+    }
+
+    /// One prefill call over the items with tokens left (`next[k]` is where item `k` is),
+    /// shaped by [`schedule::next_prefill`]; returns (item, last-token logits) for each item
+    /// whose prompt ended in this call.
+    fn prefill_call(
+        &mut self,
+        items: &[PrefillItem],
+        next: &mut [usize],
+        job: &Job<'_>,
+        hooks: &mut HookSet,
+    ) -> Result<Vec<(usize, Vec<f32>)>> {
+        let open: Vec<usize> = (0..items.len()).filter(|&k| next[k] < items[k].to).collect();
+        let pending: Vec<(usize, usize)> = open
+            .iter()
+            .map(|&k| (items[k].stream as usize, items[k].to - next[k]))
+            .collect();
+        let (a, n, take) = schedule::next_prefill(&pending, self.batch.capacity());
+        self.batch.clear();
+        let mut rows = Vec::new();
+        let mut shared_sets = Vec::new();
+        let mut outputs = Vec::new();
+        for &k in &open[a..a + n] {
+            let it = &items[k];
+            let p = &job.prompts[it.prompt];
+            let len = p.tokens.len();
+            let shared = if it.shared.is_empty() {
+                RowInfo::OWN
+            } else {
+                shared_sets.push(it.shared.clone());
+                (shared_sets.len() - 1) as u32
+            };
+            for idx in next[k]..next[k] + take {
+                let kind = RowKind::Prompt {
+                    idx: idx as u32,
+                    len: len as u32,
+                    post_start: p.post_instruction.start as u32,
+                };
+                let is_last = idx + 1 == len;
+                let output = is_last
+                    || hooks.needs_row_at_last_layer(it.prompt, kind)
+                    || it
+                        .shared
+                        .iter()
+                        .any(|&m| hooks.needs_row_at_last_layer(m, kind));
+                if is_last {
+                    outputs.push((k, self.batch.len()));
+                }
+                self.batch.push(p.tokens[idx], idx as i32, it.stream, output);
+                rows.push(RowInfo {
+                    seq: it.prompt,
+                    kind,
+                    output,
+                    shared,
+                });
+            }
+            next[k] += take;
+        }
+        self.flush(&mut rows, shared_sets, hooks)?;
+        self.stats.prompt_tokens += (n * take) as u64;
+        self.stats.prompt_calls += 1;
+        Ok(outputs
+            .into_iter()
+            .map(|(k, b)| (k, self.ctx.logits(b).to_vec()))
+            .collect())
     }
 
     /// One generation step: the last accepted token of every live sequence, in slot order.
@@ -786,6 +956,7 @@ impl<'m> Session<'m> {
 
 /// Prompt tokens `from..to` of `prompt` to decode into `stream`; `shared` lists the other
 /// prompts that own these rows (a cluster's prefix).
+#[derive(Clone)]
 struct PrefillItem {
     stream: i32,
     prompt: usize,
