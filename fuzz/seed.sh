@@ -10,7 +10,7 @@ SHARED=${SHARED:-../shared/data}
 MODELS=${MODELS:-$HOME/.cache/persona-gate/models}
 BIN=${BIN:-target/release/persona-gate}
 OUT=fuzz/corpus
-mkdir -p "$OUT"/{prompts,safetensors,gguf,cvec,personas,spec}
+mkdir -p "$OUT"/{prompts,safetensors,gguf,cvec,personas,spec,template,group}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
@@ -182,6 +182,30 @@ if os.path.exists(model):
     kv = [(k, v) for k, v in kv if k != b"tokenizer.chat_template"] + [(b"tokenizer.chat_template", S("{{ messages }}"))]
     put("gguf", "smol-header.gguf", gguf(kv, [("token_embd.weight", [0.0] * 8)]))
 PY
-for t in prompts safetensors gguf cvec personas spec; do
+# ---- template: every chat template llama.cpp ships (the sdist's models/templates), cut to
+# 8 KB, and the two test models' own.
+for f in "$HOME"/.cache/persona-gate/llama-cpp-python-*/vendor/llama.cpp/models/templates/*.jinja; do
+  [ -f "$f" ] && head -c 8192 "$f" > "$OUT/template/$(basename "$f")"
+done
+printf '%s' '{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}' > "$OUT/template/minimal.jinja"
+
+# ---- group: byte 0 picks the group; the rest a group file, real ones from a tiny run on
+# the plan fuzz/plan.json was taken from (fuzz/plan-spec.toml), then edited copies.
+if [ -x "$BIN" ] && [ -f "$MODELS/SmolLM2-135M-Instruct.Q4_1.gguf" ]; then
+  "$BIN" reproduce -m "$MODELS/SmolLM2-135M-Instruct.Q4_1.gguf" -t 2 --spec fuzz/plan-spec.toml \
+    -o "$tmp/run" > /dev/null
+  cp "$tmp/run/plan.json" fuzz/plan.json
+  i=0
+  for g in "$tmp"/run/groups/g*.csv; do
+    [ -f "$g" ] || continue
+    { printf "\\x$(printf %02x $i)"; cat "$g"; } > "$OUT/group/g$i.csv"
+    { printf "\\x$(printf %02x $i)"; head -c 200 "$g"; } > "$OUT/group/g$i-cut.csv"
+    i=$((i + 1))
+  done
+fi
+printf '\x00a,b\n"unterminated' > "$OUT/group/quote.csv"
+[ -f fuzz/plan.json ] || { echo "seed.sh: the group target needs fuzz/plan.json (binary and SmolLM2 model)" >&2; exit 1; }
+
+for t in prompts safetensors gguf cvec personas spec template group; do
   echo "fuzz/corpus/$t: $(ls "$OUT/$t" | wc -l) files, $(du -sk "$OUT/$t" | cut -f1) KB"
 done

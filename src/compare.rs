@@ -155,6 +155,7 @@ pub fn compare(
     progress: &mut Progress<'_>,
     note: &mut dyn FnMut(String),
 ) -> Result<Compared> {
+    let _lock = crate::lock::DirLock::acquire(out)?;
     let runs = out.join("runs");
     let mut paths = vec![reference.to_path_buf()];
     paths.extend(models.iter().cloned());

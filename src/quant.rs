@@ -109,7 +109,8 @@ pub fn quantize(
     if wanted.is_empty() {
         return Err(Error::Invalid("--types: no types given".into()));
     }
-    std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
+    // Two quantizers writing one directory would race on the same outputs.
+    let _lock = crate::lock::DirLock::acquire(out_dir)?;
     let probe = out_dir.join(output_name(input, &wanted[0].0));
     crate::util::check_writable(&probe).map_err(|e| Error::io(out_dir, e))?;
     let in_sha = file_sha256(input)?;

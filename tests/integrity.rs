@@ -265,6 +265,19 @@ fn a_second_process_on_a_run_directory_is_refused() {
         assert_eq!(err.lines().count(), 1, "{err}");
     }
     let _ = other;
+    // Nor can a judge (it rewrites completions.csv) or a quantizer write there meanwhile.
+    for args in [
+        vec!["judge", "--run", "run", "-m", m.as_str(), "-t", "1"],
+        vec!["quantize", "-m", m.as_str(), "--types", "Q8_0", "--out-dir", "run"],
+    ] {
+        let o = bin().current_dir(&d).args(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains("is in use by another persona-gate process") && err.contains(&pid),
+            "{args:?}: {err}"
+        );
+    }
     let out = a.wait_with_output().unwrap();
     assert!(
         out.status.success(),

@@ -43,9 +43,11 @@ pub fn run(a: &JudgeArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     if let Some(t) = &a.template {
         judge::Template::load(t).context("--template")?;
     }
+    // Whether it holds completions is checked under the directory's lock (a run still
+    // writing there is named as such).
     anyhow::ensure!(
-        a.run.join("completions.csv").is_file(),
-        "--run {}: no completions.csv (a finished `reproduce` run directory?)",
+        a.run.is_dir(),
+        "--run {}: not a directory (a `reproduce` run directory?)",
         a.run.display()
     );
     let model = Model::load(&a.model.model, &a.model.options())?;

@@ -105,13 +105,15 @@ fn judge_finished(
     let jm = Model::load(Path::new(&j.model), &opts)?;
     for k in &j.kinds {
         let kind: crate::judge::JudgeKind = k.parse()?;
-        let s = crate::judge::judge_run(
-            dir,
-            &jm,
-            kind,
-            j.template.as_deref().map(Path::new),
-            &mut |d, t| progress("judge", d, t, k),
-        )?;
+        // This process holds the run directory's lock already.
+        let template = match &j.template {
+            Some(p) => crate::judge::Template::load(Path::new(p))?,
+            None => crate::judge::Template::builtin(kind),
+        };
+        let judge = crate::judge::Judge::new(&jm, kind, template)?;
+        let s = crate::judge::judge_run_with(dir, &judge, &mut |d, t| {
+            progress("judge", d, t, k)
+        })?;
         note(s.table());
     }
     Ok(())

@@ -1225,6 +1225,14 @@ pub fn verify_group(plan: &Plan, dir: &Path, g: usize) -> GroupState {
             Err(e) => return GroupState::Invalid(e.to_string()),
         },
     };
+    verify_group_bytes(plan, g, &bytes)
+}
+
+/// [`verify_group`] on a group file's bytes (the fuzz target's entry).
+pub fn verify_group_bytes(plan: &Plan, g: usize, bytes: &[u8]) -> GroupState {
+    if g >= plan.n_groups {
+        return GroupState::Invalid(format!("group {g} is not in the plan"));
+    }
     let want = plan.group_pairs(g);
     let head = header(plan);
     let col = |n: &str| head.iter().position(|h| h == n).expect("known column");
@@ -1232,7 +1240,7 @@ pub fn verify_group(plan: &Plan, dir: &Path, g: usize) -> GroupState {
     let mut r = csv::ReaderBuilder::new()
         .has_headers(false)
         .flexible(true)
-        .from_reader(bytes.as_slice());
+        .from_reader(bytes);
     let mut n = 0;
     for (i, rec) in r.records().enumerate() {
         let rec = match rec {

@@ -843,6 +843,14 @@ pub fn judge_run(
     template_override: Option<&Path>,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<JudgeSummary> {
+    // A judge rewrites completions.csv: never beside a reproduce or another judge there.
+    let _lock = crate::lock::DirLock::acquire(dir)?;
+    if !dir.join("completions.csv").is_file() {
+        return Err(Error::file(
+            dir,
+            "no completions.csv (a finished `reproduce` run directory?)",
+        ));
+    }
     let template = match template_override {
         Some(p) => Template::load(p)?,
         None => Template::builtin(kind),
