@@ -431,7 +431,12 @@ impl<'m> Session<'m> {
         Job {
             prompts,
             cfg,
-            order: schedule::admission_order(&own, &clusters, self.cache_streams as usize),
+            order: schedule::admission_order(
+                &own,
+                &clusters,
+                self.cache_streams as usize,
+                self.slots,
+            ),
             cluster_of,
             cached: vec![Cached::NotYet; clusters.len()],
             copied: vec![0; clusters.len()],

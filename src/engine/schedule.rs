@@ -58,33 +58,59 @@ pub fn plan_prefixes(tokens: &[&[i32]], signature: &[u64], limit: &[usize]) -> V
     out
 }
 
-/// The order prompts enter slots, given each prompt's own tokens (after any shared prefix):
-/// clusters taken `window` at a time (the session's cache streams, so every cluster of a
-/// window has its prefix decoded while its members arrive), and each window's prompts,
-/// with the unclustered ones between, longest first.
+/// The order prompts enter slots, given each prompt's own tokens (after any shared prefix).
+///
+/// Clusters are taken `window` at a time (the session's prefix streams, so every cluster of
+/// a block has its prefix decoded while its members arrive), with the unclustered prompts
+/// before them. Within a block, prompts go in columns: members `0..piece` of every cluster,
+/// then members `piece..2 piece`, and so on, each column longest first.
 ///
 /// Prompts decoded together take the same number of tokens per call, so prompts of equal
 /// length finish together in one wide call, while unequal ones end in a staircase of narrow
-/// calls (a prompt one token longer than its neighbour cannot finish beside it). Sorting one
-/// cluster alone leaves neighbours one token apart; the clusters of a grid or a persona set
-/// hold the same questions under different conditions or system prompts, so interleaving
-/// them by length puts equal lengths side by side. Measured on 128 persona prompts (8
-/// system prompts x 16 questions, 16 slots): 129 prefill calls cluster by cluster, 17 with
-/// all 8 clusters in one window. Results do not depend on the order (batch invariance).
-pub fn admission_order(own: &[usize], clusters: &[Cluster], window: usize) -> Vec<usize> {
+/// calls (a prompt one token longer than its neighbour cannot finish beside it). The
+/// clusters of a grid or a persona set hold the same questions under different conditions
+/// or system prompts, so a column puts the same question under up to `window` conditions
+/// side by side: measured on 128 persona prompts (8 system prompts x 16 questions, 16
+/// slots), 129 prefill calls cluster by cluster, 17 in columns. Columns also keep the
+/// prompts in flight to about `window x piece`, so the groups of a run complete (and are
+/// written) as it goes rather than at the end of a block. Results do not depend on the
+/// order (batch invariance).
+pub fn admission_order(own: &[usize], clusters: &[Cluster], window: usize, piece: usize) -> Vec<usize> {
+    let piece = piece.max(1);
     let by_len = |a: &usize, b: &usize| own[*b].cmp(&own[*a]).then(a.cmp(b));
-    let mut order = Vec::with_capacity(own.len());
+    // Segments covering 0..n in order: unclustered runs and clusters, cut into blocks that
+    // hold `window` clusters each.
+    let mut blocks: Vec<Vec<Range<usize>>> = vec![vec![]];
+    let mut in_block = 0;
     let mut at = 0;
-    for w in clusters.chunks(window.max(1)) {
-        let end = w.last().map_or(at, |c| c.members.end);
-        let mut m: Vec<usize> = (at..end).collect();
-        m.sort_by(by_len);
-        order.extend(m);
-        at = end;
+    for cl in clusters {
+        if in_block == window.max(1) {
+            blocks.push(vec![]);
+            in_block = 0;
+        }
+        let b = blocks.last_mut().expect("one block");
+        if at < cl.members.start {
+            b.push(at..cl.members.start);
+        }
+        b.push(cl.members.clone());
+        in_block += 1;
+        at = cl.members.end;
     }
-    let mut rest: Vec<usize> = (at..own.len()).collect();
-    rest.sort_by(by_len);
-    order.extend(rest);
+    if at < own.len() {
+        blocks.last_mut().expect("one block").push(at..own.len());
+    }
+    let mut order = Vec::with_capacity(own.len());
+    for b in &blocks {
+        let longest = b.iter().map(|r| r.len()).max().unwrap_or(0);
+        for j in (0..longest).step_by(piece) {
+            let mut col: Vec<usize> = b
+                .iter()
+                .flat_map(|r| (r.start + j).min(r.end)..(r.start + j + piece).min(r.end))
+                .collect();
+            col.sort_by(by_len);
+            order.extend(col);
+        }
+    }
     order
 }
 
@@ -245,16 +271,16 @@ mod tests {
     }
 
     #[test]
-    fn admission_is_longest_first_within_windows_of_clusters() {
+    fn admission_is_longest_first_in_columns_of_clusters() {
         let own = [3, 9, 5, 2, 8, 4, 7];
         let one = [Cluster {
             members: 2..5,
             len: 10,
         }];
-        assert_eq!(admission_order(&own, &one, 1), vec![1, 4, 2, 0, 3, 6, 5]);
-        assert_eq!(admission_order(&own, &[], 2), vec![1, 4, 6, 2, 5, 0, 3]);
-        // Two clusters of the same three questions: one window interleaves them by length,
-        // windows of one keep each cluster's members together.
+        assert_eq!(admission_order(&own, &one, 1, 16), vec![1, 4, 6, 2, 5, 0, 3]);
+        assert_eq!(admission_order(&own, &[], 2, 16), vec![1, 4, 6, 2, 5, 0, 3]);
+        // Two clusters of the same three questions: one block interleaves them by length,
+        // blocks of one keep each cluster's members together.
         let own = [5, 9, 7, 5, 9, 7];
         let two = [
             Cluster {
@@ -266,8 +292,32 @@ mod tests {
                 len: 30,
             },
         ];
-        assert_eq!(admission_order(&own, &two, 2), vec![1, 4, 2, 5, 0, 3]);
-        assert_eq!(admission_order(&own, &two, 1), vec![1, 2, 0, 4, 5, 3]);
+        assert_eq!(admission_order(&own, &two, 2, 16), vec![1, 4, 2, 5, 0, 3]);
+        assert_eq!(admission_order(&own, &two, 1, 16), vec![1, 2, 0, 4, 5, 3]);
+        // Columns of two: the first two questions of both clusters, then the third.
+        assert_eq!(admission_order(&own, &two, 2, 2), vec![1, 4, 0, 3, 2, 5]);
+        // Every prompt exactly once, whatever the shapes.
+        let mut rng = Rng::new(3);
+        for _ in 0..500 {
+            let n = 1 + rng.below(60) as usize;
+            let own: Vec<usize> = (0..n).map(|_| 2 + rng.below(30) as usize).collect();
+            let mut cl = vec![];
+            let mut i = rng.below(3) as usize;
+            while i + 2 <= n {
+                let len = 2 + rng.below(12) as usize;
+                let end = (i + len).min(n);
+                cl.push(Cluster {
+                    members: i..end,
+                    len: 8,
+                });
+                i = end + rng.below(3) as usize;
+            }
+            let w = 1 + rng.below(5) as usize;
+            let p = 1 + rng.below(8) as usize;
+            let mut o = admission_order(&own, &cl, w, p);
+            o.sort_unstable();
+            assert_eq!(o, (0..n).collect::<Vec<_>>());
+        }
     }
 
     /// Calls `next_prefill` makes for prompts admitted in `order` through `slots` slots that
@@ -307,8 +357,8 @@ mod tests {
                 len: 30,
             })
             .collect();
-        let apart = calls_with_refill(&own, &admission_order(&own, &clusters, 1), 16);
-        let together = calls_with_refill(&own, &admission_order(&own, &clusters, 8), 16);
+        let apart = calls_with_refill(&own, &admission_order(&own, &clusters, 1, 16), 16);
+        let together = calls_with_refill(&own, &admission_order(&own, &clusters, 8, 16), 16);
         assert!(together * 4 <= apart, "{together} calls interleaved vs {apart} apart");
     }
 
