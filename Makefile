@@ -101,7 +101,7 @@ clean:
 # fuzz/artifacts/<target>/ and stop the run; per-target logs in fuzz/logs/; numbers in
 # fuzz/RESULTS.md.
 FUZZ_SECONDS ?= 100
-FUZZ_TARGETS := prompts safetensors gguf cvec personas spec template group
+FUZZ_TARGETS ?= prompts safetensors gguf cvec personas spec template group
 fuzz: build models
 	@rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
 	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked

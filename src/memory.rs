@@ -74,7 +74,14 @@ impl Footprint {
     /// The most shared-prefix streams, from the engine's fewest up to `want`, that fit
     /// `budget` beside `parallel` sequences. More streams let prompts of many clusters
     /// (conditions, system prompts) be admitted side by side, sorted by length.
-    pub fn prefix_streams(&self, budget: &Budget, ctx: u32, batch: u32, parallel: u32, want: u32) -> u32 {
+    pub fn prefix_streams(
+        &self,
+        budget: &Budget,
+        ctx: u32,
+        batch: u32,
+        parallel: u32,
+        want: u32,
+    ) -> u32 {
         let min = crate::engine::CACHE_STREAMS;
         (min..=want.max(min))
             .rev()
@@ -251,7 +258,10 @@ mod tests {
         assert_eq!(f.prefix_streams(&b(five), 1024, 512, 16, 16), 5);
         assert_eq!(f.prefix_streams(&b(five - 1), 1024, 512, 16, 16), 4);
         // Never fewer than the engine's minimum (which `fit` already counted).
-        assert_eq!(f.prefix_streams(&b(0), 1024, 512, 16, 16), crate::engine::CACHE_STREAMS);
+        assert_eq!(
+            f.prefix_streams(&b(0), 1024, 512, 16, 16),
+            crate::engine::CACHE_STREAMS
+        );
     }
 
     #[test]

@@ -47,14 +47,14 @@ fn gguf(kv: &[(&str, &str)], tensors: &[(&str, Vec<f32>)]) -> Vec<u8> {
         b.extend(off.to_le_bytes());
         off += ((v.len() * 4).div_ceil(32) * 32) as u64;
     }
-    while b.len() % 32 != 0 {
+    while !b.len().is_multiple_of(32) {
         b.push(0);
     }
     for (_, v) in tensors {
         for x in v {
             b.extend(x.to_le_bytes());
         }
-        while b.len() % 32 != 0 {
+        while !b.len().is_multiple_of(32) {
             b.push(0);
         }
     }
@@ -75,7 +75,7 @@ fn safetensors(name: &str, n_layer: usize, n_embd: usize, meta: &[(&str, &str)])
         "__metadata__": meta,
     });
     let mut h = serde_json::to_vec(&header).unwrap();
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let mut out = (h.len() as u64).to_le_bytes().to_vec();

@@ -525,6 +525,9 @@ fn threads_do_not_change_results(file: &str) {
     assert_eq!(digests[0], digests[1], "{file}: 1 vs 2 threads");
 }
 
+/// One prompt's result as bits: first logits, trajectory digest, tokens, capture per layer.
+type Seen = (Vec<u32>, u64, Vec<i32>, Vec<Vec<u64>>);
+
 /// Prompts of many clusters (five system prompts x four questions, so more clusters than a
 /// two-slot session has prefix streams and streams are freed and reused), prompt-only and
 /// generating: first logits, whole trajectories and prompt-mean captures are the same bits
@@ -576,7 +579,7 @@ fn clusters_are_bit_identical(file: &str) {
         let g = s
             .generate(&ps, &cfg, &mut h, &mut |_, _| false, &mut |_| {})
             .unwrap();
-        let out: Vec<(Vec<u32>, u64, Vec<i32>, Vec<Vec<u64>>)> = g
+        let out: Vec<Seen> = g
             .iter()
             .enumerate()
             .map(|(k, g)| {
@@ -588,7 +591,12 @@ fn clusters_are_bit_identical(file: &str) {
                         v.iter().map(|x| x.to_bits()).collect()
                     })
                     .collect();
-                (first.iter().map(|x| x.to_bits()).collect(), g.digest, g.tokens.clone(), means)
+                (
+                    first.iter().map(|x| x.to_bits()).collect(),
+                    g.digest,
+                    g.tokens.clone(),
+                    means,
+                )
             })
             .collect();
         (out, s.stats.shared_tokens)
@@ -600,10 +608,16 @@ fn clusters_are_bit_identical(file: &str) {
         assert!(shared2 > 0, "{file}: no prefix was shared with two slots");
         let (none, _) = run(16, false, max_new, None);
         assert_eq!(two, base, "{file}: 2 slots vs 16, max_new {max_new}");
-        assert_eq!(none, base, "{file}: no sharing vs sharing, max_new {max_new}");
+        assert_eq!(
+            none, base,
+            "{file}: no sharing vs sharing, max_new {max_new}"
+        );
         for i in [5, 18] {
             let (alone, _) = run(1, true, max_new, Some(i));
-            assert_eq!(alone[0], base[i], "{file}: prompt {i} alone, max_new {max_new}");
+            assert_eq!(
+                alone[0], base[i],
+                "{file}: prompt {i} alone, max_new {max_new}"
+            );
         }
     }
 }

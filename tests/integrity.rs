@@ -268,7 +268,15 @@ fn a_second_process_on_a_run_directory_is_refused() {
     // Nor can a judge (it rewrites completions.csv) or a quantizer write there meanwhile.
     for args in [
         vec!["judge", "--run", "run", "-m", m.as_str(), "-t", "1"],
-        vec!["quantize", "-m", m.as_str(), "--types", "Q8_0", "--out-dir", "run"],
+        vec![
+            "quantize",
+            "-m",
+            m.as_str(),
+            "--types",
+            "Q8_0",
+            "--out-dir",
+            "run",
+        ],
     ] {
         let o = bin().current_dir(&d).args(&args).output().unwrap();
         let err = String::from_utf8_lossy(&o.stderr);
@@ -285,7 +293,7 @@ fn a_second_process_on_a_run_directory_is_refused() {
         String::from_utf8_lossy(&out.stderr)
     );
     let first = std::fs::read(d.join("run/completions.csv")).unwrap();
-    assert_eq!(first.iter().filter(|&&b| b == b'\n').count() > 16, true);
+    assert!(first.iter().filter(|&&b| b == b'\n').count() > 16);
     // A run killed while holding the lock: the next one takes over and resumes.
     let mut k = bin()
         .current_dir(&d)

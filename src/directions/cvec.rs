@@ -23,7 +23,7 @@ fn put_str(b: &mut Vec<u8>, s: &str) {
 }
 
 fn pad(b: &mut Vec<u8>) {
-    while b.len() % ALIGN != 0 {
+    while !b.len().is_multiple_of(ALIGN) {
         b.push(0);
     }
 }

@@ -180,7 +180,7 @@ impl DirectionFile {
         header.insert("__metadata__".into(), json!(self.meta));
         let mut h =
             serde_json::to_vec(&Value::Object(header)).expect("JSON of strings and numbers");
-        while h.len() % 8 != 0 {
+        while !h.len().is_multiple_of(8) {
             h.push(b' ');
         }
         let mut out = (h.len() as u64).to_le_bytes().to_vec();

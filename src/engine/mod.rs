@@ -488,7 +488,7 @@ impl<'m> Session<'m> {
             if job.cached[c] != Cached::NotYet {
                 continue;
             }
-            let busy = |st: i32| job.cached.iter().any(|x| *x == Cached::In(st));
+            let busy = |st: i32| job.cached.contains(&Cached::In(st));
             match (cache_base..cache_base + self.cache_streams as i32).find(|&st| !busy(st)) {
                 Some(st) => {
                     job.cached[c] = Cached::In(st);
@@ -724,7 +724,9 @@ impl<'m> Session<'m> {
         job: &Job<'_>,
         hooks: &mut HookSet,
     ) -> Result<Vec<(usize, Vec<f32>)>> {
-        let open: Vec<usize> = (0..items.len()).filter(|&k| next[k] < items[k].to).collect();
+        let open: Vec<usize> = (0..items.len())
+            .filter(|&k| next[k] < items[k].to)
+            .collect();
         let pending: Vec<(usize, usize)> = open
             .iter()
             .map(|&k| (items[k].stream as usize, items[k].to - next[k]))
@@ -760,7 +762,8 @@ impl<'m> Session<'m> {
                 if is_last {
                     outputs.push((k, self.batch.len()));
                 }
-                self.batch.push(p.tokens[idx], idx as i32, it.stream, output);
+                self.batch
+                    .push(p.tokens[idx], idx as i32, it.stream, output);
                 rows.push(RowInfo {
                     seq: it.prompt,
                     kind,

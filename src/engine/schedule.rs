@@ -75,7 +75,12 @@ pub fn plan_prefixes(tokens: &[&[i32]], signature: &[u64], limit: &[usize]) -> V
 /// prompts in flight to about `window x piece`, so the groups of a run complete (and are
 /// written) as it goes rather than at the end of a block. Results do not depend on the
 /// order (batch invariance).
-pub fn admission_order(own: &[usize], clusters: &[Cluster], window: usize, piece: usize) -> Vec<usize> {
+pub fn admission_order(
+    own: &[usize],
+    clusters: &[Cluster],
+    window: usize,
+    piece: usize,
+) -> Vec<usize> {
     let piece = piece.max(1);
     let by_len = |a: &usize, b: &usize| own[*b].cmp(&own[*a]).then(a.cmp(b));
     // Segments covering 0..n in order: unclustered runs and clusters, cut into blocks that
@@ -132,12 +137,21 @@ fn leaves_no_single(remaining: usize, take: usize) -> bool {
 /// # Panics
 /// If `items` is empty or `cap < 4` (the engine validates `--batch`).
 pub fn next_prefill(items: &[(usize, usize)], cap: usize) -> (usize, usize, usize) {
-    assert!(!items.is_empty() && cap >= 4, "next_prefill: no items or cap < 4");
+    assert!(
+        !items.is_empty() && cap >= 4,
+        "next_prefill: no items or cap < 4"
+    );
     // One-token prompts go first, together.
     if let Some(a) = items.iter().position(|x| x.1 == 1) {
         let k = items[a..]
             .iter()
-            .zip(items[a..].iter().skip(1).map(Some).chain(std::iter::once(None)))
+            .zip(
+                items[a..]
+                    .iter()
+                    .skip(1)
+                    .map(Some)
+                    .chain(std::iter::once(None)),
+            )
             .take_while(|(x, _)| x.1 == 1)
             .count();
         // Only consecutive ids in one call.
@@ -267,7 +281,10 @@ mod tests {
         assert!(n == 1 && t <= 7 && 9 - t != 1);
         assert_eq!(next_prefill(&[(0, 1), (1, 1), (2, 7)], 512), (0, 2, 1));
         // The widest run wins over the first one.
-        assert_eq!(next_prefill(&[(0, 3), (2, 20), (3, 20), (4, 20)], 512), (1, 3, 20));
+        assert_eq!(
+            next_prefill(&[(0, 3), (2, 20), (3, 20), (4, 20)], 512),
+            (1, 3, 20)
+        );
     }
 
     #[test]
@@ -277,7 +294,10 @@ mod tests {
             members: 2..5,
             len: 10,
         }];
-        assert_eq!(admission_order(&own, &one, 1, 16), vec![1, 4, 6, 2, 5, 0, 3]);
+        assert_eq!(
+            admission_order(&own, &one, 1, 16),
+            vec![1, 4, 6, 2, 5, 0, 3]
+        );
         assert_eq!(admission_order(&own, &[], 2, 16), vec![1, 4, 6, 2, 5, 0, 3]);
         // Two clusters of the same three questions: one block interleaves them by length,
         // blocks of one keep each cluster's members together.
@@ -349,7 +369,9 @@ mod tests {
     #[test]
     fn interleaving_clusters_by_length_cuts_prefill_calls() {
         // The benchmark's persona shape: 8 system prompts x the same 16 questions.
-        let q = [18, 17, 15, 15, 14, 14, 14, 13, 13, 13, 13, 12, 12, 11, 11, 10];
+        let q = [
+            18, 17, 15, 15, 14, 14, 14, 13, 13, 13, 13, 12, 12, 11, 11, 10,
+        ];
         let own: Vec<usize> = (0..8).flat_map(|_| q).collect();
         let clusters: Vec<Cluster> = (0..8)
             .map(|c| Cluster {
@@ -359,7 +381,10 @@ mod tests {
             .collect();
         let apart = calls_with_refill(&own, &admission_order(&own, &clusters, 1, 16), 16);
         let together = calls_with_refill(&own, &admission_order(&own, &clusters, 8, 16), 16);
-        assert!(together * 4 <= apart, "{together} calls interleaved vs {apart} apart");
+        assert!(
+            together * 4 <= apart,
+            "{together} calls interleaved vs {apart} apart"
+        );
     }
 
     fn toks(prefix: &[i32], rest: &[i32]) -> Vec<i32> {

@@ -111,9 +111,7 @@ fn judge_finished(
             None => crate::judge::Template::builtin(kind),
         };
         let judge = crate::judge::Judge::new(&jm, kind, template)?;
-        let s = crate::judge::judge_run_with(dir, &judge, &mut |d, t| {
-            progress("judge", d, t, k)
-        })?;
+        let s = crate::judge::judge_run_with(dir, &judge, &mut |d, t| progress("judge", d, t, k))?;
         note(s.table());
     }
     Ok(())

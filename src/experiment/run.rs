@@ -1125,7 +1125,7 @@ impl Ready<'_> {
                     .has_headers(false)
                     .from_writer(Vec::new());
                 for r in rows[gi].drain(..) {
-                    w.write_record(&r.expect("every pair of the group is done"))
+                    w.write_record(r.expect("every pair of the group is done"))
                         .map_err(|e| Error::Invalid(format!("csv: {e}")))?;
                 }
                 let bytes = w
