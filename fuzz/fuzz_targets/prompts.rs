@@ -25,8 +25,10 @@ fuzz_target!(|data: &[u8]| {
             assert!(v.iter().all(|i| !i.text.trim().is_empty()));
             let _ = hash(&v);
             let n = v.len();
-            let s = sample(v, Some(n / 2), u64::from(*k));
+            let s = sample(v.clone(), Some(n / 2), u64::from(*k)).expect("n/2 fits the set");
             assert_eq!(s.len(), n / 2);
+            // More than the set is an error, never a silent clamp.
+            assert!(sample(v, Some(n + 1), u64::from(*k)).is_err());
         }
         // One printable line: names read from the file are escaped.
         Err(e) => assert!(!e.is_empty() && !e.contains(char::is_control), "{e:?}"),
