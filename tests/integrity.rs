@@ -208,6 +208,38 @@ fn group_files_are_verified_before_they_count() {
     );
 }
 
+/// Starts `reproduce --spec slow.toml -o OUT` in `d` and returns once `OUT/.lock` names it.
+fn spawn_holding_lock(d: &Path, m: &str, out: &str, io: fn() -> Stdio) -> std::process::Child {
+    let child = bin()
+        .current_dir(d)
+        .args([
+            "reproduce",
+            "-m",
+            m,
+            "-t",
+            "1",
+            "--spec",
+            "slow.toml",
+            "-o",
+            out,
+        ])
+        .stdout(io())
+        .stderr(io())
+        .spawn()
+        .unwrap();
+    let lock = d.join(out).join(".lock");
+    let pid = child.id().to_string();
+    let t0 = Instant::now();
+    while !std::fs::read_to_string(&lock).is_ok_and(|s| s.contains(&pid)) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no lock file appeared"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
 /// Two processes on one run directory: the second is refused, naming the holder (pid and
 /// host), whether its spec is the same or another; the first finishes with its results
 /// intact. A killed run's lock is stale by construction and does not block the next run.
@@ -222,33 +254,8 @@ fn a_second_process_on_a_run_directory_is_refused() {
     let spec = write(&d, "slow.toml", &slow);
     let other = write(&d, "other.toml", &slow.replace("seed = 1", "seed = 9"));
     let m = smol();
-    let a = bin()
-        .current_dir(&d)
-        .args([
-            "reproduce",
-            "-m",
-            &m,
-            "-t",
-            "1",
-            "--spec",
-            "slow.toml",
-            "-o",
-            "run",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let lock = d.join("run/.lock");
-    let t0 = Instant::now();
+    let a = spawn_holding_lock(&d, &m, "run", Stdio::piped);
     let pid = a.id().to_string();
-    while !std::fs::read_to_string(&lock).is_ok_and(|s| s.contains(&pid)) {
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "no lock file appeared"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
     for s in ["slow.toml", "other.toml"] {
         let o = bin()
             .current_dir(&d)
@@ -295,32 +302,7 @@ fn a_second_process_on_a_run_directory_is_refused() {
     let first = std::fs::read(d.join("run/completions.csv")).unwrap();
     assert!(first.iter().filter(|&&b| b == b'\n').count() > 16);
     // A run killed while holding the lock: the next one takes over and resumes.
-    let mut k = bin()
-        .current_dir(&d)
-        .args([
-            "reproduce",
-            "-m",
-            &m,
-            "-t",
-            "1",
-            "--spec",
-            "slow.toml",
-            "-o",
-            "killed",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let kl = d.join("killed/.lock");
-    let t0 = Instant::now();
-    while !std::fs::read_to_string(&kl).is_ok_and(|s| s.contains(&k.id().to_string())) {
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "no lock file appeared"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut k = spawn_holding_lock(&d, &m, "killed", Stdio::null);
     k.kill().unwrap();
     k.wait().unwrap();
     let r = reproduce(&d, &spec, &d.join("killed"), &["-t", "1"]);
