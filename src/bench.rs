@@ -28,7 +28,7 @@ use crate::engine::{GenConfig, Session};
 use crate::error::{Error, Result};
 use crate::hooks::{Capture, Edit, HookSet, Position, Scope};
 use crate::model::Model;
-use crate::util::Rng;
+use crate::rng::Rng;
 
 /// A hook configuration to time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

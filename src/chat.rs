@@ -247,7 +247,7 @@ impl Prompt {
 
 /// A minijinja error on one line (its Display can span several with the source excerpt).
 fn one_line_err(e: &minijinja::Error) -> String {
-    crate::util::one_line(e.to_string().trim())
+    crate::text::one_line(e.to_string().trim())
 }
 
 impl Prompt {

@@ -15,17 +15,15 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use crate::chat::Prompt;
-use crate::directions::select::kl;
 use crate::directions::{cosine, DirectionFile};
-use crate::engine::argmax;
 use crate::error::{Error, Result};
-use crate::experiment::report::wilson;
 use crate::experiment::run::{Plan, Progress, RunOptions};
 use crate::experiment::spec::{DirectionSpec, Metric, Spec};
+use crate::fsio::write_output;
 use crate::hooks::HookSet;
 use crate::model::{Model, ModelOptions};
 use crate::plot::{line_plot, Series};
-use crate::util::write_output;
+use crate::stats::{argmax, kl, two_proportion_p, wilson};
 
 /// One model's rates per condition, read from its summary.csv.
 #[derive(Debug, Clone)]
@@ -34,43 +32,6 @@ pub struct Counts {
     /// refusal, bypass, degenerate
     pub k: [usize; 3],
     pub score: f64,
-}
-
-/// Two-sided p-value of the pooled two-proportion z-test (1 when undefined).
-pub fn two_proportion_p(k1: usize, n1: usize, k2: usize, n2: usize) -> f64 {
-    if n1 == 0 || n2 == 0 {
-        return 1.0;
-    }
-    let (p1, p2) = (k1 as f64 / n1 as f64, k2 as f64 / n2 as f64);
-    let p = (k1 + k2) as f64 / (n1 + n2) as f64;
-    let se = (p * (1.0 - p) * (1.0 / n1 as f64 + 1.0 / n2 as f64)).sqrt();
-    if se == 0.0 {
-        return 1.0;
-    }
-    let z = ((p1 - p2) / se).abs();
-    erfc(z / std::f64::consts::SQRT_2)
-}
-
-/// Complementary error function (Numerical Recipes' erfcc, |error| < 1.2e-7).
-fn erfc(x: f64) -> f64 {
-    let z = x.abs();
-    let t = 1.0 / (1.0 + 0.5 * z);
-    let r = t
-        * (-z * z - 1.265_512_23
-            + t * (1.000_023_68
-                + t * (0.374_091_96
-                    + t * (0.096_784_18
-                        + t * (-0.186_288_06
-                            + t * (0.278_868_07
-                                + t * (-1.135_203_98
-                                    + t * (1.488_515_87
-                                        + t * (-0.822_152_23 + t * 0.170_872_77)))))))))
-            .exp();
-    if x >= 0.0 {
-        r
-    } else {
-        2.0 - r
-    }
 }
 
 fn read_counts(dir: &Path) -> Result<Vec<(String, Counts)>> {
@@ -529,19 +490,4 @@ fn write_outputs(
     );
     put("compare.md", md.as_bytes(), &mut files)?;
     Ok(Compared { files, summary: md })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn two_proportion_test_matches_known_values() {
-        // 50/100 vs 50/100: identical, p = 1.
-        assert!((two_proportion_p(50, 100, 50, 100) - 1.0).abs() < 1e-6);
-        // 60/100 vs 40/100: z = 2.828, p = 0.00468.
-        assert!((two_proportion_p(60, 100, 40, 100) - 0.004678).abs() < 1e-4);
-        assert_eq!(two_proportion_p(0, 10, 0, 10), 1.0);
-        assert!((erfc(0.0) - 1.0).abs() < 1e-7 && (erfc(1.0) - 0.157_299_2).abs() < 1e-6);
-    }
 }

@@ -163,7 +163,7 @@ impl<R: Read> Reader<R> {
     fn need(&self, n: u64, what: &str) -> Result<(), GgufError> {
         if self.pos.checked_add(n).is_none_or(|end| end > self.size) {
             return Err(GgufError::Truncated {
-                what: crate::util::shown(what),
+                what: crate::text::shown(what),
                 size: self.size,
             });
         }
@@ -189,7 +189,7 @@ impl<R: Read> Reader<R> {
         self.r.read_exact(&mut v)?;
         self.pos += n;
         String::from_utf8(v)
-            .map_err(|_| GgufError::Corrupt(format!("{} is not UTF-8", crate::util::shown(what))))
+            .map_err(|_| GgufError::Corrupt(format!("{} is not UTF-8", crate::text::shown(what))))
     }
     fn value(&mut self, ty: u32, key: &str, depth: u8) -> Result<Value, GgufError> {
         Ok(match ty {
@@ -206,7 +206,7 @@ impl<R: Read> Reader<R> {
                 if depth > 0 {
                     return Err(GgufError::Corrupt(format!(
                         "'{}': nested arrays",
-                        crate::util::shown(key)
+                        crate::text::shown(key)
                     )));
                 }
                 let et = self.u32(key)?;
@@ -225,7 +225,7 @@ impl<R: Read> Reader<R> {
             t => {
                 return Err(GgufError::Corrupt(format!(
                     "'{}': unknown value type {t}",
-                    crate::util::shown(key)
+                    crate::text::shown(key)
                 )))
             }
         })
@@ -278,7 +278,7 @@ impl Gguf {
             if n_dims > 4 {
                 return Err(GgufError::Corrupt(format!(
                     "tensor '{}' has {n_dims} dims",
-                    crate::util::shown(&name)
+                    crate::text::shown(&name)
                 )));
             }
             let mut dims = Vec::with_capacity(n_dims as usize);
@@ -303,7 +303,7 @@ impl Gguf {
         let data_start = rd.pos.div_ceil(align) * align;
         for t in &mut tensors {
             t.offset = data_start.checked_add(t.offset).ok_or_else(|| {
-                GgufError::Corrupt(format!("tensor '{}' offset", crate::util::shown(&t.name)))
+                GgufError::Corrupt(format!("tensor '{}' offset", crate::text::shown(&t.name)))
             })?;
             if let Some((blck, tsize)) = ggml_type_layout(t.ggml_type) {
                 let n: Option<u64> = t.dims.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
@@ -313,7 +313,7 @@ impl Gguf {
                     Some(end) if end <= size => t.n_bytes = bytes,
                     _ => {
                         return Err(GgufError::TensorOutOfBounds {
-                            name: crate::util::shown(&t.name),
+                            name: crate::text::shown(&t.name),
                             end: end.unwrap_or(u64::MAX),
                             size,
                         })

@@ -35,6 +35,7 @@ pub mod engine;
 pub mod error;
 pub mod experiment;
 pub mod ffi;
+pub mod fsio;
 pub mod gguf;
 pub mod hooks;
 pub mod judge;
@@ -45,7 +46,9 @@ pub mod model;
 pub mod plot;
 pub mod prompts;
 pub mod quant;
-pub mod util;
+pub mod rng;
+pub mod stats;
+pub mod text;
 
 /// This tool's version, written into every output.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

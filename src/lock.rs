@@ -73,7 +73,7 @@ impl DirLock {
             Err(TryLockError::WouldBlock) => {
                 let mut holder = String::new();
                 let _ = file.read_to_string(&mut holder);
-                let holder = crate::util::one_line(holder.trim());
+                let holder = crate::text::one_line(holder.trim());
                 return Err(Error::file(
                     dir,
                     format!(

@@ -18,7 +18,7 @@ use persona_gate::engine::GenConfig;
 use persona_gate::hooks::HookSet;
 use persona_gate::model::Model;
 use persona_gate::prompts::load as sets;
-use persona_gate::{demo, experiment, ffi, hooks, label, plot, prompts, util};
+use persona_gate::{demo, experiment, ffi, fsio, hooks, label, plot, prompts, text};
 
 /// Checks the CPU before any other code of the binary runs, including llama.cpp's C++ static
 /// constructors (prioritised `.init_array` entries run before unprioritised ones).
@@ -95,7 +95,7 @@ fn load(m: &cli::ModelArgs) -> Result<Model> {
 
 fn template(model: &Model, p: &cli::PromptArgs) -> Result<ChatTemplate> {
     let src = match &p.chat_template {
-        Some(f) => Some(util::read_text(f, "a Jinja chat template").context("--chat-template")?),
+        Some(f) => Some(fsio::read_text(f, "a Jinja chat template").context("--chat-template")?),
         None => None,
     };
     let mut t = model.chat_template(src)?;
@@ -138,11 +138,11 @@ fn render_set(
 
 /// Fails before a long job when its output could not be written.
 fn writable(p: &std::path::Path) -> Result<()> {
-    util::check_writable(p).with_context(|| format!("{}", p.display()))
+    fsio::check_writable(p).with_context(|| format!("{}", p.display()))
 }
 
 fn write_file(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
-    util::write_atomic(path, bytes).with_context(|| format!("{}", path.display()))
+    fsio::write_atomic(path, bytes).with_context(|| format!("{}", path.display()))
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -188,7 +188,7 @@ fn run(cli: Cli) -> Result<()> {
                 }
             )?;
             if a.show_template {
-                writeln!(out, "{}", util::printable(src))?;
+                writeln!(out, "{}", text::printable(src))?;
             }
             let f = tmpl.render(&a.prompt.system(), "Hello!")?;
             let p = Prompt::new(&model, f)?;
@@ -315,7 +315,7 @@ fn run(cli: Cli) -> Result<()> {
             let tmpl = template(&model, &a.prompt)?;
             let (src, origin) = match &a.personas {
                 Some(p) => (
-                    util::read_text(p, "a personas TOML file").context("--personas")?,
+                    fsio::read_text(p, "a personas TOML file").context("--personas")?,
                     p.display().to_string(),
                 ),
                 None => (
@@ -451,7 +451,7 @@ fn run(cli: Cli) -> Result<()> {
                 .with_context(|| format!("{} vs {}", a.a.display(), a.b.display()))?;
             // Check every output before writing any, so a bad --svg leaves no CSV behind.
             for p in a.csv.iter().chain(&a.svg) {
-                util::check_writable(p).with_context(|| format!("{}", p.display()))?;
+                fsio::check_writable(p).with_context(|| format!("{}", p.display()))?;
             }
             let mut w = csv::Writer::from_writer(Vec::new());
             w.write_record(["layer", "a", "b", "cosine"])?;
@@ -608,7 +608,7 @@ fn run(cli: Cli) -> Result<()> {
             use experiment::{preset, spec::Spec};
             let spec = match &a.spec {
                 Some(p) => Spec::parse(
-                    &String::from_utf8(util::read_input(p, "a spec TOML file")?)
+                    &String::from_utf8(fsio::read_input(p, "a spec TOML file")?)
                         .map_err(|_| anyhow::anyhow!("{}: not UTF-8", p.display()))?,
                     &p.display().to_string(),
                 )?,
@@ -669,7 +669,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Inspect(a) => {
             let f = DirectionFile::load(&a.file)?;
             for (k, v) in f.meta.iter().filter(|(k, _)| !k.starts_with("norms.")) {
-                writeln!(out, "{:<18} {}", util::one_line(k), util::one_line(v))?;
+                writeln!(out, "{:<18} {}", text::one_line(k), text::one_line(v))?;
             }
             print_norms(out, &f)?;
         }
@@ -689,7 +689,7 @@ fn reproduce(a: &cli::ReproduceArgs, out: &mut dyn Write) -> Result<()> {
     }
     let spec_src = match &a.spec {
         Some(p) => Some(
-            String::from_utf8(util::read_input(p, "a spec TOML file")?)
+            String::from_utf8(fsio::read_input(p, "a spec TOML file")?)
                 .map_err(|_| anyhow::anyhow!("{}: not UTF-8", p.display()))?,
         ),
         None => None,
@@ -698,7 +698,7 @@ fn reproduce(a: &cli::ReproduceArgs, out: &mut dyn Write) -> Result<()> {
         Spec::parse(src, &p.display().to_string())?;
     }
     let template_src = match &a.chat_template {
-        Some(f) => Some(util::read_text(f, "a Jinja chat template").context("--chat-template")?),
+        Some(f) => Some(fsio::read_text(f, "a Jinja chat template").context("--chat-template")?),
         None => None,
     };
     let model = load(&a.model)?;
@@ -843,7 +843,7 @@ fn print_norms(out: &mut dyn Write, f: &DirectionFile) -> Result<()> {
         writeln!(
             out,
             "{:<18} [{} x {}] norms by layer: {}",
-            util::one_line(&d.name),
+            text::one_line(&d.name),
             d.n_layer(),
             d.n_embd(),
             n.join(" ")

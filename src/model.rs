@@ -262,7 +262,7 @@ impl Model {
                 use_extra_bufts: options.use_extra_bufts && options.kernels == Kernels::Llama,
             },
         )
-        .map_err(|e| Error::file(path, crate::util::one_line(e.to_string().trim())))?;
+        .map_err(|e| Error::file(path, crate::text::one_line(e.to_string().trim())))?;
         let info = ModelInfo {
             path: path.to_path_buf(),
             name: gguf.get_str("general.name").map(str::to_string),
@@ -309,7 +309,7 @@ impl Model {
             Some(_) => "from --chat-template".to_string(),
             None => format!(
                 "tokenizer.chat_template of {}",
-                crate::util::one_line(&self.info.path.display().to_string())
+                crate::text::one_line(&self.info.path.display().to_string())
             ),
         };
         let src = override_src
@@ -371,7 +371,7 @@ impl fmt::Display for ModelInfo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Every string here comes from the file: escaped, so metadata cannot drive the
         // terminal (escape sequences) or fake extra lines.
-        let esc = crate::util::one_line;
+        let esc = crate::text::one_line;
         writeln!(f, "path          {}", esc(&self.path.display().to_string()))?;
         if let Some(n) = &self.name {
             writeln!(f, "name          {}", esc(n))?;
@@ -456,6 +456,6 @@ pub fn file_sha256(path: &Path) -> Result<String> {
         .collect();
     out.push_str(&format!("{key}\t{hex}\n"));
     let _ = std::fs::create_dir_all(cache_dir())
-        .and_then(|_| crate::util::write_atomic(&cache, out.as_bytes()));
+        .and_then(|_| crate::fsio::write_atomic(&cache, out.as_bytes()));
     Ok(hex)
 }

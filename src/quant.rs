@@ -5,9 +5,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::error::{Error, Result};
+use crate::fsio::write_atomic;
 use crate::gguf::file_type_name;
 use crate::model::{check_gguf, file_sha256};
-use crate::util::write_atomic;
 
 /// The llama.h `llama_ftype` values we offer, by name.
 pub const TYPES: &[(&str, u32)] = &[
@@ -112,7 +112,7 @@ pub fn quantize(
     // Two quantizers writing one directory would race on the same outputs.
     let _lock = crate::lock::DirLock::acquire(out_dir)?;
     let probe = out_dir.join(output_name(input, &wanted[0].0));
-    crate::util::check_writable(&probe).map_err(|e| Error::io(out_dir, e))?;
+    crate::fsio::check_writable(&probe).map_err(|e| Error::io(out_dir, e))?;
     let in_sha = file_sha256(input)?;
     if is_quantized(&in_type) {
         note(format!(

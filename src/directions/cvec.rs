@@ -8,7 +8,7 @@ use std::io::Cursor;
 
 use super::{Direction, DirectionFile};
 use crate::gguf::Gguf;
-use crate::util::shown;
+use crate::text::shown;
 
 const ALIGN: usize = 32;
 

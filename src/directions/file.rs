@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use super::Direction;
 use crate::error::{Error, Result};
 use crate::model::ModelInfo;
-use crate::util::shown;
+use crate::text::shown;
 
 /// A set of directions extracted together, with their provenance.
 #[derive(Debug, Clone, PartialEq)]
@@ -292,7 +292,7 @@ impl DirectionFile {
     /// # Errors
     /// I/O errors, naming the path.
     pub fn save(&self, path: &Path) -> Result<()> {
-        crate::util::write_atomic(path, &self.to_bytes())
+        crate::fsio::write_atomic(path, &self.to_bytes())
             .map_err(|e| Error::file(path, e.to_string()))
     }
 
@@ -301,7 +301,7 @@ impl DirectionFile {
     /// # Errors
     /// Missing file, corrupt contents; the message names the path.
     pub fn load(path: &Path) -> Result<DirectionFile> {
-        let b = crate::util::read_input(path, "a .safetensors or control-vector .gguf file")?;
+        let b = crate::fsio::read_input(path, "a .safetensors or control-vector .gguf file")?;
         let f = if b.starts_with(b"GGUF") {
             super::cvec::import(&b).map_err(|e| Error::file(path, e))?
         } else {
@@ -313,7 +313,7 @@ impl DirectionFile {
                     path,
                     format!(
                         "{}: layer {l} holds NaN or inf",
-                        crate::util::shown(&d.name)
+                        crate::text::shown(&d.name)
                     ),
                 ));
             }

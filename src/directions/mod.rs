@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::hooks::{Capture, HookSet, Position};
 use crate::model::Model;
 use crate::prompts::{self, Instruction, Persona};
-use crate::util::Rng;
+use crate::rng::Rng;
 
 pub use file::DirectionFile;
 

@@ -19,6 +19,7 @@ use crate::error::{Error, Result};
 use crate::ffi::Token;
 use crate::hooks::{Edit, HookSet, Scope};
 use crate::model::Model;
+use crate::stats::{kl, log_softmax, mean};
 
 /// Words whose first token opens a refusal.
 pub const REFUSAL_OPENERS: &[&str] = &[
@@ -52,16 +53,6 @@ pub fn refusal_tokens(model: &Model) -> Result<Vec<Token>> {
     Ok(v)
 }
 
-fn log_softmax(logits: &[f32]) -> Vec<f64> {
-    let m = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
-    let lse = m + logits
-        .iter()
-        .map(|&x| (x as f64 - m).exp())
-        .sum::<f64>()
-        .ln();
-    logits.iter().map(|&x| x as f64 - lse).collect()
-}
-
 /// Log-odds are capped at ±this, so a certain answer stays a finite number in CSVs.
 pub const MAX_LOG_ODDS: f64 = 100.0;
 
@@ -85,16 +76,6 @@ pub fn refusal_score(logits: &[f32], tokens: &[Token]) -> f64 {
         (-log_p.exp()).ln_1p()
     };
     (log_p - log_q).clamp(-MAX_LOG_ODDS, MAX_LOG_ODDS)
-}
-
-/// KL(p ‖ q) of two next-token distributions given as logits, in nats.
-pub fn kl(p_logits: &[f32], q_logits: &[f32]) -> f64 {
-    let (lp, lq) = (log_softmax(p_logits), log_softmax(q_logits));
-    lp.iter()
-        .zip(&lq)
-        .map(|(a, b)| a.exp() * (a - b))
-        .sum::<f64>()
-        .max(0.0)
 }
 
 /// One grid point for [`score_conditions`]: edits applied to that condition's copy of the prompts.
@@ -153,10 +134,6 @@ pub fn score_conditions(
         start = end;
     }
     Ok(out)
-}
-
-fn mean(v: &[f64]) -> f64 {
-    v.iter().sum::<f64>() / v.len().max(1) as f64
 }
 
 /// Scores of one refusal-direction candidate.
@@ -422,13 +399,5 @@ mod tests {
         // p = e^2/(e^2+1) -> log-odds 2.
         assert!((refusal_score(&[2.0, 0.0], &[0]) - 2.0).abs() < 1e-9);
         assert!(refusal_score(&[0.0, 50.0], &[0]) < -40.0);
-    }
-
-    #[test]
-    fn kl_is_zero_for_equal_and_positive_otherwise() {
-        assert!(kl(&[1.0, 2.0, 3.0], &[1.0, 2.0, 3.0]).abs() < 1e-12);
-        assert!(kl(&[1.0, 2.0, 3.0], &[3.0, 2.0, 1.0]) > 0.5);
-        // Shifting all logits changes nothing.
-        assert!(kl(&[1.0, 2.0], &[11.0, 12.0]).abs() < 1e-9);
     }
 }

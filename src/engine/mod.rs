@@ -135,13 +135,7 @@ const CVEC_PROBE_TOL: f32 = 1e-3;
 
 /// The greedy choice: the first index of the largest logit.
 pub fn argmax(x: &[f32]) -> Token {
-    let mut best = 0;
-    for (i, &v) in x.iter().enumerate() {
-        if v > x[best] {
-            best = i;
-        }
-    }
-    best as Token
+    crate::stats::argmax(x) as Token
 }
 
 /// FNV-1a over f32 bit patterns, chained from `h`.

@@ -208,7 +208,7 @@ pub fn next_prefill(items: &[(usize, usize)], cap: usize) -> (usize, usize, usiz
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::util::Rng;
+    use crate::rng::Rng;
 
     /// Runs `next_prefill` to the end and checks every property the engine relies on.
     fn drain(lens: &[usize], ids: &[usize], cap: usize) -> usize {

@@ -199,7 +199,7 @@ pub fn merge(out: &Path, inputs: &[PathBuf]) -> Result<(Plan, Finished)> {
     std::fs::create_dir_all(out.join("groups")).map_err(|e| Error::io(out, e))?;
     let copy = |from: &Path, to: &Path| -> Result<()> {
         let b = std::fs::read(from).map_err(|e| Error::io(from, e))?;
-        crate::util::write_atomic(to, &b).map_err(|e| Error::io(to, e))
+        crate::fsio::write_atomic(to, &b).map_err(|e| Error::io(to, e))
     };
     for (g, s) in sources.iter().enumerate() {
         if let Some(s) = s {
@@ -213,7 +213,7 @@ pub fn merge(out: &Path, inputs: &[PathBuf]) -> Result<(Plan, Finished)> {
     if src_dirs.exists() && src_dirs != out.join("prepared.safetensors") {
         copy(&src_dirs, &out.join("prepared.safetensors"))?;
     }
-    crate::util::write_atomic(&out.join("plan.json"), &bytes).map_err(|e| Error::io(out, e))?;
+    crate::fsio::write_atomic(&out.join("plan.json"), &bytes).map_err(|e| Error::io(out, e))?;
     let extra = json!({ "merged_from": inputs.iter().map(|p| p.display().to_string()).collect::<Vec<_>>() });
     let f = report::finish(out, &plan, extra, true)?;
     Ok((plan, f))
@@ -287,7 +287,7 @@ pub fn estimate(model: &Model, spec: &Spec, template: Option<String>) -> Result<
             } => {
                 let src = match personas {
                     Some(p) => {
-                        crate::util::read_text(std::path::Path::new(p), "a personas TOML file")?
+                        crate::fsio::read_text(std::path::Path::new(p), "a personas TOML file")?
                     }
                     None => crate::prompts::PERSONAS.to_string(),
                 };

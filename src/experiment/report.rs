@@ -13,42 +13,9 @@ use serde_json::json;
 use super::run::{done_groups, group_file, header, Plan};
 use super::spec::{fmt_num, value_text, Metric, Role};
 use crate::error::{Error, Result};
+use crate::fsio::write_output;
 use crate::plot::{line_plot, Series};
-use crate::util::{write_output, Rng};
-
-/// z for a 95% interval.
-const Z95: f64 = 1.959_963_984_540_054;
-/// Bootstrap resamples for the mean score's interval.
-pub const BOOTSTRAP: usize = 2000;
-
-/// Wilson score interval for k successes in n trials (95%).
-pub fn wilson(k: usize, n: usize) -> (f64, f64) {
-    if n == 0 {
-        return (0.0, 1.0);
-    }
-    let (k, n) = (k as f64, n as f64);
-    let p = k / n;
-    let z2 = Z95 * Z95;
-    let d = 1.0 + z2 / n;
-    let c = (p + z2 / (2.0 * n)) / d;
-    let h = Z95 / d * (p * (1.0 - p) / n + z2 / (4.0 * n * n)).sqrt();
-    ((c - h).max(0.0), (c + h).min(1.0))
-}
-
-/// Percentile bootstrap interval (95%) of the mean, seeded.
-pub fn bootstrap_mean(v: &[f64], seed: u64) -> (f64, f64) {
-    if v.is_empty() {
-        return (f64::NAN, f64::NAN);
-    }
-    let mut rng = Rng::new(seed);
-    let n = v.len();
-    let mut means: Vec<f64> = (0..BOOTSTRAP)
-        .map(|_| (0..n).map(|_| v[rng.below(n as u64) as usize]).sum::<f64>() / n as f64)
-        .collect();
-    means.sort_by(f64::total_cmp);
-    let q = |p: f64| means[((p * (BOOTSTRAP - 1) as f64).round() as usize).min(BOOTSTRAP - 1)];
-    (q(0.025), q(0.975))
-}
+use crate::stats::{bootstrap_mean, spearman, wilson};
 
 /// One condition's summary.
 #[derive(Debug, Clone)]
@@ -694,41 +661,6 @@ pub fn table(metric: Metric, s: &[CondSummary]) -> String {
     t
 }
 
-/// Average ranks (ties share the mean rank), 1-based.
-fn ranks(v: &[f64]) -> Vec<f64> {
-    let mut idx: Vec<usize> = (0..v.len()).collect();
-    idx.sort_by(|&a, &b| v[a].total_cmp(&v[b]));
-    let mut r = vec![0.0; v.len()];
-    let mut i = 0;
-    while i < idx.len() {
-        let mut j = i;
-        while j + 1 < idx.len() && v[idx[j + 1]] == v[idx[i]] {
-            j += 1;
-        }
-        let avg = (i + j) as f64 / 2.0 + 1.0;
-        for &k in &idx[i..=j] {
-            r[k] = avg;
-        }
-        i = j + 1;
-    }
-    r
-}
-
-/// Pearson correlation; NaN when either side is constant.
-pub fn pearson(a: &[f64], b: &[f64]) -> f64 {
-    let n = a.len() as f64;
-    let (ma, mb) = (a.iter().sum::<f64>() / n, b.iter().sum::<f64>() / n);
-    let cov: f64 = a.iter().zip(b).map(|(x, y)| (x - ma) * (y - mb)).sum();
-    let va: f64 = a.iter().map(|x| (x - ma).powi(2)).sum();
-    let vb: f64 = b.iter().map(|y| (y - mb).powi(2)).sum();
-    cov / (va * vb).sqrt()
-}
-
-/// Spearman rank correlation (Pearson on average ranks).
-pub fn spearman(a: &[f64], b: &[f64]) -> f64 {
-    pearson(&ranks(a), &ranks(b))
-}
-
 /// One run's per-condition number, read from its summary.csv: the refusal rate (generate)
 /// or the mean score (score).
 pub fn read_summary(dir: &Path) -> Result<(Metric, Vec<(String, f64)>)> {
@@ -778,7 +710,7 @@ pub fn summary_columns(
     cols: &[&str],
 ) -> Result<(std::path::PathBuf, Vec<Vec<String>>)> {
     let p = dir.join("summary.csv");
-    let b = crate::util::read_input(&p, "a summary.csv")?;
+    let b = crate::fsio::read_input(&p, "a summary.csv")?;
     let mut r = csv::Reader::from_reader(b.as_slice());
     let h = r
         .headers()
@@ -835,39 +767,4 @@ pub fn agreement(a: &Path, b: Option<&Path>) -> Result<Agreement> {
     }
     let (x, y): (Vec<f64>, Vec<f64>) = rows.iter().map(|r| (r.1, r.2)).unzip();
     Ok((rows, spearman(&x, &y), ma, mb))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn wilson_matches_known_values() {
-        // 0/10: upper bound 0.2775 (standard table value).
-        let (lo, hi) = wilson(0, 10);
-        assert_eq!(lo, 0.0);
-        assert!((hi - 0.2775).abs() < 1e-4, "{hi}");
-        let (lo, hi) = wilson(5, 10);
-        assert!(
-            (lo - 0.2366).abs() < 1e-4 && (hi - 0.7634).abs() < 1e-4,
-            "{lo} {hi}"
-        );
-    }
-
-    #[test]
-    fn spearman_uses_average_ranks() {
-        assert!((spearman(&[1.0, 2.0, 3.0], &[10.0, 20.0, 30.0]) - 1.0).abs() < 1e-12);
-        assert!((spearman(&[1.0, 2.0, 3.0], &[3.0, 2.0, 1.0]) + 1.0).abs() < 1e-12);
-        assert_eq!(ranks(&[5.0, 1.0, 5.0]), vec![2.5, 1.0, 2.5]);
-        assert!(spearman(&[1.0, 1.0, 1.0], &[1.0, 2.0, 3.0]).is_nan());
-    }
-
-    #[test]
-    fn bootstrap_is_seeded_and_brackets_the_mean() {
-        let v: Vec<f64> = (0..30).map(|i| i as f64).collect();
-        let a = bootstrap_mean(&v, 7);
-        assert_eq!(a, bootstrap_mean(&v, 7));
-        assert!(a.0 < 14.5 && 14.5 < a.1);
-        assert_eq!(bootstrap_mean(&[2.0; 5], 1), (2.0, 2.0));
-    }
 }

@@ -28,11 +28,12 @@ use crate::directions::{self, Direction, DirectionFile, PersonaPositions, Refusa
 use crate::engine::{GenConfig, Generation, StopReason};
 use crate::error::{Error, Result};
 use crate::ffi::Token;
+use crate::fsio::write_atomic;
 use crate::hooks::{Capture, Edit, HookSet, Position, Scope};
 use crate::label::{degenerate_reason, Labeler, REFUSAL_PHRASES};
 use crate::model::Model;
 use crate::prompts::{self, Instruction};
-use crate::util::write_atomic;
+use crate::stats::mean;
 
 /// Progress callback: (phase, done, total, current item).
 pub type Progress<'a> = dyn FnMut(&str, usize, usize, &str) + 'a;
@@ -107,7 +108,7 @@ impl Plan {
     /// A missing or unreadable file, or one that is not a plan.
     pub fn read(dir: &Path) -> Result<(Vec<u8>, Plan)> {
         let p = dir.join("plan.json");
-        let b = crate::util::read_input(&p, "a plan.json")?;
+        let b = crate::fsio::read_input(&p, "a plan.json")?;
         let plan = serde_json::from_slice(&b)
             .map_err(|e| Error::file(&p, format!("not a plan file: {e}")))?;
         Ok((b, plan))
@@ -562,7 +563,7 @@ pub fn prepare<'m>(
                 questions,
             } => {
                 let src = match personas {
-                    Some(p) => crate::util::read_text(Path::new(p), "a personas TOML file")?,
+                    Some(p) => crate::fsio::read_text(Path::new(p), "a personas TOML file")?,
                     None => prompts::PERSONAS.to_string(),
                 };
                 let all = prompts::parse_personas(
@@ -883,10 +884,6 @@ pub fn prepare<'m>(
         instructions: sets,
         directions: dirs,
     })
-}
-
-fn mean(v: &[f64]) -> f64 {
-    v.iter().sum::<f64>() / v.len().max(1) as f64
 }
 
 /// The vector an add intervention adds at one layer: `c × row` (raw) or
@@ -1220,7 +1217,7 @@ pub fn verify_group(plan: &Plan, dir: &Path, g: usize) -> GroupState {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return GroupState::Missing,
         Err(e) => return GroupState::Invalid(e.to_string()),
         Ok(md) if !md.is_file() => return GroupState::Invalid("not a regular file".into()),
-        Ok(_) => match crate::util::read_input(&p, "a group file") {
+        Ok(_) => match crate::fsio::read_input(&p, "a group file") {
             Ok(b) => b,
             Err(e) => return GroupState::Invalid(e.to_string()),
         },
@@ -1256,7 +1253,7 @@ pub fn verify_group_bytes(plan: &Plan, g: usize, bytes: &[u8]) -> GroupState {
             ));
         }
         if rec[c_run] != plan.run_id {
-            return GroupState::Foreign(crate::util::shown(&rec[c_run]));
+            return GroupState::Foreign(crate::text::shown(&rec[c_run]));
         }
         let Some(&(c, pi)) = want.get(i) else {
             return GroupState::Invalid(format!("more than the group's {} rows", want.len()));
@@ -1265,8 +1262,8 @@ pub fn verify_group_bytes(plan: &Plan, g: usize, bytes: &[u8]) -> GroupState {
             return GroupState::Invalid(format!(
                 "row {} is {} prompt {}, expected {} prompt {pi}",
                 i + 1,
-                crate::util::shown(&rec[c_cond]),
-                crate::util::shown(&rec[c_idx]),
+                crate::text::shown(&rec[c_cond]),
+                crate::text::shown(&rec[c_idx]),
                 plan.conditions[c].id
             ));
         }

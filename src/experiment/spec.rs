@@ -532,7 +532,7 @@ impl Spec {
                 &o("name"),
                 format!(
                     "'{}' {why} (it names the default run directory runs/<model>/<name>)",
-                    crate::util::shown(&self.name)
+                    crate::text::shown(&self.name)
                 ),
             ));
         }
@@ -551,7 +551,7 @@ impl Spec {
         for name in self.directions.keys() {
             if let Some(why) = bad_file_name(name) {
                 return Err(err(
-                    &o(&format!("directions.{}", crate::util::shown(name))),
+                    &o(&format!("directions.{}", crate::text::shown(name))),
                     format!("the name {why} (it names plot files)"),
                 ));
             }
@@ -701,7 +701,7 @@ impl Spec {
                     &o("experiment.id"),
                     format!(
                         "'{}' {why} (it names plots/<id>.svg)",
-                        crate::util::shown(&e.id)
+                        crate::text::shown(&e.id)
                     ),
                 ));
             }

@@ -24,12 +24,12 @@ pub use parse::{parse_guard, parse_rubric, rubric_score, Guard, Rubric, Unparsea
 use crate::chat::{ChatTemplate, Prompt, SystemPrompt};
 use crate::engine::{GenConfig, Session};
 use crate::error::{Error, Result};
-use crate::experiment::report::{bootstrap_mean, wilson};
 use crate::experiment::run::{load_sets, Plan};
 use crate::ffi::Token;
+use crate::fsio::write_atomic;
 use crate::hooks::HookSet;
 use crate::model::Model;
-use crate::util::write_atomic;
+use crate::stats::{argmax, bootstrap_mean, softmax, wilson};
 
 /// The built-in StrongREJECT rubric template (`src/judge/templates/strongreject.txt`).
 pub const STRONGREJECT_TEMPLATE: &str = include_str!("templates/strongreject.txt");
@@ -155,7 +155,7 @@ impl Template {
     /// # Errors
     /// Unreadable file, or see [`Template::parse`].
     pub fn load(path: &Path) -> Result<Template> {
-        let bytes = crate::util::read_input(path, "a judge template")?;
+        let bytes = crate::fsio::read_input(path, "a judge template")?;
         let src = String::from_utf8(bytes).map_err(|_| Error::file(path, "not UTF-8"))?;
         Template::parse(&src, &path.display().to_string())
     }
@@ -352,20 +352,7 @@ fn probs(logits: &[f32], cands: &[Token]) -> Option<Vec<f64>> {
     if l.iter().any(|x| !x.is_finite()) {
         return None;
     }
-    let m = l.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    let e: Vec<f64> = l.iter().map(|x| (x - m).exp()).collect();
-    let z: f64 = e.iter().sum();
-    Some(e.into_iter().map(|x| x / z).collect())
-}
-
-fn argmax(p: &[f64]) -> usize {
-    let mut b = 0;
-    for (i, &x) in p.iter().enumerate() {
-        if x > p[b] {
-            b = i;
-        }
-    }
-    b
+    Some(softmax(&l))
 }
 
 impl<'m> Judge<'m> {

@@ -9,7 +9,8 @@ use serde_json::Value;
 
 use super::Instruction;
 use crate::error::{Error, Result};
-use crate::util::{shown, Rng};
+use crate::rng::Rng;
+use crate::text::shown;
 
 /// The file formats we read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,7 +47,7 @@ pub const DEFAULT_FIELDS: &[&str] = &["instruction", "forbidden_prompt", "goal",
 /// Unreadable or non-UTF-8 files, bad JSON (with line number), a missing field or column,
 /// or an empty set.
 pub fn load(path: &Path, field: Option<&str>) -> Result<Vec<Instruction>> {
-    let bytes = crate::util::read_input(path, "a prompt-set file (.json, .jsonl, .csv, .txt)")?;
+    let bytes = crate::fsio::read_input(path, "a prompt-set file (.json, .jsonl, .csv, .txt)")?;
     let name = path
         .file_stem()
         .and_then(|s| s.to_str())

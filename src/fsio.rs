@@ -1,4 +1,4 @@
-//! Small shared helpers: reading input files and atomic file writes.
+//! Reading input files safely and writing outputs atomically.
 
 use std::io::Write;
 use std::path::Path;
@@ -146,92 +146,9 @@ pub fn check_writable(path: &Path) -> std::io::Result<()> {
     write_atomic_inner(path, None)
 }
 
-/// A message from outside (llama.cpp's, say) with control characters escaped, so it prints
-/// as one line and cannot move the terminal's cursor.
-pub fn one_line(s: &str) -> String {
-    s.chars()
-        .flat_map(|c| {
-            let esc = c.is_control();
-            c.escape_default()
-                .filter(move |_| esc)
-                .chain((!esc).then_some(c))
-        })
-        .collect()
-}
-
-/// Multi-line text from a file (a chat template) made safe to print: control characters
-/// other than newline and tab are escaped, so it cannot drive the terminal.
-pub fn printable(s: &str) -> String {
-    s.chars()
-        .flat_map(|c| {
-            let esc = c.is_control() && c != '\n' && c != '\t';
-            c.escape_default()
-                .filter(move |_| esc)
-                .chain((!esc).then_some(c))
-        })
-        .collect()
-}
-
-/// A name or value read from an input file, made safe for a one-line message: control
-/// characters (newlines, NUL, escape sequences) escaped, and cut at 60 characters.
-pub fn shown(s: &str) -> String {
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i == 60 {
-            out.push('…');
-            break;
-        }
-        if c.is_control() {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-/// SplitMix64: a tiny seeded generator, so random controls are reproducible everywhere
-/// without depending on a crate's stream staying stable across versions.
-#[derive(Debug, Clone)]
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed)
-    }
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [0, 1).
-    pub fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    /// Standard normal (Box–Muller).
-    pub fn normal(&mut self) -> f64 {
-        let u = 1.0 - self.next_f64();
-        let v = self.next_f64();
-        (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
-    }
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn shown_names_are_one_line_and_short() {
-        assert_eq!(shown("a\nb\0c\u{1b}[31m"), "a\\nb\\u{0}c\\u{1b}[31m");
-        assert_eq!(shown(&"x".repeat(100)).chars().count(), 61);
-        assert_eq!(shown("état"), "état");
-        assert_eq!(one_line("a\tb 'c'\n"), "a\\tb 'c'\\n");
-    }
 
     #[test]
     fn failed_writes_say_why_and_leave_nothing() {
