@@ -23,7 +23,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
-use crate::chat::Prompt;
+use crate::chat::{ChatTemplate, Prompt};
 use crate::engine::{GenConfig, Session};
 use crate::error::{Error, Result};
 use crate::hooks::{Capture, Edit, HookSet, Position, Scope};
@@ -390,7 +390,7 @@ pub fn grid(model: &Model, cfg: &BenchConfig) -> Result<[Job; 3]> {
 /// # Errors
 /// Engine errors.
 pub fn persona(model: &Model, repetitions: usize) -> Result<Job> {
-    let tmpl = model.chat_template(None)?;
+    let tmpl = ChatTemplate::for_model(&model, None)?;
     let personas = crate::prompts::parse_personas(crate::prompts::PERSONAS, "builtin")?;
     let persona = &personas["compliant"];
     let questions = crate::prompts::builtin("neutral")?;

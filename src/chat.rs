@@ -100,6 +100,30 @@ pub struct Prompt {
 const SENTINEL: &str = "\u{E000}persona-gate-instruction\u{E001}";
 
 impl ChatTemplate {
+    /// The model's own chat template, or `override_src` when given.
+    ///
+    /// # Errors
+    /// When the GGUF has no template and none was given, or it does not compile.
+    pub fn for_model(model: &Model, override_src: Option<String>) -> Result<ChatTemplate> {
+        let origin = match &override_src {
+            Some(_) => "from --chat-template".to_string(),
+            None => format!(
+                "tokenizer.chat_template of {}",
+                crate::text::one_line(&model.info.path.display().to_string())
+            ),
+        };
+        let src = override_src
+            .or_else(|| model.info.chat_template.clone())
+            .ok_or_else(|| {
+                Error::file(
+                    &model.info.path,
+                    "GGUF has no tokenizer.chat_template; pass --chat-template FILE",
+                )
+            })?;
+        let text = |t: Token| String::from_utf8_lossy(&model.raw.token_bytes(t, true)).into_owned();
+        ChatTemplate::with_origin(src, text(model.raw.bos()), text(model.raw.eos()), origin)
+    }
+
     /// # Errors
     /// [`Error::Template`] when the template does not compile or is too large.
     pub fn new(src: String, bos: String, eos: String) -> Result<ChatTemplate> {

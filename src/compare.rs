@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use crate::chat::Prompt;
+use crate::chat::{ChatTemplate, Prompt};
 use crate::directions::{cosine, DirectionFile};
 use crate::error::{Error, Result};
 use crate::experiment::run::{Plan, Progress, RunOptions};
@@ -176,7 +176,7 @@ pub fn compare(
             )?;
         }
         // Next-token distributions on the evaluation prompts, unsteered.
-        let tmpl = model.chat_template(None)?;
+        let tmpl = ChatTemplate::for_model(&model, None)?;
         let sys = crate::experiment::run::system_of(spec);
         let ps = Prompt::render_all(
             &model,

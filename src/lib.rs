@@ -12,9 +12,9 @@
 //! - [`engine`]: batched evaluation and greedy generation with hooks.
 //!
 //! ```no_run
-//! use persona_gate::{chat::{Prompt, SystemPrompt}, engine::GenConfig, hooks::HookSet, model::{Model, ModelOptions}};
+//! use persona_gate::{chat::{ChatTemplate, Prompt, SystemPrompt}, engine::GenConfig, hooks::HookSet, model::{Model, ModelOptions}};
 //! let model = Model::load("model.gguf".as_ref(), &ModelOptions::default())?;
-//! let tmpl = model.chat_template(None)?;
+//! let tmpl = ChatTemplate::for_model(&model, None)?;
 //! let p = Prompt::new(&model, tmpl.render(&SystemPrompt::TemplateDefault, "Hello")?)?;
 //! let mut hooks = HookSet::new(model.info.n_layer, model.info.n_embd);
 //! let mut s = model.session()?;

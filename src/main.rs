@@ -98,7 +98,7 @@ fn template(model: &Model, p: &cli::PromptArgs) -> Result<ChatTemplate> {
         Some(f) => Some(fsio::read_text(f, "a Jinja chat template").context("--chat-template")?),
         None => None,
     };
-    let mut t = model.chat_template(src)?;
+    let mut t = ChatTemplate::for_model(&model, src)?;
     t.set_special_tokens(p.special());
     Ok(t)
 }

@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use crate::chat::ChatTemplate;
 use crate::error::{Error, Result};
 use crate::ffi;
 use crate::gguf::{self, Gguf};
@@ -298,31 +297,6 @@ impl Model {
             budget,
             options,
         })
-    }
-
-    /// The model's own chat template, or `override_src` when given.
-    ///
-    /// # Errors
-    /// When the GGUF has no template and none was given, or it does not compile.
-    pub fn chat_template(&self, override_src: Option<String>) -> Result<ChatTemplate> {
-        let origin = match &override_src {
-            Some(_) => "from --chat-template".to_string(),
-            None => format!(
-                "tokenizer.chat_template of {}",
-                crate::text::one_line(&self.info.path.display().to_string())
-            ),
-        };
-        let src = override_src
-            .or_else(|| self.info.chat_template.clone())
-            .ok_or_else(|| {
-                Error::file(
-                    &self.info.path,
-                    "GGUF has no tokenizer.chat_template; pass --chat-template FILE",
-                )
-            })?;
-        let text =
-            |t: ffi::Token| String::from_utf8_lossy(&self.raw.token_bytes(t, true)).into_owned();
-        ChatTemplate::with_origin(src, text(self.raw.bos()), text(self.raw.eos()), origin)
     }
 
     /// The model file's sha256, from the cache when path, size and mtime match.

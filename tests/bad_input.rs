@@ -100,7 +100,7 @@ fn good_direction(d: &Path) -> &'static str {
 }
 
 fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
-    let mut r = persona_gate::util::Rng::new(seed);
+    let mut r = persona_gate::rng::Rng::new(seed);
     (0..n).map(|_| r.next_u64() as u8).collect()
 }
 

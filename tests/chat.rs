@@ -8,7 +8,7 @@ use persona_gate::chat::{Prompt, SystemPrompt};
 
 fn render(file: &str, sys: SystemPrompt, user: &str) -> Prompt {
     let m = load(file, 1);
-    let t = m.chat_template(None).unwrap();
+    let t = persona_gate::chat::ChatTemplate::for_model(&m, None).unwrap();
     Prompt::new(&m, t.render(&sys, user).unwrap()).unwrap()
 }
 
@@ -121,7 +121,7 @@ fn special_tokens_in_instructions_are_literal_unless_asked() {
     let im_end = m.tokenize("<|im_end|>").unwrap();
     assert_eq!(im_end.len(), 1, "<|im_end|> is one control token");
     let count = |p: &Prompt| p.tokens.iter().filter(|&&t| t == im_end[0]).count();
-    let mut t = m.chat_template(None).unwrap();
+    let mut t = persona_gate::chat::ChatTemplate::for_model(&m, None).unwrap();
     let literal = Prompt::new(
         &m,
         t.render(&SystemPrompt::TemplateDefault, injected).unwrap(),

@@ -16,7 +16,7 @@ use persona_gate::prompts;
 const BATCH_INVARIANCE_REL: f64 = 1e-5;
 
 fn refusal(m: &Model) -> DirectionFile {
-    let t = m.chat_template(None).unwrap();
+    let t = persona_gate::chat::ChatTemplate::for_model(&m, None).unwrap();
     let h = prompts::builtin("harmful").unwrap();
     let l = prompts::builtin("harmless").unwrap();
     directions::extract_refusal(
@@ -97,7 +97,7 @@ fn refusal_norm_grows_with_depth(file: &str) {
 
 fn exported_cvec_matches_native_and_callback(file: &str) {
     let m = load(file, 4);
-    let t = m.chat_template(None).unwrap();
+    let t = persona_gate::chat::ChatTemplate::for_model(&m, None).unwrap();
     let personas = prompts::parse_personas(prompts::PERSONAS, "builtin").unwrap();
     let q = prompts::builtin("neutral").unwrap();
     let f = directions::extract_persona(
@@ -178,7 +178,7 @@ on_both!(
 fn selection_and_persona_ranking_run() {
     use persona_gate::directions::select;
     let m = load(SMOL, 8);
-    let t = m.chat_template(None).unwrap();
+    let t = persona_gate::chat::ChatTemplate::for_model(&m, None).unwrap();
     let f = refusal(&m);
     let h = prompts(
         &m,

@@ -9,7 +9,7 @@ use common::*;
 use persona_gate::chat::Prompt;
 use persona_gate::hooks::{Capture, Edit, HookSet, Position, Scope};
 use persona_gate::model::Model;
-use persona_gate::util::Rng;
+use persona_gate::rng::Rng;
 
 /// Native control vector vs the same vector added from the eval callback (6b).
 const CVEC_VS_CALLBACK_TOL: f32 = 1e-5;
@@ -543,7 +543,7 @@ fn clusters_are_bit_identical(file: &str) {
     ];
     let run = |parallel: u32, share: bool, max_new: usize, only: Option<usize>| {
         let m = load(file, parallel);
-        let t = m.chat_template(None).unwrap();
+        let t = persona_gate::chat::ChatTemplate::for_model(&m, None).unwrap();
         let mut ps = vec![];
         for sys in SYSTEMS {
             for q in FOUR {

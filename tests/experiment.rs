@@ -320,7 +320,7 @@ fn reproduce_is_deterministic_resumable_and_shardable() {
     // run byte for byte.
     for seed in [1u64, 2, 3] {
         let d = root.join(format!("kill{seed}"));
-        let mut rng = persona_gate::util::Rng::new(seed);
+        let mut rng = persona_gate::rng::Rng::new(seed);
         let mut log = Vec::new();
         for _ in 0..2 {
             let at = straight.mul_f64(rng.next_f64());

@@ -17,6 +17,7 @@ use std::time::Instant;
 
 use serde_json::json;
 
+use crate::chat::ChatTemplate;
 use crate::engine::GenConfig;
 use crate::error::{Error, Result};
 use crate::hooks::HookSet;
@@ -251,7 +252,7 @@ impl Estimate {
 /// Spec and engine errors.
 pub fn estimate(model: &Model, spec: &Spec, template: Option<String>) -> Result<Estimate> {
     let (sets, conds) = run::check(spec, model)?;
-    let tmpl = model.chat_template(template)?;
+    let tmpl = ChatTemplate::for_model(&model, template)?;
     let sys = run::system_of(spec);
     let mut toks = std::collections::BTreeMap::new();
     let mut rendered = std::collections::BTreeMap::new();

@@ -369,9 +369,9 @@ impl<'m> Judge<'m> {
                     .as_deref()
                     .is_some_and(|n| n.to_lowercase().contains("guard")));
         let chat = if is_llama_guard {
-            model.chat_template(Some(LLAMA3_TURNS.to_string()))?
+            ChatTemplate::for_model(&model, Some(LLAMA3_TURNS.to_string()))?
         } else {
-            model.chat_template(None)?
+            ChatTemplate::for_model(&model, None)?
         };
         let logits = true;
         let mut h = Sha256::new();
