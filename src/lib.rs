@@ -52,5 +52,34 @@ pub mod text;
 
 /// This tool's version, written into every output.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
-/// The llama.cpp build we drive: the pinned FFI crate that vendors it.
-pub const LLAMA_CPP: &str = "llama.cpp 0.6.0 via llama-cpp-sys-2 =0.1.161";
+/// The FFI crate that vendors and builds llama.cpp, pinned in Cargo.toml (a test checks the
+/// lock file agrees).
+pub const FFI_CRATE: &str = "llama-cpp-sys-2 0.1.161";
+
+/// The llama.cpp build we drive, for provenance in every output: ggml's version and commit as
+/// the linked library reports them, and the crate that built it.
+pub fn llama_cpp() -> String {
+    let (version, commit) = ffi::ggml_version();
+    format!("ggml {version} (commit {commit}) via {FFI_CRATE}")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn provenance_names_the_linked_ggml_and_the_locked_ffi_crate() {
+        let lock = include_str!("../Cargo.lock");
+        let (name, version) = super::FFI_CRATE.split_once(' ').unwrap();
+        let entry = format!("name = \"{name}\"\nversion = \"{version}\"");
+        assert!(
+            lock.contains(&entry),
+            "Cargo.lock does not lock {}",
+            super::FFI_CRATE
+        );
+        let (v, _) = super::ffi::ggml_version();
+        assert!(
+            v.split('.').count() == 3 && v.split('.').all(|p| p.parse::<u32>().is_ok()),
+            "{v}"
+        );
+        assert!(super::llama_cpp().starts_with(&format!("ggml {v} (commit ")));
+    }
+}

@@ -210,7 +210,7 @@ fn run(cli: Cli) -> Result<()> {
                 "hook points   resid_post.0-{} (l_out-<il> present in every layer)",
                 model.info.n_layer - 1
             )?;
-            writeln!(out, "llama.cpp     {}", persona_gate::LLAMA_CPP)?;
+            writeln!(out, "llama.cpp     {}", persona_gate::llama_cpp())?;
             writeln!(out, "system        {}", ffi::system_info().trim())?;
         }
         Command::Generate(a) => {

@@ -112,7 +112,7 @@ pub fn run(a: &BenchArgs, model: Model, out: &mut dyn Write) -> anyhow::Result<(
         opts.kernels.name(),
         opts.batch,
         opts.parallel,
-        persona_gate::LLAMA_CPP
+        persona_gate::llama_cpp()
     )?;
     let reference = |same: bool, c: &BenchConfig| -> anyhow::Result<Option<bench::Batched>> {
         let Some(dir) = &a.llama_bin else {

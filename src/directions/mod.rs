@@ -125,7 +125,7 @@ fn base_meta(model: &Model, kind: &str) -> Result<BTreeMap<String, String>> {
         "tool_version".into(),
         format!("persona-gate {}", crate::VERSION),
     );
-    m.insert("llama_cpp".into(), crate::LLAMA_CPP.into());
+    m.insert("llama_cpp".into(), crate::llama_cpp());
     Ok(m)
 }
 

@@ -182,7 +182,7 @@ pub fn finish(
     put("report.md", report_md(plan, &summaries).as_bytes())?;
     let manifest = json!({
         "tool": format!("persona-gate {}", crate::VERSION),
-        "llama_cpp": crate::LLAMA_CPP,
+        "llama_cpp": crate::llama_cpp(),
         "run_id": plan.run_id,
         "fingerprint": plan.fingerprint,
         "model": plan.model,
