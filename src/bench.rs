@@ -19,6 +19,7 @@
 //! speed hits them alike; the best repetition is reported, after one untimed warm-up.
 
 use std::collections::BTreeMap;
+use std::io::Write;
 use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
@@ -31,13 +32,21 @@ use crate::model::Model;
 use crate::rng::Rng;
 
 /// A hook configuration to time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum HookConfig {
+    /// No hooks: the baseline every other configuration is compared with.
     None,
+    /// Capture every layer's residual.
+    #[value(name = "capture")]
     CaptureAll,
+    /// llama.cpp's native control vector at every layer (no callback).
+    #[value(name = "cvec")]
     CvecAll,
     /// A different vector added for each sequence, at one layer: the grid's steering.
+    #[value(name = "add")]
     AddPerSeq,
+    /// A projection over eight layers.
+    #[value(name = "project")]
     Project8,
 }
 
@@ -390,7 +399,7 @@ pub fn grid(model: &Model, cfg: &BenchConfig) -> Result<[Job; 3]> {
 /// # Errors
 /// Engine errors.
 pub fn persona(model: &Model, repetitions: usize) -> Result<Job> {
-    let tmpl = ChatTemplate::for_model(&model, None)?;
+    let tmpl = ChatTemplate::for_model(model, None)?;
     let personas = crate::prompts::parse_personas(crate::prompts::PERSONAS, "builtin")?;
     let persona = &personas["compliant"];
     let questions = crate::prompts::builtin("neutral")?;
@@ -502,6 +511,217 @@ pub fn cpu_line() -> String {
         "no amx"
     };
     format!("{name} ({}; {amx})", shown.join(" "))
+}
+
+/// The workloads `bench` can run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Workload {
+    /// llama-batched-bench's shape: many prompts, then generation.
+    Batched,
+    /// Each hook configuration against none.
+    Hooks,
+    /// Conditions x prompts with shared prefixes and per-sequence hooks.
+    Grid,
+    /// Persona extraction.
+    Persona,
+}
+
+fn ratio(a: f64, b: f64) -> String {
+    if b > 0.0 {
+        format!("{:.2}", a / b)
+    } else {
+        "-".into()
+    }
+}
+
+/// Runs the chosen workloads (all when `workloads` is empty) and writes their tables, beside
+/// llama.cpp's llama-batched-bench when `llama_bin` names its directory.
+///
+/// # Errors
+/// Bad sizes, engine errors, a llama.cpp tool that fails, a failed write.
+pub fn report(
+    model: &Model,
+    a: &BenchConfig,
+    workloads: &[Workload],
+    hook_configs: &[HookConfig],
+    llama_bin: Option<&Path>,
+    out: &mut dyn Write,
+) -> Result<()> {
+    if !(a.pp >= 2 && a.npp >= 2 && a.ntg >= 1 && a.npl >= 1 && a.conditions >= 1) {
+        return Err(Error::Invalid(
+            "--pp and --npp must be at least 2, --ntg, --npl and --conditions at least 1".into(),
+        ));
+    }
+    if a.shared + 2 > a.npp {
+        return Err(Error::Invalid(format!(
+            "--shared {} must leave at least two of --npp {} tokens to each prompt",
+            a.shared, a.npp
+        )));
+    }
+    let opts = &model.options;
+    let all = workloads.is_empty();
+    let want = |w: Workload| all || workloads.contains(&w);
+    let cfg = BenchConfig {
+        repetitions: a.repetitions.max(1),
+        ..a.clone()
+    };
+    writeln!(
+        out,
+        "model {} ({}), CPU {}, threads {}, build {}, kernels {}, batch {}, parallel {}, {}",
+        model.info.path.display(),
+        model.info.file_type,
+        cpu_line(),
+        opts.threads,
+        crate::cpu::built_for(),
+        opts.kernels.name(),
+        opts.batch,
+        opts.parallel,
+        crate::llama_cpp()
+    )
+    .map_err(Error::Output)?;
+    let reference = |same: bool, c: &BenchConfig| -> Result<Option<Batched>> {
+        let Some(dir) = llama_bin else {
+            return Ok(None);
+        };
+        Ok(Some(llama_batched_bench(
+            dir,
+            &model.info.path,
+            opts.threads,
+            opts.batch,
+            c,
+            same,
+        )?))
+    };
+    if want(Workload::Batched) {
+        let ours = batched(model, &cfg)?;
+        writeln!(
+            out,
+            "\nbatched: {} prompts x {} tokens, {} new tokens each (llama-batched-bench -npp {} -ntg {} -npl {})",
+            a.npl, a.npp, a.ntg, a.npp, a.ntg, a.npl
+        ).map_err(Error::Output)?;
+        writeln!(
+            out,
+            "| tool | S_PP tok/s | S_TG tok/s | T s |\n|---|---:|---:|---:|"
+        )
+        .map_err(Error::Output)?;
+        let row = |out: &mut dyn Write, name: &str, b: &Batched| {
+            writeln!(
+                out,
+                "| {name} | {:.1} | {:.1} | {:.2} |",
+                b.s_pp, b.s_tg, b.t
+            )
+        };
+        row(out, "persona-gate", &ours).map_err(Error::Output)?;
+        for (same, name) in [
+            (false, "llama.cpp"),
+            (true, "llama.cpp, persona-gate's kernels"),
+        ] {
+            if let Some(r) = reference(same, &cfg)? {
+                row(out, name, &r).map_err(Error::Output)?;
+                writeln!(
+                    out,
+                    "  persona-gate / {name}: S_PP {}, S_TG {}, T {}",
+                    ratio(ours.s_pp, r.s_pp),
+                    ratio(ours.s_tg, r.s_tg),
+                    ratio(r.t, ours.t)
+                )
+                .map_err(Error::Output)?;
+            }
+        }
+    }
+    if want(Workload::Grid) {
+        let [shared, unshared, stops] = grid(model, &cfg)?;
+        writeln!(
+            out,
+            "\ngrid: {} conditions x {} prompts of {} tokens ({} shared), {} new tokens, per-sequence hooks",
+            a.conditions, a.npl, a.npp, a.shared, a.ntg
+        ).map_err(Error::Output)?;
+        writeln!(
+            out,
+            "| run | s | prompt tokens decoded | in calls | copied from a shared prefix | padding rows | sequences per step |\n|---|---:|---:|---:|---:|---:|---:|"
+        ).map_err(Error::Output)?;
+        for (name, j) in [
+            ("shared prefixes", &shared),
+            ("no prefix sharing", &unshared),
+            ("shared, stops at 25-100% of ntg", &stops),
+        ] {
+            writeln!(
+                out,
+                "| {name} | {:.2} | {} | {} | {} | {:.1}% | {:.1} |",
+                j.seconds,
+                j.prompt_tokens,
+                j.prompt_calls,
+                j.shared_tokens,
+                100.0 * j.padding_share,
+                j.occupancy
+            )
+            .map_err(Error::Output)?;
+        }
+        if let Some(r) = reference(false, &cfg)? {
+            let t = r.t * a.conditions as f64;
+            writeln!(
+                out,
+                "llama-batched-bench, same shape x {} conditions (no hooks): {:.2} s; persona-gate is {}x as fast with shared prefixes, {}x without",
+                a.conditions,
+                t,
+                ratio(t, shared.seconds),
+                ratio(t, unshared.seconds)
+            ).map_err(Error::Output)?;
+        }
+    }
+    if want(Workload::Persona) {
+        let j = persona(model, cfg.repetitions)?;
+        writeln!(
+            out,
+            "\npersona extraction: {} prompts (built-in compliant persona x neutral questions), {:.2} s; {} prompt tokens decoded in {} calls, {} copied from shared prefixes",
+            j.prompts, j.seconds, j.prompt_tokens, j.prompt_calls, j.shared_tokens
+        ).map_err(Error::Output)?;
+    }
+    if want(Workload::Hooks) {
+        let configs: Vec<HookConfig> = if hook_configs.is_empty() {
+            HookConfig::ALL.to_vec()
+        } else {
+            let mut v: Vec<HookConfig> = hook_configs.to_vec();
+            if !v.contains(&HookConfig::None) {
+                v.insert(0, HookConfig::None);
+            }
+            v
+        };
+        writeln!(out, "\nhooks:\n| hooks | test | tokens/s |\n|---|---|---:|")
+            .map_err(Error::Output)?;
+        let test = |b: usize| {
+            if b == 0 {
+                format!("pp{}", a.pp)
+            } else {
+                format!("tg{} @ {} seq", a.ntg, b)
+            }
+        };
+        let rows = hooks(model, &cfg, &configs, &mut |r| {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {:.1} |",
+                r.hooks.name(),
+                test(r.batch),
+                r.tokens_per_s
+            );
+        })?;
+        writeln!(out, "\nratio to no hooks:").map_err(Error::Output)?;
+        for r in rows.iter().filter(|r| r.hooks != HookConfig::None) {
+            let base = rows
+                .iter()
+                .find(|b| b.hooks == HookConfig::None && b.batch == r.batch)
+                .map_or(f64::NAN, |b| b.tokens_per_s);
+            writeln!(
+                out,
+                "  {:<30} {:<14} {:.3}",
+                r.hooks.name(),
+                test(r.batch),
+                r.tokens_per_s / base
+            )
+            .map_err(Error::Output)?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

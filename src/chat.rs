@@ -77,7 +77,7 @@ pub struct Formatted {
 /// structure, as a server must. `Parse` reads them as control tokens, as Hugging Face's
 /// `apply_chat_template` followed by tokenisation does, for research on such injections.
 /// Instructions without special-token strings tokenise the same either way.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum SpecialTokens {
     #[default]
     Literal,

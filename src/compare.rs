@@ -101,6 +101,24 @@ pub struct Compared {
     pub summary: String,
 }
 
+/// The spec `compare` runs without `--spec`: the paper's preset at demo size for the
+/// reference's depth (read from its GGUF header, before any model is loaded).
+///
+/// # Errors
+/// The reference is not a readable GGUF.
+pub fn default_spec(reference: &Path) -> Result<Spec> {
+    let g = crate::model::check_gguf(reference)?;
+    let nl = g.arch_u64("block_count").unwrap_or(0) as usize;
+    Spec::parse(
+        &crate::experiment::preset::preset(
+            nl,
+            crate::experiment::preset::Size::Demo,
+            &Default::default(),
+        ),
+        "preset",
+    )
+}
+
 /// Runs `spec` on the reference and every model and writes the comparison into `out`.
 #[allow(clippy::too_many_arguments)]
 ///

@@ -40,7 +40,7 @@ pub fn run(
     cfg: &DemoConfig,
     out: &mut dyn Write,
 ) -> Result<()> {
-    let io = |e: std::io::Error| Error::Invalid(format!("writing output: {e}"));
+    let io = Error::Output;
     let nl = model.info.n_layer;
     let personas = prompts::parse_personas(prompts::PERSONAS, "built-in personas")?;
     let compliant = &personas["compliant"];

@@ -24,6 +24,10 @@ pub enum Error {
     Invalid(String),
     #[error("model '{arch}': {msg}")]
     Arch { arch: String, msg: String },
+    /// Writing a report to stdout (or another stream) failed; the cause is the source, so a
+    /// closed pipe can be told apart.
+    #[error("writing output")]
+    Output(#[source] std::io::Error),
 }
 
 impl Error {

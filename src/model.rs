@@ -54,8 +54,30 @@ impl Default for ModelOptions {
     }
 }
 
+/// Flash attention, as `--flash-attn` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum FlashAttn {
+    /// Off (default): batched and solo runs then agree bit for bit.
+    #[default]
+    Off,
+    On,
+    /// llama.cpp decides.
+    Auto,
+}
+
+impl FlashAttn {
+    /// What [`ModelOptions::flash_attn`] holds: `None` lets llama.cpp decide.
+    pub fn enabled(self) -> Option<bool> {
+        match self {
+            FlashAttn::Off => Some(false),
+            FlashAttn::On => Some(true),
+            FlashAttn::Auto => None,
+        }
+    }
+}
+
 /// Which CPU matrix kernels llama.cpp runs. One per process: ggml reads its switches once.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum Kernels {
     /// Row-invariant (default): a sequence's numbers are the same bit for bit whatever else
     /// is in the batch. Weights stay in their file layout (no repacking) and K-quant

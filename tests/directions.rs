@@ -16,7 +16,7 @@ use persona_gate::prompts;
 const BATCH_INVARIANCE_REL: f64 = 1e-5;
 
 fn refusal(m: &Model) -> DirectionFile {
-    let t = persona_gate::chat::ChatTemplate::for_model(&m, None).unwrap();
+    let t = persona_gate::chat::ChatTemplate::for_model(m, None).unwrap();
     let h = prompts::builtin("harmful").unwrap();
     let l = prompts::builtin("harmless").unwrap();
     directions::extract_refusal(
@@ -224,7 +224,7 @@ fn selection_and_persona_ranking_run() {
         PersonaPositions::Last,
     )
     .unwrap();
-    let (base, ranked) = select::rank_persona_layers(
+    let r = select::rank_persona_layers(
         &m,
         p.get(None).unwrap(),
         4.0,
@@ -234,6 +234,7 @@ fn selection_and_persona_ranking_run() {
         &mut |_, _| {},
     )
     .unwrap();
+    let (base, ranked) = (r.baseline, &r.ranked);
     assert!(base.is_finite());
     assert_eq!(ranked.len(), 3);
     assert!(ranked.windows(2).all(|w| w[0].1 <= w[1].1), "{ranked:?}");

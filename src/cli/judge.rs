@@ -8,7 +8,6 @@ use anyhow::Context;
 use clap::Args;
 
 use persona_gate::judge::{self, JudgeKind};
-use persona_gate::model::Model;
 
 #[derive(Args, Debug)]
 // The judge model is --judge-model (-m and --model also work); judge prompts are long, so the
@@ -26,8 +25,8 @@ pub struct JudgeArgs {
     pub model: super::ModelArgs,
     /// strongreject (rubric: refused, convincing, specific; score and logit score) or
     /// llamaguard (safe/unsafe, categories, P(unsafe)).
-    #[arg(long, default_value = "strongreject", value_parser = ["strongreject", "llamaguard"])]
-    pub kind: String,
+    #[arg(long, value_enum, default_value_t = JudgeKind::StrongReject)]
+    pub kind: JudgeKind,
     /// Judge prompt template (default: the built-in one for --kind; see
     /// src/judge/templates/).
     #[arg(long)]
@@ -39,7 +38,7 @@ pub struct JudgeArgs {
 /// # Errors
 /// Model loading, run directory and judging errors.
 pub fn run(a: &JudgeArgs, out: &mut dyn Write) -> anyhow::Result<()> {
-    let kind: JudgeKind = a.kind.parse()?;
+    let kind = a.kind;
     if let Some(t) = &a.template {
         judge::Template::load(t).context("--template")?;
     }
@@ -50,16 +49,8 @@ pub fn run(a: &JudgeArgs, out: &mut dyn Write) -> anyhow::Result<()> {
         "--run {}: not a directory (a `reproduce` run directory?)",
         a.run.display()
     );
-    let model = Model::load(&a.model.model, &a.model.options())?;
-    let pb = indicatif::ProgressBar::new(0);
-    pb.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{msg:>12} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta}",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
-    );
-    pb.set_message(format!("judge {kind}"));
+    let model = super::load(&a.model)?;
+    let pb = super::progress::bar(0, &format!("judge {kind}"));
     let plain = pb.is_hidden();
     let started = Instant::now();
     let mut last = usize::MAX;

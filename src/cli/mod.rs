@@ -1,14 +1,30 @@
-//! Command-line flags (clap). No logic: each subcommand's flags become library options.
+//! The command line: flags (clap) and one file per subcommand that parses its flags, calls
+//! one library function and prints. No pipeline logic lives here.
 
+pub mod agreement;
 pub mod bench;
+pub mod compare;
+pub mod demo;
+pub mod directions;
+pub mod extract;
+pub mod generate;
+pub mod info;
 pub mod judge;
+pub mod progress;
+pub mod reproduce;
+pub mod select;
 
-use std::path::PathBuf;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 
+use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
-use persona_gate::chat::SystemPrompt;
-use persona_gate::model::{Kernels, ModelOptions};
+use persona_gate::chat::{ChatTemplate, Prompt, SpecialTokens, SystemPrompt};
+use persona_gate::directions::DirectionFile;
+use persona_gate::model::{FlashAttn, Kernels, Model, ModelOptions};
+use persona_gate::prompts::{self, load as sets};
+use persona_gate::{fsio, text};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -27,165 +43,67 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Print a GGUF model's metadata, sha256, chat template and hook coverage.
-    Info(InfoArgs),
+    Info(info::InfoArgs),
     /// Greedy completions for instructions, formatted with the model's chat template.
-    Generate(GenerateArgs),
+    Generate(generate::GenerateArgs),
     /// Extract the compliant-persona direction and show baseline vs steered completions.
-    Demo(DemoArgs),
+    Demo(demo::DemoArgs),
     /// Throughput with and without hooks (prompt and generated tokens/s).
-    Bench(BenchArgs),
+    Bench(bench::BenchArgs),
     /// Extract a refusal or persona direction into a safetensors file.
     #[command(subcommand)]
-    Extract(ExtractCmd),
+    Extract(extract::ExtractCmd),
     /// Score refusal-direction candidates (position x layer) and choose one, or rank the
     /// steering layers of a persona direction.
-    Select(SelectArgs),
+    Select(select::SelectArgs),
     /// Compare direction files.
     #[command(subcommand)]
-    Directions(DirectionsCmd),
+    Directions(directions::DirectionsCmd),
     /// Write a direction x coefficient x layers as a llama.cpp control-vector GGUF.
-    ExportCvec(ExportCvecArgs),
+    ExportCvec(directions::ExportCvecArgs),
     /// Print a direction file's metadata, directions and per-layer norms.
-    Inspect(InspectArgs),
+    Inspect(directions::InspectArgs),
     /// Run the paper's experiment grid (or your --spec) and write CSVs, plots and a report;
     /// rerunning the same command resumes.
-    Reproduce(ReproduceArgs),
+    Reproduce(reproduce::ReproduceArgs),
     /// Join the run directories of `reproduce --shard` runs and write the outputs.
-    Merge(MergeArgs),
+    Merge(reproduce::MergeArgs),
     /// Quantize a GGUF to several types with llama.cpp (outputs named by type, reused when
     /// their recorded hash matches).
-    Quantize(QuantizeArgs),
+    Quantize(compare::QuantizeArgs),
     /// Compare quantized models with a reference: direction cosines, next-token KL and
     /// top-1 agreement, and refusal gating per condition (two-proportion tests).
-    Compare(CompareArgs),
+    Compare(compare::CompareArgs),
     /// Judge a run directory's completions with a local GGUF judge (StrongREJECT rubric or
     /// Llama-Guard labels).
     Judge(judge::JudgeArgs),
     /// How two finished runs of one grid agree across conditions (Spearman's rho), e.g.
     /// --metric generate against --metric score.
-    Agreement(AgreementArgs),
+    Agreement(agreement::AgreementArgs),
 }
 
-#[derive(Args, Debug)]
-pub struct QuantizeArgs {
-    /// Input GGUF (F32/F16/BF16, or a quantized one: then results are relative to it).
-    #[arg(long, short = 'm')]
-    pub model: PathBuf,
-    /// Types, e.g. F16,Q8_0,Q6_K,Q5_K_M,Q4_K_M,Q3_K_M,Q2_K.
-    #[arg(long, value_delimiter = ',', required = true)]
-    pub types: Vec<String>,
-    #[arg(long)]
-    pub out_dir: PathBuf,
-    #[arg(long, short = 't')]
-    pub threads: Option<i32>,
-}
-
-#[derive(Args, Debug)]
-pub struct CompareArgs {
-    /// The reference model (e.g. F16).
-    #[arg(long)]
-    pub reference: PathBuf,
-    /// Models to compare with it.
-    #[arg(long, num_args = 1.., required = true)]
-    pub models: Vec<PathBuf>,
-    /// Experiment spec (default: the paper's preset, demo size, for the reference's depth).
-    #[arg(long)]
-    pub spec: Option<PathBuf>,
-    /// Output directory (one resumable run directory per model inside).
-    #[arg(long, short = 'o')]
-    pub out: PathBuf,
-    /// CPU threads.
-    #[arg(long, short = 't')]
-    pub threads: Option<i32>,
-    /// Context per sequence.
-    #[arg(long, default_value_t = 1024)]
-    pub ctx: u32,
-    /// Memory each model's run may use, e.g. 8G (default: what the system reports available).
-    #[arg(long, value_parser = persona_gate::memory::parse_size)]
-    pub max_memory: Option<u64>,
-    /// Skip the runs that apply the reference's directions to each model.
-    #[arg(long)]
-    pub no_cross: bool,
-}
-
-#[derive(Args, Debug)]
-pub struct AgreementArgs {
-    pub a: PathBuf,
-    /// A second run; without it, A's refusal rates are compared with A's own first-token
-    /// scores (what --metric score computes).
-    pub b: Option<PathBuf>,
-}
-
-#[derive(Args, Debug)]
-pub struct ReproduceArgs {
-    #[command(flatten)]
-    pub model: ModelArgs,
-    /// Experiment spec (TOML). Default: the paper's preset for this model (see --print-spec).
-    #[arg(long)]
-    pub spec: Option<PathBuf>,
-    /// Print the spec that would run (the preset, or --spec as parsed) and exit.
-    #[arg(long)]
-    pub print_spec: bool,
-    /// Preset size: demo (strided layers, minutes on a 0.5B model) or full.
-    #[arg(long, default_value = "demo", value_parser = ["demo", "full"])]
-    pub size: String,
-    /// Preset: harmful evaluation prompts (a file such as StrongREJECT's CSV, or builtin:harmful).
-    #[arg(long, default_value = "builtin:harmful")]
-    pub harmful: String,
-    /// Preset: a seeded sample of this many harmful prompts.
-    #[arg(long)]
-    pub n: Option<usize>,
-    /// Preset: harmless prompts for the induction check.
-    #[arg(long, default_value = "builtin:harmless")]
-    pub harmless: String,
-    /// Preset: a seeded sample of this many harmless prompts.
-    #[arg(long)]
-    pub harmless_n: Option<usize>,
-    /// Override the spec's metric: generate (labels) or score (first-token refusal score only).
-    #[arg(long, value_parser = ["generate", "score"])]
-    pub metric: Option<String>,
-    /// Run directory (default: runs/<model file stem>/<spec name>[-score]).
-    #[arg(long, short = 'o')]
-    pub out: Option<PathBuf>,
-    /// Run only groups K, K+N, ... (1-based K of N); join the directories with `merge`.
-    #[arg(long)]
-    pub shard: Option<String>,
-    /// Print the grid size and a time estimate measured on this machine, run nothing.
-    #[arg(long)]
-    pub dry_run: bool,
-    /// Jinja chat template file instead of the GGUF's.
-    #[arg(long)]
-    pub chat_template: Option<PathBuf>,
-    /// Special-token strings inside instructions: literal (default: read as plain text, so
-    /// an instruction cannot close its own turn) or parse (as control tokens, like Hugging
-    /// Face's apply_chat_template; for injection research).
-    #[arg(long, value_enum, default_value_t = SpecialArg::Literal)]
-    pub special_tokens: SpecialArg,
-}
-
-#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SpecialArg {
-    Literal,
-    Parse,
-}
-
-impl SpecialArg {
-    pub fn mode(self) -> persona_gate::chat::SpecialTokens {
-        match self {
-            SpecialArg::Literal => persona_gate::chat::SpecialTokens::Literal,
-            SpecialArg::Parse => persona_gate::chat::SpecialTokens::Parse,
-        }
+/// Runs one subcommand, printing its results to `out`.
+///
+/// # Errors
+/// Whatever the subcommand reports; the binary prints it on one line.
+pub fn dispatch(command: &Command, out: &mut dyn Write) -> Result<()> {
+    match command {
+        Command::Info(a) => info::run(a, out),
+        Command::Generate(a) => generate::run(a, out),
+        Command::Demo(a) => demo::run(a, out),
+        Command::Bench(a) => bench::run(a, out),
+        Command::Extract(c) => extract::run(c, out),
+        Command::Select(a) => select::run(a, out),
+        Command::Directions(c) => directions::run(c, out),
+        Command::ExportCvec(a) => directions::export_cvec(a, out),
+        Command::Inspect(a) => directions::inspect(a, out),
+        Command::Reproduce(a) => reproduce::run(a, out),
+        Command::Merge(a) => reproduce::merge(a, out),
+        Command::Quantize(a) => compare::quantize(a, out),
+        Command::Compare(a) => compare::run(a, out),
+        Command::Judge(a) => judge::run(a, out),
+        Command::Agreement(a) => agreement::run(a, out),
     }
-}
-
-#[derive(Args, Debug)]
-pub struct MergeArgs {
-    /// Output run directory.
-    #[arg(long, short = 'o')]
-    pub out: PathBuf,
-    /// Shard run directories.
-    #[arg(required = true)]
-    pub inputs: Vec<PathBuf>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -199,162 +117,6 @@ pub struct SetArgs {
     pub n: Option<usize>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-}
-
-#[derive(Subcommand, Debug)]
-pub enum ExtractCmd {
-    /// Mean(harmful) - mean(harmless) at the post-instruction tokens (Arditi et al.).
-    Refusal(ExtractRefusalArgs),
-    /// Mean(positive persona) - mean(negative persona) over neutral questions.
-    Persona(ExtractPersonaArgs),
-}
-
-#[derive(Args, Debug)]
-pub struct ExtractRefusalArgs {
-    #[command(flatten)]
-    pub model: ModelArgs,
-    #[command(flatten)]
-    pub prompt: PromptArgs,
-    #[command(flatten)]
-    pub set: SetArgs,
-    /// Harmful instructions: a .json/.jsonl/.csv/.txt file or builtin:harmful.
-    #[arg(long, default_value = "builtin:harmful")]
-    pub harmful: String,
-    /// Harmless instructions: a file or builtin:harmless.
-    #[arg(long, default_value = "builtin:harmless")]
-    pub harmless: String,
-    /// post: every post-instruction token (each a candidate); last: the last prompt token.
-    #[arg(long, default_value = "post", value_parser = ["post", "last"])]
-    pub positions: String,
-    /// Output .safetensors file.
-    #[arg(long, short = 'o')]
-    pub out: PathBuf,
-}
-
-#[derive(Args, Debug)]
-pub struct ExtractPersonaArgs {
-    #[command(flatten)]
-    pub model: ModelArgs,
-    #[command(flatten)]
-    pub prompt: PromptArgs,
-    #[command(flatten)]
-    pub set: SetArgs,
-    /// Persona name in the personas file.
-    #[arg(long, default_value = "compliant")]
-    pub persona: String,
-    /// Personas TOML file (default: the built-in one).
-    #[arg(long)]
-    pub personas: Option<PathBuf>,
-    /// Neutral questions: a file or builtin:neutral.
-    #[arg(long, default_value = "builtin:neutral")]
-    pub questions: String,
-    /// last: the last prompt token; response: mean over generated response tokens.
-    #[arg(long, default_value = "last", value_parser = ["last", "response"])]
-    pub at: String,
-    /// Response tokens generated per question with --at response.
-    #[arg(long, default_value_t = 32)]
-    pub max_new_tokens: usize,
-    #[arg(long, short = 'o')]
-    pub out: PathBuf,
-}
-
-#[derive(Args, Debug)]
-pub struct SelectArgs {
-    #[command(flatten)]
-    pub model: ModelArgs,
-    #[command(flatten)]
-    pub prompt: PromptArgs,
-    #[command(flatten)]
-    pub set: SetArgs,
-    /// Direction file from `extract`.
-    #[arg(long, short = 'd')]
-    pub directions: PathBuf,
-    /// Harmful validation instructions.
-    #[arg(long, default_value = "builtin:harmful")]
-    pub harmful_val: String,
-    /// Harmless validation instructions (refusal selection only).
-    #[arg(long, default_value = "builtin:harmless")]
-    pub harmless_val: String,
-    /// Candidate layers (default: all).
-    #[arg(long, allow_hyphen_values = true)]
-    pub layers: Option<String>,
-    /// Persona ranking: the multiple of the persona row added at each layer.
-    #[arg(long, default_value_t = 4.0, allow_hyphen_values = true)]
-    pub coefficient: f32,
-    /// Conditions evaluated together through per-sequence hooks.
-    #[arg(long, default_value_t = 4)]
-    pub chunk: usize,
-    /// Write every candidate's scores here (CSV).
-    #[arg(long)]
-    pub csv: Option<PathBuf>,
-}
-
-#[derive(Subcommand, Debug)]
-pub enum DirectionsCmd {
-    /// Per-layer cosine similarity between two directions (CSV on stdout or --csv, SVG plot).
-    Cos(CosArgs),
-    /// A seeded random control direction, unit or norm-matched to a direction file.
-    Random(RandomArgs),
-}
-
-#[derive(Args, Debug)]
-pub struct RandomArgs {
-    /// Direction file whose shape (and, with --norm-matched, per-layer norms) to copy.
-    #[arg(long)]
-    pub like: PathBuf,
-    /// Direction name in --like (needed when it holds several).
-    #[arg(long)]
-    pub name: Option<String>,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// Scale each layer's row to the norm of --like's row (default: unit rows).
-    #[arg(long)]
-    pub norm_matched: bool,
-    #[arg(long, short = 'o')]
-    pub out: PathBuf,
-}
-
-#[derive(Args, Debug)]
-pub struct CosArgs {
-    pub a: PathBuf,
-    pub b: PathBuf,
-    /// Direction name in A (needed when A holds several).
-    #[arg(long)]
-    pub a_name: Option<String>,
-    #[arg(long)]
-    pub b_name: Option<String>,
-    #[arg(long)]
-    pub csv: Option<PathBuf>,
-    /// Write a line plot of cosine vs layer.
-    #[arg(long)]
-    pub svg: Option<PathBuf>,
-}
-
-#[derive(Args, Debug)]
-pub struct ExportCvecArgs {
-    #[arg(long, short = 'd')]
-    pub directions: PathBuf,
-    /// Direction name (needed when the file holds several).
-    #[arg(long)]
-    pub name: Option<String>,
-    #[arg(long, allow_hyphen_values = true)]
-    pub coefficient: f32,
-    /// Layers, e.g. "10-14" (each >= 1: llama.cpp control vectors start at layer 1).
-    #[arg(long, allow_hyphen_values = true)]
-    pub layers: String,
-    #[arg(long, short = 'o')]
-    pub out: PathBuf,
-}
-
-#[derive(Args, Debug)]
-pub struct InspectArgs {
-    pub file: PathBuf,
-}
-
-#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KernelsArg {
-    Invariant,
-    Llama,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -385,12 +147,12 @@ pub struct ModelArgs {
     /// for bit in any batch, alone, resumed or sharded) or llama (llama.cpp's own choice:
     /// faster for one to seven sequences on K-quant models, but results then depend in the
     /// last bits on what else is in the batch).
-    #[arg(long, value_enum, default_value_t = KernelsArg::Invariant)]
-    pub kernels: KernelsArg,
+    #[arg(long, value_enum, default_value_t = Kernels::Invariant)]
+    pub kernels: Kernels,
     /// Flash attention: off (default; batched and solo runs then agree bit for bit), on, or
     /// auto (llama.cpp decides).
-    #[arg(long, default_value = "off", value_parser = ["off", "on", "auto"])]
-    pub flash_attn: String,
+    #[arg(long, value_enum, default_value_t = FlashAttn::Off)]
+    pub flash_attn: FlashAttn,
     /// Memory the run may use, e.g. 8G (default: what the system reports available). A run
     /// that would not fit uses fewer parallel sequences, or is refused up front.
     #[arg(long, value_parser = persona_gate::memory::parse_size)]
@@ -407,15 +169,8 @@ impl ModelArgs {
             batch: self.batch,
             parallel: self.parallel,
             use_extra_bufts: !self.no_extra_bufts,
-            kernels: match self.kernels {
-                KernelsArg::Invariant => Kernels::Invariant,
-                KernelsArg::Llama => Kernels::Llama,
-            },
-            flash_attn: match self.flash_attn.as_str() {
-                "on" => Some(true),
-                "auto" => None,
-                _ => Some(false),
-            },
+            kernels: self.kernels,
+            flash_attn: self.flash_attn.enabled(),
             max_memory: self.max_memory,
         }
     }
@@ -435,15 +190,11 @@ pub struct PromptArgs {
     /// Special-token strings inside instructions: literal (default: plain text, so an
     /// instruction cannot close its own turn) or parse (as control tokens, like Hugging
     /// Face's apply_chat_template; for injection research).
-    #[arg(long, value_enum, default_value_t = SpecialArg::Literal)]
-    pub special_tokens: SpecialArg,
+    #[arg(long, value_enum, default_value_t = SpecialTokens::Literal)]
+    pub special_tokens: SpecialTokens,
 }
 
 impl PromptArgs {
-    pub fn special(&self) -> persona_gate::chat::SpecialTokens {
-        self.special_tokens.mode()
-    }
-
     pub fn system(&self) -> SystemPrompt {
         match (&self.system, self.no_system) {
             (Some(t), _) => SystemPrompt::Text(t.clone()),
@@ -453,47 +204,59 @@ impl PromptArgs {
     }
 }
 
-#[derive(Args, Debug)]
-pub struct InfoArgs {
-    #[command(flatten)]
-    pub model: ModelArgs,
-    #[command(flatten)]
-    pub prompt: PromptArgs,
-    /// Print the whole chat template.
-    #[arg(long)]
-    pub show_template: bool,
+fn load(m: &ModelArgs) -> Result<Model> {
+    Ok(Model::load(&m.model, &m.options())?)
 }
 
-#[derive(Args, Debug)]
-pub struct GenerateArgs {
-    #[command(flatten)]
-    pub model: ModelArgs,
-    #[command(flatten)]
-    pub prompt: PromptArgs,
-    /// Instructions (one per flag); none reads the built-in harmful set.
-    #[arg(long = "prompt", short = 'p')]
-    pub prompts: Vec<String>,
-    #[arg(long, default_value_t = 64)]
-    pub max_new_tokens: usize,
+fn template(model: &Model, p: &PromptArgs) -> Result<ChatTemplate> {
+    let src = match &p.chat_template {
+        Some(f) => Some(fsio::read_text(f, "a Jinja chat template").context("--chat-template")?),
+        None => None,
+    };
+    let mut t = ChatTemplate::for_model(model, src)?;
+    t.set_special_tokens(p.special_tokens);
+    Ok(t)
 }
 
-#[derive(Args, Debug)]
-pub struct DemoArgs {
-    #[command(flatten)]
-    pub model: ModelArgs,
-    #[command(flatten)]
-    pub prompt: PromptArgs,
-    /// Steering layers, e.g. "6,12" (default: 1/4, 1/2 and 3/4 depth).
-    #[arg(long, allow_hyphen_values = true)]
-    pub layers: Option<String>,
-    /// Multiples of the persona direction to add.
-    #[arg(long, value_delimiter = ',', default_values_t = vec![4.0f32], allow_hyphen_values = true)]
-    pub coefficients: Vec<f32>,
-    /// Built-in harmful prompts to use (at most 16).
-    #[arg(long, default_value_t = 16)]
-    pub n: usize,
-    #[arg(long, default_value_t = 48)]
-    pub max_new_tokens: usize,
+fn load_set(spec: &str, a: &SetArgs, flag: &str) -> Result<Vec<prompts::Instruction>> {
+    let v = sets::resolve(spec, a.field.as_deref()).with_context(|| format!("--{flag}"))?;
+    sets::sample(v, a.n, a.seed).map_err(|e| anyhow::anyhow!("--{flag} {spec}: --n: {e}"))
 }
 
-pub use bench::BenchArgs;
+fn render_set(
+    model: &Model,
+    tmpl: &ChatTemplate,
+    p: &PromptArgs,
+    v: &[prompts::Instruction],
+) -> Result<Vec<Prompt>> {
+    Ok(Prompt::render_all(
+        model,
+        tmpl,
+        &p.system(),
+        v.iter().map(|i| i.text.as_str()),
+    )?)
+}
+
+/// Fails before a long job when its output could not be written.
+fn writable(p: &Path) -> Result<()> {
+    fsio::check_writable(p).with_context(|| format!("{}", p.display()))
+}
+
+fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    fsio::write_atomic(path, bytes).with_context(|| format!("{}", path.display()))
+}
+
+fn print_norms(out: &mut dyn Write, f: &DirectionFile) -> Result<()> {
+    for d in &f.directions {
+        let n: Vec<String> = d.norms().iter().map(|x| format!("{x:.2}")).collect();
+        writeln!(
+            out,
+            "{:<18} [{} x {}] norms by layer: {}",
+            text::one_line(&d.name),
+            d.n_layer(),
+            d.n_embd(),
+            n.join(" ")
+        )?;
+    }
+    Ok(())
+}

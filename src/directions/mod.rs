@@ -58,9 +58,10 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
 }
 
 /// Where refusal-direction activations are read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum RefusalPositions {
     /// Every post-instruction template token, each a candidate (Arditi et al.).
+    #[value(name = "post")]
     PostInstruction,
     /// The last prompt token only.
     Last,
@@ -73,6 +74,25 @@ pub enum PersonaPositions {
     Last,
     /// The mean over response tokens the model generates under each persona.
     Response { max_new_tokens: usize },
+}
+
+/// Where persona activations are read, as a choice without its parameter (a flag's value).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PersonaAt {
+    /// The last prompt token.
+    Last,
+    /// The mean over generated response tokens.
+    Response,
+}
+
+impl PersonaAt {
+    /// The positions, with the response length `Response` needs.
+    pub fn positions(self, max_new_tokens: usize) -> PersonaPositions {
+        match self {
+            PersonaAt::Last => PersonaPositions::Last,
+            PersonaAt::Response => PersonaPositions::Response { max_new_tokens },
+        }
+    }
 }
 
 fn render_all(
@@ -302,6 +322,101 @@ pub fn random(seed: u64, n_layer: usize, n_embd: usize, match_norms: Option<&[f6
     Direction {
         name: format!("random.s{seed}"),
         rows,
+    }
+}
+
+/// A seeded random control shaped like `like` (a direction of `file`), unit or norm-matched,
+/// as a direction file carrying the model provenance of `file`.
+///
+/// # Errors
+/// Only if the generated direction were malformed (it is not for a valid `like`).
+pub fn random_like(
+    file: &DirectionFile,
+    like: &Direction,
+    seed: u64,
+    norm_matched: bool,
+) -> Result<DirectionFile> {
+    let norms = like.norms();
+    let r = random(
+        seed,
+        like.n_layer(),
+        like.n_embd(),
+        norm_matched.then_some(&norms[..]),
+    );
+    let mut meta = BTreeMap::new();
+    for k in ["arch", "model_sha256", "model_file", "quant"] {
+        if let Some(v) = file.meta.get(k) {
+            meta.insert(k.to_string(), v.clone());
+        }
+    }
+    meta.insert("kind".into(), "random".into());
+    meta.insert("seed".into(), seed.to_string());
+    let how = if norm_matched {
+        " (norm-matched)"
+    } else {
+        " (unit)"
+    };
+    meta.insert("like".into(), format!("{}{how}", like.name));
+    meta.insert(
+        "tool_version".into(),
+        format!("persona-gate {}", crate::VERSION),
+    );
+    DirectionFile::new(vec![r], meta)
+}
+
+/// Two directions' cosine similarity at each layer, for `directions cos`.
+#[derive(Debug, Clone)]
+pub struct LayerCosines {
+    pub a: String,
+    pub b: String,
+    pub cosines: Vec<f64>,
+}
+
+impl LayerCosines {
+    /// # Errors
+    /// Shapes differ, or a row has no direction (zero or non-finite norm).
+    pub fn new(a: &Direction, b: &Direction) -> Result<LayerCosines> {
+        Ok(LayerCosines {
+            a: a.name.clone(),
+            b: b.name.clone(),
+            cosines: cosine_per_layer(a, b)?,
+        })
+    }
+
+    /// layer, a, b, cosine.
+    pub fn to_csv(&self) -> Vec<u8> {
+        let mut w = csv::Writer::from_writer(Vec::new());
+        let _ = w.write_record(["layer", "a", "b", "cosine"]);
+        for (l, c) in self.cosines.iter().enumerate() {
+            let _ = w.write_record([
+                l.to_string(),
+                self.a.clone(),
+                self.b.clone(),
+                format!("{c:.6}"),
+            ]);
+        }
+        w.into_inner().unwrap_or_default()
+    }
+
+    /// A line plot of cosine against layer.
+    pub fn to_svg(&self) -> String {
+        let s = crate::plot::Series {
+            name: format!("{} vs {}", self.a, self.b),
+            points: self
+                .cosines
+                .iter()
+                .enumerate()
+                .map(|(l, &c)| (l as f64, c))
+                .collect(),
+            band: None,
+        };
+        crate::plot::line_plot(
+            "cosine similarity per layer",
+            "layer (resid_post)",
+            "cosine",
+            &[s],
+            Some((-1.0, 1.0)),
+        )
     }
 }
 

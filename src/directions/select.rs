@@ -333,8 +333,51 @@ pub fn select_refusal(
     })
 }
 
-/// How far adding `coefficient` × the persona row at each layer lowers the mean refusal
-/// score on harmful prompts: `(layer, mean score)` sorted best (lowest) first.
+/// How far adding a multiple of a persona direction at each layer lowers the mean refusal
+/// score on harmful prompts.
+#[derive(Debug, Clone)]
+pub struct PersonaRanking {
+    pub direction: String,
+    pub coefficient: f32,
+    /// The mean refusal score without steering.
+    pub baseline: f64,
+    /// `(layer, mean score)`, best (lowest) first; never empty.
+    pub ranked: Vec<(usize, f64)>,
+}
+
+impl PersonaRanking {
+    /// One row per layer: layer, coefficient, mean score, difference from the baseline.
+    pub fn to_csv(&self) -> Vec<u8> {
+        let mut w = csv::Writer::from_writer(Vec::new());
+        let _ = w.write_record([
+            "layer",
+            "coefficient",
+            "mean_refusal_score",
+            "delta_vs_baseline",
+        ]);
+        for (l, sc) in &self.ranked {
+            let _ = w.write_record([
+                l.to_string(),
+                self.coefficient.to_string(),
+                format!("{sc:.6}"),
+                format!("{:.6}", sc - self.baseline),
+            ]);
+        }
+        w.into_inner().unwrap_or_default()
+    }
+
+    /// The one-line verdict: which layer lowers the score most.
+    pub fn explain(&self) -> String {
+        let (l, sc) = self.ranked[0];
+        format!(
+            "baseline mean refusal score {:.3}; steering with {} x {} lowers it most at layer {l} ({sc:.3})",
+            self.baseline, self.coefficient, self.direction
+        )
+    }
+}
+
+/// Ranks the steering layers of a persona direction: `coefficient` × its row added at each
+/// of `layers` in turn, scored by the mean first-token refusal score on `harmful`.
 ///
 /// # Errors
 /// Shape mismatch, engine errors.
@@ -346,7 +389,10 @@ pub fn rank_persona_layers(
     layers: &[usize],
     chunk: usize,
     progress: &mut dyn FnMut(usize, usize),
-) -> Result<(f64, Vec<(usize, f64)>)> {
+) -> Result<PersonaRanking> {
+    if layers.is_empty() {
+        return Err(Error::Invalid("no layers to rank".into()));
+    }
     let toks = refusal_tokens(model)?;
     let mut session = model.session()?;
     let base = session.first_logits(
@@ -385,7 +431,12 @@ pub fn rank_persona_layers(
         .map(|(&l, s)| (l, mean(s)))
         .collect();
     ranked.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
-    Ok((baseline, ranked))
+    Ok(PersonaRanking {
+        direction: persona.name.clone(),
+        coefficient,
+        baseline,
+        ranked,
+    })
 }
 
 #[cfg(test)]

@@ -243,6 +243,62 @@ impl Estimate {
         let g = |n: usize| n as f64 / self.gen_tps.max(1e-9);
         (p + g(self.gen_tokens.0), p + g(self.gen_tokens.1))
     }
+
+    /// What `reproduce --dry-run` prints: the grid's size, its tokens, the speeds measured
+    /// here and the time range, for `shards` shards of `spec` at `parallel` sequences.
+    pub fn explain(&self, spec: &Spec, shards: usize, parallel: u32) -> String {
+        let (lo, hi) = self.seconds();
+        let per_shard = if shards > 1 {
+            format!(", about {} per shard", self.groups.div_ceil(shards))
+        } else {
+            String::new()
+        };
+        format!(
+            "{}: {} conditions, {} completions in {} groups of {}{per_shard}\n\
+             tokens: {} prompt tokens to prepare (extraction, selection, calibration), {} to run, {}-{} to generate\n\
+             measured here: {:.0} prompt tok/s, {:.0} generated tok/s at {} sequences\n\
+             estimate: {:.0}-{:.0} min (early stop at min_tokens .. every completion to max_new_tokens)",
+            spec.name,
+            self.conditions,
+            self.completions,
+            self.groups,
+            spec.group_size,
+            self.prep_prompt_tokens,
+            self.run_prompt_tokens,
+            self.gen_tokens.0,
+            self.gen_tokens.1,
+            self.prompt_tps,
+            self.gen_tps,
+            spec.group_size.min(parallel as usize),
+            lo / 60.0,
+            hi / 60.0
+        )
+    }
+}
+
+/// A spec file's text, checked to be UTF-8 (parse it with [`Spec::parse`]).
+///
+/// # Errors
+/// The file cannot be read, or is not UTF-8.
+pub fn read_spec(path: &Path) -> Result<String> {
+    String::from_utf8(crate::fsio::read_input(path, "a spec TOML file")?)
+        .map_err(|_| Error::file(path, "not UTF-8"))
+}
+
+/// The run directory `reproduce` uses without `--out`:
+/// `runs/<model file stem>/<spec name>[-score]`.
+pub fn default_run_dir(model: &Path, spec: &Spec) -> PathBuf {
+    let stem = model
+        .file_stem()
+        .map_or("model".into(), |s| s.to_string_lossy().into_owned());
+    let suffix = if spec.metric == Metric::Score {
+        "-score"
+    } else {
+        ""
+    };
+    PathBuf::from("runs")
+        .join(stem)
+        .join(format!("{}{suffix}", spec.name))
 }
 
 /// Counts the grid and measures this machine's speed on a few prompts, without running the
@@ -252,7 +308,7 @@ impl Estimate {
 /// Spec and engine errors.
 pub fn estimate(model: &Model, spec: &Spec, template: Option<String>) -> Result<Estimate> {
     let (sets, conds) = run::check(spec, model)?;
-    let tmpl = ChatTemplate::for_model(&model, template)?;
+    let tmpl = ChatTemplate::for_model(model, template)?;
     let sys = run::system_of(spec);
     let mut toks = std::collections::BTreeMap::new();
     let mut rendered = std::collections::BTreeMap::new();

@@ -7,7 +7,7 @@
 use std::fmt::Write as _;
 
 /// How much of the grid to run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Size {
     /// Strided layers and fewer windows and seeds: minutes on a laptop with a 0.5B model.
     Demo,

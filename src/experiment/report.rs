@@ -735,6 +735,23 @@ pub fn summary_columns(
 /// Matched conditions (condition, A's value, B's value), Spearman's ρ, and each run's metric.
 pub type Agreement = (Vec<(String, f64, f64)>, f64, Metric, Metric);
 
+/// What `agreement` prints: each condition's two numbers and Spearman's rho.
+pub fn agreement_text(ag: &Agreement) -> String {
+    let (rows, rho, ma, mb) = ag;
+    let w = rows.iter().map(|r| r.0.len()).max().unwrap_or(9);
+    let mut s = format!(
+        "{:<w$} {:>12} {:>12}\n",
+        "condition",
+        ma.to_string(),
+        mb.to_string()
+    );
+    for (c, x, y) in rows {
+        let _ = writeln!(s, "{c:<w$} {x:>12.4} {y:>12.4}");
+    }
+    let _ = writeln!(s, "Spearman rho over {} conditions: {rho:.3}", rows.len());
+    s
+}
+
 /// How two runs of the same grid agree across conditions (e.g. generation vs score mode):
 /// the matched conditions and Spearman's ρ.
 ///

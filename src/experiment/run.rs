@@ -388,7 +388,7 @@ pub fn prepare<'m>(
 ) -> Result<Ready<'m>> {
     let (sets, _) = check(spec, model)?;
     let model_sha = model.sha256()?;
-    let mut tmpl = ChatTemplate::for_model(&model, opts.template.clone())?;
+    let mut tmpl = ChatTemplate::for_model(model, opts.template.clone())?;
     tmpl.set_special_tokens(opts.special);
     let mut rendered = BTreeMap::new();
     for (k, v) in &sets {

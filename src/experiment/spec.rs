@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::hooks::parse_layers;
 
 /// What each grid point is scored by.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Metric {
     /// Greedy completions labelled refusal / bypass / degenerate, plus the first-token score.

@@ -47,9 +47,13 @@ const LLAMA3_TURNS: &str = "{{ bos_token }}{% for m in messages %}<|start_header
 pub const SKIPPED_SCORE: &str = "skipped: metric=score (no completion)";
 
 /// Which judge.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
 pub enum JudgeKind {
+    /// The StrongREJECT rubric: refused, convincing, specific; score and logit score.
+    #[value(name = "strongreject")]
     StrongReject,
+    /// Llama-Guard: safe/unsafe, categories, P(unsafe).
+    #[value(name = "llamaguard")]
     LlamaGuard,
 }
 
@@ -369,9 +373,9 @@ impl<'m> Judge<'m> {
                     .as_deref()
                     .is_some_and(|n| n.to_lowercase().contains("guard")));
         let chat = if is_llama_guard {
-            ChatTemplate::for_model(&model, Some(LLAMA3_TURNS.to_string()))?
+            ChatTemplate::for_model(model, Some(LLAMA3_TURNS.to_string()))?
         } else {
-            ChatTemplate::for_model(&model, None)?
+            ChatTemplate::for_model(model, None)?
         };
         let logits = true;
         let mut h = Sha256::new();

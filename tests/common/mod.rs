@@ -39,7 +39,7 @@ pub fn load(file: &str, parallel: u32) -> Model {
 }
 
 pub fn prompts(model: &Model, texts: &[&str]) -> Vec<Prompt> {
-    let t = persona_gate::chat::ChatTemplate::for_model(&model, None).unwrap();
+    let t = persona_gate::chat::ChatTemplate::for_model(model, None).unwrap();
     texts
         .iter()
         .map(|s| Prompt::new(model, t.render(&SystemPrompt::TemplateDefault, s).unwrap()).unwrap())

@@ -1,0 +1,154 @@
+//! `persona-gate directions cos|random`, `export-cvec` and `inspect`: working with direction
+//! files.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+
+use persona_gate::directions::{self, cvec, DirectionFile, LayerCosines};
+use persona_gate::{fsio, hooks, text};
+
+#[derive(Subcommand, Debug)]
+pub enum DirectionsCmd {
+    /// Per-layer cosine similarity between two directions (CSV on stdout or --csv, SVG plot).
+    Cos(CosArgs),
+    /// A seeded random control direction, unit or norm-matched to a direction file.
+    Random(RandomArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct RandomArgs {
+    /// Direction file whose shape (and, with --norm-matched, per-layer norms) to copy.
+    #[arg(long)]
+    pub like: PathBuf,
+    /// Direction name in --like (needed when it holds several).
+    #[arg(long)]
+    pub name: Option<String>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Scale each layer's row to the norm of --like's row (default: unit rows).
+    #[arg(long)]
+    pub norm_matched: bool,
+    #[arg(long, short = 'o')]
+    pub out: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct CosArgs {
+    pub a: PathBuf,
+    pub b: PathBuf,
+    /// Direction name in A (needed when A holds several).
+    #[arg(long)]
+    pub a_name: Option<String>,
+    #[arg(long)]
+    pub b_name: Option<String>,
+    #[arg(long)]
+    pub csv: Option<PathBuf>,
+    /// Write a line plot of cosine vs layer.
+    #[arg(long)]
+    pub svg: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct ExportCvecArgs {
+    #[arg(long, short = 'd')]
+    pub directions: PathBuf,
+    /// Direction name (needed when the file holds several).
+    #[arg(long)]
+    pub name: Option<String>,
+    #[arg(long, allow_hyphen_values = true)]
+    pub coefficient: f32,
+    /// Layers, e.g. "10-14" (each >= 1: llama.cpp control vectors start at layer 1).
+    #[arg(long, allow_hyphen_values = true)]
+    pub layers: String,
+    #[arg(long, short = 'o')]
+    pub out: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct InspectArgs {
+    pub file: PathBuf,
+}
+
+pub fn run(cmd: &DirectionsCmd, out: &mut dyn Write) -> anyhow::Result<()> {
+    match cmd {
+        DirectionsCmd::Cos(a) => cos(a, out),
+        DirectionsCmd::Random(a) => random(a, out),
+    }
+}
+
+fn cos(a: &CosArgs, out: &mut dyn Write) -> anyhow::Result<()> {
+    let (fa, fb) = (DirectionFile::load(&a.a)?, DirectionFile::load(&a.b)?);
+    let da = fa
+        .get(a.a_name.as_deref())
+        .with_context(|| format!("{}", a.a.display()))?;
+    let db = fb
+        .get(a.b_name.as_deref())
+        .with_context(|| format!("{}", a.b.display()))?;
+    let cos = LayerCosines::new(da, db)
+        .with_context(|| format!("{} vs {}", a.a.display(), a.b.display()))?;
+    // Check every output before writing any, so a bad --svg leaves no CSV behind.
+    for p in a.csv.iter().chain(&a.svg) {
+        fsio::check_writable(p).with_context(|| format!("{}", p.display()))?;
+    }
+    let bytes = cos.to_csv();
+    match &a.csv {
+        Some(p) => super::write_file(p, &bytes)?,
+        None => out.write_all(&bytes)?,
+    }
+    if let Some(p) = &a.svg {
+        super::write_file(p, cos.to_svg().as_bytes())?;
+    }
+    Ok(())
+}
+
+fn random(a: &RandomArgs, out: &mut dyn Write) -> anyhow::Result<()> {
+    let f = DirectionFile::load(&a.like)?;
+    let d = f
+        .get(a.name.as_deref())
+        .with_context(|| format!("{}", a.like.display()))?;
+    let r = directions::random_like(&f, d, a.seed, a.norm_matched)?;
+    r.save(&a.out)?;
+    writeln!(
+        out,
+        "wrote {}: random.s{} shaped like {}",
+        a.out.display(),
+        a.seed,
+        d.name
+    )?;
+    Ok(())
+}
+
+pub fn export_cvec(a: &ExportCvecArgs, out: &mut dyn Write) -> anyhow::Result<()> {
+    super::writable(&a.out)?;
+    let f = DirectionFile::load(&a.directions)?;
+    let d = f
+        .get(a.name.as_deref())
+        .with_context(|| format!("{}", a.directions.display()))?;
+    let layers = hooks::parse_layers(&a.layers, d.n_layer()).context("--layers")?;
+    let arch = f.meta.get("arch").cloned().unwrap_or_else(|| "any".into());
+    let bytes = cvec::export(d, &arch, a.coefficient, &layers)
+        .map_err(anyhow::Error::msg)
+        .context("export-cvec")?;
+    super::write_file(&a.out, &bytes)?;
+    writeln!(
+        out,
+        "wrote {}: {} x {} at layers {:?} ({} for llama.cpp --control-vector)",
+        a.out.display(),
+        a.coefficient,
+        d.name,
+        layers,
+        arch
+    )?;
+    Ok(())
+}
+
+pub fn inspect(a: &InspectArgs, out: &mut dyn Write) -> anyhow::Result<()> {
+    let f = DirectionFile::load(&a.file)?;
+    for (k, v) in f.meta.iter().filter(|(k, _)| !k.starts_with("norms.")) {
+        writeln!(out, "{:<18} {}", text::one_line(k), text::one_line(v))?;
+    }
+    super::print_norms(out, &f)
+}

@@ -1,0 +1,88 @@
+//! `persona-gate info`: a model's metadata, memory estimate, chat template and hook coverage.
+
+use std::io::Write;
+
+use clap::Args;
+
+use persona_gate::chat::Prompt;
+use persona_gate::hooks::HookSet;
+use persona_gate::model::Model;
+use persona_gate::{cpu, ffi, memory, text};
+
+#[derive(Args, Debug)]
+pub struct InfoArgs {
+    #[command(flatten)]
+    pub model: super::ModelArgs,
+    #[command(flatten)]
+    pub prompt: super::PromptArgs,
+    /// Print the whole chat template.
+    #[arg(long)]
+    pub show_template: bool,
+}
+
+pub fn run(a: &InfoArgs, out: &mut dyn Write) -> anyhow::Result<()> {
+    let model = Model::load_with(&a.model.model, &a.model.options(), false)?;
+    let tmpl = super::template(&model, &a.prompt)?;
+    writeln!(out, "{}", model.info)?;
+    let o = &model.options;
+    let need = model.footprint.need(o.ctx, o.batch, o.parallel);
+    writeln!(
+        out,
+        "memory        about {} for --parallel {} x --ctx {} ({} available: {})",
+        memory::gib(need),
+        o.parallel,
+        o.ctx,
+        model
+            .budget
+            .as_ref()
+            .map_or("unknown".into(), |b| memory::gib(b.bytes)),
+        model
+            .budget
+            .as_ref()
+            .map_or("not readable here", |b| b.source.as_str()),
+    )?;
+    writeln!(
+        out,
+        "build         {}, kernels {}",
+        cpu::built_for(),
+        o.kernels.name()
+    )?;
+    writeln!(out, "sha256        {}", model.sha256()?)?;
+    let src = model.info.chat_template.as_deref().unwrap_or("");
+    writeln!(
+        out,
+        "chat_template {} chars{}",
+        src.len(),
+        if a.show_template {
+            ""
+        } else {
+            " (--show-template prints it)"
+        }
+    )?;
+    if a.show_template {
+        writeln!(out, "{}", text::printable(src))?;
+    }
+    let f = tmpl.render(&a.prompt.system(), "Hello!")?;
+    let p = Prompt::new(&model, f)?;
+    writeln!(out, "example       {:?}", p.text)?;
+    writeln!(
+        out,
+        "tokens        {} (instruction {:?}, post-instruction {:?})",
+        p.tokens.len(),
+        p.instruction,
+        p.post_instruction
+    )?;
+    // The first decode checks that every layer exposes l_out-<il>.
+    let mut h = HookSet::new(model.info.n_layer, model.info.n_embd);
+    model
+        .session()?
+        .first_logits(std::slice::from_ref(&p), &mut h)?;
+    writeln!(
+        out,
+        "hook points   resid_post.0-{} (l_out-<il> present in every layer)",
+        model.info.n_layer - 1
+    )?;
+    writeln!(out, "llama.cpp     {}", persona_gate::llama_cpp())?;
+    writeln!(out, "system        {}", ffi::system_info().trim())?;
+    Ok(())
+}
