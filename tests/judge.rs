@@ -6,8 +6,9 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
+use persona_gate::experiment::judged::{self, SKIPPED_SCORE, SUMMARY_HEADER};
 use persona_gate::experiment::{self, run::RunOptions, spec::Spec};
-use persona_gate::judge::{self, JudgeKind, SKIPPED_SCORE, SUMMARY_HEADER};
+use persona_gate::judge::{self, JudgeKind};
 use persona_gate::model::{Model, ModelOptions};
 
 fn scratch(name: &str) -> PathBuf {
@@ -100,7 +101,7 @@ fn judges_a_run_directory_and_skips_judged_rows() {
 
     let judge_model = smol(1024);
     let mut calls = 0;
-    let s = judge::judge_run(
+    let s = judged::judge_run(
         &dir,
         &judge_model,
         JudgeKind::StrongReject,
@@ -190,7 +191,7 @@ fn judges_a_run_directory_and_skips_judged_rows() {
     assert!(s.table().contains("E0"));
 
     // A rerun with the same judge judges nothing and changes nothing.
-    let again = judge::judge_run(
+    let again = judged::judge_run(
         &dir,
         &judge_model,
         JudgeKind::StrongReject,
@@ -202,7 +203,7 @@ fn judges_a_run_directory_and_skips_judged_rows() {
     assert_eq!(std::fs::read(dir.join("completions.csv")).unwrap(), after);
 
     // Llama-Guard columns go after the StrongREJECT ones, which stay as they were.
-    let g = judge::judge_run(
+    let g = judged::judge_run(
         &dir,
         &judge_model,
         JudgeKind::LlamaGuard,
@@ -241,7 +242,7 @@ fn judges_a_run_directory_and_skips_judged_rows() {
         judge::LLAMAGUARD_TEMPLATE.replace("Task:", "Task (edited):"),
     )
     .unwrap();
-    let g2 = judge::judge_run(
+    let g2 = judged::judge_run(
         &dir,
         &judge_model,
         JudgeKind::LlamaGuard,
@@ -269,7 +270,7 @@ fn score_runs_have_nothing_to_judge() {
         ),
     );
     let original = std::fs::read(dir.join("completions.csv")).unwrap();
-    let s = judge::judge_run(
+    let s = judged::judge_run(
         &dir,
         &smol(1024),
         JudgeKind::StrongReject,
@@ -291,13 +292,13 @@ fn foreign_csv_and_short_context_are_refused() {
     // Quotes our writer would not add: rewriting would change existing bytes.
     let p = root.join("completions.csv");
     std::fs::write(&p, "\"condition\",completion\nE0,hi\n").unwrap();
-    let e = judge::read_completions(&p).unwrap_err().to_string();
+    let e = judged::read_completions(&p).unwrap_err().to_string();
     assert!(e.contains("refusing to add judge columns"), "{e}");
     // A judge context too small for the prompts fails before judging anything.
     let dir = root.join("r");
     make_run(&dir, SPEC);
     let before = std::fs::read(dir.join("completions.csv")).unwrap();
-    let e = judge::judge_run(
+    let e = judged::judge_run(
         &dir,
         &smol(256),
         JudgeKind::StrongReject,

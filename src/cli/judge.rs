@@ -67,7 +67,13 @@ pub fn run(a: &JudgeArgs, out: &mut dyn Write) -> anyhow::Result<()> {
             );
         }
     };
-    let s = judge::judge_run(&a.run, &model, kind, a.template.as_deref(), &mut progress)?;
+    let s = persona_gate::experiment::judged::judge_run(
+        &a.run,
+        &model,
+        kind,
+        a.template.as_deref(),
+        &mut progress,
+    )?;
     pb.finish_and_clear();
     write!(out, "{}", s.table())?;
     writeln!(

@@ -7,6 +7,7 @@
 //!     Plan ──fixed groups of (condition, prompt)──▶ groups/g*.csv ──finish──▶ CSVs, SVGs, report.md
 //! ```
 
+pub mod judged;
 pub mod preset;
 pub mod report;
 pub mod run;
@@ -112,7 +113,7 @@ fn judge_finished(
             None => crate::judge::Template::builtin(kind),
         };
         let judge = crate::judge::Judge::new(&jm, kind, template)?;
-        let s = crate::judge::judge_run_with(dir, &judge, &mut |d, t| progress("judge", d, t, k))?;
+        let s = judged::judge_run_with(dir, &judge, &mut |d, t| progress("judge", d, t, k))?;
         note(s.table());
     }
     Ok(())
