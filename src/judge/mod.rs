@@ -4,7 +4,7 @@
 //! batched engine.
 //!
 //! This module knows judges, templates and answers, not run directories: writing verdicts
-//! into a run is [`crate::experiment::judged`]'s.
+//! into a run is `experiment::judged`'s (experiment sits above judge).
 
 pub mod kind;
 pub mod parse;
