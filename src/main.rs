@@ -254,7 +254,9 @@ fn run(cli: Cli) -> Result<()> {
             let model = load(&a.model)?;
             let tmpl = template(&model, &a.prompt)?;
             let layers = match &a.layers {
-                Some(s) => hooks::parse_layers(s, model.info.n_layer).context("--layers")?,
+                Some(s) => hooks::LayerSet::parse(s, model.info.n_layer)
+                    .context("--layers")?
+                    .into_vec(),
                 None => vec![],
             };
             for c in &a.coefficients {
@@ -363,7 +365,9 @@ fn run(cli: Cli) -> Result<()> {
             f.check_model(&model.info)
                 .with_context(|| format!("{}", a.directions.display()))?;
             let layers = match &a.layers {
-                Some(s) => hooks::parse_layers(s, model.info.n_layer).context("--layers")?,
+                Some(s) => hooks::LayerSet::parse(s, model.info.n_layer)
+                    .context("--layers")?
+                    .into_vec(),
                 None => (0..model.info.n_layer).collect(),
             };
             anyhow::ensure!(
@@ -543,7 +547,9 @@ fn run(cli: Cli) -> Result<()> {
             let d = f
                 .get(a.name.as_deref())
                 .with_context(|| format!("{}", a.directions.display()))?;
-            let layers = hooks::parse_layers(&a.layers, d.n_layer()).context("--layers")?;
+            let layers = hooks::LayerSet::parse(&a.layers, d.n_layer())
+                .context("--layers")?
+                .into_vec();
             let arch = f.meta.get("arch").cloned().unwrap_or_else(|| "any".into());
             let bytes = cvec::export(d, &arch, a.coefficient, &layers)
                 .map_err(anyhow::Error::msg)

@@ -28,7 +28,7 @@ use crate::directions::{self, Direction, DirectionFile, PersonaPositions, Refusa
 use crate::engine::{GenConfig, Generation, StopReason};
 use crate::error::{Error, Result};
 use crate::ffi::Token;
-use crate::hooks::{Capture, Edit, HookSet, Position, Scope};
+use crate::hooks::{Capture, Edit, HookSet, LayerSet, Position, Scope};
 use crate::label::{degenerate_reason, Labeler, REFUSAL_PHRASES};
 use crate::model::Model;
 use crate::prompts::{self, Instruction};
@@ -321,7 +321,7 @@ fn provisional(spec: &Spec, n_layer: usize) -> Result<Builtins> {
     };
     if let Some(s) = &spec.steer {
         b.steer_layer = Some(
-            *super::spec::layer_list(&s.layers, n_layer)
+            *LayerSet::parse(&s.layers, n_layer)
                 .map_err(|e| Error::Invalid(format!("steer.layers: {e}")))?
                 .first()
                 .ok_or_else(|| Error::Invalid("steer.layers: empty".into()))?,
@@ -511,9 +511,11 @@ pub fn prepare<'m>(
                 progress("extract", 1, 1, name);
                 if let Some(s) = select {
                     let layers = match &s.layers {
-                        Some(l) => super::spec::layer_list(l, nl).map_err(|e| {
-                            Error::Invalid(format!("directions.{name}.select.layers: {e}"))
-                        })?,
+                        Some(l) => LayerSet::parse(l, nl)
+                            .map_err(|e| {
+                                Error::Invalid(format!("directions.{name}.select.layers: {e}"))
+                            })?
+                            .into_vec(),
                         None => (0..nl)
                             .filter(|&l| {
                                 (l as f64) < directions::select::MAX_LAYER_FRACTION * nl as f64
@@ -651,7 +653,7 @@ pub fn prepare<'m>(
     }
     // Steering calibration (score mode: first-token refusal score only).
     if let Some(s) = &spec.steer {
-        let layers = super::spec::layer_list(&s.layers, nl)
+        let layers = LayerSet::parse(&s.layers, nl)
             .map_err(|e| Error::Invalid(format!("steer.layers: {e}")))?;
         let d = &dirs[&s.direction];
         let ps = &rendered[&s.prompts];

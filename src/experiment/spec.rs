@@ -12,7 +12,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::hooks::parse_layers;
+use crate::hooks::LayerSet;
 
 /// What each grid point is scored by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
@@ -377,16 +377,7 @@ pub struct Intervention {
 impl Intervention {
     /// Compact layer text: `12`, `18-21`, or a comma list.
     pub fn layers_text(&self) -> String {
-        layers_text(&self.layers)
-    }
-}
-
-/// `12`, `18-21` for a contiguous run, or `3,5,9`.
-pub fn layers_text(l: &[usize]) -> String {
-    match (l.first(), l.last()) {
-        (Some(a), Some(_)) if l.len() == 1 => format!("{a}"),
-        (Some(a), Some(b)) if b - a + 1 == l.len() => format!("{a}-{b}"),
-        _ => l.iter().map(usize::to_string).collect::<Vec<_>>().join(","),
+        LayerSet::text(&self.layers)
     }
 }
 
@@ -899,29 +890,9 @@ impl Spec {
             ));
         }
         let nl = b.n_layer;
-        let layers = match &s.layers {
-            toml::Value::Integer(i) => layer_list(&i.to_string(), nl),
-            toml::Value::Array(a) => {
-                let mut v = Vec::new();
-                for x in a {
-                    match x.as_integer() {
-                        Some(i) => v.extend(layer_list(&i.to_string(), nl)?),
-                        None => {
-                            return Err(err(
-                                &format!("{ctx}: layers"),
-                                format!("{x} is not a layer number"),
-                            ))
-                        }
-                    }
-                }
-                v.sort_unstable();
-                v.dedup();
-                Ok(v)
-            }
-            toml::Value::String(t) => layer_list(t, nl),
-            other => Err(Error::Invalid(format!("{other} is not a layer list"))),
-        }
-        .map_err(|e| err(&format!("{ctx}: layers"), e))?;
+        let layers = LayerSet::from_toml(&s.layers, nl)
+            .map_err(|e| err(&format!("{ctx}: layers"), e))?
+            .into_vec();
         if layers.is_empty() {
             return Err(err(&format!("{ctx}: layers"), "empty"));
         }
@@ -1008,25 +979,6 @@ impl Spec {
             scope: s.scope,
         })
     }
-}
-
-/// A layer list: `all`, `S+W`, or [`parse_layers`] syntax.
-pub fn layer_list(s: &str, n_layer: usize) -> Result<Vec<usize>> {
-    let t = s.trim();
-    if t == "all" {
-        return Ok((0..n_layer).collect());
-    }
-    if let Some((a, w)) = t.split_once('+') {
-        let (a, w): (i64, i64) = match (a.trim().parse(), w.trim().parse()) {
-            (Ok(a), Ok(w)) => (a, w),
-            _ => return Err(Error::Invalid(format!("'{s}' is not a window S+W"))),
-        };
-        if w <= 0 {
-            return Err(Error::Invalid(format!("window '{s}' is empty")));
-        }
-        return parse_layers(&format!("{a}-{}", a + w - 1), n_layer);
-    }
-    parse_layers(t, n_layer)
 }
 
 /// Replaces `{var}` in every string of a template: a string that is exactly `{var}` takes the

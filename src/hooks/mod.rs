@@ -7,7 +7,7 @@
 //! *add* runs before every *project*, then captures read the result: so "steer, then ablate
 //! the steering direction" at the same layer removes what was added.
 //!
-//! - [`point`]: where hooks attach ([`HookPoint`]) and layer lists;
+//! - [`point`]: where hooks attach ([`Site`], [`HookPoint`]) and layer lists ([`LayerSet`]);
 //! - [`edit`]: what an add or project hook does ([`Edit`]) and to which sequences ([`Scope`]);
 //! - [`capture`]: running sums of rows ([`Capture`]) at a [`Position`];
 //! - [`set`]: every hook of one run ([`HookSet`]), run by the engine's eval callback.
@@ -19,5 +19,5 @@ pub mod set;
 
 pub use capture::{Capture, Position};
 pub use edit::{Edit, EditKind, Scope};
-pub use point::{parse_layers, HookPoint};
+pub use point::{HookPoint, LayerSet, Site};
 pub use set::{HookSet, RowInfo, RowKind};
