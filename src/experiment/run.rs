@@ -28,7 +28,7 @@ use crate::directions::{self, Direction, DirectionFile, PersonaPositions, Refusa
 use crate::engine::{GenConfig, Generation, StopReason};
 use crate::error::{Error, Result};
 use crate::ffi::Token;
-use crate::hooks::{Capture, Edit, HookSet, LayerSet, Position, Scope};
+use crate::hooks::{Capture, Edit, HookPoint, HookSet, LayerSet, Position, Scope};
 use crate::label::{degenerate_reason, Labeler, REFUSAL_PHRASES};
 use crate::model::Model;
 use crate::prompts::{self, Instruction};
@@ -843,20 +843,18 @@ pub fn prepare<'m>(
                         let norms = plan.resolved.resid_norms.get(&cond.prompts);
                         let v = add_vector(row, iv.coefficient, iv.scale, norms.map(|n| n[l]));
                         if v.iter().any(|x| !x.is_finite()) {
-                            return Err(Error::Invalid(format!(
-                                "condition {}: {:e} x {} at resid_post.{l} overflows f32; use a smaller coefficient",
-                                cond.id, iv.coefficient, iv.direction
-                            )));
+                            return Err(overflows(cond, iv, l));
                         }
                         None
                     }
                 };
                 if let Some(why) = bad {
                     return Err(Error::Invalid(format!(
-                        "condition {}: intervention {}: {} at resid_post.{l} {why}",
+                        "condition {}: intervention {}: {} at {} {why}",
                         cond.id,
                         k + 1,
-                        iv.direction
+                        iv.direction,
+                        HookPoint::resid_post(l)
                     )));
                 }
             }
@@ -885,6 +883,17 @@ pub fn prepare<'m>(
         instructions: sets,
         directions: dirs,
     })
+}
+
+/// An add whose vector at layer `l` overflows f32.
+fn overflows(cond: &Condition, iv: &Intervention, l: usize) -> Error {
+    Error::Invalid(format!(
+        "condition {}: {:e} x {} at {} overflows f32; use a smaller coefficient",
+        cond.id,
+        iv.coefficient,
+        iv.direction,
+        HookPoint::resid_post(l)
+    ))
 }
 
 fn mean(v: &[f64]) -> f64 {
@@ -923,12 +932,7 @@ impl Ready<'_> {
                 for &l in &iv.layers {
                     let v = add_vector(row(l), iv.coefficient, iv.scale, norms.map(|n| n[l]));
                     if v.iter().any(|x| !x.is_finite()) {
-                        return Err(Error::Invalid(format!(
-                            "condition {}: {:e} x {} at resid_post.{l} overflows f32; use a smaller coefficient",
-                            cond.id,
-                            iv.coefficient,
-                            iv.direction
-                        )));
+                        return Err(overflows(cond, iv, l));
                     }
                     vectors.insert(l, v);
                 }
