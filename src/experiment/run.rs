@@ -19,16 +19,14 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::spec::{
-    Builtins, Condition, DirectionSpec, Intervention, Metric, Op, Scale, Source, Spec,
-};
+use super::spec::{Builtins, Condition, DirectionSpec, Intervention, Metric, Scale, Source, Spec};
 use crate::chat::{ChatTemplate, Prompt, SystemPrompt};
 use crate::directions::select::{refusal_score, refusal_tokens, score_conditions, select_refusal};
 use crate::directions::{self, Direction, DirectionFile, PersonaPositions, RefusalPositions};
 use crate::engine::{GenConfig, Generation, StopReason};
 use crate::error::{Error, Result};
 use crate::ffi::Token;
-use crate::hooks::{Capture, Edit, HookPoint, HookSet, LayerSet, Position, Scope};
+use crate::hooks::{Capture, Edit, EditKind, HookPoint, HookSet, LayerSet, Position, Scope};
 use crate::label::{degenerate_reason, Labeler, REFUSAL_PHRASES};
 use crate::model::Model;
 use crate::prompts::{self, Instruction};
@@ -834,12 +832,12 @@ pub fn prepare<'m>(
                     Source::Layer(s) => &d.rows[s],
                 };
                 let bad = match iv.op {
-                    Op::Project => {
+                    EditKind::Project => {
                         let n = directions::norm(row);
                         (!(n.is_finite() && n > 0.0))
                             .then(|| format!("has norm {n}, so it cannot be projected out"))
                     }
-                    Op::Add => {
+                    EditKind::Add => {
                         let norms = plan.resolved.resid_norms.get(&cond.prompts);
                         let v = add_vector(row, iv.coefficient, iv.scale, norms.map(|n| n[l]));
                         if v.iter().any(|x| !x.is_finite()) {
@@ -927,7 +925,7 @@ impl Ready<'_> {
         };
         let norms = self.plan.resolved.resid_norms.get(&cond.prompts);
         Ok(match iv.op {
-            Op::Add => {
+            EditKind::Add => {
                 let mut vectors = BTreeMap::new();
                 for &l in &iv.layers {
                     let v = add_vector(row(l), iv.coefficient, iv.scale, norms.map(|n| n[l]));
@@ -938,7 +936,7 @@ impl Ready<'_> {
                 }
                 Edit::add(vectors, Scope::only(seqs))
             }
-            Op::Project => Edit::project(
+            EditKind::Project => Edit::project(
                 iv.layers.iter().map(|&l| (l, row(l).clone())).collect(),
                 Scope::only(seqs),
             )

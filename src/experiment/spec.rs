@@ -12,7 +12,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::hooks::LayerSet;
+use crate::hooks::{EditKind, LayerSet};
 
 /// What each grid point is scored by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
@@ -312,7 +312,7 @@ pub struct ExperimentSpec {
 #[serde(deny_unknown_fields)]
 pub struct InterventionSpec {
     pub direction: String,
-    pub op: Op,
+    pub op: EditKind,
     /// An int, a list, or a string: `all`, `12`, `3,5`, `20-23`, `S+W` (W layers from S).
     pub layers: toml::Value,
     #[serde(default = "d_one")]
@@ -327,22 +327,6 @@ pub struct InterventionSpec {
     /// Prompt ids this intervention applies to (default: all prompts of the condition).
     #[serde(default)]
     pub scope: Option<Vec<String>>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Op {
-    Add,
-    Project,
-}
-
-impl fmt::Display for Op {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Op::Add => "add",
-            Op::Project => "project",
-        })
-    }
 }
 
 /// Which row of a direction an intervention uses.
@@ -366,7 +350,7 @@ impl fmt::Display for Source {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 pub struct Intervention {
     pub direction: String,
-    pub op: Op,
+    pub op: EditKind,
     pub layers: Vec<usize>,
     pub coefficient: f64,
     pub scale: Scale,

@@ -1,6 +1,9 @@
 //! Add and project edits of the residual stream, and the sequences they apply to.
 
 use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
@@ -20,12 +23,24 @@ impl Scope {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What an edit does to a row: also the spec's `op` (`"add"` or `"project"`, the same text in
+/// plan.json and the CSVs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum EditKind {
     /// h ← h + v
     Add,
     /// h ← h − (h·d̂) d̂
     Project,
+}
+
+impl fmt::Display for EditKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            EditKind::Add => "add",
+            EditKind::Project => "project",
+        })
+    }
 }
 
 /// An edit of the residual stream at some layers, for some sequences.
@@ -84,6 +99,17 @@ impl Edit {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kinds_are_spelled_as_in_the_spec() {
+        for (k, t) in [(EditKind::Add, "add"), (EditKind::Project, "project")] {
+            assert_eq!(k.to_string(), t);
+            assert_eq!(serde_json::to_string(&k).unwrap(), format!("\"{t}\""));
+            let v: toml::Value = toml::from_str(&format!("op = \"{t}\"")).unwrap();
+            assert_eq!(v["op"].clone().try_into::<EditKind>().unwrap(), k);
+        }
+        assert!(serde_json::from_str::<EditKind>("\"Add\"").is_err());
+    }
 
     #[test]
     fn projection_of_zero_direction_is_refused() {
