@@ -15,7 +15,7 @@ type LayerVectors = BTreeMap<usize, Vec<f32>>;
 use crate::chat::{ChatTemplate, Prompt, SystemPrompt};
 use crate::engine::GenConfig;
 use crate::error::{Error, Result};
-use crate::hooks::HookSet;
+use crate::hooks::{HookPoint, HookSet};
 use crate::label::{Label, Labeler};
 use crate::model::Model;
 use crate::prompts;
@@ -99,7 +99,7 @@ pub fn run(
         for &a in &cfg.coefficients {
             let v = dir[l].iter().map(|x| x * a).collect();
             conditions.push((
-                format!("persona +{a} @ resid_post.{l}"),
+                format!("persona +{a} @ {}", HookPoint::resid_post(l)),
                 Some([(l, v)].into()),
             ));
         }

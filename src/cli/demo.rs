@@ -13,7 +13,7 @@ pub struct DemoArgs {
     pub model: super::ModelArgs,
     #[command(flatten)]
     pub prompt: super::PromptArgs,
-    /// Steering layers, e.g. "6,12" (default: 1/4, 1/2 and 3/4 depth).
+    /// Steering layers, e.g. "6,12", "10-14", "10+5" or all (default: 1/4, 1/2 and 3/4 depth).
     #[arg(long, allow_hyphen_values = true)]
     pub layers: Option<String>,
     /// Multiples of the persona direction to add.
@@ -30,7 +30,9 @@ pub fn run(a: &DemoArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let model = super::load(&a.model)?;
     let tmpl = super::template(&model, &a.prompt)?;
     let layers = match &a.layers {
-        Some(s) => hooks::parse_layers(s, model.info.n_layer).context("--layers")?,
+        Some(s) => hooks::LayerSet::parse(s, model.info.n_layer)
+            .context("--layers")?
+            .into_vec(),
         None => vec![],
     };
     for c in &a.coefficients {

@@ -60,7 +60,8 @@ pub struct ExportCvecArgs {
     pub name: Option<String>,
     #[arg(long, allow_hyphen_values = true)]
     pub coefficient: f32,
-    /// Layers, e.g. "10-14" (each >= 1: llama.cpp control vectors start at layer 1).
+    /// Layers, e.g. "10-14" or "10+5" (start+width; each >= 1: llama.cpp control vectors
+    /// start at layer 1).
     #[arg(long, allow_hyphen_values = true)]
     pub layers: String,
     #[arg(long, short = 'o')]
@@ -127,7 +128,9 @@ pub fn export_cvec(a: &ExportCvecArgs, out: &mut dyn Write) -> anyhow::Result<()
     let d = f
         .get(a.name.as_deref())
         .with_context(|| format!("{}", a.directions.display()))?;
-    let layers = hooks::parse_layers(&a.layers, d.n_layer()).context("--layers")?;
+    let layers = hooks::LayerSet::parse(&a.layers, d.n_layer())
+        .context("--layers")?
+        .into_vec();
     let arch = f.meta.get("arch").cloned().unwrap_or_else(|| "any".into());
     let bytes = cvec::export(d, &arch, a.coefficient, &layers)
         .map_err(anyhow::Error::msg)

@@ -5,7 +5,7 @@ use std::io::Write;
 use clap::Args;
 
 use persona_gate::chat::Prompt;
-use persona_gate::hooks::HookSet;
+use persona_gate::hooks::{HookPoint, HookSet};
 use persona_gate::model::Model;
 use persona_gate::{cpu, ffi, memory, text};
 
@@ -79,7 +79,8 @@ pub fn run(a: &InfoArgs, out: &mut dyn Write) -> anyhow::Result<()> {
         .first_logits(std::slice::from_ref(&p), &mut h)?;
     writeln!(
         out,
-        "hook points   resid_post.0-{} (l_out-<il> present in every layer)",
+        "hook points   {}-{} (l_out-<il> present in every layer)",
+        HookPoint::resid_post(0),
         model.info.n_layer - 1
     )?;
     writeln!(out, "llama.cpp     {}", persona_gate::llama_cpp())?;

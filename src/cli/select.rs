@@ -27,7 +27,7 @@ pub struct SelectArgs {
     /// Harmless validation instructions (refusal selection only).
     #[arg(long, default_value = "builtin:harmless")]
     pub harmless_val: String,
-    /// Candidate layers (default: all).
+    /// Candidate layers, e.g. "4,8,12", "10-14", "10+5" (default: all).
     #[arg(long, allow_hyphen_values = true)]
     pub layers: Option<String>,
     /// Persona ranking: the multiple of the persona row added at each layer.
@@ -51,7 +51,9 @@ pub fn run(a: &SelectArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     f.check_model(&model.info)
         .with_context(|| format!("{}", a.directions.display()))?;
     let layers = match &a.layers {
-        Some(s) => hooks::parse_layers(s, model.info.n_layer).context("--layers")?,
+        Some(s) => hooks::LayerSet::parse(s, model.info.n_layer)
+            .context("--layers")?
+            .into_vec(),
         None => (0..model.info.n_layer).collect(),
     };
     anyhow::ensure!(

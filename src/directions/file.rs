@@ -1,6 +1,6 @@
 //! Direction files in safetensors format: one F32 tensor `[n_layer, n_embd]` per direction,
-//! metadata as string pairs (kind, arch, n_embd, model sha256, positions, prompt-set hashes
-//! and counts, per-layer norms, tool version).
+//! metadata as string pairs (kind, arch, n_embd, the hook point the rows are at, model sha256,
+//! positions, prompt-set hashes and counts, per-layer norms, tool version).
 //!
 //! We write the format ourselves with sorted keys, so the same directions give byte-identical
 //! files, and read it with every offset checked against the file size.
@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 
 use super::Direction;
 use crate::error::{Error, Result};
+use crate::hooks::Site;
 use crate::model::ModelInfo;
 use crate::text::shown;
 
@@ -56,6 +57,10 @@ impl<'de> serde::Deserialize<'de> for Entries {
     }
 }
 
+/// The metadata key naming the hook site of the rows, `resid_post`: row L is `resid_post.L`
+/// (llama.cpp's `l_out-L`). A file without it, written before the key existed, is resid_post.
+pub const HOOK_POINT_KEY: &str = "hook_point";
+
 /// Largest header we accept (the format's own reference limit is 100 MB).
 const MAX_HEADER: u64 = 100 << 20;
 
@@ -95,6 +100,7 @@ impl DirectionFile {
         }
         meta.insert("n_layer".into(), nl.to_string());
         meta.insert("n_embd".into(), ne.to_string());
+        meta.insert(HOOK_POINT_KEY.into(), Site::ResidPost.to_string());
         Ok(DirectionFile { directions, meta })
     }
 
@@ -103,6 +109,14 @@ impl DirectionFile {
     }
     pub fn n_embd(&self) -> usize {
         self.directions[0].n_embd()
+    }
+
+    /// The hook site the rows are at: [`HOOK_POINT_KEY`], resid_post when absent.
+    pub fn site(&self) -> Site {
+        self.meta
+            .get(HOOK_POINT_KEY)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_default()
     }
 
     /// A direction by name; `None` picks the only one, or fails listing the choices.
@@ -283,6 +297,18 @@ impl DirectionFile {
             .any(|d| d.n_layer() != nl || d.n_embd() != ne)
         {
             return Err("tensors have different shapes".into());
+        }
+        if let Some(v) = f.meta.get(HOOK_POINT_KEY) {
+            match v.parse::<Site>() {
+                Ok(Site::ResidPost) => {}
+                Err(_) => {
+                    return Err(format!(
+                        "metadata {HOOK_POINT_KEY} = '{}': rows at another hook site; only {} rows (one per layer) can be used",
+                        shown(v),
+                        Site::ResidPost
+                    ))
+                }
+            }
         }
         Ok(f)
     }

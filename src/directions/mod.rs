@@ -473,6 +473,44 @@ mod tests {
         assert!((cosine_per_layer(&a, &m).unwrap()[2] - 1.0).abs() < 1e-6);
     }
 
+    // Here rather than in file.rs, whose tests module another change is editing.
+    #[test]
+    fn direction_files_record_their_hook_point() {
+        use crate::hooks::Site;
+        use file::HOOK_POINT_KEY;
+        let d = Direction {
+            name: "d".into(),
+            rows: vec![vec![1.0, 2.0]; 3],
+        };
+        let f = DirectionFile::new(vec![d], BTreeMap::new()).unwrap();
+        assert_eq!(f.meta[HOOK_POINT_KEY], "resid_post");
+        let g = DirectionFile::from_bytes(&f.to_bytes()).unwrap();
+        assert_eq!(
+            (g.meta[HOOK_POINT_KEY].as_str(), g.site()),
+            ("resid_post", Site::ResidPost)
+        );
+        // A file from before the key loads as resid_post.
+        let mut old = f.clone();
+        old.meta.remove(HOOK_POINT_KEY);
+        let g = DirectionFile::from_bytes(&old.to_bytes()).unwrap();
+        assert_eq!(
+            (g.meta.get(HOOK_POINT_KEY), g.site()),
+            (None, Site::ResidPost)
+        );
+        // Another site is refused, naming the file and the key.
+        let dir = std::env::temp_dir().join(format!("pg-hook-point-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("attn.safetensors");
+        let mut other = f.clone();
+        other.meta.insert(HOOK_POINT_KEY.into(), "attn_out".into());
+        std::fs::write(&p, other.to_bytes()).unwrap();
+        let e = DirectionFile::load(&p).unwrap_err().to_string();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(e.contains("attn.safetensors"), "{e}");
+        assert!(e.contains("metadata hook_point = 'attn_out'"), "{e}");
+        assert!(e.contains("only resid_post rows"), "{e}");
+    }
+
     #[test]
     fn cosine_basics() {
         assert!((cosine(&[1.0, 0.0], &[0.0, 2.0])).abs() < 1e-12);

@@ -21,7 +21,7 @@ use serde_json::json;
 use crate::chat::ChatTemplate;
 use crate::engine::GenConfig;
 use crate::error::{Error, Result};
-use crate::hooks::HookSet;
+use crate::hooks::{HookSet, LayerSet};
 use crate::model::Model;
 use report::Finished;
 use run::{Plan, Progress, RunOptions};
@@ -332,7 +332,7 @@ pub fn estimate(model: &Model, spec: &Spec, template: Option<String>) -> Result<
                 prep += toks[harmful] + toks[harmless];
                 if let Some(s) = select {
                     let n = match &s.layers {
-                        Some(l) => spec::layer_list(l, nl)?.len(),
+                        Some(l) => LayerSet::parse(l, nl)?.len(),
                         None => (nl as f64 * 0.8) as usize,
                     };
                     prep += 2 + n * (toks[&s.harmful] + 2 * toks[&s.harmless]);
@@ -360,7 +360,7 @@ pub fn estimate(model: &Model, spec: &Spec, template: Option<String>) -> Result<
         }
     }
     if let Some(s) = &spec.steer {
-        let n = spec::layer_list(&s.layers, nl)?.len() + s.coefficients.len();
+        let n = LayerSet::parse(&s.layers, nl)?.len() + s.coefficients.len();
         prep += n * toks[&s.prompts];
     }
     let run_prompt: usize = conds.iter().map(|c| toks[&c.prompts]).sum();

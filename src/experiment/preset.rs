@@ -312,6 +312,7 @@ intervention = [
 mod tests {
     use super::super::spec::{Builtins, Spec};
     use super::*;
+    use crate::hooks::LayerSet;
 
     #[test]
     fn preset_parses_and_expands_for_both_test_model_depths() {
@@ -328,7 +329,7 @@ mod tests {
                 let c = spec.expand(&b, &Default::default()).unwrap();
                 assert!(c.len() > 10, "{nl} {size:?}");
                 // Every projection window lies downstream of every steering candidate.
-                let steer_max = super::super::spec::layer_list(&spec.steer.unwrap().layers, nl)
+                let steer_max = LayerSet::parse(&spec.steer.unwrap().layers, nl)
                     .unwrap()
                     .into_iter()
                     .max()

@@ -19,9 +19,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::spec::{
-    Builtins, Condition, DirectionSpec, Intervention, Metric, Op, Scale, Source, Spec,
-};
+use super::spec::{Builtins, Condition, DirectionSpec, Intervention, Metric, Scale, Source, Spec};
 use crate::chat::{ChatTemplate, Prompt, SystemPrompt};
 use crate::directions::select::{refusal_score, refusal_tokens, score_conditions, select_refusal};
 use crate::directions::{self, Direction, DirectionFile, PersonaPositions, RefusalPositions};
@@ -29,7 +27,7 @@ use crate::engine::{GenConfig, Generation, StopReason};
 use crate::error::{Error, Result};
 use crate::ffi::Token;
 use crate::fsio::write_atomic;
-use crate::hooks::{Capture, Edit, HookSet, Position, Scope};
+use crate::hooks::{Capture, Edit, EditKind, HookPoint, HookSet, LayerSet, Position, Scope};
 use crate::label::{degenerate_reason, Labeler, REFUSAL_PHRASES};
 use crate::model::Model;
 use crate::prompts::{self, Instruction};
@@ -322,7 +320,7 @@ fn provisional(spec: &Spec, n_layer: usize) -> Result<Builtins> {
     };
     if let Some(s) = &spec.steer {
         b.steer_layer = Some(
-            *super::spec::layer_list(&s.layers, n_layer)
+            *LayerSet::parse(&s.layers, n_layer)
                 .map_err(|e| Error::Invalid(format!("steer.layers: {e}")))?
                 .first()
                 .ok_or_else(|| Error::Invalid("steer.layers: empty".into()))?,
@@ -512,9 +510,11 @@ pub fn prepare<'m>(
                 progress("extract", 1, 1, name);
                 if let Some(s) = select {
                     let layers = match &s.layers {
-                        Some(l) => super::spec::layer_list(l, nl).map_err(|e| {
-                            Error::Invalid(format!("directions.{name}.select.layers: {e}"))
-                        })?,
+                        Some(l) => LayerSet::parse(l, nl)
+                            .map_err(|e| {
+                                Error::Invalid(format!("directions.{name}.select.layers: {e}"))
+                            })?
+                            .into_vec(),
                         None => (0..nl)
                             .filter(|&l| {
                                 (l as f64) < directions::select::MAX_LAYER_FRACTION * nl as f64
@@ -652,7 +652,7 @@ pub fn prepare<'m>(
     }
     // Steering calibration (score mode: first-token refusal score only).
     if let Some(s) = &spec.steer {
-        let layers = super::spec::layer_list(&s.layers, nl)
+        let layers = LayerSet::parse(&s.layers, nl)
             .map_err(|e| Error::Invalid(format!("steer.layers: {e}")))?;
         let d = &dirs[&s.direction];
         let ps = &rendered[&s.prompts];
@@ -833,29 +833,27 @@ pub fn prepare<'m>(
                     Source::Layer(s) => &d.rows[s],
                 };
                 let bad = match iv.op {
-                    Op::Project => {
+                    EditKind::Project => {
                         let n = directions::norm(row);
                         (!(n.is_finite() && n > 0.0))
                             .then(|| format!("has norm {n}, so it cannot be projected out"))
                     }
-                    Op::Add => {
+                    EditKind::Add => {
                         let norms = plan.resolved.resid_norms.get(&cond.prompts);
                         let v = add_vector(row, iv.coefficient, iv.scale, norms.map(|n| n[l]));
                         if v.iter().any(|x| !x.is_finite()) {
-                            return Err(Error::Invalid(format!(
-                                "condition {}: {:e} x {} at resid_post.{l} overflows f32; use a smaller coefficient",
-                                cond.id, iv.coefficient, iv.direction
-                            )));
+                            return Err(overflows(cond, iv, l));
                         }
                         None
                     }
                 };
                 if let Some(why) = bad {
                     return Err(Error::Invalid(format!(
-                        "condition {}: intervention {}: {} at resid_post.{l} {why}",
+                        "condition {}: intervention {}: {} at {} {why}",
                         cond.id,
                         k + 1,
-                        iv.direction
+                        iv.direction,
+                        HookPoint::resid_post(l)
                     )));
                 }
             }
@@ -886,6 +884,17 @@ pub fn prepare<'m>(
     })
 }
 
+/// An add whose vector at layer `l` overflows f32.
+fn overflows(cond: &Condition, iv: &Intervention, l: usize) -> Error {
+    Error::Invalid(format!(
+        "condition {}: {:e} x {} at {} overflows f32; use a smaller coefficient",
+        cond.id,
+        iv.coefficient,
+        iv.direction,
+        HookPoint::resid_post(l)
+    ))
+}
+
 /// The vector an add intervention adds at one layer: `c × row` (raw) or
 /// `c × resid_norm × row/‖row‖` (resid).
 pub fn add_vector(row: &[f32], c: f64, scale: Scale, resid_norm: Option<f64>) -> Vec<f32> {
@@ -913,23 +922,18 @@ impl Ready<'_> {
         };
         let norms = self.plan.resolved.resid_norms.get(&cond.prompts);
         Ok(match iv.op {
-            Op::Add => {
+            EditKind::Add => {
                 let mut vectors = BTreeMap::new();
                 for &l in &iv.layers {
                     let v = add_vector(row(l), iv.coefficient, iv.scale, norms.map(|n| n[l]));
                     if v.iter().any(|x| !x.is_finite()) {
-                        return Err(Error::Invalid(format!(
-                            "condition {}: {:e} x {} at resid_post.{l} overflows f32; use a smaller coefficient",
-                            cond.id,
-                            iv.coefficient,
-                            iv.direction
-                        )));
+                        return Err(overflows(cond, iv, l));
                     }
                     vectors.insert(l, v);
                 }
                 Edit::add(vectors, Scope::only(seqs))
             }
-            Op::Project => Edit::project(
+            EditKind::Project => Edit::project(
                 iv.layers.iter().map(|&l| (l, row(l).clone())).collect(),
                 Scope::only(seqs),
             )

@@ -12,7 +12,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::hooks::parse_layers;
+use crate::hooks::{EditKind, LayerSet};
 
 /// What each grid point is scored by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default, clap::ValueEnum)]
@@ -312,7 +312,7 @@ pub struct ExperimentSpec {
 #[serde(deny_unknown_fields)]
 pub struct InterventionSpec {
     pub direction: String,
-    pub op: Op,
+    pub op: EditKind,
     /// An int, a list, or a string: `all`, `12`, `3,5`, `20-23`, `S+W` (W layers from S).
     pub layers: toml::Value,
     #[serde(default = "d_one")]
@@ -327,22 +327,6 @@ pub struct InterventionSpec {
     /// Prompt ids this intervention applies to (default: all prompts of the condition).
     #[serde(default)]
     pub scope: Option<Vec<String>>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Op {
-    Add,
-    Project,
-}
-
-impl fmt::Display for Op {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Op::Add => "add",
-            Op::Project => "project",
-        })
-    }
 }
 
 /// Which row of a direction an intervention uses.
@@ -366,7 +350,7 @@ impl fmt::Display for Source {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 pub struct Intervention {
     pub direction: String,
-    pub op: Op,
+    pub op: EditKind,
     pub layers: Vec<usize>,
     pub coefficient: f64,
     pub scale: Scale,
@@ -377,16 +361,7 @@ pub struct Intervention {
 impl Intervention {
     /// Compact layer text: `12`, `18-21`, or a comma list.
     pub fn layers_text(&self) -> String {
-        layers_text(&self.layers)
-    }
-}
-
-/// `12`, `18-21` for a contiguous run, or `3,5,9`.
-pub fn layers_text(l: &[usize]) -> String {
-    match (l.first(), l.last()) {
-        (Some(a), Some(_)) if l.len() == 1 => format!("{a}"),
-        (Some(a), Some(b)) if b - a + 1 == l.len() => format!("{a}-{b}"),
-        _ => l.iter().map(usize::to_string).collect::<Vec<_>>().join(","),
+        LayerSet::text(&self.layers)
     }
 }
 
@@ -899,29 +874,9 @@ impl Spec {
             ));
         }
         let nl = b.n_layer;
-        let layers = match &s.layers {
-            toml::Value::Integer(i) => layer_list(&i.to_string(), nl),
-            toml::Value::Array(a) => {
-                let mut v = Vec::new();
-                for x in a {
-                    match x.as_integer() {
-                        Some(i) => v.extend(layer_list(&i.to_string(), nl)?),
-                        None => {
-                            return Err(err(
-                                &format!("{ctx}: layers"),
-                                format!("{x} is not a layer number"),
-                            ))
-                        }
-                    }
-                }
-                v.sort_unstable();
-                v.dedup();
-                Ok(v)
-            }
-            toml::Value::String(t) => layer_list(t, nl),
-            other => Err(Error::Invalid(format!("{other} is not a layer list"))),
-        }
-        .map_err(|e| err(&format!("{ctx}: layers"), e))?;
+        let layers = LayerSet::from_toml(&s.layers, nl)
+            .map_err(|e| err(&format!("{ctx}: layers"), e))?
+            .into_vec();
         if layers.is_empty() {
             return Err(err(&format!("{ctx}: layers"), "empty"));
         }
@@ -1008,25 +963,6 @@ impl Spec {
             scope: s.scope,
         })
     }
-}
-
-/// A layer list: `all`, `S+W`, or [`parse_layers`] syntax.
-pub fn layer_list(s: &str, n_layer: usize) -> Result<Vec<usize>> {
-    let t = s.trim();
-    if t == "all" {
-        return Ok((0..n_layer).collect());
-    }
-    if let Some((a, w)) = t.split_once('+') {
-        let (a, w): (i64, i64) = match (a.trim().parse(), w.trim().parse()) {
-            (Ok(a), Ok(w)) => (a, w),
-            _ => return Err(Error::Invalid(format!("'{s}' is not a window S+W"))),
-        };
-        if w <= 0 {
-            return Err(Error::Invalid(format!("window '{s}' is empty")));
-        }
-        return parse_layers(&format!("{a}-{}", a + w - 1), n_layer);
-    }
-    parse_layers(t, n_layer)
 }
 
 /// Replaces `{var}` in every string of a template: a string that is exactly `{var}` takes the

@@ -1,0 +1,118 @@
+//! Add and project edits of the residual stream, and the sequences they apply to.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Which sequences a hook acts on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    All,
+    /// Sorted prompt indices.
+    Only(Vec<usize>),
+}
+
+impl Scope {
+    pub fn only(mut seqs: Vec<usize>) -> Scope {
+        seqs.sort_unstable();
+        seqs.dedup();
+        Scope::Only(seqs)
+    }
+}
+
+/// What an edit does to a row: also the spec's `op` (`"add"` or `"project"`, the same text in
+/// plan.json and the CSVs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EditKind {
+    /// h ← h + v
+    Add,
+    /// h ← h − (h·d̂) d̂
+    Project,
+}
+
+impl fmt::Display for EditKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            EditKind::Add => "add",
+            EditKind::Project => "project",
+        })
+    }
+}
+
+/// An edit of the residual stream at some layers, for some sequences.
+#[derive(Debug, Clone)]
+pub struct Edit {
+    pub kind: EditKind,
+    /// Per layer: the vector added (already scaled), or the unit direction projected out.
+    pub(super) vectors: BTreeMap<usize, Vec<f32>>,
+    pub scope: Scope,
+    pub(super) touched: u64,
+}
+
+impl Edit {
+    /// Adds `vectors[layer]` (already scaled by the caller) at each layer given.
+    pub fn add(vectors: BTreeMap<usize, Vec<f32>>, scope: Scope) -> Edit {
+        Edit {
+            kind: EditKind::Add,
+            vectors,
+            scope,
+            touched: 0,
+        }
+    }
+
+    /// Projects each layer's direction out of the rows at that layer.
+    ///
+    /// # Errors
+    /// A zero or non-finite direction cannot be normalised.
+    pub fn project(directions: BTreeMap<usize, Vec<f32>>, scope: Scope) -> Result<Edit> {
+        let mut vectors = BTreeMap::new();
+        for (l, d) in directions {
+            let n = d.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
+            if !(n.is_finite() && n > 0.0) {
+                return Err(Error::Invalid(format!(
+                    "projection direction at layer {l} has norm {n}"
+                )));
+            }
+            vectors.insert(l, d.iter().map(|&x| (x as f64 / n) as f32).collect());
+        }
+        Ok(Edit {
+            kind: EditKind::Project,
+            vectors,
+            scope,
+            touched: 0,
+        })
+    }
+
+    pub fn layers(&self) -> impl Iterator<Item = usize> + '_ {
+        self.vectors.keys().copied()
+    }
+    /// Rows × layers this edit changed so far.
+    pub fn touched(&self) -> u64 {
+        self.touched
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_are_spelled_as_in_the_spec() {
+        for (k, t) in [(EditKind::Add, "add"), (EditKind::Project, "project")] {
+            assert_eq!(k.to_string(), t);
+            assert_eq!(serde_json::to_string(&k).unwrap(), format!("\"{t}\""));
+            let v: toml::Value = toml::from_str(&format!("op = \"{t}\"")).unwrap();
+            assert_eq!(v["op"].clone().try_into::<EditKind>().unwrap(), k);
+        }
+        assert!(serde_json::from_str::<EditKind>("\"Add\"").is_err());
+    }
+
+    #[test]
+    fn projection_of_zero_direction_is_refused() {
+        assert!(Edit::project([(0, vec![0.0, 0.0])].into(), Scope::All).is_err());
+    }
+}
