@@ -25,11 +25,8 @@
 //! ```
 #![deny(unsafe_code)]
 
-pub mod bench;
 pub mod chat;
-pub mod compare;
 pub mod cpu;
-pub mod demo;
 pub mod directions;
 pub mod engine;
 pub mod error;
@@ -45,9 +42,9 @@ pub mod memory;
 pub mod model;
 pub mod plot;
 pub mod prompts;
-pub mod quant;
 pub mod rng;
 pub mod stats;
+pub mod studies;
 pub mod text;
 
 /// This tool's version, written into every output.

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use persona_gate::bench::{self, BenchConfig, HookConfig, Workload};
+use persona_gate::studies::bench::{self, BenchConfig, HookConfig, Workload};
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {

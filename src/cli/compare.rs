@@ -7,7 +7,7 @@ use clap::Args;
 
 use persona_gate::experiment::{self, spec::Spec};
 use persona_gate::model::ModelOptions;
-use persona_gate::{compare, quant};
+use persona_gate::studies::{compare, quant};
 
 #[derive(Args, Debug)]
 pub struct QuantizeArgs {

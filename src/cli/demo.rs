@@ -5,7 +5,8 @@ use std::io::Write;
 use anyhow::Context;
 use clap::Args;
 
-use persona_gate::{demo, hooks};
+use persona_gate::hooks;
+use persona_gate::studies::demo;
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {
