@@ -7,7 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use persona_gate::experiment::judged::{self, SKIPPED_SCORE, SUMMARY_HEADER};
-use persona_gate::experiment::{self, run::RunOptions, spec::Spec};
+use persona_gate::experiment::{self, plan::RunOptions, spec::Spec};
 use persona_gate::judge::{self, JudgeKind};
 use persona_gate::model::{Model, ModelOptions};
 

@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use persona_gate::experiment::run::{verify_group_bytes, GroupState, Plan};
+use persona_gate::experiment::plan::{verify_group_bytes, GroupState, Plan};
 
 /// A real plan: `fuzz/plan.json`, which fuzz/seed.sh writes by running `reproduce` on
 /// fuzz/plan-spec.toml (two conditions, eight pairs in three groups).

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args;
 
-use persona_gate::experiment::{self, preset, run, spec::Metric, spec::Spec};
+use persona_gate::experiment::{self, plan, preset, spec::Metric, spec::Spec};
 use persona_gate::fsio;
 
 #[derive(Args, Debug)]
@@ -69,9 +69,9 @@ pub struct MergeArgs {
 
 pub fn run(a: &ReproduceArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     // Flags that need no model are checked first.
-    let shard: run::Shard = match &a.shard {
+    let shard: plan::Shard = match &a.shard {
         Some(s) => s.parse().map_err(anyhow::Error::msg)?,
-        None => run::Shard::default(),
+        None => plan::Shard::default(),
     };
     if a.n == Some(0) || a.harmless_n == Some(0) {
         anyhow::bail!("--n / --harmless-n: must be at least 1");
@@ -125,7 +125,7 @@ pub fn run(a: &ReproduceArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let bar = phases.bar.clone();
     // Notes (chosen layers, resume) always reach stderr; they never contain prompt text.
     let mut note = |s: String| super::progress::note(&bar, &s);
-    let opts = run::RunOptions {
+    let opts = plan::RunOptions {
         shard,
         template: template_src,
         special: a.special_tokens,

@@ -9,7 +9,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
-use super::run::{load_sets, Plan};
+use super::plan::Plan;
+use super::prepare::load_sets;
 use crate::error::{Error, Result};
 use crate::fsio::write_atomic;
 use crate::judge::{f4, verdict_fields, Judge, JudgeItem, JudgeKind, Template, FORMAT};

@@ -7,10 +7,12 @@
 //!     Plan ──fixed groups of (condition, prompt)──▶ groups/g*.csv ──finish──▶ CSVs, SVGs, report.md
 //! ```
 
+pub mod grid;
 pub mod judged;
+pub mod plan;
+pub mod prepare;
 pub mod preset;
 pub mod report;
-pub mod run;
 pub mod spec;
 
 use std::path::{Path, PathBuf};
@@ -23,8 +25,8 @@ use crate::engine::GenConfig;
 use crate::error::{Error, Result};
 use crate::hooks::{HookSet, LayerSet};
 use crate::model::Model;
+use plan::{Plan, Progress, RunOptions};
 use report::Finished;
-use run::{Plan, Progress, RunOptions};
 use spec::{DirectionSpec, Metric, Spec};
 
 /// What one `reproduce` invocation did.
@@ -58,13 +60,13 @@ pub fn reproduce(
     // One process per run directory: a second one would silently replace this one's results.
     let _lock = crate::lock::DirLock::acquire(dir)?;
     let t0 = Instant::now();
-    let ready = run::prepare(spec, model, dir, opts, progress, note)?;
+    let ready = prepare::prepare(spec, model, dir, opts, progress, note)?;
     let t_prep = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
-    let groups_run = run::run_groups(&ready, dir, opts.shard, progress, note)?;
+    let groups_run = grid::run_groups(&ready, dir, opts.shard, progress, note)?;
     let t_run = t1.elapsed().as_secs_f64();
     let plan = ready.plan;
-    let groups_done = run::done_groups(dir, &plan).iter().filter(|d| **d).count();
+    let groups_done = plan::done_groups(dir, &plan).iter().filter(|d| **d).count();
     let finished = if groups_done == plan.n_groups {
         let extra = json!({
             "shard": format!("{}/{}", opts.shard.k, opts.shard.n),
@@ -155,12 +157,12 @@ pub fn merge(out: &Path, inputs: &[PathBuf]) -> Result<(Plan, Finished)> {
     let mut sources: Vec<Option<PathBuf>> = vec![None; plan.n_groups];
     for d in inputs {
         for (g, src) in sources.iter_mut().enumerate() {
-            let p = run::group_file(d, g);
-            match run::verify_group(&plan, d, g) {
-                run::GroupState::Missing => continue,
-                run::GroupState::Done => {}
-                run::GroupState::Invalid(why) => return Err(Error::file(&p, why)),
-                run::GroupState::Foreign(id) => {
+            let p = plan::group_file(d, g);
+            match plan::verify_group(&plan, d, g) {
+                plan::GroupState::Missing => continue,
+                plan::GroupState::Done => {}
+                plan::GroupState::Invalid(why) => return Err(Error::file(&p, why)),
+                plan::GroupState::Foreign(id) => {
                     return Err(Error::file(
                         &p,
                         format!("holds rows of run {id}, not {}", plan.run_id),
@@ -187,7 +189,9 @@ pub fn merge(out: &Path, inputs: &[PathBuf]) -> Result<(Plan, Finished)> {
     let missing: Vec<usize> = sources
         .iter()
         .enumerate()
-        .filter(|(g, s)| s.is_none() && run::verify_group(&plan, out, *g) != run::GroupState::Done)
+        .filter(|(g, s)| {
+            s.is_none() && plan::verify_group(&plan, out, *g) != plan::GroupState::Done
+        })
         .map(|(g, _)| g)
         .collect();
     if !missing.is_empty() {
@@ -205,7 +209,7 @@ pub fn merge(out: &Path, inputs: &[PathBuf]) -> Result<(Plan, Finished)> {
     };
     for (g, s) in sources.iter().enumerate() {
         if let Some(s) = s {
-            let to = run::group_file(out, g);
+            let to = plan::group_file(out, g);
             if to != *s {
                 copy(s, &to)?;
             }
@@ -308,9 +312,9 @@ pub fn default_run_dir(model: &Path, spec: &Spec) -> PathBuf {
 /// # Errors
 /// Spec and engine errors.
 pub fn estimate(model: &Model, spec: &Spec, template: Option<String>) -> Result<Estimate> {
-    let (sets, conds) = run::check(spec, model)?;
+    let (sets, conds) = prepare::check(spec, model)?;
     let tmpl = ChatTemplate::for_model(model, template)?;
-    let sys = run::system_of(spec);
+    let sys = prepare::system_of(spec);
     let mut toks = std::collections::BTreeMap::new();
     let mut rendered = std::collections::BTreeMap::new();
     for (k, v) in &sets {

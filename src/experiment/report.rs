@@ -10,7 +10,7 @@ use std::path::Path;
 
 use serde_json::json;
 
-use super::run::{done_groups, group_file, header, Plan};
+use super::plan::{done_groups, group_file, header, Plan};
 use super::spec::{fmt_num, value_text, Metric, Role};
 use crate::error::{Error, Result};
 use crate::fsio::write_output;
@@ -73,19 +73,19 @@ pub fn finish(
     rewrite_completions: bool,
 ) -> Result<Finished> {
     for g in 0..plan.n_groups {
-        match super::run::verify_group(plan, dir, g) {
-            super::run::GroupState::Done => {}
-            super::run::GroupState::Missing => {
+        match super::plan::verify_group(plan, dir, g) {
+            super::plan::GroupState::Done => {}
+            super::plan::GroupState::Missing => {
                 let missing = done_groups(dir, plan).iter().filter(|d| !**d).count();
                 return Err(Error::file(
                     dir,
                     format!("{missing} of {} groups are not done yet", plan.n_groups),
                 ));
             }
-            super::run::GroupState::Invalid(why) => {
+            super::plan::GroupState::Invalid(why) => {
                 return Err(Error::file(group_file(dir, g), why))
             }
-            super::run::GroupState::Foreign(id) => {
+            super::plan::GroupState::Foreign(id) => {
                 return Err(Error::file(
                     group_file(dir, g),
                     format!("holds rows of run {id}, not {}", plan.run_id),

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use crate::chat::{ChatTemplate, Prompt};
 use crate::directions::{cosine, DirectionFile};
 use crate::error::{Error, Result};
-use crate::experiment::run::{Plan, Progress, RunOptions};
+use crate::experiment::plan::{Plan, Progress, RunOptions};
 use crate::experiment::spec::{DirectionSpec, Metric, Spec};
 use crate::fsio::write_output;
 use crate::hooks::HookSet;
@@ -150,7 +150,7 @@ pub fn compare(
         names.push(n);
     }
     let eval_set = spec.experiment[0].prompts.clone();
-    let sets = crate::experiment::run::load_sets(spec)?;
+    let sets = crate::experiment::prepare::load_sets(spec)?;
     let mut ref_logits: Vec<Vec<f32>> = vec![];
     let mut ref_shape = (0, 0, 0);
     let mut quant: Vec<String> = vec![];
@@ -195,7 +195,7 @@ pub fn compare(
         }
         // Next-token distributions on the evaluation prompts, unsteered.
         let tmpl = ChatTemplate::for_model(&model, None)?;
-        let sys = crate::experiment::run::system_of(spec);
+        let sys = crate::experiment::prepare::system_of(spec);
         let ps = Prompt::render_all(
             &model,
             &tmpl,
