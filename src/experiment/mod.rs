@@ -7,6 +7,7 @@
 //!     Plan ──fixed groups of (condition, prompt)──▶ groups/g*.csv ──finish──▶ CSVs, SVGs, report.md
 //! ```
 
+pub mod calibrate;
 pub mod grid;
 pub mod judged;
 pub mod plan;

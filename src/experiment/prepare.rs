@@ -11,18 +11,17 @@ use sha2::{Digest, Sha256};
 
 use super::spec::{Builtins, Condition, DirectionSpec, Intervention, Scale, Source, Spec};
 use crate::chat::{ChatTemplate, Prompt, SystemPrompt};
-use crate::directions::select::{refusal_score, refusal_tokens, score_conditions, select_refusal};
+use crate::directions::select::select_refusal;
 use crate::directions::{self, Direction, DirectionFile, PersonaPositions, RefusalPositions};
 use crate::error::{Error, Result};
 use crate::fsio::write_atomic;
-use crate::hooks::{Capture, Edit, EditKind, HookPoint, HookSet, LayerSet, Position, Scope};
+use crate::hooks::{Capture, EditKind, HookPoint, HookSet, LayerSet, Position};
 use crate::model::Model;
 use crate::prompts::{self, Instruction};
-use crate::stats::mean;
 
 use super::plan::{
-    group_file, has_group_files, verify_group, CalibrationRow, GroupState, ModelRecord, Plan,
-    Progress, Resolved, RunOptions, SetRecord,
+    group_file, has_group_files, verify_group, GroupState, ModelRecord, Plan, Progress, Resolved,
+    RunOptions, SetRecord,
 };
 
 fn sha_hex(parts: &[&[u8]]) -> String {
@@ -249,6 +248,79 @@ pub fn prepare<'m>(
         &rendered,
         &model.options.numerics(),
     )?;
+    if let Some((plan, directions)) = resume(dir, &fp, model, note)? {
+        return Ok(Ready {
+            plan,
+            model,
+            tmpl,
+            prompts: rendered,
+            instructions: sets,
+            directions,
+        });
+    }
+    let t0 = Instant::now();
+    let mut resolved = Resolved {
+        steer_layer: None,
+        steer_coef: None,
+        refusal_layer: None,
+        refusal_selection: None,
+        calibration: vec![],
+        calibration_baseline: None,
+        resid_norms: BTreeMap::new(),
+    };
+    let (dirs, seeds) = directions_for(
+        spec,
+        model,
+        &tmpl,
+        &sets,
+        &rendered,
+        &mut resolved,
+        progress,
+        note,
+    )?;
+    if spec.uses_scale_resid() {
+        resolved.resid_norms = residual_norms(spec, model, &rendered, progress)?;
+    }
+    // Steering calibration (score mode: first-token refusal score only).
+    if let Some(s) = &spec.steer {
+        let norms = resolved.resid_norms.get(&s.prompts).cloned();
+        super::calibrate::calibrate(
+            s,
+            model,
+            &dirs[&s.direction],
+            &rendered[&s.prompts],
+            norms,
+            &mut resolved,
+            progress,
+            note,
+        )?;
+    }
+    let plan = plan_for(spec, model, fp, model_sha, &sets, resolved, &dirs, seeds)?;
+    check_edits(&plan, &dirs)?;
+    write_prepared(dir, &plan, &dirs, model)?;
+    note(format!("prepared in {:.1}s", t0.elapsed().as_secs_f64()));
+    Ok(Ready {
+        plan,
+        model,
+        tmpl,
+        prompts: rendered,
+        instructions: sets,
+        directions: dirs,
+    })
+}
+
+/// The plan and directions of a run directory prepared before with the same fingerprint;
+/// None for a fresh directory.
+///
+/// # Errors
+/// The directory holds another run (another fingerprint, foreign group files, or group files
+/// without a plan).
+fn resume(
+    dir: &Path,
+    fp: &str,
+    model: &Model,
+    note: &mut dyn FnMut(String),
+) -> Result<Option<(Plan, BTreeMap<String, Direction>)>> {
     let plan_path = dir.join("plan.json");
     let dirs_path = dir.join("prepared.safetensors");
     if !plan_path.exists() && has_group_files(dir) {
@@ -290,30 +362,33 @@ pub fn prepare<'m>(
             }
         }
         note(format!("resuming {}: plan.json matches", dir.display()));
-        return Ok(Ready {
-            plan,
-            model,
-            tmpl,
-            prompts: rendered,
-            instructions: sets,
-            directions,
-        });
+        return Ok(Some((plan, directions)));
     }
-    let t0 = Instant::now();
+    Ok(None)
+}
+
+/// The spec's directions by name: loaded from files, extracted (refusal, with layer
+/// selection when asked, and persona), then random controls (which may match another's
+/// norms). The refusal layer and how it was chosen go into `resolved`.
+///
+/// # Errors
+/// Unreadable or mismatched files, extraction and selection errors, non-finite rows.
+#[allow(clippy::too_many_arguments)]
+fn directions_for(
+    spec: &Spec,
+    model: &Model,
+    tmpl: &ChatTemplate,
+    sets: &PromptSets,
+    rendered: &BTreeMap<String, Vec<Prompt>>,
+    resolved: &mut Resolved,
+    progress: &mut Progress<'_>,
+    note: &mut dyn FnMut(String),
+) -> Result<(BTreeMap<String, Direction>, BTreeMap<String, u64>)> {
     let nl = model.info.n_layer;
     let ne = model.info.n_embd;
     // Directions: non-random first, then random ones (which may match another's norms).
     let mut dirs: BTreeMap<String, Direction> = BTreeMap::new();
     let mut seeds = BTreeMap::new();
-    let mut resolved = Resolved {
-        steer_layer: None,
-        steer_coef: None,
-        refusal_layer: None,
-        refusal_selection: None,
-        calibration: vec![],
-        calibration_baseline: None,
-        resid_norms: BTreeMap::new(),
-    };
     for (name, d) in &spec.directions {
         let ctx = |e: Error| Error::Invalid(format!("directions.{name}: {e}"));
         let dir = match d {
@@ -340,7 +415,7 @@ pub fn prepare<'m>(
                 progress("extract", 0, 1, name);
                 let f = directions::extract_refusal(
                     model,
-                    &tmpl,
+                    tmpl,
                     &system_of(spec),
                     &sets[harmful],
                     &sets[harmless],
@@ -420,7 +495,7 @@ pub fn prepare<'m>(
                 progress("extract", 0, 1, name);
                 let f = directions::extract_persona(
                     model,
-                    &tmpl,
+                    tmpl,
                     persona,
                     p,
                     &sets[questions],
@@ -461,163 +536,77 @@ pub fn prepare<'m>(
             )));
         }
     }
-    // Residual norms, where a coefficient is relative to them.
-    if spec.uses_scale_resid() {
-        let mut names: Vec<&String> = spec.experiment.iter().map(|e| &e.prompts).collect();
-        if let Some(s) = &spec.steer {
-            names.push(&s.prompts);
-        }
-        names.sort();
-        names.dedup();
-        let mut session = model.session()?;
-        for n in names {
-            let ps = &rendered[n];
-            let all: Vec<usize> = (0..nl).collect();
-            let mut hooks = HookSet::new(nl, ne);
-            hooks.add_capture(Capture::new(
-                &all,
-                Position::LastPrompt,
-                vec![Some(0); ps.len()],
-                1,
-                nl,
-                ne,
-            ))?;
-            progress("norms", 0, 1, n);
-            session.first_logits(ps, &mut hooks)?;
-            let norms = (0..nl)
-                .map(|l| hooks.captures[0].mean_norm(0, 0, l).unwrap_or(0.0))
-                .collect();
-            resolved.resid_norms.insert(n.clone(), norms);
-        }
-    }
-    // Steering calibration (score mode: first-token refusal score only).
+    Ok((dirs, seeds))
+}
+
+/// The mean residual norm at each layer over each prompt set an experiment or the steering
+/// calibration uses, for coefficients relative to them (`scale = "resid"`).
+///
+/// # Errors
+/// Engine errors.
+fn residual_norms(
+    spec: &Spec,
+    model: &Model,
+    rendered: &BTreeMap<String, Vec<Prompt>>,
+    progress: &mut Progress<'_>,
+) -> Result<BTreeMap<String, Vec<f64>>> {
+    let nl = model.info.n_layer;
+    let ne = model.info.n_embd;
+    let mut out = BTreeMap::new();
+    let mut names: Vec<&String> = spec.experiment.iter().map(|e| &e.prompts).collect();
     if let Some(s) = &spec.steer {
-        let layers = LayerSet::parse(&s.layers, nl)
-            .map_err(|e| Error::Invalid(format!("steer.layers: {e}")))?;
-        let d = &dirs[&s.direction];
-        let ps = &rendered[&s.prompts];
-        let norms = resolved.resid_norms.get(&s.prompts).cloned();
-        let toks = refusal_tokens(model)?;
-        let mut session = model.session()?;
-        let cmax = s.coefficients.iter().copied().fold(f64::MIN, f64::max);
-        let vec_at = |l: usize, c: f64| -> Vec<f32> {
-            add_vector(&d.rows[l], c, s.scale, norms.as_ref().map(|n| n[l]))
-        };
-        let base = session.first_logits(ps, &mut HookSet::new(nl, ne))?;
-        let baseline = mean(
-            &base
-                .iter()
-                .map(|l| refusal_score(l, &toks))
-                .collect::<Vec<_>>(),
-        );
-        let total = layers.len() + s.coefficients.len();
-        let mut done = 0;
-        let by_layer = score_conditions(
-            &mut session,
-            ps,
-            layers.len(),
-            &|c| {
-                Ok(vec![Edit::add(
-                    BTreeMap::from([(layers[c], vec_at(layers[c], cmax))]),
-                    Scope::All,
-                )])
-            },
-            4,
-            &mut |_, _, lg| refusal_score(lg, &toks),
-            &mut |k| {
-                done += k;
-                progress("calibrate", done, total, &s.direction);
-            },
-        )?;
-        let mut rows: Vec<CalibrationRow> = layers
-            .iter()
-            .zip(&by_layer)
-            .map(|(&l, v)| CalibrationRow {
-                layer: l,
-                coefficient: cmax,
-                mean_score: mean(v),
-            })
-            .collect();
-        let best = rows
-            .iter()
-            .min_by(|a, b| {
-                a.mean_score
-                    .total_cmp(&b.mean_score)
-                    .then(a.layer.cmp(&b.layer))
-            })
-            .map(|r| r.layer)
-            .expect("layers are non-empty");
-        let others: Vec<f64> = s
-            .coefficients
-            .iter()
-            .copied()
-            .filter(|&c| c != cmax)
-            .collect();
-        let by_coef = score_conditions(
-            &mut session,
-            ps,
-            others.len(),
-            &|c| {
-                Ok(vec![Edit::add(
-                    BTreeMap::from([(best, vec_at(best, others[c]))]),
-                    Scope::All,
-                )])
-            },
-            4,
-            &mut |_, _, lg| refusal_score(lg, &toks),
-            &mut |k| {
-                done += k;
-                progress("calibrate", done, total, &s.direction);
-            },
-        )?;
-        for (&c, v) in others.iter().zip(&by_coef) {
-            rows.push(CalibrationRow {
-                layer: best,
-                coefficient: c,
-                mean_score: mean(v),
-            });
-        }
-        let mut at_best: Vec<&CalibrationRow> = rows.iter().filter(|r| r.layer == best).collect();
-        at_best.sort_by(|a, b| a.coefficient.total_cmp(&b.coefficient));
-        let coef = at_best
-            .iter()
-            .find(|r| r.mean_score <= s.target)
-            .unwrap_or(at_best.last().expect("at least the largest coefficient"))
-            .coefficient;
-        for r in &rows {
-            if !r.mean_score.is_finite() {
-                return Err(Error::Invalid(format!(
-                    "steer calibration: non-finite refusal score at layer {} coefficient {}",
-                    r.layer, r.coefficient
-                )));
-            }
-        }
-        let why = if layers.len() == 1 && s.coefficients.len() == 1 {
-            let score = at_best.first().map_or(f64::NAN, |r| r.mean_score);
-            format!("fixed by the spec; mean refusal score {score:.2}")
-        } else {
-            format!(
-                "smallest with mean refusal score <= {}",
-                super::spec::fmt_num(s.target)
-            )
-        };
-        note(format!(
-            "steering: {} at layer {best}, coefficient {} ({why}; baseline {baseline:.2})",
-            s.direction,
-            super::spec::fmt_num(coef),
-        ));
-        resolved.steer_layer = Some(best);
-        resolved.steer_coef = Some(coef);
-        resolved.calibration = rows;
-        resolved.calibration_baseline = Some(baseline);
+        names.push(&s.prompts);
     }
+    names.sort();
+    names.dedup();
+    let mut session = model.session()?;
+    for n in names {
+        let ps = &rendered[n];
+        let all: Vec<usize> = (0..nl).collect();
+        let mut hooks = HookSet::new(nl, ne);
+        hooks.add_capture(Capture::new(
+            &all,
+            Position::LastPrompt,
+            vec![Some(0); ps.len()],
+            1,
+            nl,
+            ne,
+        ))?;
+        progress("norms", 0, 1, n);
+        session.first_logits(ps, &mut hooks)?;
+        let norms = (0..nl)
+            .map(|l| hooks.captures[0].mean_norm(0, 0, l).unwrap_or(0.0))
+            .collect();
+        out.insert(n.clone(), norms);
+    }
+    Ok(out)
+}
+
+/// The plan of a fresh run: the grid expanded with what preparation resolved, the prompt
+/// sets' records, the model's, and the directions' hashes and seeds.
+///
+/// # Errors
+/// Grid expansion errors.
+#[allow(clippy::too_many_arguments)]
+fn plan_for(
+    spec: &Spec,
+    model: &Model,
+    fp: String,
+    model_sha: String,
+    sets: &PromptSets,
+    resolved: Resolved,
+    dirs: &BTreeMap<String, Direction>,
+    seeds: BTreeMap<String, u64>,
+) -> Result<Plan> {
+    let nl = model.info.n_layer;
+    let ne = model.info.n_embd;
     let b = Builtins {
         n_layer: nl,
         steer_layer: resolved.steer_layer,
         steer_coef: resolved.steer_coef,
         refusal_layer: resolved.refusal_layer,
     };
-    let conditions = spec.expand(&b, &ids_of(&sets))?;
+    let conditions = spec.expand(&b, &ids_of(sets))?;
     let n_pairs: usize = conditions.iter().map(|c| sets[&c.prompts].len()).sum();
     let set_records = spec
         .prompts
@@ -638,7 +627,7 @@ pub fn prepare<'m>(
         .path
         .file_name()
         .map_or(String::new(), |f| f.to_string_lossy().into_owned());
-    let plan = Plan {
+    Ok(Plan {
         run_id: fp[..12].to_string(),
         fingerprint: fp,
         tool_version: crate::VERSION.to_string(),
@@ -661,9 +650,15 @@ pub fn prepare<'m>(
             .map(|(k, d)| (k.clone(), rows_hash(d)))
             .collect(),
         direction_seeds: seeds,
-    };
-    // Every edit must be valid before anything is written: a zero-norm projection direction
-    // or an add that overflows would otherwise surface only when its group runs.
+    })
+}
+
+/// Every edit of the plan checked before anything is written: a zero-norm projection
+/// direction or an add that overflows would otherwise surface only when its group runs.
+///
+/// # Errors
+/// The first condition whose edit cannot be applied, naming it, its intervention and layer.
+fn check_edits(plan: &Plan, dirs: &BTreeMap<String, Direction>) -> Result<()> {
     for cond in &plan.conditions {
         for (k, iv) in cond.interventions.iter().enumerate() {
             let d = &dirs[&iv.direction];
@@ -699,6 +694,22 @@ pub fn prepare<'m>(
             }
         }
     }
+    Ok(())
+}
+
+/// Writes a fresh run's directions (`prepared.safetensors`) and then `plan.json`, whose
+/// presence means the preparation is complete.
+///
+/// # Errors
+/// I/O errors, naming the file.
+fn write_prepared(
+    dir: &Path,
+    plan: &Plan,
+    dirs: &BTreeMap<String, Direction>,
+    model: &Model,
+) -> Result<()> {
+    let plan_path = dir.join("plan.json");
+    let dirs_path = dir.join("prepared.safetensors");
     std::fs::create_dir_all(dir.join("groups")).map_err(|e| Error::io(dir, e))?;
     let mut meta = BTreeMap::new();
     meta.insert("kind".into(), "experiment".into());
@@ -709,19 +720,10 @@ pub fn prepare<'m>(
         let f = DirectionFile::new(dirs.values().cloned().collect(), meta)?;
         write_atomic(&dirs_path, &f.to_bytes()).map_err(|e| Error::io(&dirs_path, e))?;
     }
-    let json =
-        serde_json::to_vec_pretty(&plan).map_err(|e| Error::Invalid(format!("plan: {e}")))?;
+    let json = serde_json::to_vec_pretty(plan).map_err(|e| Error::Invalid(format!("plan: {e}")))?;
     // plan.json last: its presence means the preparation is complete.
     write_atomic(&plan_path, &json).map_err(|e| Error::io(&plan_path, e))?;
-    note(format!("prepared in {:.1}s", t0.elapsed().as_secs_f64()));
-    Ok(Ready {
-        plan,
-        model,
-        tmpl,
-        prompts: rendered,
-        instructions: sets,
-        directions: dirs,
-    })
+    Ok(())
 }
 
 /// An add whose vector at layer `l` overflows f32.

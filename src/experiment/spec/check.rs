@@ -1,0 +1,307 @@
+//! What a spec can be checked for without a model: names refer to defined prompt sets and
+//! directions, ids are unique, sweeps are non-empty and bounded, values are finite. Each
+//! error names its field, prefixed with where the spec came from.
+
+use std::collections::BTreeSet;
+
+use super::{bad_file_name, err, DirectionSpec, Metric, Spec, BUILTIN_VARS, MAX_CONDITIONS};
+use crate::error::Result;
+
+/// `origin: field`, the prefix of every check's error.
+fn at(origin: &str, field: &str) -> String {
+    format!("{origin}: {field}")
+}
+
+impl Spec {
+    /// Every check, in the order a reader meets the sections of a spec file.
+    pub(super) fn check(&self, origin: &str) -> Result<()> {
+        self.check_top(origin)?;
+        self.check_directions(origin)?;
+        self.check_steer(origin)?;
+        self.check_judge(origin)?;
+        self.check_experiments(origin)
+    }
+
+    /// The name, group size, generation length and prompt sets.
+    fn check_top(&self, origin: &str) -> Result<()> {
+        if let Some(why) = bad_file_name(&self.name) {
+            return Err(err(
+                &at(origin, "name"),
+                format!(
+                    "'{}' {why} (it names the default run directory runs/<model>/<name>)",
+                    crate::text::shown(&self.name)
+                ),
+            ));
+        }
+        if self.group_size == 0 {
+            return Err(err(&at(origin, "group_size"), "must be at least 1"));
+        }
+        if self.generation.max_new_tokens == 0 && self.metric == Metric::Generate {
+            return Err(err(
+                &at(origin, "generation.max_new_tokens"),
+                "must be at least 1 (or use metric = \"score\")",
+            ));
+        }
+        if self.prompts.is_empty() {
+            return Err(err(&at(origin, "prompts"), "no prompt sets defined"));
+        }
+        for name in self.directions.keys() {
+            if let Some(why) = bad_file_name(name) {
+                return Err(err(
+                    &at(origin, &format!("directions.{}", crate::text::shown(name))),
+                    format!("the name {why} (it names plot files)"),
+                ));
+            }
+        }
+        for (k, p) in &self.prompts {
+            if let Some([a, b]) = p.range {
+                if b <= a {
+                    return Err(err(
+                        &at(origin, &format!("prompts.{k}.range")),
+                        format!("[{a}, {b}) is empty"),
+                    ));
+                }
+            }
+            if p.n == Some(0) {
+                return Err(err(
+                    &at(origin, &format!("prompts.{k}.n")),
+                    "must be at least 1",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Each direction's prompt sets and `like`; at most one defines `{refusal_layer}`.
+    fn check_directions(&self, origin: &str) -> Result<()> {
+        let mut refusal_defined = false;
+        for (k, d) in &self.directions {
+            let f = format!("directions.{k}");
+            match d {
+                DirectionSpec::Refusal {
+                    harmful,
+                    harmless,
+                    select,
+                    layer,
+                } => {
+                    self.need_set(origin, &format!("{f}.harmful"), harmful)?;
+                    self.need_set(origin, &format!("{f}.harmless"), harmless)?;
+                    if let Some(s) = select {
+                        self.need_set(origin, &format!("{f}.select.harmful"), &s.harmful)?;
+                        self.need_set(origin, &format!("{f}.select.harmless"), &s.harmless)?;
+                        if layer.is_some() {
+                            return Err(err(&at(origin, &f), "give select or layer, not both"));
+                        }
+                    }
+                    if select.is_some() || layer.is_some() {
+                        if refusal_defined {
+                            return Err(err(
+                                &at(origin, &f),
+                                "only one refusal direction may define {refusal_layer}",
+                            ));
+                        }
+                        refusal_defined = true;
+                    }
+                }
+                DirectionSpec::Persona { questions, .. } => {
+                    self.need_set(origin, &format!("{f}.questions"), questions)?
+                }
+                DirectionSpec::Random { like, .. } => {
+                    if let Some(l) = like {
+                        self.need_direction(origin, &format!("{f}.like"), l)?;
+                        if matches!(self.directions.get(l), Some(DirectionSpec::Random { .. })) {
+                            return Err(err(
+                                &at(origin, &format!("{f}.like")),
+                                "cannot be another random direction",
+                            ));
+                        }
+                    }
+                }
+                DirectionSpec::File { refusal_layer, .. } => {
+                    if refusal_layer.is_some() {
+                        if refusal_defined {
+                            return Err(err(
+                                &at(origin, &f),
+                                "only one direction may define {refusal_layer}",
+                            ));
+                        }
+                        refusal_defined = true;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The steering calibration's direction, prompts, coefficients and target.
+    fn check_steer(&self, origin: &str) -> Result<()> {
+        if let Some(s) = &self.steer {
+            self.need_direction(origin, "steer.direction", &s.direction)?;
+            self.need_set(origin, "steer.prompts", &s.prompts)?;
+            if s.coefficients.is_empty() || s.coefficients.iter().any(|c| !c.is_finite()) {
+                return Err(err(
+                    &at(origin, "steer.coefficients"),
+                    "need at least one finite value",
+                ));
+            }
+            if !s.target.is_finite() {
+                return Err(err(&at(origin, "steer.target"), "must be finite"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The judge kinds.
+    fn check_judge(&self, origin: &str) -> Result<()> {
+        if let Some(j) = &self.judge {
+            if j.kinds.is_empty() {
+                return Err(err(
+                    &at(origin, "judge.kinds"),
+                    "list at least one of strongreject, llamaguard",
+                ));
+            }
+            for k in &j.kinds {
+                k.parse::<crate::judge::JudgeKind>()
+                    .map_err(|e| err(&at(origin, "judge.kinds"), e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Experiment ids, sweeps (bounded in size, finite values), interventions and plots.
+    fn check_experiments(&self, origin: &str) -> Result<()> {
+        if self.experiment.is_empty() {
+            return Err(err(&at(origin, "experiment"), "no experiments defined"));
+        }
+        let mut ids = BTreeSet::new();
+        let mut total = 0usize;
+        for e in &self.experiment {
+            let f = format!("experiment {}", e.id);
+            // A sweep's grid is the product of its value lists: a typo can make it huge.
+            let n = e
+                .sweep
+                .values()
+                .fold(1usize, |a, v| a.saturating_mul(v.len()));
+            total = total.saturating_add(n);
+            if total > MAX_CONDITIONS {
+                return Err(err(&at(origin, &format!("{f}: sweep")), format!("the grid reaches more than {MAX_CONDITIONS} conditions; split it into several specs")));
+            }
+            if let Some(why) = bad_file_name(&e.id) {
+                return Err(err(
+                    &at(origin, "experiment.id"),
+                    format!(
+                        "'{}' {why} (it names plots/<id>.svg)",
+                        crate::text::shown(&e.id)
+                    ),
+                ));
+            }
+            if !ids.insert(e.id.clone()) {
+                return Err(err(
+                    &at(origin, "experiment.id"),
+                    format!("duplicate id '{}'", e.id),
+                ));
+            }
+            self.need_set(origin, &format!("{f}: prompts"), &e.prompts)?;
+            for (k, v) in &e.sweep {
+                if v.is_empty() {
+                    return Err(err(
+                        &at(origin, &format!("{f}: sweep.{k}")),
+                        "has no values",
+                    ));
+                }
+                if BUILTIN_VARS.contains(&k.as_str()) {
+                    return Err(err(
+                        &at(origin, &format!("{f}: sweep.{k}")),
+                        "is a built-in variable name",
+                    ));
+                }
+                for x in v {
+                    match x {
+                        toml::Value::Float(f) if !f.is_finite() => {
+                            return Err(err(
+                                &at(origin, &format!("{f}: sweep.{k}")),
+                                format!("{x} is not finite"),
+                            ))
+                        }
+                        toml::Value::Integer(_)
+                        | toml::Value::Float(_)
+                        | toml::Value::String(_) => {}
+                        _ => {
+                            return Err(err(
+                                &at(origin, &format!("{f}: sweep.{k}")),
+                                format!("{x} is not a number or string"),
+                            ))
+                        }
+                    }
+                }
+            }
+            for (i, t) in e.intervention.iter().enumerate() {
+                if !t.is_table() {
+                    return Err(err(
+                        &at(origin, &format!("{f}: intervention {}", i + 1)),
+                        "must be a table",
+                    ));
+                }
+            }
+            if let Some(p) = &e.plot {
+                if !e.sweep.contains_key(&p.x) {
+                    return Err(err(
+                        &at(origin, &format!("{f}: plot.x")),
+                        format!("'{}' is not a sweep variable", p.x),
+                    ));
+                }
+                for s in &p.series {
+                    if !e.sweep.contains_key(s) {
+                        return Err(err(
+                            &at(origin, &format!("{f}: plot.series")),
+                            format!("'{s}' is not a sweep variable"),
+                        ));
+                    }
+                }
+                for r in p.band.iter().chain(&p.reference) {
+                    if !self.experiment.iter().any(|x| &x.id == r) {
+                        return Err(err(
+                            &at(origin, &format!("{f}: plot")),
+                            format!("no experiment '{r}'"),
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `name` is a defined prompt set, or an error at `field` listing the defined ones.
+    fn need_set(&self, origin: &str, field: &str, name: &str) -> Result<()> {
+        if self.prompts.contains_key(name) {
+            Ok(())
+        } else {
+            Err(err(
+                &at(origin, field),
+                format!(
+                    "no prompt set '{name}' (defined: {})",
+                    self.prompts.keys().cloned().collect::<Vec<_>>().join(", ")
+                ),
+            ))
+        }
+    }
+
+    /// `name` is a defined direction, or an error at `field` listing the defined ones.
+    fn need_direction(&self, origin: &str, field: &str, name: &str) -> Result<()> {
+        if self.directions.contains_key(name) {
+            Ok(())
+        } else {
+            Err(err(
+                &at(origin, field),
+                format!(
+                    "no direction '{name}' (defined: {})",
+                    self.directions
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ))
+        }
+    }
+}

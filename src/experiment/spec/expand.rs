@@ -1,0 +1,301 @@
+//! Expanding a spec's experiments into conditions: each sweep's combinations, templates
+//! (`{var}`) substituted from the sweep and the built-in values preparation resolved, and
+//! every intervention resolved to layers, coefficients and scopes.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::{err, value_text, Condition, Intervention, InterventionSpec, Source, Spec};
+use crate::error::{Error, Result};
+use crate::hooks::LayerSet;
+
+/// Values known when expanding the grid besides the sweep variables.
+#[derive(Debug, Clone, Default)]
+pub struct Builtins {
+    pub n_layer: usize,
+    pub steer_layer: Option<usize>,
+    pub steer_coef: Option<f64>,
+    pub refusal_layer: Option<usize>,
+}
+
+impl Builtins {
+    fn get(&self, k: &str) -> Option<toml::Value> {
+        let int = |v: usize| toml::Value::Integer(v as i64);
+        match k {
+            "n_layer" => Some(int(self.n_layer)),
+            "last_layer" => Some(int(self.n_layer.saturating_sub(1))),
+            "steer_layer" => self.steer_layer.map(int),
+            "steer_coef" => self.steer_coef.map(toml::Value::Float),
+            "refusal_layer" => self.refusal_layer.map(int),
+            _ => None,
+        }
+    }
+}
+
+impl Spec {
+    /// Expands every experiment's sweep into conditions, resolving templates with `b`.
+    /// `prompt_ids[set]` lists each set's prompt ids, to check scopes.
+    ///
+    /// # Errors
+    /// Unknown variables, bad fields, layers out of range, duplicate condition ids.
+    pub fn expand(
+        &self,
+        b: &Builtins,
+        prompt_ids: &BTreeMap<String, Vec<String>>,
+    ) -> Result<Vec<Condition>> {
+        self.expand_inner(b, prompt_ids)
+            .map_err(|e| self.located(e))
+    }
+
+    /// Prefixes an error with where the spec came from.
+    pub fn located(&self, e: Error) -> Error {
+        if self.origin.is_empty() {
+            e
+        } else {
+            Error::Invalid(format!("{}: {e}", self.origin))
+        }
+    }
+
+    fn expand_inner(
+        &self,
+        b: &Builtins,
+        prompt_ids: &BTreeMap<String, Vec<String>>,
+    ) -> Result<Vec<Condition>> {
+        let mut out: Vec<Condition> = Vec::new();
+        let mut seen = BTreeSet::new();
+        for e in &self.experiment {
+            let keys: Vec<&String> = e.sweep.keys().collect();
+            let mut idx = vec![0usize; keys.len()];
+            loop {
+                let vars: Vec<(String, toml::Value)> = keys
+                    .iter()
+                    .zip(&idx)
+                    .map(|(k, &i)| ((*k).clone(), e.sweep[*k][i].clone()))
+                    .collect();
+                let id = if vars.is_empty() {
+                    e.id.clone()
+                } else {
+                    format!(
+                        "{}[{}]",
+                        e.id,
+                        vars.iter()
+                            .map(|(k, v)| format!("{k}={}", value_text(v)))
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    )
+                };
+                if !seen.insert(id.clone()) {
+                    return Err(err(
+                        &id,
+                        "duplicate condition id (two sweep values print the same)",
+                    ));
+                }
+                let mut ivs = Vec::new();
+                for (i, t) in e.intervention.iter().enumerate() {
+                    let ctx = format!("{id}: intervention {}", i + 1);
+                    let t = substitute(t, &vars, b, &ctx)?;
+                    let iv: InterventionSpec = t
+                        .try_into()
+                        .map_err(|x: toml::de::Error| err(&ctx, x.message()))?;
+                    ivs.push(self.resolve(iv, b, &ctx, prompt_ids.get(&e.prompts))?);
+                }
+                out.push(Condition {
+                    id,
+                    experiment: e.id.clone(),
+                    prompts: e.prompts.clone(),
+                    vars,
+                    interventions: ivs,
+                });
+                // Odometer over the sweep, last key fastest.
+                let mut k = keys.len();
+                let mut wrapped = true;
+                while k > 0 {
+                    k -= 1;
+                    idx[k] += 1;
+                    if idx[k] < e.sweep[keys[k]].len() {
+                        wrapped = false;
+                        break;
+                    }
+                    idx[k] = 0;
+                }
+                if wrapped {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn resolve(
+        &self,
+        s: InterventionSpec,
+        b: &Builtins,
+        ctx: &str,
+        ids: Option<&Vec<String>>,
+    ) -> Result<Intervention> {
+        if !self.directions.contains_key(&s.direction) {
+            return Err(err(
+                &format!("{ctx}: direction"),
+                format!(
+                    "no direction '{}' (defined: {})",
+                    s.direction,
+                    self.directions
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
+        }
+        let nl = b.n_layer;
+        let layers = LayerSet::from_toml(&s.layers, nl)
+            .map_err(|e| err(&format!("{ctx}: layers"), e))?
+            .into_vec();
+        if layers.is_empty() {
+            return Err(err(&format!("{ctx}: layers"), "empty"));
+        }
+        let coefficient = match &s.coefficient {
+            toml::Value::Integer(i) => *i as f64,
+            toml::Value::Float(f) => *f,
+            toml::Value::String(t) => t.trim().parse::<f64>().map_err(|_| {
+                err(
+                    &format!("{ctx}: coefficient"),
+                    format!("'{t}' is not a number"),
+                )
+            })?,
+            other => {
+                return Err(err(
+                    &format!("{ctx}: coefficient"),
+                    format!("{other} is not a number"),
+                ))
+            }
+        };
+        if !coefficient.is_finite() {
+            return Err(err(
+                &format!("{ctx}: coefficient"),
+                format!("{coefficient} is not finite"),
+            ));
+        }
+        let source = match &s.source {
+            None => Source::Own,
+            Some(toml::Value::String(t)) if t == "own" => Source::Own,
+            Some(toml::Value::String(t)) if t == "steer" => match b.steer_layer {
+                Some(l) => Source::Layer(l),
+                None => {
+                    return Err(err(
+                        &format!("{ctx}: source"),
+                        "\"steer\" needs a [steer] table",
+                    ))
+                }
+            },
+            Some(v) => {
+                let l = match v {
+                    toml::Value::Integer(i) => Some(*i),
+                    toml::Value::String(t) => t.trim().parse::<i64>().ok(),
+                    _ => None,
+                };
+                match l {
+                    Some(l) if l >= 0 && (l as usize) < nl => Source::Layer(l as usize),
+                    Some(l) => {
+                        return Err(err(
+                            &format!("{ctx}: source"),
+                            format!("layer {l} out of range ({nl} layers)"),
+                        ))
+                    }
+                    None => {
+                        return Err(err(
+                            &format!("{ctx}: source"),
+                            format!("{v} is neither \"own\" nor a layer number"),
+                        ))
+                    }
+                }
+            }
+        };
+        if let (Some(sc), Some(ids)) = (&s.scope, ids) {
+            if sc.is_empty() {
+                return Err(err(
+                    &format!("{ctx}: scope"),
+                    "empty list (omit it for all prompts)",
+                ));
+            }
+            for p in sc {
+                if !ids.contains(p) {
+                    return Err(err(
+                        &format!("{ctx}: scope"),
+                        format!("no prompt '{p}' in the condition's prompt set"),
+                    ));
+                }
+            }
+        }
+        Ok(Intervention {
+            direction: s.direction,
+            op: s.op,
+            layers,
+            coefficient,
+            scale: s.scale,
+            source,
+            scope: s.scope,
+        })
+    }
+}
+
+/// Replaces `{var}` in every string of a template: a string that is exactly `{var}` takes the
+/// variable's value and type, otherwise the text is spliced in.
+pub(super) fn substitute(
+    t: &toml::Value,
+    vars: &[(String, toml::Value)],
+    b: &Builtins,
+    ctx: &str,
+) -> Result<toml::Value> {
+    let lookup = |k: &str| -> Result<toml::Value> {
+        if let Some((_, v)) = vars.iter().find(|(n, _)| n == k) {
+            return Ok(v.clone());
+        }
+        b.get(k).ok_or_else(|| {
+            let known: Vec<&str> = vars.iter().map(|(n, _)| n.as_str()).collect();
+            let why = match k {
+                "steer_layer" | "steer_coef" => " (needs a [steer] table)",
+                "refusal_layer" => " (needs a refusal direction with select or layer)",
+                _ => "",
+            };
+            err(
+                ctx,
+                format!(
+                    "unknown variable {{{k}}}{why}; known: {} n_layer last_layer steer_layer steer_coef refusal_layer",
+                    known.join(" ")
+                ),
+            )
+        })
+    };
+    Ok(match t {
+        toml::Value::String(s) => {
+            if let Some(k) = s.strip_prefix('{').and_then(|r| r.strip_suffix('}')) {
+                if !k.contains(['{', '}']) {
+                    return lookup(k);
+                }
+            }
+            let mut out = String::new();
+            let mut rest = s.as_str();
+            while let Some(i) = rest.find('{') {
+                out.push_str(&rest[..i]);
+                let Some(j) = rest[i..].find('}') else {
+                    return Err(err(ctx, format!("unclosed '{{' in '{s}'")));
+                };
+                out.push_str(&value_text(&lookup(&rest[i + 1..i + j])?));
+                rest = &rest[i + j + 1..];
+            }
+            out.push_str(rest);
+            toml::Value::String(out)
+        }
+        toml::Value::Array(a) => toml::Value::Array(
+            a.iter()
+                .map(|x| substitute(x, vars, b, ctx))
+                .collect::<Result<_>>()?,
+        ),
+        toml::Value::Table(m) => toml::Value::Table(
+            m.iter()
+                .map(|(k, x)| Ok((k.clone(), substitute(x, vars, b, ctx)?)))
+                .collect::<Result<_>>()?,
+        ),
+        other => other.clone(),
+    })
+}
