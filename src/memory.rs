@@ -15,6 +15,13 @@ use crate::error::{Error, Result};
 use crate::gguf::Gguf;
 
 const MIB: u64 = 1 << 20;
+
+/// The fewest spare KV streams that hold decoded shared prefixes until every member has
+/// copied them. A session takes up to one per slot when memory allows (see
+/// [`Footprint::prefix_streams`]): prompts of that many clusters are then
+/// admitted side by side, sorted by length, so equal lengths share wide prefill calls.
+pub const CACHE_STREAMS: u32 = 2;
+
 /// Our own allocations and the runtime: prompts, kept logits, threads' stacks.
 const OVERHEAD: u64 = 64 * MIB;
 
@@ -48,7 +55,7 @@ impl Footprint {
 
     /// KV-cache bytes for `parallel` sequences plus the engine's fewest prefix streams.
     pub fn kv(&self, ctx: u32, parallel: u32) -> u64 {
-        self.kv_streams(ctx, parallel + crate::engine::CACHE_STREAMS)
+        self.kv_streams(ctx, parallel + CACHE_STREAMS)
     }
 
     /// KV-cache bytes for `streams` streams of `ctx` cells (llama.cpp rounds each up to a
@@ -60,7 +67,7 @@ impl Footprint {
     /// Bytes for a context of `parallel` sequences of `ctx` cells, `batch` tokens per decode,
     /// with the engine's fewest shared-prefix streams.
     pub fn need(&self, ctx: u32, batch: u32, parallel: u32) -> u64 {
-        self.need_with(ctx, batch, parallel, crate::engine::CACHE_STREAMS)
+        self.need_with(ctx, batch, parallel, CACHE_STREAMS)
     }
 
     /// As [`Footprint::need`] with `prefix` shared-prefix streams.
@@ -82,7 +89,7 @@ impl Footprint {
         parallel: u32,
         want: u32,
     ) -> u32 {
-        let min = crate::engine::CACHE_STREAMS;
+        let min = CACHE_STREAMS;
         (min..=want.max(min))
             .rev()
             .find(|&n| self.need_with(ctx, batch, parallel, n) <= budget.bytes)
@@ -209,7 +216,7 @@ pub fn fit(
                 "--parallel {parallel} needs about {} (KV cache {} for {parallel} + {} x {ctx} cells) but {} allows {}; running {p} sequences at a time (results are the same, only slower)",
                 gib(need),
                 gib(fp.kv(ctx, parallel)),
-                crate::engine::CACHE_STREAMS,
+                CACHE_STREAMS,
                 budget.source,
                 gib(budget.bytes)
             )),
@@ -217,7 +224,7 @@ pub fn fit(
         None => Err(Error::Invalid(format!(
             "not enough memory: the model ({}) plus a KV cache for one sequence of --ctx {ctx} and {} prefix streams ({}) and llama.cpp's buffers need about {}, but {} allows {}; lower --ctx or --batch, or use a smaller quantization",
             gib(fp.weights),
-            crate::engine::CACHE_STREAMS,
+            CACHE_STREAMS,
             gib(fp.kv(ctx, 1)),
             gib(fp.need(ctx, batch, 1)),
             budget.source,
@@ -258,10 +265,7 @@ mod tests {
         assert_eq!(f.prefix_streams(&b(five), 1024, 512, 16, 16), 5);
         assert_eq!(f.prefix_streams(&b(five - 1), 1024, 512, 16, 16), 4);
         // Never fewer than the engine's minimum (which `fit` already counted).
-        assert_eq!(
-            f.prefix_streams(&b(0), 1024, 512, 16, 16),
-            crate::engine::CACHE_STREAMS
-        );
+        assert_eq!(f.prefix_streams(&b(0), 1024, 512, 16, 16), CACHE_STREAMS);
     }
 
     #[test]

@@ -106,7 +106,7 @@ const LLAMA_MAX_LAYERS: u64 = 512;
 /// ggml's GGML_MAX_N_THREADS.
 const MAX_THREADS: i32 = 512;
 /// llama.cpp's LLAMA_MAX_SEQ, less the engine's shared-prefix streams.
-const MAX_PARALLEL: u32 = 256 - crate::engine::CACHE_STREAMS;
+const MAX_PARALLEL: u32 = 256 - crate::memory::CACHE_STREAMS;
 
 impl ModelOptions {
     /// Checks the values llama.cpp would otherwise meet with an assertion, a crash or a

@@ -108,11 +108,7 @@ impl Stats {
     }
 }
 
-/// The fewest spare KV streams that hold decoded shared prefixes until every member has
-/// copied them. A session takes up to one per slot when memory allows (see
-/// [`crate::memory::Footprint::prefix_streams`]): prompts of that many clusters are then
-/// admitted side by side, sorted by length, so equal lengths share wide prefill calls.
-pub const CACHE_STREAMS: u32 = 2;
+pub use crate::memory::CACHE_STREAMS;
 
 /// A decoding session over a model: one llama.cpp context, reused across calls.
 pub struct Session<'m> {
