@@ -44,6 +44,20 @@ pub fn shown(s: &str) -> String {
     out
 }
 
+/// A table as CSV bytes: the header, then each row (quoted where needed).
+pub fn csv_table<R: AsRef<[String]>>(
+    header: &[&str],
+    rows: impl IntoIterator<Item = R>,
+) -> Vec<u8> {
+    let mut w = csv::Writer::from_writer(Vec::new());
+    // Writing into a Vec cannot fail.
+    let _ = w.write_record(header);
+    for r in rows {
+        let _ = w.write_record(r.as_ref());
+    }
+    w.into_inner().unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -54,5 +68,11 @@ mod tests {
         assert_eq!(shown(&"x".repeat(100)).chars().count(), 61);
         assert_eq!(shown("état"), "état");
         assert_eq!(one_line("a\tb 'c'\n"), "a\\tb 'c'\\n");
+    }
+
+    #[test]
+    fn csv_tables_quote_what_needs_it() {
+        let rows = [vec!["1".to_string(), "a, b".to_string()]];
+        assert_eq!(csv_table(&["n", "s"], rows), b"n,s\n1,\"a, b\"\n");
     }
 }

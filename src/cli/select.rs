@@ -61,12 +61,15 @@ pub fn run(a: &SelectArgs, out: &mut dyn Write) -> anyhow::Result<()> {
         "--coefficient: {} is not a finite number",
         a.coefficient
     );
-    let harmful = super::render_set(
-        &model,
-        &tmpl,
-        &a.prompt,
-        &super::load_set(&a.harmful_val, &a.set, "harmful-val")?,
-    )?;
+    let set = |spec: &str, flag: &str| {
+        super::render_set(
+            &model,
+            &tmpl,
+            &a.prompt,
+            &super::load_set(spec, &a.set, flag)?,
+        )
+    };
+    let harmful = set(&a.harmful_val, "harmful-val")?;
     let (bytes, verdict) = if f.meta.get("kind").map(String::as_str) == Some("persona") {
         let d = f.get(None)?;
         let b = super::progress::bar(layers.len(), "layers");
@@ -82,12 +85,7 @@ pub fn run(a: &SelectArgs, out: &mut dyn Write) -> anyhow::Result<()> {
         b.finish_and_clear();
         (r.to_csv(), r.explain())
     } else {
-        let harmless = super::render_set(
-            &model,
-            &tmpl,
-            &a.prompt,
-            &super::load_set(&a.harmless_val, &a.set, "harmless-val")?,
-        )?;
+        let harmless = set(&a.harmless_val, "harmless-val")?;
         let b = super::progress::bar(f.directions.len() * layers.len() * 3, "candidates");
         let sel = select::select_refusal(
             &model,

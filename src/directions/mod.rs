@@ -385,17 +385,17 @@ impl LayerCosines {
 
     /// layer, a, b, cosine.
     pub fn to_csv(&self) -> Vec<u8> {
-        let mut w = csv::Writer::from_writer(Vec::new());
-        let _ = w.write_record(["layer", "a", "b", "cosine"]);
-        for (l, c) in self.cosines.iter().enumerate() {
-            let _ = w.write_record([
-                l.to_string(),
-                self.a.clone(),
-                self.b.clone(),
-                format!("{c:.6}"),
-            ]);
-        }
-        w.into_inner().unwrap_or_default()
+        crate::text::csv_table(
+            &["layer", "a", "b", "cosine"],
+            self.cosines.iter().enumerate().map(|(l, c)| {
+                vec![
+                    l.to_string(),
+                    self.a.clone(),
+                    self.b.clone(),
+                    format!("{c:.6}"),
+                ]
+            }),
+        )
     }
 
     /// A line plot of cosine against layer.

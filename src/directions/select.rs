@@ -20,6 +20,7 @@ use crate::ffi::Token;
 use crate::hooks::{Edit, HookSet, Scope};
 use crate::model::Model;
 use crate::stats::{kl, log_softmax, mean};
+use crate::text::csv_table;
 
 /// Words whose first token opens a refusal.
 pub const REFUSAL_OPENERS: &[&str] = &[
@@ -160,28 +161,28 @@ pub struct Selection {
 impl Selection {
     /// One row per candidate; `chosen` marks the winner.
     pub fn to_csv(&self) -> Vec<u8> {
-        let mut w = csv::Writer::from_writer(Vec::new());
-        let _ = w.write_record([
-            "direction",
-            "layer",
-            "bypass_score",
-            "induce_score",
-            "kl",
-            "discarded",
-            "chosen",
-        ]);
-        for (i, c) in self.candidates.iter().enumerate() {
-            let _ = w.write_record([
-                c.direction.clone(),
-                c.layer.to_string(),
-                format!("{:.6}", c.bypass),
-                format!("{:.6}", c.induce),
-                format!("{:.6}", c.kl),
-                c.discarded.clone().unwrap_or_default(),
-                (Some(i) == self.chosen).to_string(),
-            ]);
-        }
-        w.into_inner().unwrap_or_default()
+        csv_table(
+            &[
+                "direction",
+                "layer",
+                "bypass_score",
+                "induce_score",
+                "kl",
+                "discarded",
+                "chosen",
+            ],
+            self.candidates.iter().enumerate().map(|(i, c)| {
+                vec![
+                    c.direction.clone(),
+                    c.layer.to_string(),
+                    format!("{:.6}", c.bypass),
+                    format!("{:.6}", c.induce),
+                    format!("{:.6}", c.kl),
+                    c.discarded.clone().unwrap_or_default(),
+                    (Some(i) == self.chosen).to_string(),
+                ]
+            }),
+        )
     }
 
     /// Says which candidate was chosen and why, in one sentence.
@@ -348,22 +349,22 @@ pub struct PersonaRanking {
 impl PersonaRanking {
     /// One row per layer: layer, coefficient, mean score, difference from the baseline.
     pub fn to_csv(&self) -> Vec<u8> {
-        let mut w = csv::Writer::from_writer(Vec::new());
-        let _ = w.write_record([
-            "layer",
-            "coefficient",
-            "mean_refusal_score",
-            "delta_vs_baseline",
-        ]);
-        for (l, sc) in &self.ranked {
-            let _ = w.write_record([
-                l.to_string(),
-                self.coefficient.to_string(),
-                format!("{sc:.6}"),
-                format!("{:.6}", sc - self.baseline),
-            ]);
-        }
-        w.into_inner().unwrap_or_default()
+        csv_table(
+            &[
+                "layer",
+                "coefficient",
+                "mean_refusal_score",
+                "delta_vs_baseline",
+            ],
+            self.ranked.iter().map(|(l, sc)| {
+                vec![
+                    l.to_string(),
+                    self.coefficient.to_string(),
+                    format!("{sc:.6}"),
+                    format!("{:.6}", sc - self.baseline),
+                ]
+            }),
+        )
     }
 
     /// The one-line verdict: which layer lowers the score most.

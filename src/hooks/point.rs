@@ -369,36 +369,34 @@ mod tests {
 
     #[test]
     fn errors_name_the_bad_part() {
-        assert_eq!(e("8"), "layers '8': layer 8 out of range (8 layers, 0-7)");
-        assert_eq!(
-            e("3-9"),
-            "layers '3-9': layer 9 out of range (8 layers, 0-7)"
-        );
-        assert_eq!(e("-1"), "layers '-1': layer -1 is negative");
-        assert_eq!(e("-3-5"), "layers '-3-5': '-3-5' is not a layer number");
-        assert_eq!(e("5-3"), "layers '5-3': window 5-3 is empty");
-        assert_eq!(e("x"), "layers 'x': 'x' is not a layer number");
-        assert_eq!(e("3,x"), "layers '3,x': 'x' is not a layer number");
-        assert_eq!(e(""), "layers '': '' is not a layer number");
-        assert_eq!(e("3,"), "layers '3,': '' is not a layer number");
-        assert_eq!(e("3-"), "layers '3-': '' is not a layer number");
-        assert_eq!(
-            e("resid_pre.3"),
-            "layers 'resid_pre.3': 'resid_pre.3' is not a layer number"
-        );
-        assert_eq!(e("All"), "layers 'All': 'All' is not a layer number");
-        // Windows: reported as the range they stand for.
-        assert_eq!(
-            e("6+3"),
-            "layers '6-8': layer 8 out of range (8 layers, 0-7)"
-        );
-        assert_eq!(e("3+0"), "window '3+0' is empty");
-        assert_eq!(e("3+-2"), "window '3+-2' is empty");
-        assert_eq!(e("a+2"), "'a+2' is not a window S+W");
-        assert_eq!(e("3+"), "'3+' is not a window S+W");
-        // `all` and `S+W` stand alone, not inside a comma list.
-        assert_eq!(e("1,5+2"), "'1,5+2' is not a window S+W");
-        assert_eq!(e("1,all"), "layers '1,all': 'all' is not a layer number");
+        for (input, message) in [
+            ("8", "layers '8': layer 8 out of range (8 layers, 0-7)"),
+            ("3-9", "layers '3-9': layer 9 out of range (8 layers, 0-7)"),
+            ("-1", "layers '-1': layer -1 is negative"),
+            ("-3-5", "layers '-3-5': '-3-5' is not a layer number"),
+            ("5-3", "layers '5-3': window 5-3 is empty"),
+            ("x", "layers 'x': 'x' is not a layer number"),
+            ("3,x", "layers '3,x': 'x' is not a layer number"),
+            ("", "layers '': '' is not a layer number"),
+            ("3,", "layers '3,': '' is not a layer number"),
+            ("3-", "layers '3-': '' is not a layer number"),
+            (
+                "resid_pre.3",
+                "layers 'resid_pre.3': 'resid_pre.3' is not a layer number",
+            ),
+            ("All", "layers 'All': 'All' is not a layer number"),
+            ("6+3", "layers '6-8': layer 8 out of range (8 layers, 0-7)"),
+            ("3+0", "window '3+0' is empty"),
+            ("3+-2", "window '3+-2' is empty"),
+            ("a+2", "'a+2' is not a window S+W"),
+            ("3+", "'3+' is not a window S+W"),
+            ("1,5+2", "'1,5+2' is not a window S+W"),
+            ("1,all", "layers '1,all': 'all' is not a layer number"),
+        ] {
+            assert_eq!(e(input), message, "{input}");
+        }
+        // Windows are reported as the range they stand for; `all` and `S+W` stand alone,
+        // not inside a comma list (both among the cases above).
         // An absurd window does not overflow.
         assert!(e(&format!("1+{}", i64::MAX)).contains("out of range"));
     }
