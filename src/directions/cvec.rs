@@ -220,6 +220,35 @@ mod tests {
         }
     }
 
+    /// The bytes `export` writes are fixed: the SHA-256 below is of what the hand-written
+    /// exporter (before `gguf::Writer`) produced for these inputs, so a change to the writer
+    /// that changes a control vector's bytes is seen here.
+    #[test]
+    fn export_bytes_are_unchanged() {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        for (ne, arch, coefficient, layers) in [
+            (5usize, "llama", 2.0f32, &[1usize, 3][..]),
+            (8, "qwen2", -0.5, &[2]),
+            (3, "a-much-longer-architecture-name", 1.0, &[1, 2, 3]),
+        ] {
+            let d = Direction {
+                name: "x".into(),
+                rows: (0..4)
+                    .map(|l| (0..ne).map(|i| (l * 10 + i) as f32 * 0.25 - 1.0).collect())
+                    .collect(),
+            };
+            let b = export(&d, arch, coefficient, layers).unwrap();
+            h.update((b.len() as u64).to_le_bytes());
+            h.update(&b);
+        }
+        let hex: String = h.finalize().iter().map(|x| format!("{x:02x}")).collect();
+        assert_eq!(
+            hex,
+            "95c68624bbc9cd2da66450451f737b508efe9393d60efddf96a8110244405858"
+        );
+    }
+
     #[test]
     fn missing_layers_read_as_zero_rows() {
         let d = Direction {
