@@ -13,53 +13,12 @@
 
 mod common;
 
-use std::path::Path;
-
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{bin, fails, fails_watching, scratch, smol, snapshot};
+use common::{bin, fails, fails_watching, gguf, random_bytes, scratch, smol, snapshot};
 
 // ---- crafted files ------------------------------------------------------------------------
-
-fn push_str(b: &mut Vec<u8>, s: &str) {
-    b.extend((s.len() as u64).to_le_bytes());
-    b.extend(s.as_bytes());
-}
-
-/// A valid GGUF v3 with string metadata and 1-D F32 tensors (name, values).
-fn gguf(kv: &[(&str, &str)], tensors: &[(&str, Vec<f32>)]) -> Vec<u8> {
-    let mut b = b"GGUF".to_vec();
-    b.extend(3u32.to_le_bytes());
-    b.extend((tensors.len() as u64).to_le_bytes());
-    b.extend((kv.len() as u64).to_le_bytes());
-    for (k, v) in kv {
-        push_str(&mut b, k);
-        b.extend(8u32.to_le_bytes());
-        push_str(&mut b, v);
-    }
-    let mut off = 0u64;
-    for (name, v) in tensors {
-        push_str(&mut b, name);
-        b.extend(1u32.to_le_bytes());
-        b.extend((v.len() as u64).to_le_bytes());
-        b.extend(0u32.to_le_bytes());
-        b.extend(off.to_le_bytes());
-        off += ((v.len() * 4).div_ceil(32) * 32) as u64;
-    }
-    while !b.len().is_multiple_of(32) {
-        b.push(0);
-    }
-    for (_, v) in tensors {
-        for x in v {
-            b.extend(x.to_le_bytes());
-        }
-        while !b.len().is_multiple_of(32) {
-            b.push(0);
-        }
-    }
-    b
-}
 
 /// A safetensors direction file `[n_layer, n_embd]` named `name` with string metadata.
 fn safetensors(name: &str, n_layer: usize, n_embd: usize, meta: &[(&str, &str)]) -> Vec<u8> {
@@ -97,11 +56,6 @@ fn good_direction(d: &Path) -> &'static str {
     )
     .unwrap();
     "good.safetensors"
-}
-
-fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
-    let mut r = persona_gate::util::Rng::new(seed);
-    (0..n).map(|_| r.next_u64() as u8).collect()
 }
 
 // ---- model files --------------------------------------------------------------------------
