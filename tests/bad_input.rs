@@ -1065,7 +1065,10 @@ fn parallel_adapts_to_the_memory_budget() {
 fn a_cpu_without_the_build_s_instruction_set_is_refused_in_one_line() {
     let compiled = persona_gate::cpu::compiled();
     let Some(feature) = compiled.last() else {
-        eprintln!("SKIPPED: this build enables no target features to hide");
+        skipped(
+            "a_cpu_without_the_build_s_instruction_set_is_refused_in_one_line",
+            "this build enables no target features to hide",
+        );
         return;
     };
     let out = bin()
