@@ -298,7 +298,7 @@ impl Gguf {
         let align = match metadata.get("general.alignment").and_then(Value::as_u64) {
             Some(a) if a > 0 && a.is_power_of_two() => a,
             Some(a) => return Err(GgufError::Corrupt(format!("general.alignment = {a}"))),
-            None => 32,
+            None => DEFAULT_ALIGNMENT,
         };
         let data_start = rd.pos.div_ceil(align) * align;
         for t in &mut tensors {
@@ -345,44 +345,121 @@ impl Gguf {
     }
 }
 
+/// Where tensor data is aligned when a file has no `general.alignment` key (GGUF's default).
+pub const DEFAULT_ALIGNMENT: u64 = 32;
+
+/// The one GGUF writer: version 3, metadata of the types this crate writes (string, u32,
+/// i32) and 1-D F32 tensors, each kept in the order given. Tensor data starts at the next
+/// multiple of [`DEFAULT_ALIGNMENT`] after the tensor table and each tensor's data is padded
+/// to it, as llama.cpp's own writer does (no `general.alignment` key is written). A file
+/// without tensors has no data section and ends with its last key-value pair.
+///
+/// Control-vector export writes its files with it, and the tests craft their GGUF files with
+/// it; what [`Gguf::parse`] reads back from its bytes is what was put in.
+#[derive(Debug, Clone, Default)]
+pub struct Writer {
+    n_kv: u64,
+    kv: Vec<u8>,
+    /// Name, element count and little-endian F32 bytes of each tensor.
+    tensors: Vec<(String, u64, Vec<u8>)>,
+}
+
+fn put_str(b: &mut Vec<u8>, s: &str) {
+    b.extend((s.len() as u64).to_le_bytes());
+    b.extend(s.as_bytes());
+}
+
+fn pad(b: &mut Vec<u8>) {
+    while !(b.len() as u64).is_multiple_of(DEFAULT_ALIGNMENT) {
+        b.push(0);
+    }
+}
+
+impl Writer {
+    pub fn new() -> Writer {
+        Writer::default()
+    }
+
+    fn key(&mut self, key: &str, ty: u32) -> &mut Vec<u8> {
+        self.n_kv += 1;
+        put_str(&mut self.kv, key);
+        self.kv.extend(ty.to_le_bytes());
+        &mut self.kv
+    }
+
+    /// A string value (GGUF type 8).
+    pub fn str(&mut self, key: &str, value: &str) -> &mut Writer {
+        put_str(self.key(key, 8), value);
+        self
+    }
+
+    /// A u32 value (GGUF type 4).
+    pub fn u32(&mut self, key: &str, value: u32) -> &mut Writer {
+        self.key(key, 4).extend(value.to_le_bytes());
+        self
+    }
+
+    /// An i32 value (GGUF type 5).
+    pub fn i32(&mut self, key: &str, value: i32) -> &mut Writer {
+        self.key(key, 5).extend(value.to_le_bytes());
+        self
+    }
+
+    /// A 1-D F32 tensor holding `values`.
+    pub fn tensor_f32(&mut self, name: &str, values: impl IntoIterator<Item = f32>) -> &mut Writer {
+        let data: Vec<u8> = values.into_iter().flat_map(f32::to_le_bytes).collect();
+        self.tensors
+            .push((name.to_string(), data.len() as u64 / 4, data));
+        self
+    }
+
+    /// The file's bytes.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut b = b"GGUF".to_vec();
+        b.extend(3u32.to_le_bytes());
+        b.extend((self.tensors.len() as u64).to_le_bytes());
+        b.extend(self.n_kv.to_le_bytes());
+        b.extend(&self.kv);
+        let mut offset = 0u64;
+        for (name, n, data) in &self.tensors {
+            put_str(&mut b, name);
+            b.extend(1u32.to_le_bytes());
+            b.extend(n.to_le_bytes());
+            b.extend(0u32.to_le_bytes()); // GGML_TYPE_F32
+            b.extend(offset.to_le_bytes());
+            offset += (data.len() as u64).div_ceil(DEFAULT_ALIGNMENT) * DEFAULT_ALIGNMENT;
+        }
+        if !self.tensors.is_empty() {
+            pad(&mut b);
+        }
+        for (_, _, data) in &self.tensors {
+            b.extend(data);
+            pad(&mut b);
+        }
+        b
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::io::Cursor;
 
-    fn push_str(b: &mut Vec<u8>, s: &str) {
-        b.extend((s.len() as u64).to_le_bytes());
-        b.extend(s.as_bytes());
-    }
-
-    /// A minimal valid GGUF with one string key and one 4-element F32 tensor.
-    fn tiny(truncate_data: bool) -> Vec<u8> {
-        let mut b = b"GGUF".to_vec();
-        b.extend(3u32.to_le_bytes());
-        b.extend(1u64.to_le_bytes());
-        b.extend(1u64.to_le_bytes());
-        push_str(&mut b, "general.architecture");
-        b.extend(8u32.to_le_bytes());
-        push_str(&mut b, "llama");
-        push_str(&mut b, "direction.1");
-        b.extend(1u32.to_le_bytes());
-        b.extend(4u64.to_le_bytes());
-        b.extend(0u32.to_le_bytes());
-        b.extend(0u64.to_le_bytes());
-        while !b.len().is_multiple_of(32) {
-            b.push(0);
-        }
-        b.extend(if truncate_data {
-            vec![0u8; 8]
-        } else {
-            vec![0u8; 16]
-        });
-        b
+    /// A minimal valid GGUF with one string key and one 4-element F32 tensor (data padded
+    /// to 32 bytes at the end), and where its tensor data ends.
+    fn tiny() -> (Vec<u8>, usize) {
+        let b = Writer::new()
+            .str("general.architecture", "llama")
+            .tensor_f32("direction.1", [0.0; 4])
+            .to_bytes();
+        let g = Gguf::parse(Cursor::new(&b), b.len() as u64).unwrap();
+        let end = g.tensors[0].offset + g.tensors[0].n_bytes.unwrap();
+        (b, end as usize)
     }
 
     #[test]
     fn reads_a_tiny_file() {
-        let b = tiny(false);
+        let (b, _) = tiny();
         let g = Gguf::parse(Cursor::new(&b), b.len() as u64).unwrap();
         assert_eq!(g.arch(), Some("llama"));
         assert_eq!(g.tensors[0].n_bytes, Some(16));
@@ -390,15 +467,17 @@ mod tests {
 
     #[test]
     fn truncated_tensor_data_is_named() {
-        let b = tiny(true);
-        let e = Gguf::parse(Cursor::new(&b), b.len() as u64).unwrap_err();
+        let (b, end) = tiny();
+        let b = &b[..end - 8];
+        let e = Gguf::parse(Cursor::new(b), b.len() as u64).unwrap_err();
         assert!(e.to_string().contains("direction.1"), "{e}");
     }
 
     #[test]
     fn every_prefix_is_an_error_not_a_panic() {
-        let b = tiny(false);
-        for n in 0..b.len() {
+        // Every cut into the header or the tensor data (only trailing padding may go).
+        let (b, end) = tiny();
+        for n in 0..end {
             assert!(
                 Gguf::parse(Cursor::new(&b[..n]), n as u64).is_err(),
                 "prefix {n}"
@@ -410,19 +489,64 @@ mod tests {
     /// not UTF-8 was echoed raw into the error. Minimal equivalent of the artifact.
     #[test]
     fn fuzz_regression_key_of_a_non_utf8_value_is_escaped() {
-        let mut b = b"GGUF".to_vec();
-        b.extend(3u32.to_le_bytes());
-        b.extend(0u64.to_le_bytes());
-        b.extend(1u64.to_le_bytes());
-        push_str(&mut b, "gener\u{1}\r.finetune");
-        b.extend(8u32.to_le_bytes());
-        b.extend(2u64.to_le_bytes());
-        b.extend([0xdb, 0xff]);
+        let mut b = Writer::new().str("gener\u{1}\r.finetune", "xx").to_bytes();
+        // The value is the file's last two bytes: make them not UTF-8.
+        let n = b.len();
+        b[n - 2..].copy_from_slice(&[0xdb, 0xff]);
         let e = Gguf::parse(Cursor::new(&b), b.len() as u64)
             .unwrap_err()
             .to_string();
         assert!(e.contains("is not UTF-8"), "{e}");
         assert!(!e.contains(char::is_control), "{e:?}");
+    }
+
+    /// What the writer puts in, the reader reads back: every value type, tensors of sizes
+    /// that do and do not fill the alignment, each tensor's data where the table says.
+    #[test]
+    fn writer_and_reader_agree() {
+        let tensors: [(&str, Vec<f32>); 3] = [
+            ("a", vec![1.5, -2.0, f32::MAX]),
+            ("bb", (0..8).map(|i| i as f32 * 0.1).collect()),
+            ("c.d", vec![f32::MIN_POSITIVE]),
+        ];
+        let mut w = Writer::new();
+        w.str("general.architecture", "llama")
+            .u32("llama.block_count", 4_000_000_000)
+            .i32("x.signed", -7)
+            .str("x.empty", "");
+        for (name, v) in &tensors {
+            w.tensor_f32(name, v.iter().copied());
+        }
+        let b = w.to_bytes();
+        let g = Gguf::parse(Cursor::new(&b), b.len() as u64).unwrap();
+        assert_eq!(g.version, 3);
+        assert_eq!(g.file_size, b.len() as u64);
+        assert_eq!(g.metadata.len(), 4);
+        assert_eq!(g.arch(), Some("llama"));
+        assert_eq!(g.arch_u64("block_count"), Some(4_000_000_000));
+        assert_eq!(g.metadata["x.signed"], Value::I64(-7));
+        assert_eq!(g.get_str("x.empty"), Some(""));
+        assert_eq!(g.tensors.len(), tensors.len());
+        for (t, (name, v)) in g.tensors.iter().zip(&tensors) {
+            assert_eq!(t.name, *name);
+            assert_eq!(t.dims, [v.len() as u64]);
+            assert_eq!(t.ggml_type, 0);
+            assert_eq!(t.offset % DEFAULT_ALIGNMENT, 0, "{name}");
+            assert_eq!(t.n_bytes, Some(4 * v.len() as u64));
+            let at = t.offset as usize;
+            let back: Vec<f32> = b[at..at + 4 * v.len()]
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            assert_eq!(back, *v, "{name}");
+        }
+        assert_eq!(b.len() as u64 % DEFAULT_ALIGNMENT, 0);
+        // Without tensors the file ends with its last key-value pair.
+        let b = Writer::new().u32("k", 1).to_bytes();
+        assert_eq!(b.len(), 24 + 8 + 1 + 4 + 4);
+        let g = Gguf::parse(Cursor::new(&b), b.len() as u64).unwrap();
+        assert_eq!(g.get_u64("k"), Some(1));
+        assert!(g.tensors.is_empty());
     }
 
     #[test]

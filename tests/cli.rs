@@ -3,68 +3,8 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_persona-gate"))
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("pg-cli-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn files(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
-}
-
-/// Runs `args` in `dir`, asserts a clean one-line failure mentioning every `needles`.
-fn fails(dir: &Path, args: &[&str], needles: &[&str]) {
-    let before = files(dir);
-    let out = bin().current_dir(dir).args(args).output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "{args:?}: expected exit 1, got {:?}; stderr: {err}",
-        out.status
-    );
-    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "{args:?}: expected one line, got: {err}");
-    assert!(lines[0].starts_with("persona-gate: "), "{args:?}: {err}");
-    for n in needles {
-        assert!(lines[0].contains(n), "{args:?}: '{n}' not in: {err}");
-    }
-    for bad in ["panicked", "abort", "core dumped", "RUST_BACKTRACE"] {
-        assert!(!err.contains(bad), "{args:?}: {err}");
-    }
-    assert_eq!(files(dir), before, "{args:?}: files changed");
-}
-
-fn push_str(b: &mut Vec<u8>, s: &str) {
-    b.extend((s.len() as u64).to_le_bytes());
-    b.extend(s.as_bytes());
-}
-
-/// A well-formed GGUF header with one string key and no tensors.
-fn header_only(arch: &str) -> Vec<u8> {
-    let mut b = b"GGUF".to_vec();
-    b.extend(3u32.to_le_bytes());
-    b.extend(0u64.to_le_bytes());
-    b.extend(1u64.to_le_bytes());
-    push_str(&mut b, "general.architecture");
-    b.extend(8u32.to_le_bytes());
-    push_str(&mut b, arch);
-    b
-}
+// Every failure here is a refusal of ours (exit 1), checked by the shared harness.
+use common::{bin, fails_exit_1, gguf, random_bytes, scratch};
 
 #[test]
 fn bad_model_files() {
@@ -75,14 +15,11 @@ fn bad_model_files() {
         b"GGML\x03\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0",
     )
     .unwrap();
-    let mut r = common::max_abs_diff(&[0.0], &[0.0]).to_bits() as u64 | 0x1234_5678;
-    let random: Vec<u8> = (0..4096)
-        .map(|_| {
-            r = r.wrapping_mul(6364136223846793005).wrapping_add(1);
-            (r >> 33) as u8
-        })
-        .collect();
+    let random = random_bytes(4096, 0x1234_5678);
+    assert_ne!(&random[..4], b"GGUF");
     std::fs::write(d.join("random.gguf"), random).unwrap();
+    // Well-formed headers with one string key and no tensors.
+    let header_only = |arch: &str| gguf(&[("general.architecture", arch)], &[]);
     std::fs::write(d.join("foo-arch.gguf"), header_only("fooarch")).unwrap();
     std::fs::write(d.join("no-tensors.gguf"), header_only("llama")).unwrap();
     std::fs::create_dir(d.join("dir.gguf")).unwrap();
@@ -90,40 +27,40 @@ fn bad_model_files() {
     std::fs::write(d.join("truncated.gguf"), &smol[..smol.len() / 2]).unwrap();
     std::fs::write(d.join("header-cut.gguf"), &smol[..1000]).unwrap();
     for cmd in ["info", "demo", "bench", "generate"] {
-        fails(
+        fails_exit_1(
             &d,
             &[cmd, "-m", "missing.gguf"],
             &["missing.gguf", "no such file"],
         );
     }
-    fails(&d, &["info", "-m", "empty.gguf"], &["empty.gguf", "empty"]);
-    fails(
+    fails_exit_1(&d, &["info", "-m", "empty.gguf"], &["empty.gguf", "empty"]);
+    fails_exit_1(
         &d,
         &["info", "-m", "magic.gguf"],
         &["magic.gguf", "not a GGUF"],
     );
-    fails(
+    fails_exit_1(
         &d,
         &["info", "-m", "random.gguf"],
         &["random.gguf", "not a GGUF"],
     );
-    fails(&d, &["info", "-m", "dir.gguf"], &["dir.gguf", "directory"]);
-    fails(
+    fails_exit_1(&d, &["info", "-m", "dir.gguf"], &["dir.gguf", "directory"]);
+    fails_exit_1(
         &d,
         &["info", "-m", "truncated.gguf"],
         &["truncated.gguf", "truncated"],
     );
-    fails(
+    fails_exit_1(
         &d,
         &["info", "-m", "header-cut.gguf"],
         &["header-cut.gguf", "truncated"],
     );
-    fails(
+    fails_exit_1(
         &d,
         &["info", "-m", "foo-arch.gguf"],
         &["foo-arch.gguf", "unknown model architecture"],
     );
-    fails(
+    fails_exit_1(
         &d,
         &["info", "-m", "no-tensors.gguf"],
         &["no-tensors.gguf", "could not load"],
@@ -136,43 +73,43 @@ fn bad_flags_with_a_real_model() {
     let d = scratch("flags");
     let m = common::model_path(common::SMOL);
     let m = m.to_str().unwrap();
-    fails(
+    fails_exit_1(
         &d,
         &["demo", "-m", m, "--layers", "30"],
         &["--layers", "out of range (30 layers"],
     );
-    fails(
+    fails_exit_1(
         &d,
         &["demo", "-m", m, "--layers", "-1"],
         &["--layers", "negative"],
     );
-    fails(
+    fails_exit_1(
         &d,
         &["demo", "-m", m, "--layers", "9-3"],
         &["--layers", "empty"],
     );
-    fails(
+    fails_exit_1(
         &d,
         &["demo", "-m", m, "--coefficients", "NaN"],
         &["--coefficients", "NaN"],
     );
-    fails(
+    fails_exit_1(
         &d,
         &["demo", "-m", m, "--coefficients", "inf"],
         &["--coefficients", "inf"],
     );
-    fails(
+    fails_exit_1(
         &d,
         &["info", "-m", m, "--chat-template", "nope.jinja"],
         &["--chat-template", "nope.jinja"],
     );
     std::fs::write(d.join("bad.jinja"), "{% for %}").unwrap();
-    fails(
+    fails_exit_1(
         &d,
         &["info", "-m", m, "--chat-template", "bad.jinja"],
         &["chat template"],
     );
-    fails(
+    fails_exit_1(
         &d,
         &[
             "generate",
@@ -239,7 +176,7 @@ fn direction_files_for_another_model_are_refused() {
         .unwrap()
         .save(&d.join("n3.safetensors"))
         .unwrap();
-    fails(
+    fails_exit_1(
         &d,
         &["select", "-m", m, "-d", "n3.safetensors"],
         &["n3.safetensors", "n_embd 3", "576"],
@@ -253,7 +190,7 @@ fn direction_files_for_another_model_are_refused() {
         .unwrap()
         .save(&d.join("qwen.safetensors"))
         .unwrap();
-    fails(
+    fails_exit_1(
         &d,
         &["select", "-m", m, "-d", "qwen.safetensors"],
         &["qwen.safetensors", "'qwen2'", "'llama'"],
@@ -263,12 +200,12 @@ fn direction_files_for_another_model_are_refused() {
         b"\xff\xff\xff\xff\xff\xff\xff\x7f{}",
     )
     .unwrap();
-    fails(
+    fails_exit_1(
         &d,
         &["inspect", "bad.safetensors"],
         &["bad.safetensors", "corrupt safetensors header"],
     );
-    fails(
+    fails_exit_1(
         &d,
         &[
             "export-cvec",

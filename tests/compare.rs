@@ -3,8 +3,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
+
+use common::{bin, scratch};
 
 const SPEC: &str = r#"
 name = "cmp"
@@ -59,10 +61,6 @@ intervention = [
 plot = { x = "layer", reference = ["E0"] }
 "#;
 
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_persona-gate"))
-}
-
 fn ok(c: &mut Command) -> String {
     let o = c.output().unwrap();
     let (so, se) = (
@@ -90,9 +88,7 @@ fn cosines(dir: &Path) -> Vec<(String, String, usize, f64)> {
 
 #[test]
 fn quantize_then_compare_against_the_f16_reference() {
-    let root: PathBuf = std::env::temp_dir().join(format!("pg-cmp-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&root);
-    std::fs::create_dir_all(&root).unwrap();
+    let root = scratch("cmp");
     let q = root.join("q");
     let src = common::model_path(common::SMOL);
     let so = ok(bin()

@@ -30,12 +30,6 @@ fn refusal(m: &Model) -> DirectionFile {
     .unwrap()
 }
 
-fn scratch(name: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("pg-dir-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
 fn deterministic_and_batch_invariant(file: &str) {
     let m = load(file, 16);
     let a = refusal(&m).to_bytes();

@@ -4,9 +4,11 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
+
+use common::{bin, scratch};
 
 const SPEC: &str = r#"
 name = "mini"
@@ -96,15 +98,8 @@ intervention = [ { direction = "refusal", op = "add", layers = "{refusal_layer}"
 /// 8 conditions x 4 prompts + 1 x 2 = 34 pairs in groups of 3.
 const GROUPS: usize = 12;
 
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("pg-exp-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
 fn cmd(spec: &Path, out: &Path, extra: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_persona-gate"));
+    let mut c = bin();
     c.args(["reproduce", "-t", "2", "--ctx", "256", "-m"])
         .arg(common::model_path(common::SMOL))
         .arg("--spec")
@@ -257,7 +252,7 @@ fn reproduce_is_deterministic_resumable_and_shardable() {
     assert!(so.contains("shard 1/2 ran 6 groups"), "{so}");
     assert!(!s1.join("completions.csv").exists());
     ok(cmd(&spec, &s2, &["--shard", "2/2"]).output().unwrap());
-    let mut mc = Command::new(env!("CARGO_BIN_EXE_persona-gate"));
+    let mut mc = bin();
     let so = ok(mc
         .arg("merge")
         .arg("-o")
@@ -269,7 +264,7 @@ fn reproduce_is_deterministic_resumable_and_shardable() {
     assert!(so.contains(&format!("merged {GROUPS} groups")), "{so}");
     same_results(&a, &m);
     // Merging one shard alone is refused: groups are missing.
-    let o = Command::new(env!("CARGO_BIN_EXE_persona-gate"))
+    let o = bin()
         .arg("merge")
         .arg("-o")
         .arg(root.join("m2"))

@@ -425,24 +425,14 @@ fn hostile_chat_templates_fail_in_one_line_naming_their_origin() {
 
 // ---- 4. flags and files that would reach llama.cpp's assertions ---------------------------
 
+/// A GGUF header: `general.architecture` and u32 keys, no tensors.
 fn gguf_u32(arch: &str, kv: &[(&str, u32)]) -> Vec<u8> {
-    let mut b = b"GGUF".to_vec();
-    b.extend(3u32.to_le_bytes());
-    b.extend(0u64.to_le_bytes());
-    b.extend((kv.len() as u64 + 1).to_le_bytes());
-    let s = |b: &mut Vec<u8>, t: &str| {
-        b.extend((t.len() as u64).to_le_bytes());
-        b.extend(t.as_bytes());
-    };
-    s(&mut b, "general.architecture");
-    b.extend(8u32.to_le_bytes());
-    s(&mut b, arch);
+    let mut w = persona_gate::gguf::Writer::new();
+    w.str("general.architecture", arch);
     for (k, v) in kv {
-        s(&mut b, k);
-        b.extend(4u32.to_le_bytes());
-        b.extend(v.to_le_bytes());
+        w.u32(k, *v);
     }
-    b
+    w.to_bytes()
 }
 
 #[test]

@@ -4,19 +4,14 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use persona_gate::experiment::judged::{self, SKIPPED_SCORE, SUMMARY_HEADER};
 use persona_gate::experiment::{self, plan::RunOptions, spec::Spec};
 use persona_gate::judge::{self, JudgeKind};
 use persona_gate::model::{Model, ModelOptions};
 
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("pg-judge-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
+use common::scratch;
 
 fn smol(ctx: u32) -> Model {
     let opts = ModelOptions {

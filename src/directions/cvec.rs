@@ -7,26 +7,13 @@ use std::collections::BTreeMap;
 use std::io::Cursor;
 
 use super::{Direction, DirectionFile};
-use crate::gguf::Gguf;
+use crate::gguf::{Gguf, Writer};
 use crate::text::shown;
-
-const ALIGN: usize = 32;
 
 /// Bounds on an imported control vector, far above any model (the largest have ~130 layers
 /// and n_embd ~16k), so a corrupt layer index cannot make us allocate gigabytes of zero rows.
 const MAX_LAYERS: usize = 4096;
 const MAX_ELEMENTS: usize = 1 << 26;
-
-fn put_str(b: &mut Vec<u8>, s: &str) {
-    b.extend((s.len() as u64).to_le_bytes());
-    b.extend(s.as_bytes());
-}
-
-fn pad(b: &mut Vec<u8>) {
-    while !b.len().is_multiple_of(ALIGN) {
-        b.push(0);
-    }
-}
 
 /// The control vector α·d[l] for `layers` (each ≥ 1), as GGUF bytes; other layers are left
 /// out (llama.cpp treats them as zero).
@@ -69,36 +56,17 @@ pub fn export(
             ));
         }
     }
-    let ne = d.n_embd();
-    let mut b = b"GGUF".to_vec();
-    b.extend(3u32.to_le_bytes());
-    b.extend((layers.len() as u64).to_le_bytes());
-    b.extend(3u64.to_le_bytes());
-    put_str(&mut b, "general.architecture");
-    b.extend(8u32.to_le_bytes());
-    put_str(&mut b, "controlvector");
-    put_str(&mut b, "controlvector.model_hint");
-    b.extend(8u32.to_le_bytes());
-    put_str(&mut b, arch);
-    put_str(&mut b, "controlvector.layer_count");
-    b.extend(5u32.to_le_bytes());
-    b.extend((layers.len() as i32).to_le_bytes());
-    let tensor_bytes = (ne * 4).div_ceil(ALIGN) * ALIGN;
-    for (i, &l) in layers.iter().enumerate() {
-        put_str(&mut b, &format!("direction.{l}"));
-        b.extend(1u32.to_le_bytes());
-        b.extend((ne as u64).to_le_bytes());
-        b.extend(0u32.to_le_bytes()); // GGML_TYPE_F32
-        b.extend(((i * tensor_bytes) as u64).to_le_bytes());
-    }
-    pad(&mut b);
+    let mut w = Writer::new();
+    w.str("general.architecture", "controlvector")
+        .str("controlvector.model_hint", arch)
+        .i32("controlvector.layer_count", layers.len() as i32);
     for &l in layers {
-        for &x in &d.rows[l] {
-            b.extend((x * coefficient).to_le_bytes());
-        }
-        pad(&mut b);
+        w.tensor_f32(
+            &format!("direction.{l}"),
+            d.rows[l].iter().map(|&x| x * coefficient),
+        );
     }
-    Ok(b)
+    Ok(w.to_bytes())
 }
 
 /// Reads a control-vector GGUF as one direction (`cvec`), zero rows where the file has no
@@ -214,9 +182,72 @@ mod tests {
         let e = export(f.get(None).unwrap(), "llama", 1.0, &[2]).unwrap_err();
         assert!(e.contains("zero at layer 2"), "{e}");
         // Every cut into the header or tensor data is an error (only trailing padding may go).
-        let data_end = b.len() - (ALIGN - 12);
+        let data_end = b.len() - (crate::gguf::DEFAULT_ALIGNMENT as usize - 12);
         for n in 0..data_end {
             assert!(import(&b[..n]).is_err(), "prefix {n}");
+        }
+    }
+
+    /// The bytes `export` writes are fixed: the SHA-256 below is of what the hand-written
+    /// exporter (before `gguf::Writer`) produced for these inputs, so a change to the writer
+    /// that changes a control vector's bytes is seen here.
+    #[test]
+    fn export_bytes_are_unchanged() {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        for (ne, arch, coefficient, layers) in [
+            (5usize, "llama", 2.0f32, &[1usize, 3][..]),
+            (8, "qwen2", -0.5, &[2]),
+            (3, "a-much-longer-architecture-name", 1.0, &[1, 2, 3]),
+        ] {
+            let d = Direction {
+                name: "x".into(),
+                rows: (0..4)
+                    .map(|l| (0..ne).map(|i| (l * 10 + i) as f32 * 0.25 - 1.0).collect())
+                    .collect(),
+            };
+            let b = export(&d, arch, coefficient, layers).unwrap();
+            h.update((b.len() as u64).to_le_bytes());
+            h.update(&b);
+        }
+        let hex: String = h.finalize().iter().map(|x| format!("{x:02x}")).collect();
+        assert_eq!(
+            hex,
+            "95c68624bbc9cd2da66450451f737b508efe9393d60efddf96a8110244405858"
+        );
+    }
+
+    /// An exported file as the GGUF reader (not `import`) sees it: its keys, and each
+    /// layer's tensor holding α·d[l] at the offset the table gives.
+    #[test]
+    fn export_reads_back_through_the_gguf_reader() {
+        let d = Direction {
+            name: "x".into(),
+            rows: (0..5)
+                .map(|l| (0..7).map(|i| (l * 7 + i) as f32 - 3.5).collect())
+                .collect(),
+        };
+        let b = export(&d, "qwen2", -1.5, &[4, 1, 2]).unwrap();
+        let g = Gguf::parse(Cursor::new(&b), b.len() as u64).unwrap();
+        assert_eq!(g.version, 3);
+        assert_eq!(g.arch(), Some("controlvector"));
+        assert_eq!(g.get_str("controlvector.model_hint"), Some("qwen2"));
+        assert_eq!(
+            g.metadata["controlvector.layer_count"],
+            crate::gguf::Value::I64(3)
+        );
+        assert_eq!(g.metadata.len(), 3);
+        let names: Vec<&str> = g.tensors.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["direction.4", "direction.1", "direction.2"]);
+        for (t, l) in g.tensors.iter().zip([4, 1, 2]) {
+            assert_eq!((t.ggml_type, t.dims.as_slice()), (0, &[7u64][..]));
+            let at = t.offset as usize;
+            let got: Vec<f32> = b[at..at + 28]
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            let want: Vec<f32> = d.rows[l].iter().map(|x| x * -1.5).collect();
+            assert_eq!(got, want, "layer {l}");
         }
     }
 

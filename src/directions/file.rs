@@ -405,10 +405,15 @@ mod tests {
     #[test]
     fn names_are_required_when_ambiguous() {
         let f = sample();
-        assert!(f.get(None).unwrap_err().to_string().contains("several"));
-        assert!(
-            f.get(Some("zzz")).unwrap_err().to_string().contains("a, b")
-                || f.get(Some("zzz")).is_err()
+        // The choices are listed in the order the directions were given (b, then a).
+        assert_eq!(
+            f.get(None).unwrap_err().to_string(),
+            "several directions (b, a); name one"
         );
+        assert_eq!(
+            f.get(Some("zzz")).unwrap_err().to_string(),
+            "no direction 'zzz' (has: b, a)"
+        );
+        assert_eq!(f.get(Some("a")).unwrap().name, "a");
     }
 }

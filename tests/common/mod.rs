@@ -91,11 +91,45 @@ pub fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_persona-gate"))
 }
 
+/// A fresh, empty directory for this test binary (named after it) and process.
 pub fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("pg-bad-{}-{name}", std::process::id()));
+    let d = std::env::temp_dir().join(format!(
+        "pg-{}-{}-{name}",
+        env!("CARGO_CRATE_NAME"),
+        std::process::id()
+    ));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
+}
+
+/// The names in `dir` (not recursive), sorted.
+pub fn files(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// `n` bytes from the library's generator seeded with `seed`.
+pub fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
+    let mut r = persona_gate::rng::Rng::new(seed);
+    (0..n).map(|_| r.next_u64() as u8).collect()
+}
+
+/// A valid GGUF v3 with string metadata and 1-D F32 tensors (name, values), written by the
+/// library's one GGUF writer.
+pub fn gguf(kv: &[(&str, &str)], tensors: &[(&str, Vec<f32>)]) -> Vec<u8> {
+    let mut w = persona_gate::gguf::Writer::new();
+    for (k, v) in kv {
+        w.str(k, v);
+    }
+    for (name, v) in tensors {
+        w.tensor_f32(name, v.iter().copied());
+    }
+    w.to_bytes()
 }
 
 pub fn smol() -> String {
@@ -133,11 +167,24 @@ pub fn snapshot(dir: &Path) -> BTreeMap<PathBuf, (u64, Option<Vec<u8>>)> {
 
 /// Runs `args` in `dir` and asserts a clean one-line failure that contains every needle.
 pub fn fails(dir: &Path, args: &[&str], needles: &[&str]) {
-    fails_watching(dir, &[], args, needles);
+    check_failure(dir, &[], args, needles, None);
+}
+
+/// As [`fails`], and the exit code is 1: the command ran and refused (a command line clap
+/// cannot parse exits 2).
+pub fn fails_exit_1(dir: &Path, args: &[&str], needles: &[&str]) {
+    check_failure(dir, &[], args, needles, Some(1));
 }
 
 /// As [`fails`], also snapshotting `extra` directories (an output directory elsewhere).
 pub fn fails_watching(dir: &Path, extra: &[&Path], args: &[&str], needles: &[&str]) {
+    check_failure(dir, extra, args, needles, None);
+}
+
+/// The one failure check: a non-zero exit code (`code` exactly, when given), one stderr line
+/// `persona-gate: …` holding every needle and no panic, abort or signal text, and `dir` and
+/// `extra` left exactly as they were.
+fn check_failure(dir: &Path, extra: &[&Path], args: &[&str], needles: &[&str], code: Option<i32>) {
     let before: Vec<_> = std::iter::once(dir)
         .chain(extra.iter().copied())
         .map(snapshot)
@@ -149,6 +196,14 @@ pub fn fails_watching(dir: &Path, extra: &[&Path], args: &[&str], needles: &[&st
         "{args:?}: expected a non-zero exit code, got {:?}; stderr: {err}",
         out.status
     );
+    if let Some(c) = code {
+        assert_eq!(
+            out.status.code(),
+            Some(c),
+            "{args:?}: expected exit {c}, got {:?}; stderr: {err}",
+            out.status
+        );
+    }
     assert!(
         err.ends_with('\n'),
         "{args:?}: stderr not one line: {err:?}"
