@@ -770,3 +770,716 @@ impl Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+#[cfg(test)]
+mod tests {
+    //! Each typed variant comes from a real failure, carries its values, and prints the text
+    //! the untyped message had (the `format!` calls here are the ones the sites used).
+
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::directions::{cosine_per_layer, cvec, Direction, DirectionFile};
+    use crate::hooks::{Edit, HookPoint, HookSet, LayerSet, Site};
+    use crate::prompts::load::{self, Format};
+
+    /// No typed variant has a source: the binary's one-line chain prints each cause once.
+    fn one_line(e: &Error) -> String {
+        assert!(std::error::Error::source(e).is_none(), "{e:?}");
+        e.to_string()
+    }
+
+    #[test]
+    fn a_layer_out_of_range_carries_the_layer_the_count_and_the_list() {
+        let e = LayerSet::parse("3,9", 8).unwrap_err();
+        let Error::Layer {
+            layer,
+            n_layer,
+            of: LayerOf::List(ref list),
+        } = e
+        else {
+            panic!("{e:?}")
+        };
+        assert_eq!((layer, n_layer, list.as_str()), (9, 8, "3,9"));
+        let (s, v) = ("3,9", 9);
+        assert_eq!(
+            one_line(&e),
+            format!(
+                "layers '{s}': layer {v} out of range ({n_layer} layers, 0-{})",
+                n_layer - 1
+            )
+        );
+        // A window is reported as the range it stands for.
+        let e = LayerSet::parse("6+3", 8).unwrap_err();
+        assert!(
+            matches!(e, Error::Layer { layer: 8, n_layer: 8, of: LayerOf::List(ref l) } if l == "6-8")
+        );
+
+        let mut hs = HookSet::new(2, 3);
+        let e = hs
+            .add_edit(Edit::add([(5, vec![0.0; 3])].into(), Scope::All))
+            .unwrap_err();
+        assert!(matches!(
+            e,
+            Error::Layer {
+                layer: 5,
+                n_layer: 2,
+                of: LayerOf::Hook
+            }
+        ));
+        assert_eq!(
+            one_line(&e),
+            format!("hook at layer {}: out of range ({} layers)", 5, 2)
+        );
+
+        let d = Direction {
+            name: "x".into(),
+            rows: vec![vec![1.0, 2.0]; 4],
+        };
+        let e = cvec::export(&d, "llama", 1.0, &[0]).unwrap_err();
+        assert!(matches!(
+            e,
+            Error::Layer {
+                layer: 0,
+                n_layer: 4,
+                of: LayerOf::CvecExport
+            }
+        ));
+        assert_eq!(
+            one_line(&e),
+            "layer 0 cannot be exported: llama.cpp control vectors start at layer 1"
+        );
+        let e = cvec::export(&d, "llama", 1.0, &[4]).unwrap_err();
+        assert!(matches!(
+            e,
+            Error::Layer {
+                layer: 4,
+                n_layer: 4,
+                ..
+            }
+        ));
+        assert_eq!(
+            one_line(&e),
+            format!("layer {} out of range ({} layers)", 4, d.n_layer())
+        );
+        let e = Error::Layer {
+            layer: 0,
+            n_layer: 30,
+            of: LayerOf::ControlVector,
+        };
+        assert_eq!(
+            one_line(&e),
+            format!("native control vector at layer {}: llama.cpp has slots for layers 1-{} only (use a hook add for layer 0)", 0, 30 - 1)
+        );
+    }
+
+    #[test]
+    fn a_bad_layer_list_names_the_list_and_the_part() {
+        let cases: [(&str, LayersProblem, String); 5] = [
+            (
+                "5-3",
+                LayersProblem::Reversed { from: 5, to: 3 },
+                format!("layers '{}': window {}-{} is empty", "5-3", 5, 3),
+            ),
+            (
+                "3,x",
+                LayersProblem::NotNumber("x".into()),
+                format!("layers '{}': '{}' is not a layer number", "3,x", "x"),
+            ),
+            (
+                "-1",
+                LayersProblem::Negative(-1),
+                format!("layers '{}': layer {} is negative", "-1", -1),
+            ),
+            (
+                "a+2",
+                LayersProblem::NotWindow,
+                format!("'{}' is not a window S+W", "a+2"),
+            ),
+            (
+                "3+0",
+                LayersProblem::EmptyWindow,
+                format!("window '{}' is empty", "3+0"),
+            ),
+        ];
+        for (s, want, text) in cases {
+            let e = LayerSet::parse(s, 8).unwrap_err();
+            match &e {
+                Error::Layers { list, problem } => {
+                    assert_eq!((list.as_str(), problem), (s, &want))
+                }
+                _ => panic!("{e:?}"),
+            }
+            assert_eq!(one_line(&e), text);
+        }
+        let v: toml::Value = toml::from_str("x = [1, \"2\"]\ny = 1.5").unwrap();
+        let e = LayerSet::from_toml(&v["x"], 8).unwrap_err();
+        assert!(matches!(
+            e,
+            Error::Layers { ref list, problem: LayersProblem::NotLayerValue } if list == "\"2\""
+        ));
+        assert_eq!(one_line(&e), format!("{} is not a layer number", v["x"][1]));
+        let e = LayerSet::from_toml(&v["y"], 8).unwrap_err();
+        assert_eq!(one_line(&e), format!("{} is not a layer list", v["y"]));
+    }
+
+    #[test]
+    fn unknown_names_list_the_known_ones() {
+        let e = "attn_out".parse::<Site>().unwrap_err();
+        assert!(matches!(
+            e,
+            Error::Unknown { what: Named::HookSite, name: Some(ref n), ref known }
+                if n == "attn_out" && known == &["resid_post"]
+        ));
+        let known = ["resid_post"];
+        assert_eq!(
+            one_line(&e),
+            format!(
+                "'{}' is not a hook site (known: {})",
+                "attn_out",
+                known.join(", ")
+            )
+        );
+        let e = "resid_pre.3".parse::<HookPoint>().unwrap_err();
+        assert!(matches!(
+            e,
+            Error::Unknown {
+                what: Named::HookPoint,
+                ..
+            }
+        ));
+        assert_eq!(
+            one_line(&e),
+            format!(
+                "'{}' is not a hook point (expected resid_post.L or a layer number L >= 0)",
+                "resid_pre.3"
+            )
+        );
+        let e = crate::prompts::builtin("nope").unwrap_err();
+        assert!(
+            matches!(e, Error::Unknown { what: Named::PromptSet, ref known, .. } if known.len() == 5)
+        );
+        assert_eq!(
+            one_line(&e),
+            format!("no built-in prompt set '{}' (harmful, harmless, neutral, harmful_train, harmless_train)", "nope")
+        );
+        let e = "x".parse::<crate::judge::JudgeKind>().unwrap_err();
+        assert!(matches!(
+            e,
+            Error::Unknown {
+                what: Named::JudgeKind,
+                ..
+            }
+        ));
+        assert_eq!(
+            one_line(&e),
+            format!(
+                "unknown judge kind '{}', expected strongreject or llamaguard",
+                "x"
+            )
+        );
+        let e = crate::studies::quant::ftype("Q9").unwrap_err();
+        assert!(
+            matches!(e, Error::Unknown { what: Named::QuantType, name: Some(ref n), .. } if n == "Q9")
+        );
+        assert!(one_line(&e).starts_with("unknown quantization type 'Q9' (known: F32, "));
+
+        let d = |n: &str| Direction {
+            name: n.into(),
+            rows: vec![vec![1.0, 2.0]],
+        };
+        let f = DirectionFile::new(vec![d("a"), d("b\n")], BTreeMap::new()).unwrap();
+        let e = f.get(Some("zzz")).unwrap_err();
+        assert!(
+            matches!(e, Error::Unknown { what: Named::Direction, name: Some(ref n), ref known } if n == "zzz" && known == &["a", "b\n"])
+        );
+        let names = || {
+            f.directions
+                .iter()
+                .map(|d| shown(&d.name))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        assert_eq!(
+            one_line(&e),
+            format!("no direction '{}' (has: {})", "zzz", names())
+        );
+        let e = f.get(None).unwrap_err();
+        assert!(matches!(e, Error::Unknown { name: None, .. }));
+        assert_eq!(
+            one_line(&e),
+            format!("several directions ({}); name one", names())
+        );
+    }
+
+    #[test]
+    fn flags_and_sizes_carry_the_flag_the_value_and_the_range() {
+        let o = crate::model::ModelOptions {
+            threads: 0,
+            ..Default::default()
+        };
+        let e = o.validate().unwrap_err();
+        assert!(matches!(
+            e,
+            Error::Flag { ref flag, value: Some(ref v), problem: FlagProblem::Range { ref lo, ref hi } }
+                if flag == "--threads" && v == "0" && lo == "1" && hi == "512"
+        ));
+        assert_eq!(
+            one_line(&e),
+            format!("--threads {} is out of range (1 to {})", 0, 512)
+        );
+        let o = crate::model::ModelOptions {
+            max_memory: Some(1),
+            ..Default::default()
+        };
+        assert_eq!(
+            one_line(&o.validate().unwrap_err()),
+            format!(
+                "--max-memory {} is out of range (16 MiB to 1 PiB)",
+                crate::memory::gib(1)
+            )
+        );
+        let o = crate::model::ModelOptions {
+            batch: 8,
+            parallel: 16,
+            ..Default::default()
+        };
+        assert_eq!(
+            one_line(&o.validate().unwrap_err()),
+            format!("--batch {} is below --parallel {}: a generation step decodes one token of every sequence in one call", 8, 16)
+        );
+        let d = Direction {
+            name: "x".into(),
+            rows: vec![vec![1.0]; 2],
+        };
+        let e = cvec::export(&d, "any", f32::NAN, &[1]).unwrap_err();
+        assert_eq!(
+            one_line(&e),
+            format!("coefficient {} is not finite", f32::NAN)
+        );
+
+        let e = crate::memory::parse_size("8X").unwrap_err();
+        assert!(matches!(
+            e,
+            Error::Size { ref text, problem: SizeProblem::Unit(ref u) } if text == "8X" && u == "X"
+        ));
+        let (s, unit) = ("8X", "X");
+        assert_eq!(
+            one_line(&e),
+            format!("'{s}': unknown unit '{unit}' (use K, M, G or T)")
+        );
+        let s = "G";
+        assert_eq!(
+            one_line(&crate::memory::parse_size(s).unwrap_err()),
+            format!("'{s}' is not a size (e.g. 8G, 512M)")
+        );
+        let s = "0";
+        assert_eq!(
+            one_line(&crate::memory::parse_size(s).unwrap_err()),
+            format!("'{s}' is not a positive size")
+        );
+    }
+
+    #[test]
+    fn shapes_and_values_name_both_sides_and_the_layer() {
+        let mut hs = HookSet::new(2, 3);
+        let e = hs
+            .add_edit(Edit::add([(1, vec![0.0; 2])].into(), Scope::All))
+            .unwrap_err();
+        assert!(matches!(
+            e,
+            Error::Shape {
+                what: Shaped::HookVector,
+                got: 2,
+                want: 3
+            }
+        ));
+        assert_eq!(
+            one_line(&e),
+            format!("hook vector has {} dims, the model has n_embd {}", 2, 3)
+        );
+
+        let a = Direction {
+            name: "a".into(),
+            rows: vec![vec![1.0, 0.0, 0.0], vec![0.0; 3]],
+        };
+        let b = Direction {
+            name: "b".into(),
+            rows: vec![vec![1.0, 0.0, 0.0]],
+        };
+        let e = cosine_per_layer(&a, &b).unwrap_err();
+        assert!(matches!(
+            e,
+            Error::Shapes {
+                what: ShapesOf::Compare,
+                a_shape: [2, 3],
+                b_shape: [1, 3],
+                ..
+            }
+        ));
+        assert_eq!(
+            one_line(&e),
+            format!(
+                "cannot compare {} [{}x{}] with {} [{}x{}]",
+                a.name,
+                a.n_layer(),
+                a.n_embd(),
+                b.name,
+                b.n_layer(),
+                b.n_embd()
+            )
+        );
+        let e = cosine_per_layer(&a, &a).unwrap_err();
+        assert!(matches!(
+            e,
+            Error::Value { what: ValueOf::CosineNorm(ref n), layer: 1, value } if n == "a" && value == 0.0
+        ));
+        assert_eq!(
+            one_line(&e),
+            format!(
+                "{} has norm {} at layer {}: its cosine is undefined",
+                "a", 0f64, 1
+            )
+        );
+        let e = DirectionFile::new(vec![a.clone(), b.clone()], BTreeMap::new()).unwrap_err();
+        assert!(matches!(
+            e,
+            Error::Shapes { what: ShapesOf::Save, ref a, ref b, b_shape: [2, 3], .. } if a == "b" && b == "a"
+        ));
+        assert_eq!(
+            one_line(&e),
+            format!("direction {} is not [{} x {}]", "b", 2, 3)
+        );
+        let mut c = a.clone();
+        c.rows[1][2] = f32::INFINITY;
+        let e = DirectionFile::new(vec![c], BTreeMap::new()).unwrap_err();
+        assert!(matches!(
+            e,
+            Error::Value {
+                what: ValueOf::Saved(_),
+                layer: 1,
+                ..
+            }
+        ));
+        assert_eq!(
+            one_line(&e),
+            format!(
+                "direction {} holds {} at layer {}: not written",
+                "a",
+                f32::INFINITY,
+                1
+            )
+        );
+        let e = Edit::project([(4, vec![0.0, 0.0])].into(), Scope::All).unwrap_err();
+        assert!(matches!(
+            e,
+            Error::Value {
+                what: ValueOf::Projection,
+                layer: 4,
+                ..
+            }
+        ));
+        assert_eq!(
+            one_line(&e),
+            format!("projection direction at layer {} has norm {}", 4, 0f64)
+        );
+        let d = Direction {
+            name: "x".into(),
+            rows: vec![vec![3e38, 1.0]; 2],
+        };
+        let e = cvec::export(&d, "any", 2.0, &[1]).unwrap_err();
+        assert!(matches!(
+            e,
+            Error::Value { what: ValueOf::Overflow { coefficient, .. }, layer: 1, .. } if coefficient == 2.0
+        ));
+        assert_eq!(
+            one_line(&e),
+            format!(
+                "{} x {} overflows f32 at layer {}; use a smaller coefficient",
+                2f32, "x", 1
+            )
+        );
+        let e = Error::ArchMismatch {
+            directions: "qwen\n2".into(),
+            model: "llama".into(),
+        };
+        assert_eq!(
+            one_line(&e),
+            format!(
+                "directions are for arch '{}', the model is '{}'",
+                shown("qwen\n2"),
+                "llama"
+            )
+        );
+    }
+
+    #[test]
+    fn records_and_tensors_carry_where_they_are_and_the_file_wraps_them() {
+        let e = load::parse(
+            b"{\"instruction\":\"a\"}\n\n{bad\n",
+            Format::Jsonl,
+            None,
+            "t",
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::Record {
+                    at: At::Line(3),
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(one_line(&e).starts_with("line 3: invalid JSON: "));
+        let e = load::parse(b"[1]", Format::Json, None, "t").unwrap_err();
+        assert!(matches!(
+            e,
+            Error::Record {
+                at: At::Element(0),
+                ..
+            }
+        ));
+        assert_eq!(
+            one_line(&e),
+            format!("element {}: expected an object or a string", 0)
+        );
+        let e = load::parse(b"[\"a\", \" \"]", Format::Json, None, "t").unwrap_err();
+        assert!(matches!(
+            e,
+            Error::Record {
+                at: At::Instruction(2),
+                ..
+            }
+        ));
+        assert_eq!(one_line(&e), format!("instruction {} is empty", 1 + 1));
+
+        // A file puts its path in front, around the same record.
+        let dir = std::env::temp_dir().join(format!("pg-error-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("set.jsonl");
+        std::fs::write(&path, "{\"x\": 1}\n").unwrap();
+        let e = load::load(&path, None).unwrap_err();
+        match &e {
+            Error::In { path: p, err } => {
+                assert_eq!(p, &path);
+                assert!(
+                    matches!(
+                        **err,
+                        Error::Record {
+                            at: At::Line(1),
+                            ..
+                        }
+                    ),
+                    "{err:?}"
+                );
+            }
+            _ => panic!("{e:?}"),
+        }
+        assert!(one_line(&e).starts_with(&format!(
+            "{}: line 1: no instruction field (looked for ",
+            path.display()
+        )));
+
+        // A tensor of a direction file, by name.
+        let f = DirectionFile::new(
+            vec![Direction {
+                name: "a".into(),
+                rows: vec![vec![1.0, 2.0]],
+            }],
+            BTreeMap::new(),
+        )
+        .unwrap();
+        let b = f.to_bytes();
+        let at = b.windows(5).position(|w| w == b"\"F32\"").unwrap();
+        let mut c = b.clone();
+        c[at + 1..at + 4].copy_from_slice(b"F16");
+        let e = DirectionFile::from_bytes(&c).unwrap_err();
+        assert!(matches!(
+            e,
+            Error::Tensor { ref tensor, problem: TensorProblem::Dtype(ref d) } if tensor == "a" && d == "F16"
+        ));
+        assert_eq!(
+            one_line(&e),
+            format!("tensor '{}': dtype {}, expected F32", "a", "F16")
+        );
+        let path = dir.join("d.safetensors");
+        std::fs::write(&path, &c).unwrap();
+        let e = DirectionFile::load(&path).unwrap_err();
+        assert!(matches!(e, Error::In { ref err, .. } if matches!(**err, Error::Tensor { .. })));
+        assert_eq!(
+            one_line(&e),
+            format!(
+                "{}: tensor '{}': dtype {}, expected F32",
+                path.display(),
+                "a",
+                "F16"
+            )
+        );
+        let e = DirectionFile::from_bytes(&b[..4]).unwrap_err();
+        assert!(matches!(e, Error::Record { at: At::Whole, .. }));
+        assert_eq!(
+            one_line(&e),
+            format!("too short for safetensors ({} bytes)", 4)
+        );
+        let e = cvec::import(b"GGUF").unwrap_err();
+        assert!(matches!(e, Error::GgufData(_)), "{e:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn toml_templates_and_samples() {
+        let e = crate::prompts::parse_personas(
+            "[x]\ndescription='d'\npositive=[]\nnegative=['n']",
+            "t",
+        )
+        .unwrap_err();
+        assert!(matches!(
+            e,
+            Error::Toml { ref origin, table: Some(ref t), .. } if origin == "t" && t == "x"
+        ));
+        let (origin, name) = ("t", "x");
+        assert_eq!(
+            one_line(&e),
+            format!("{origin}: [{name}]: positive and negative must each have at least one prompt")
+        );
+        let src = "[x]\ndescription='d'\npositive=['p']\nnegative=['n']\nextra=1";
+        let e = crate::prompts::parse_personas(src, "t").unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::Toml {
+                    table: None,
+                    line: Some(1..=5),
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        let msg = toml::from_str::<BTreeMap<String, crate::prompts::Persona>>(src)
+            .unwrap_err()
+            .message()
+            .to_string();
+        assert_eq!(one_line(&e), format!("{origin}: {msg}"));
+
+        let e = crate::judge::Template::parse("=== user ===\n{{prompt}}\n", "j.txt").unwrap_err();
+        assert!(matches!(
+            e,
+            Error::JudgeTemplate { ref origin, problem: TemplateProblem::NoPlaceholder("response") } if origin == "j.txt"
+        ));
+        let (origin, p) = ("j.txt", "response");
+        let m = format!("the user section has no {{{{{p}}}}}");
+        assert_eq!(one_line(&e), format!("judge template {origin}: {m}"));
+        let e = crate::judge::Template::parse("=== bogus ===\n", "j").unwrap_err();
+        assert_eq!(
+            one_line(&e),
+            "judge template j: unknown section 'bogus' (system, user, assistant)"
+        );
+
+        let v = crate::prompts::builtin("harmful").unwrap();
+        let e = load::sample(v, Some(99), 1).unwrap_err();
+        assert!(matches!(e, Error::Sample { n: 99, have: 16 }));
+        assert_eq!(
+            one_line(&e),
+            format!("n = {} but the set has {} prompts", 99, 16)
+        );
+    }
+
+    #[test]
+    fn run_failures_carry_their_numbers() {
+        let mut hs = HookSet::new(2, 2);
+        hs.add_edit(Edit::add(
+            [(1, vec![1.0, 1.0])].into(),
+            Scope::only(vec![1]),
+        ))
+        .unwrap();
+        let e = hs.check_touched().unwrap_err();
+        assert!(matches!(
+            e,
+            Error::Run(RunError::HookIdle { index: 0, ref layers, hook: IdleHook::Edit { kind: EditKind::Add, .. } }) if layers == &[1]
+        ));
+        assert_eq!(
+            one_line(&e),
+            format!(
+                "{:?} hook #{} at layers {:?} touched no rows (scope {:?})",
+                EditKind::Add,
+                0,
+                vec![1usize],
+                Scope::only(vec![1])
+            )
+        );
+
+        let fp = crate::memory::Footprint {
+            weights: 700 << 20,
+            kv_per_cell: 1 << 14,
+            n_vocab: 32000,
+            n_embd: 1024,
+        };
+        let budget = crate::memory::Budget {
+            bytes: 1 << 20,
+            source: "--max-memory".into(),
+        };
+        let (ctx, batch) = (1024, 512);
+        let e = crate::memory::fit(&fp, &budget, ctx, batch, 16).unwrap_err();
+        assert!(matches!(
+            e,
+            Error::Run(RunError::Memory {
+                ctx: 1024,
+                budget: 1048576,
+                ..
+            })
+        ));
+        use crate::memory::gib;
+        assert_eq!(
+            one_line(&e),
+            format!(
+                "not enough memory: the model ({}) plus a KV cache for one sequence of --ctx {ctx} and {} prefix streams ({}) and llama.cpp's buffers need about {}, but {} allows {}; lower --ctx or --batch, or use a smaller quantization",
+                gib(fp.weights),
+                crate::engine::CACHE_STREAMS,
+                gib(fp.kv(ctx, 1)),
+                gib(fp.need(ctx, batch, 1)),
+                budget.source,
+                gib(budget.bytes)
+            )
+        );
+
+        let e = Error::Run(RunError::PromptTooLong {
+            prompt: 2,
+            tokens: 900,
+            max_new: 200,
+            ctx: 1024,
+        });
+        let (i, max_new, ctx) = (2, 200, 1024);
+        assert_eq!(
+            one_line(&e),
+            format!(
+                "prompt {i} needs {} tokens + {max_new} new > --ctx {ctx} per sequence; shorten it or raise --ctx",
+                900,
+            )
+        );
+        for (label, whose) in [
+            (None, "prompt 3".to_string()),
+            (
+                Some("condition A, prompt 3".to_string()),
+                "condition A, prompt 3".into(),
+            ),
+        ] {
+            let e = Error::Run(RunError::NonFiniteLogit {
+                value: f32::NAN,
+                token: 7,
+                step: 4,
+                prompt: 3,
+                label,
+            });
+            assert_eq!(
+                one_line(&e),
+                format!(
+                    "non-finite logit {} (token id {}) at generated token {} of {whose}",
+                    f32::NAN,
+                    7,
+                    4
+                )
+            );
+        }
+    }
+}
