@@ -1,10 +1,18 @@
 //! The library's error type. Each variant carries what a user needs to fix the input: the
 //! file, the field or layer, and the reason. The binary prints it on one line.
+//!
+//! The typed variants hold the values their message is made of (a layer and the model's
+//! layer count, a flag and its range, a tensor and what is wrong with it, a file and the line
+//! in it), so a caller can tell the cases apart and a test can check the values, while the
+//! printed text stays the one line the binary shows. None of them has a `source`: the binary
+//! prints the whole error chain, and a source would repeat the cause.
 
+use std::fmt;
 use std::path::PathBuf;
 
 use crate::ffi::FfiError;
 use crate::gguf::GgufError;
+use crate::text::shown;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -16,10 +24,14 @@ pub enum Error {
     File { path: PathBuf, msg: String },
     #[error("{}: {err}", .path.display())]
     Io { path: PathBuf, err: std::io::Error },
+    /// An error in the contents of the file `path` (a record, a tensor, a value in it).
+    #[error("{}: {err}", .path.display())]
+    In { path: PathBuf, err: Box<Error> },
     #[error(transparent)]
     Ffi(#[from] FfiError),
     #[error("chat template: {0}")]
     Template(String),
+    /// A message without structure. Kept for the callers not yet given a typed variant.
     #[error("{0}")]
     Invalid(String),
     #[error("model '{arch}': {msg}")]
@@ -28,6 +40,676 @@ pub enum Error {
     /// closed pipe can be told apart.
     #[error("writing output")]
     Output(#[source] std::io::Error),
+
+    /// A layer outside the model's `n_layer` layers (or outside llama.cpp's control-vector
+    /// slots, 1 to `n_layer - 1`), and what the layer was for.
+    #[error(fmt = fmt_layer)]
+    Layer {
+        layer: usize,
+        n_layer: usize,
+        of: LayerOf,
+    },
+    /// A layer list (`--layers`, the spec's `layers`) that does not parse: the list as given
+    /// and the part that is wrong.
+    #[error(fmt = fmt_layers)]
+    Layers {
+        list: String,
+        problem: LayersProblem,
+    },
+    /// A name that is none of the `known` ones; `name: None` when several are known and a
+    /// name is needed to choose.
+    #[error(fmt = fmt_unknown)]
+    Unknown {
+        what: Named,
+        name: Option<String>,
+        known: Vec<String>,
+    },
+    /// A flag (or parameter) whose value is out of range or at odds with another flag.
+    /// `flag` names it as the user types it (`--threads`); `value` is shown as given.
+    #[error(fmt = fmt_flag)]
+    Flag {
+        flag: String,
+        value: Option<String>,
+        problem: FlagProblem,
+    },
+    /// A size (`8G`, `512MiB`) that does not parse.
+    #[error(fmt = fmt_size)]
+    Size { text: String, problem: SizeProblem },
+    /// An input that must not be empty.
+    #[error("{0}")]
+    Empty(Empty),
+    /// A size that must match another: `got`, where `want` is what it must be.
+    #[error(fmt = fmt_shape)]
+    Shape {
+        what: Shaped,
+        got: usize,
+        want: usize,
+    },
+    /// Two named `[n_layer, n_embd]` matrices (directions, tensors) whose shapes differ.
+    #[error(fmt = fmt_shapes)]
+    Shapes {
+        what: ShapesOf,
+        a: String,
+        a_shape: [usize; 2],
+        b: String,
+        b_shape: [usize; 2],
+    },
+    /// Directions made for another architecture than the model's.
+    #[error("directions are for arch '{}', the model is '{model}'", shown(.directions))]
+    ArchMismatch { directions: String, model: String },
+    /// A value at a layer that cannot be used (non-finite, zero norm, overflowing).
+    #[error(fmt = fmt_value)]
+    Value {
+        what: ValueOf,
+        layer: usize,
+        value: f64,
+    },
+    /// A tensor of a direction file or control vector, by name, and what is wrong with it.
+    #[error(fmt = fmt_tensor)]
+    Tensor {
+        tensor: String,
+        problem: TensorProblem,
+    },
+    /// A record of an input that does not parse: where in the input (a line, an element,
+    /// a CSV record) and why. Wrapped in [`Error::In`] when the input is a file.
+    #[error(fmt = fmt_record)]
+    Record { at: At, reason: String },
+    /// GGUF bytes that do not parse (not read from a file; see [`Error::Gguf`]).
+    #[error("{0}")]
+    GgufData(GgufError),
+    /// A TOML input (`origin`: a file or "built-in personas"), the `[table]` at fault when
+    /// there is one, the line when the parser gave one, and why.
+    #[error(fmt = fmt_toml)]
+    Toml {
+        origin: String,
+        table: Option<String>,
+        line: Option<usize>,
+        reason: String,
+    },
+    /// A judge template file (`origin`) that does not parse.
+    #[error("judge template {origin}: {problem}")]
+    JudgeTemplate {
+        origin: String,
+        problem: TemplateProblem,
+    },
+    /// A sample of `n` prompts from a set of `have`.
+    #[error("n = {n} but the set has {have} prompts")]
+    Sample { n: usize, have: usize },
+    /// A run that cannot go on: the engine, a hook or the machine.
+    #[error("{0}")]
+    Run(RunError),
+    /// Writing a CSV into memory failed.
+    #[error("csv: {0}")]
+    Csv(csv::Error),
+    /// Flushing a CSV written into memory failed.
+    #[error("{0}")]
+    CsvBuffer(std::io::Error),
+}
+
+/// What a layer of [`Error::Layer`] is for; it decides the range and the message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LayerOf {
+    /// A layer of a layer list, quoted as given (a window `S+W` as the range it stands for).
+    List(String),
+    /// A hook's layer.
+    Hook,
+    /// A layer of an exported control vector (1 to `n_layer - 1`).
+    CvecExport,
+    /// A layer of llama.cpp's native control vector (1 to `n_layer - 1`).
+    ControlVector,
+}
+
+/// What is wrong with a layer list ([`Error::Layers`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LayersProblem {
+    /// `S+W` where S or W is not an integer.
+    NotWindow,
+    /// `S+W` with W ≤ 0.
+    EmptyWindow,
+    /// A part that is not a layer number.
+    NotNumber(String),
+    /// A negative layer.
+    Negative(i64),
+    /// A range `A-B` with B < A.
+    Reversed { from: usize, to: usize },
+    /// A spec value (shown as TOML) in a list that is not an integer.
+    NotLayerValue,
+    /// A spec value (shown as TOML) that is neither an integer, a list nor a string.
+    NotListValue,
+}
+
+/// What kind of name [`Error::Unknown`] is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Named {
+    HookSite,
+    HookPoint,
+    PromptSet,
+    JudgeKind,
+    QuantType,
+    Direction,
+}
+
+/// Why a flag's value is refused ([`Error::Flag`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FlagProblem {
+    /// Outside `lo` to `hi` (as shown, e.g. `16 MiB`).
+    Range { lo: String, hi: String },
+    /// Another condition, in words ("is too small (at least 8 tokens per decode call)").
+    Other(String),
+}
+
+/// Why a size does not parse ([`Error::Size`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SizeProblem {
+    NotSize,
+    Unit(String),
+    NotPositive,
+}
+
+/// Which input is empty ([`Error::Empty`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Empty {
+    /// The harmful or harmless set of a refusal direction.
+    RefusalSets,
+    /// The questions of a persona direction.
+    PersonaQuestions,
+    /// The harmful or harmless validation set of a selection.
+    SelectionSets,
+    /// The layers to rank.
+    RankLayers,
+    /// The directions to save.
+    Directions,
+    /// The layers to export as a control vector.
+    ExportLayers,
+    /// `--types` of quantize.
+    QuantTypes,
+    /// A prompt of a batch, by index.
+    Prompt(usize),
+}
+
+impl fmt::Display for Empty {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Empty::RefusalSets => f.write_str(
+                "refusal direction: the harmful and harmless sets must both be non-empty",
+            ),
+            Empty::PersonaQuestions => f.write_str("persona direction: the question set is empty"),
+            Empty::SelectionSets => {
+                f.write_str("selection needs non-empty harmful and harmless validation sets")
+            }
+            Empty::RankLayers => f.write_str("no layers to rank"),
+            Empty::Directions => f.write_str("no directions to save"),
+            Empty::ExportLayers => f.write_str("no layers to export"),
+            Empty::QuantTypes => f.write_str("--types: no types given"),
+            Empty::Prompt(i) => write!(f, "prompt {i} is empty"),
+        }
+    }
+}
+
+/// Which size [`Error::Shape`] compares.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Shaped {
+    /// A hook's vector against the model's n_embd.
+    HookVector,
+    /// A native control vector's row at `layer` against the model's n_embd.
+    ControlVector { layer: usize },
+    /// A direction file's n_embd against the model's.
+    DirectionsEmbd,
+    /// A direction file's layer count against the model's.
+    DirectionsLayers,
+}
+
+/// Why two shapes must agree ([`Error::Shapes`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShapesOf {
+    /// Comparing direction `a` with `b` layer by layer.
+    Compare,
+    /// Saving direction `a` in one file with `b` (the first).
+    Save,
+    /// Tensors `a` and `b` (the first) of one direction file.
+    Tensors,
+}
+
+/// What the value of [`Error::Value`] is.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ValueOf {
+    /// The norm of a direction to project out.
+    Projection,
+    /// A non-finite value of direction `0`, which is not written.
+    Saved(String),
+    /// A non-finite value of direction `0`, read from a file.
+    Loaded(String),
+    /// The norm of direction `0`, which makes its cosine undefined.
+    CosineNorm(String),
+    /// A non-finite value of the direction extracted as `0` ("refusal direction", …).
+    NonFinite(String),
+    /// A value of direction `name` that overflows f32 times `coefficient`.
+    Overflow { name: String, coefficient: f32 },
+    /// Direction `0` is zero at the layer (value 0).
+    Zero(String),
+}
+
+/// What is wrong with a tensor ([`Error::Tensor`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TensorProblem {
+    NoDtype,
+    /// Its dtype, which is not F32.
+    Dtype(String),
+    BadShape,
+    /// A shape that is not `[n_layer, n_embd]`.
+    Shape(Vec<u64>),
+    BadOffsets,
+    /// `start..end` do not hold `shape` in the `data` bytes of the file.
+    Offsets {
+        start: u64,
+        end: u64,
+        shape: Vec<u64>,
+        data: usize,
+    },
+    /// A control-vector tensor not named `direction.<layer>`.
+    NotDirection,
+    /// A control-vector tensor for layer 0.
+    Layer0,
+    /// A control-vector tensor for a layer at or above `max`.
+    Beyond {
+        layer: usize,
+        max: usize,
+    },
+    /// A control-vector tensor that is not one F32 row.
+    NotF32Row,
+    /// `got` elements where the other tensors have `want`.
+    Elements {
+        got: usize,
+        want: usize,
+    },
+    /// Its data runs past the end of the file.
+    PastEnd,
+}
+
+/// Where in an input a [`Error::Record`] is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum At {
+    /// The input as a whole.
+    Whole,
+    /// A line, from 1.
+    Line(usize),
+    /// An element of a JSON array, from 0.
+    Element(usize),
+    /// The header of a CSV file.
+    CsvHeader,
+    /// A CSV record, from 1.
+    CsvRecord(usize),
+    /// An instruction of a prompt set, from 1.
+    Instruction(usize),
+    /// A metadata entry of a direction file, by key.
+    Metadata(String),
+    /// A metadata entry of a direction file with its value.
+    MetadataValue { key: String, value: String },
+}
+
+/// Why a judge template does not parse ([`Error::JudgeTemplate`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TemplateProblem {
+    UnknownSection(String),
+    RepeatedSection(String),
+    NoUser,
+    /// The user section lacks `{{name}}`.
+    NoPlaceholder(&'static str),
+}
+
+impl fmt::Display for TemplateProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TemplateProblem::UnknownSection(n) => {
+                write!(f, "unknown section '{n}' (system, user, assistant)")
+            }
+            TemplateProblem::RepeatedSection(n) => write!(f, "section '{n}' appears twice"),
+            TemplateProblem::NoUser => f.write_str("no '=== user ===' section"),
+            TemplateProblem::NoPlaceholder(p) => {
+                write!(f, "the user section has no {{{{{p}}}}}")
+            }
+        }
+    }
+}
+
+/// Why a run cannot go on ([`Error::Run`]).
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Prompt `prompt` of `tokens` tokens and `max_new` to generate does not fit `ctx`.
+    #[error("prompt {prompt} needs {tokens} tokens + {max_new} new > --ctx {ctx} per sequence; shorten it or raise --ctx")]
+    PromptTooLong {
+        prompt: usize,
+        tokens: usize,
+        max_new: usize,
+        ctx: usize,
+    },
+    /// A non-finite logit `value` for `token` at generation step `step` of prompt `prompt`
+    /// (named `label` when the batch's sequences were named).
+    #[error(fmt = fmt_logit)]
+    NonFiniteLogit {
+        value: f32,
+        token: usize,
+        step: usize,
+        prompt: usize,
+        label: Option<String>,
+    },
+    /// Hook `index` (an edit or a capture) at `layers` touched no row.
+    #[error(fmt = fmt_idle)]
+    HookIdle {
+        index: usize,
+        layers: Vec<usize>,
+        hook: IdleHook,
+    },
+    /// No activations were captured for `what` at `layer`, `slot`.
+    #[error("{what}: no activations captured at layer {layer}, slot {slot}")]
+    NoActivations {
+        what: String,
+        layer: usize,
+        slot: usize,
+    },
+    /// Even one sequence does not fit the memory budget: the model's weights, the KV cache
+    /// for one sequence of `ctx` and `streams` prefix streams, the total `need`, and the
+    /// `budget` that `allowed_by` gives (all in bytes).
+    #[error(fmt = fmt_memory)]
+    Memory {
+        weights: u64,
+        ctx: u32,
+        streams: u32,
+        kv: u64,
+        need: u64,
+        allowed_by: String,
+        budget: u64,
+    },
+    /// Quantizing to type `ty` failed.
+    #[error("{ty}: {err}")]
+    Quantize { ty: String, err: FfiError },
+    /// This process or CPU cannot run it (missing CPU features, a kernel mode already set).
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+/// The hook of [`RunError::HookIdle`], as the hooks module describes it (error sits below
+/// hooks, so it holds their names, not their types).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdleHook {
+    /// An edit: its kind (`Add`, `Project`) and scope (`All`, `Only([..])`).
+    Edit { kind: String, scope: String },
+    /// A capture at this position (`LastPrompt`, ...).
+    Capture(String),
+}
+
+fn fmt_layer(
+    layer: &usize,
+    n_layer: &usize,
+    of: &LayerOf,
+    f: &mut fmt::Formatter<'_>,
+) -> fmt::Result {
+    match of {
+        LayerOf::List(s) => write!(
+            f,
+            "layers '{s}': layer {layer} out of range ({n_layer} layers, 0-{})",
+            n_layer - 1
+        ),
+        LayerOf::Hook => write!(f, "hook at layer {layer}: out of range ({n_layer} layers)"),
+        LayerOf::CvecExport if *layer == 0 => f.write_str(
+            "layer 0 cannot be exported: llama.cpp control vectors start at layer 1",
+        ),
+        LayerOf::CvecExport => write!(f, "layer {layer} out of range ({n_layer} layers)"),
+        LayerOf::ControlVector => write!(
+            f,
+            "native control vector at layer {layer}: llama.cpp has slots for layers 1-{} only (use a hook add for layer 0)",
+            n_layer - 1
+        ),
+    }
+}
+
+fn fmt_layers(list: &str, problem: &LayersProblem, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+    match problem {
+        LayersProblem::NotWindow => write!(f, "'{list}' is not a window S+W"),
+        LayersProblem::EmptyWindow => write!(f, "window '{list}' is empty"),
+        LayersProblem::NotNumber(x) => write!(f, "layers '{list}': '{x}' is not a layer number"),
+        LayersProblem::Negative(v) => write!(f, "layers '{list}': layer {v} is negative"),
+        LayersProblem::Reversed { from, to } => {
+            write!(f, "layers '{list}': window {from}-{to} is empty")
+        }
+        LayersProblem::NotLayerValue => write!(f, "{list} is not a layer number"),
+        LayersProblem::NotListValue => write!(f, "{list} is not a layer list"),
+    }
+}
+
+fn fmt_unknown(
+    what: &Named,
+    name: &Option<String>,
+    known: &[String],
+    f: &mut fmt::Formatter<'_>,
+) -> fmt::Result {
+    let list = |sep: &str| known.iter().map(|k| shown(k)).collect::<Vec<_>>().join(sep);
+    let Some(name) = name else {
+        let what = match what {
+            Named::HookSite => "hook sites",
+            Named::HookPoint => "hook points",
+            Named::PromptSet => "prompt sets",
+            Named::JudgeKind => "judge kinds",
+            Named::QuantType => "quantization types",
+            Named::Direction => "directions",
+        };
+        return write!(f, "several {what} ({}); name one", list(", "));
+    };
+    match what {
+        Named::HookSite => write!(f, "'{name}' is not a hook site (known: {})", list(", ")),
+        Named::HookPoint => write!(
+            f,
+            "'{name}' is not a hook point (expected {})",
+            list(" or ")
+        ),
+        Named::PromptSet => write!(f, "no built-in prompt set '{name}' ({})", list(", ")),
+        Named::JudgeKind => write!(f, "unknown judge kind '{name}', expected {}", list(" or ")),
+        Named::QuantType => write!(
+            f,
+            "unknown quantization type '{name}' (known: {})",
+            list(", ")
+        ),
+        Named::Direction => write!(f, "no direction '{name}' (has: {})", list(", ")),
+    }
+}
+
+fn fmt_flag(
+    flag: &str,
+    value: &Option<String>,
+    problem: &FlagProblem,
+    f: &mut fmt::Formatter<'_>,
+) -> fmt::Result {
+    f.write_str(flag)?;
+    if let Some(v) = value {
+        write!(f, " {v}")?;
+    }
+    match problem {
+        FlagProblem::Range { lo, hi } => write!(f, " is out of range ({lo} to {hi})"),
+        FlagProblem::Other(why) => write!(f, " {why}"),
+    }
+}
+
+fn fmt_size(text: &str, problem: &SizeProblem, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+    match problem {
+        SizeProblem::NotSize => write!(f, "'{text}' is not a size (e.g. 8G, 512M)"),
+        SizeProblem::Unit(u) => write!(f, "'{text}': unknown unit '{u}' (use K, M, G or T)"),
+        SizeProblem::NotPositive => write!(f, "'{text}' is not a positive size"),
+    }
+}
+
+fn fmt_shape(what: &Shaped, got: &usize, want: &usize, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+    match what {
+        Shaped::HookVector => write!(f, "hook vector has {got} dims, the model has n_embd {want}"),
+        Shaped::ControlVector { layer } => write!(
+            f,
+            "control vector at layer {layer} has {got} dims, n_embd is {want}"
+        ),
+        Shaped::DirectionsEmbd => write!(f, "directions have n_embd {got}, the model has {want}"),
+        Shaped::DirectionsLayers => write!(f, "directions have {got} layers, the model has {want}"),
+    }
+}
+
+fn fmt_shapes(
+    what: &ShapesOf,
+    a: &str,
+    a_shape: &[usize; 2],
+    b: &str,
+    b_shape: &[usize; 2],
+    f: &mut fmt::Formatter<'_>,
+) -> fmt::Result {
+    let ([a0, a1], [b0, b1]) = (a_shape, b_shape);
+    match what {
+        ShapesOf::Compare => write!(f, "cannot compare {a} [{a0}x{a1}] with {b} [{b0}x{b1}]"),
+        ShapesOf::Save => write!(f, "direction {a} is not [{b0} x {b1}]"),
+        ShapesOf::Tensors => f.write_str("tensors have different shapes"),
+    }
+}
+
+fn fmt_value(
+    what: &ValueOf,
+    layer: &usize,
+    value: &f64,
+    f: &mut fmt::Formatter<'_>,
+) -> fmt::Result {
+    match what {
+        ValueOf::Projection => write!(f, "projection direction at layer {layer} has norm {value}"),
+        ValueOf::Saved(d) => write!(
+            f,
+            "direction {d} holds {value} at layer {layer}: not written"
+        ),
+        ValueOf::Loaded(d) => write!(f, "{}: layer {layer} holds NaN or inf", shown(d)),
+        ValueOf::CosineNorm(d) => write!(
+            f,
+            "{d} has norm {value} at layer {layer}: its cosine is undefined"
+        ),
+        ValueOf::NonFinite(what) => write!(f, "{what}: non-finite direction at layer {layer}"),
+        ValueOf::Overflow { name, coefficient } => write!(
+            f,
+            "{coefficient} x {name} overflows f32 at layer {layer}; use a smaller coefficient"
+        ),
+        ValueOf::Zero(d) => write!(
+            f,
+            "{d} is zero at layer {layer} (a layer missing from the control vector it came from?)"
+        ),
+    }
+}
+
+fn fmt_tensor(tensor: &str, problem: &TensorProblem, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+    let t = shown(tensor);
+    match problem {
+        TensorProblem::NoDtype => write!(f, "tensor '{t}': no dtype"),
+        TensorProblem::Dtype(d) => write!(f, "tensor '{t}': dtype {}, expected F32", shown(d)),
+        TensorProblem::BadShape => write!(f, "tensor '{t}': bad shape"),
+        TensorProblem::Shape(s) => {
+            write!(f, "tensor '{t}': shape {s:?}, expected [n_layer, n_embd]")
+        }
+        TensorProblem::BadOffsets => write!(f, "tensor '{t}': bad data_offsets"),
+        TensorProblem::Offsets {
+            start,
+            end,
+            shape,
+            data,
+        } => write!(
+            f,
+            "tensor '{t}': offsets {start}..{end} do not fit shape {shape:?} in {data} data bytes"
+        ),
+        TensorProblem::NotDirection => write!(f, "tensor '{t}' is not named direction.<layer>"),
+        TensorProblem::Layer0 => write!(f, "tensor '{t}': layer 0 has no control-vector slot"),
+        TensorProblem::Beyond { layer, max } => write!(
+            f,
+            "tensor '{t}': layer {layer} is beyond any model (at most {max} layers)"
+        ),
+        TensorProblem::NotF32Row => write!(f, "tensor '{t}': expected a 1-D F32 tensor"),
+        TensorProblem::Elements { got, want } => {
+            write!(f, "tensor '{t}' has {got} elements, others have {want}")
+        }
+        TensorProblem::PastEnd => write!(f, "tensor '{t}' runs past the end of the file"),
+    }
+}
+
+fn fmt_record(at: &At, reason: &str, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+    match at {
+        At::Whole => f.write_str(reason),
+        At::Line(n) => write!(f, "line {n}: {reason}"),
+        At::Element(i) => write!(f, "element {i}: {reason}"),
+        At::CsvHeader => write!(f, "CSV header: {reason}"),
+        At::CsvRecord(n) => write!(f, "CSV record {n}: {reason}"),
+        At::Instruction(n) => write!(f, "instruction {n} {reason}"),
+        At::Metadata(k) => write!(f, "metadata '{}' {reason}", shown(k)),
+        At::MetadataValue { key, value } => {
+            write!(f, "metadata {key} = '{}': {reason}", shown(value))
+        }
+    }
+}
+
+fn fmt_toml(
+    origin: &str,
+    table: &Option<String>,
+    _line: &Option<usize>,
+    reason: &str,
+    f: &mut fmt::Formatter<'_>,
+) -> fmt::Result {
+    match table {
+        Some(t) => write!(f, "{origin}: [{t}]: {reason}"),
+        None => write!(f, "{origin}: {reason}"),
+    }
+}
+
+fn fmt_logit(
+    value: &f32,
+    token: &usize,
+    step: &usize,
+    prompt: &usize,
+    label: &Option<String>,
+    f: &mut fmt::Formatter<'_>,
+) -> fmt::Result {
+    write!(
+        f,
+        "non-finite logit {value} (token id {token}) at generated token {step} of "
+    )?;
+    match label {
+        Some(l) => f.write_str(l),
+        None => write!(f, "prompt {prompt}"),
+    }
+}
+
+fn fmt_idle(
+    index: &usize,
+    layers: &[usize],
+    hook: &IdleHook,
+    f: &mut fmt::Formatter<'_>,
+) -> fmt::Result {
+    match hook {
+        IdleHook::Edit { kind, scope } => write!(
+            f,
+            "{kind} hook #{index} at layers {layers:?} touched no rows (scope {scope})"
+        ),
+        IdleHook::Capture(p) => {
+            write!(f, "capture #{index} ({p}) at layers {layers:?} saw no rows")
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn fmt_memory(
+    weights: &u64,
+    ctx: &u32,
+    streams: &u32,
+    kv: &u64,
+    need: &u64,
+    allowed_by: &str,
+    budget: &u64,
+    f: &mut fmt::Formatter<'_>,
+) -> fmt::Result {
+    use crate::text::gib;
+    write!(
+        f,
+        "not enough memory: the model ({}) plus a KV cache for one sequence of --ctx {ctx} and {streams} prefix streams ({}) and llama.cpp's buffers need about {}, but {allowed_by} allows {}; lower --ctx or --batch, or use a smaller quantization",
+        gib(*weights),
+        gib(*kv),
+        gib(*need),
+        gib(*budget)
+    )
 }
 
 impl Error {
@@ -47,6 +729,758 @@ impl Error {
             },
         }
     }
+    /// This error, found in the contents of the file `path`.
+    pub fn in_file(self, path: impl Into<PathBuf>) -> Error {
+        Error::In {
+            path: path.into(),
+            err: Box::new(self),
+        }
+    }
+    /// A record of an input at `at` that does not parse.
+    pub fn record(at: At, reason: impl Into<String>) -> Error {
+        Error::Record {
+            at,
+            reason: reason.into(),
+        }
+    }
+    /// `flag` = `value` refused for `why`.
+    pub fn flag(flag: &str, value: Option<String>, why: impl Into<String>) -> Error {
+        Error::Flag {
+            flag: flag.to_string(),
+            value,
+            problem: FlagProblem::Other(why.into()),
+        }
+    }
+    /// `flag` = `value` outside `lo` to `hi`.
+    pub fn flag_range(
+        flag: &str,
+        value: impl ToString,
+        lo: impl ToString,
+        hi: impl ToString,
+    ) -> Error {
+        Error::Flag {
+            flag: flag.to_string(),
+            value: Some(value.to_string()),
+            problem: FlagProblem::Range {
+                lo: lo.to_string(),
+                hi: hi.to_string(),
+            },
+        }
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    //! Each typed variant comes from a real failure, carries its values, and prints the text
+    //! the untyped message had (the `format!` calls here are the ones the sites used).
+
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::directions::{cosine_per_layer, cvec, Direction, DirectionFile};
+    use crate::hooks::{Edit, EditKind, HookPoint, HookSet, LayerSet, Scope, Site};
+    use crate::prompts::load::{self, Format};
+
+    /// No typed variant has a source: the binary's one-line chain prints each cause once.
+    fn one_line(e: &Error) -> String {
+        assert!(std::error::Error::source(e).is_none(), "{e:?}");
+        e.to_string()
+    }
+
+    #[test]
+    fn a_layer_out_of_range_carries_the_layer_the_count_and_the_list() {
+        let e = LayerSet::parse("3,9", 8).unwrap_err();
+        let Error::Layer {
+            layer,
+            n_layer,
+            of: LayerOf::List(ref list),
+        } = e
+        else {
+            panic!("{e:?}")
+        };
+        assert_eq!((layer, n_layer, list.as_str()), (9, 8, "3,9"));
+        let (s, v) = ("3,9", 9);
+        assert_eq!(
+            one_line(&e),
+            format!(
+                "layers '{s}': layer {v} out of range ({n_layer} layers, 0-{})",
+                n_layer - 1
+            )
+        );
+        // A window is reported as the range it stands for.
+        let e = LayerSet::parse("6+3", 8).unwrap_err();
+        assert!(
+            matches!(e, Error::Layer { layer: 8, n_layer: 8, of: LayerOf::List(ref l) } if l == "6-8")
+        );
+
+        let mut hs = HookSet::new(2, 3);
+        let e = hs
+            .add_edit(Edit::add([(5, vec![0.0; 3])].into(), Scope::All))
+            .unwrap_err();
+        assert!(matches!(
+            e,
+            Error::Layer {
+                layer: 5,
+                n_layer: 2,
+                of: LayerOf::Hook
+            }
+        ));
+        assert_eq!(
+            one_line(&e),
+            format!("hook at layer {}: out of range ({} layers)", 5, 2)
+        );
+
+        let d = Direction {
+            name: "x".into(),
+            rows: vec![vec![1.0, 2.0]; 4],
+        };
+        let e = cvec::export(&d, "llama", 1.0, &[0]).unwrap_err();
+        assert!(matches!(
+            e,
+            Error::Layer {
+                layer: 0,
+                n_layer: 4,
+                of: LayerOf::CvecExport
+            }
+        ));
+        assert_eq!(
+            one_line(&e),
+            "layer 0 cannot be exported: llama.cpp control vectors start at layer 1"
+        );
+        let e = cvec::export(&d, "llama", 1.0, &[4]).unwrap_err();
+        assert!(matches!(
+            e,
+            Error::Layer {
+                layer: 4,
+                n_layer: 4,
+                ..
+            }
+        ));
+        assert_eq!(
+            one_line(&e),
+            format!("layer {} out of range ({} layers)", 4, d.n_layer())
+        );
+        let e = Error::Layer {
+            layer: 0,
+            n_layer: 30,
+            of: LayerOf::ControlVector,
+        };
+        assert_eq!(
+            one_line(&e),
+            format!("native control vector at layer {}: llama.cpp has slots for layers 1-{} only (use a hook add for layer 0)", 0, 30 - 1)
+        );
+    }
+
+    #[test]
+    fn a_bad_layer_list_names_the_list_and_the_part() {
+        let cases: [(&str, LayersProblem, String); 5] = [
+            (
+                "5-3",
+                LayersProblem::Reversed { from: 5, to: 3 },
+                format!("layers '{}': window {}-{} is empty", "5-3", 5, 3),
+            ),
+            (
+                "3,x",
+                LayersProblem::NotNumber("x".into()),
+                format!("layers '{}': '{}' is not a layer number", "3,x", "x"),
+            ),
+            (
+                "-1",
+                LayersProblem::Negative(-1),
+                format!("layers '{}': layer {} is negative", "-1", -1),
+            ),
+            (
+                "a+2",
+                LayersProblem::NotWindow,
+                format!("'{}' is not a window S+W", "a+2"),
+            ),
+            (
+                "3+0",
+                LayersProblem::EmptyWindow,
+                format!("window '{}' is empty", "3+0"),
+            ),
+        ];
+        for (s, want, text) in cases {
+            let e = LayerSet::parse(s, 8).unwrap_err();
+            match &e {
+                Error::Layers { list, problem } => {
+                    assert_eq!((list.as_str(), problem), (s, &want))
+                }
+                _ => panic!("{e:?}"),
+            }
+            assert_eq!(one_line(&e), text);
+        }
+        let v: toml::Value = toml::from_str("x = [1, \"2\"]\ny = 1.5").unwrap();
+        let e = LayerSet::from_toml(&v["x"], 8).unwrap_err();
+        assert!(matches!(
+            e,
+            Error::Layers { ref list, problem: LayersProblem::NotLayerValue } if list == "\"2\""
+        ));
+        assert_eq!(one_line(&e), format!("{} is not a layer number", v["x"][1]));
+        let e = LayerSet::from_toml(&v["y"], 8).unwrap_err();
+        assert_eq!(one_line(&e), format!("{} is not a layer list", v["y"]));
+    }
+
+    #[test]
+    fn unknown_names_list_the_known_ones() {
+        let e = "attn_out".parse::<Site>().unwrap_err();
+        assert!(matches!(
+            e,
+            Error::Unknown { what: Named::HookSite, name: Some(ref n), ref known }
+                if n == "attn_out" && known == &["resid_post"]
+        ));
+        let known = ["resid_post"];
+        assert_eq!(
+            one_line(&e),
+            format!(
+                "'{}' is not a hook site (known: {})",
+                "attn_out",
+                known.join(", ")
+            )
+        );
+        let e = "resid_pre.3".parse::<HookPoint>().unwrap_err();
+        assert!(matches!(
+            e,
+            Error::Unknown {
+                what: Named::HookPoint,
+                ..
+            }
+        ));
+        assert_eq!(
+            one_line(&e),
+            format!(
+                "'{}' is not a hook point (expected resid_post.L or a layer number L >= 0)",
+                "resid_pre.3"
+            )
+        );
+        let e = crate::prompts::builtin("nope").unwrap_err();
+        assert!(
+            matches!(e, Error::Unknown { what: Named::PromptSet, ref known, .. } if known.len() == 5)
+        );
+        assert_eq!(
+            one_line(&e),
+            format!("no built-in prompt set '{}' (harmful, harmless, neutral, harmful_train, harmless_train)", "nope")
+        );
+        let e = "x".parse::<crate::judge::JudgeKind>().unwrap_err();
+        assert!(matches!(
+            e,
+            Error::Unknown {
+                what: Named::JudgeKind,
+                ..
+            }
+        ));
+        assert_eq!(
+            one_line(&e),
+            format!(
+                "unknown judge kind '{}', expected strongreject or llamaguard",
+                "x"
+            )
+        );
+        let e = crate::studies::quant::ftype("Q9").unwrap_err();
+        assert!(
+            matches!(e, Error::Unknown { what: Named::QuantType, name: Some(ref n), .. } if n == "Q9")
+        );
+        assert!(one_line(&e).starts_with("unknown quantization type 'Q9' (known: F32, "));
+
+        let d = |n: &str| Direction {
+            name: n.into(),
+            rows: vec![vec![1.0, 2.0]],
+        };
+        let f = DirectionFile::new(vec![d("a"), d("b\n")], BTreeMap::new()).unwrap();
+        let e = f.get(Some("zzz")).unwrap_err();
+        assert!(
+            matches!(e, Error::Unknown { what: Named::Direction, name: Some(ref n), ref known } if n == "zzz" && known == &["a", "b\n"])
+        );
+        let names = || {
+            f.directions
+                .iter()
+                .map(|d| shown(&d.name))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        assert_eq!(
+            one_line(&e),
+            format!("no direction '{}' (has: {})", "zzz", names())
+        );
+        let e = f.get(None).unwrap_err();
+        assert!(matches!(e, Error::Unknown { name: None, .. }));
+        assert_eq!(
+            one_line(&e),
+            format!("several directions ({}); name one", names())
+        );
+    }
+
+    #[test]
+    fn flags_and_sizes_carry_the_flag_the_value_and_the_range() {
+        let o = crate::model::ModelOptions {
+            threads: 0,
+            ..Default::default()
+        };
+        let e = o.validate().unwrap_err();
+        assert!(matches!(
+            e,
+            Error::Flag { ref flag, value: Some(ref v), problem: FlagProblem::Range { ref lo, ref hi } }
+                if flag == "--threads" && v == "0" && lo == "1" && hi == "512"
+        ));
+        assert_eq!(
+            one_line(&e),
+            format!("--threads {} is out of range (1 to {})", 0, 512)
+        );
+        let o = crate::model::ModelOptions {
+            max_memory: Some(1),
+            ..Default::default()
+        };
+        assert_eq!(
+            one_line(&o.validate().unwrap_err()),
+            format!(
+                "--max-memory {} is out of range (16 MiB to 1 PiB)",
+                crate::memory::gib(1)
+            )
+        );
+        let o = crate::model::ModelOptions {
+            batch: 8,
+            parallel: 16,
+            ..Default::default()
+        };
+        assert_eq!(
+            one_line(&o.validate().unwrap_err()),
+            format!("--batch {} is below --parallel {}: a generation step decodes one token of every sequence in one call", 8, 16)
+        );
+        let d = Direction {
+            name: "x".into(),
+            rows: vec![vec![1.0]; 2],
+        };
+        let e = cvec::export(&d, "any", f32::NAN, &[1]).unwrap_err();
+        assert_eq!(
+            one_line(&e),
+            format!("coefficient {} is not finite", f32::NAN)
+        );
+
+        let e = crate::memory::parse_size("8X").unwrap_err();
+        assert!(matches!(
+            e,
+            Error::Size { ref text, problem: SizeProblem::Unit(ref u) } if text == "8X" && u == "X"
+        ));
+        let (s, unit) = ("8X", "X");
+        assert_eq!(
+            one_line(&e),
+            format!("'{s}': unknown unit '{unit}' (use K, M, G or T)")
+        );
+        let s = "G";
+        assert_eq!(
+            one_line(&crate::memory::parse_size(s).unwrap_err()),
+            format!("'{s}' is not a size (e.g. 8G, 512M)")
+        );
+        let s = "0";
+        assert_eq!(
+            one_line(&crate::memory::parse_size(s).unwrap_err()),
+            format!("'{s}' is not a positive size")
+        );
+    }
+
+    #[test]
+    fn shapes_and_values_name_both_sides_and_the_layer() {
+        let mut hs = HookSet::new(2, 3);
+        let e = hs
+            .add_edit(Edit::add([(1, vec![0.0; 2])].into(), Scope::All))
+            .unwrap_err();
+        assert!(matches!(
+            e,
+            Error::Shape {
+                what: Shaped::HookVector,
+                got: 2,
+                want: 3
+            }
+        ));
+        assert_eq!(
+            one_line(&e),
+            format!("hook vector has {} dims, the model has n_embd {}", 2, 3)
+        );
+
+        let a = Direction {
+            name: "a".into(),
+            rows: vec![vec![1.0, 0.0, 0.0], vec![0.0; 3]],
+        };
+        let b = Direction {
+            name: "b".into(),
+            rows: vec![vec![1.0, 0.0, 0.0]],
+        };
+        let e = cosine_per_layer(&a, &b).unwrap_err();
+        assert!(matches!(
+            e,
+            Error::Shapes {
+                what: ShapesOf::Compare,
+                a_shape: [2, 3],
+                b_shape: [1, 3],
+                ..
+            }
+        ));
+        assert_eq!(
+            one_line(&e),
+            format!(
+                "cannot compare {} [{}x{}] with {} [{}x{}]",
+                a.name,
+                a.n_layer(),
+                a.n_embd(),
+                b.name,
+                b.n_layer(),
+                b.n_embd()
+            )
+        );
+        let e = cosine_per_layer(&a, &a).unwrap_err();
+        assert!(matches!(
+            e,
+            Error::Value { what: ValueOf::CosineNorm(ref n), layer: 1, value } if n == "a" && value == 0.0
+        ));
+        assert_eq!(
+            one_line(&e),
+            format!(
+                "{} has norm {} at layer {}: its cosine is undefined",
+                "a", 0f64, 1
+            )
+        );
+        let e = DirectionFile::new(vec![a.clone(), b.clone()], BTreeMap::new()).unwrap_err();
+        assert!(matches!(
+            e,
+            Error::Shapes { what: ShapesOf::Save, ref a, ref b, b_shape: [2, 3], .. } if a == "b" && b == "a"
+        ));
+        assert_eq!(
+            one_line(&e),
+            format!("direction {} is not [{} x {}]", "b", 2, 3)
+        );
+        let mut c = a.clone();
+        c.rows[1][2] = f32::INFINITY;
+        let e = DirectionFile::new(vec![c], BTreeMap::new()).unwrap_err();
+        assert!(matches!(
+            e,
+            Error::Value {
+                what: ValueOf::Saved(_),
+                layer: 1,
+                ..
+            }
+        ));
+        assert_eq!(
+            one_line(&e),
+            format!(
+                "direction {} holds {} at layer {}: not written",
+                "a",
+                f32::INFINITY,
+                1
+            )
+        );
+        let e = Edit::project([(4, vec![0.0, 0.0])].into(), Scope::All).unwrap_err();
+        assert!(matches!(
+            e,
+            Error::Value {
+                what: ValueOf::Projection,
+                layer: 4,
+                ..
+            }
+        ));
+        assert_eq!(
+            one_line(&e),
+            format!("projection direction at layer {} has norm {}", 4, 0f64)
+        );
+        let d = Direction {
+            name: "x".into(),
+            rows: vec![vec![3e38, 1.0]; 2],
+        };
+        let e = cvec::export(&d, "any", 2.0, &[1]).unwrap_err();
+        assert!(matches!(
+            e,
+            Error::Value { what: ValueOf::Overflow { coefficient, .. }, layer: 1, .. } if coefficient == 2.0
+        ));
+        assert_eq!(
+            one_line(&e),
+            format!(
+                "{} x {} overflows f32 at layer {}; use a smaller coefficient",
+                2f32, "x", 1
+            )
+        );
+        let e = Error::ArchMismatch {
+            directions: "qwen\n2".into(),
+            model: "llama".into(),
+        };
+        assert_eq!(
+            one_line(&e),
+            format!(
+                "directions are for arch '{}', the model is '{}'",
+                shown("qwen\n2"),
+                "llama"
+            )
+        );
+    }
+
+    #[test]
+    fn records_and_tensors_carry_where_they_are_and_the_file_wraps_them() {
+        let e = load::parse(
+            b"{\"instruction\":\"a\"}\n\n{bad\n",
+            Format::Jsonl,
+            None,
+            "t",
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::Record {
+                    at: At::Line(3),
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(one_line(&e).starts_with("line 3: invalid JSON: "));
+        let e = load::parse(b"[1]", Format::Json, None, "t").unwrap_err();
+        assert!(matches!(
+            e,
+            Error::Record {
+                at: At::Element(0),
+                ..
+            }
+        ));
+        assert_eq!(
+            one_line(&e),
+            format!("element {}: expected an object or a string", 0)
+        );
+        let e = load::parse(b"[\"a\", \" \"]", Format::Json, None, "t").unwrap_err();
+        assert!(matches!(
+            e,
+            Error::Record {
+                at: At::Instruction(2),
+                ..
+            }
+        ));
+        assert_eq!(one_line(&e), format!("instruction {} is empty", 1 + 1));
+
+        // A file puts its path in front, around the same record.
+        let dir = std::env::temp_dir().join(format!("pg-error-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("set.jsonl");
+        std::fs::write(&path, "{\"x\": 1}\n").unwrap();
+        let e = load::load(&path, None).unwrap_err();
+        match &e {
+            Error::In { path: p, err } => {
+                assert_eq!(p, &path);
+                assert!(
+                    matches!(
+                        **err,
+                        Error::Record {
+                            at: At::Line(1),
+                            ..
+                        }
+                    ),
+                    "{err:?}"
+                );
+            }
+            _ => panic!("{e:?}"),
+        }
+        assert!(one_line(&e).starts_with(&format!(
+            "{}: line 1: no instruction field (looked for ",
+            path.display()
+        )));
+
+        // A tensor of a direction file, by name.
+        let f = DirectionFile::new(
+            vec![Direction {
+                name: "a".into(),
+                rows: vec![vec![1.0, 2.0]],
+            }],
+            BTreeMap::new(),
+        )
+        .unwrap();
+        let b = f.to_bytes();
+        let at = b.windows(5).position(|w| w == b"\"F32\"").unwrap();
+        let mut c = b.clone();
+        c[at + 1..at + 4].copy_from_slice(b"F16");
+        let e = DirectionFile::from_bytes(&c).unwrap_err();
+        assert!(matches!(
+            e,
+            Error::Tensor { ref tensor, problem: TensorProblem::Dtype(ref d) } if tensor == "a" && d == "F16"
+        ));
+        assert_eq!(
+            one_line(&e),
+            format!("tensor '{}': dtype {}, expected F32", "a", "F16")
+        );
+        let path = dir.join("d.safetensors");
+        std::fs::write(&path, &c).unwrap();
+        let e = DirectionFile::load(&path).unwrap_err();
+        assert!(matches!(e, Error::In { ref err, .. } if matches!(**err, Error::Tensor { .. })));
+        assert_eq!(
+            one_line(&e),
+            format!(
+                "{}: tensor '{}': dtype {}, expected F32",
+                path.display(),
+                "a",
+                "F16"
+            )
+        );
+        let e = DirectionFile::from_bytes(&b[..4]).unwrap_err();
+        assert!(matches!(e, Error::Record { at: At::Whole, .. }));
+        assert_eq!(
+            one_line(&e),
+            format!("too short for safetensors ({} bytes)", 4)
+        );
+        let e = cvec::import(b"GGUF").unwrap_err();
+        assert!(matches!(e, Error::GgufData(_)), "{e:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn toml_templates_and_samples() {
+        let e = crate::prompts::parse_personas(
+            "[x]\ndescription='d'\npositive=[]\nnegative=['n']",
+            "t",
+        )
+        .unwrap_err();
+        assert!(matches!(
+            e,
+            Error::Toml { ref origin, table: Some(ref t), .. } if origin == "t" && t == "x"
+        ));
+        let (origin, name) = ("t", "x");
+        assert_eq!(
+            one_line(&e),
+            format!("{origin}: [{name}]: positive and negative must each have at least one prompt")
+        );
+        let src = "[x]\ndescription='d'\npositive=['p']\nnegative=['n']\nextra=1";
+        let e = crate::prompts::parse_personas(src, "t").unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::Toml {
+                    table: None,
+                    line: Some(1..=5),
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        let msg = toml::from_str::<BTreeMap<String, crate::prompts::Persona>>(src)
+            .unwrap_err()
+            .message()
+            .to_string();
+        assert_eq!(one_line(&e), format!("{origin}: {msg}"));
+
+        let e = crate::judge::Template::parse("=== user ===\n{{prompt}}\n", "j.txt").unwrap_err();
+        assert!(matches!(
+            e,
+            Error::JudgeTemplate { ref origin, problem: TemplateProblem::NoPlaceholder("response") } if origin == "j.txt"
+        ));
+        let (origin, p) = ("j.txt", "response");
+        let m = format!("the user section has no {{{{{p}}}}}");
+        assert_eq!(one_line(&e), format!("judge template {origin}: {m}"));
+        let e = crate::judge::Template::parse("=== bogus ===\n", "j").unwrap_err();
+        assert_eq!(
+            one_line(&e),
+            "judge template j: unknown section 'bogus' (system, user, assistant)"
+        );
+
+        let v = crate::prompts::builtin("harmful").unwrap();
+        let e = load::sample(v, Some(99), 1).unwrap_err();
+        assert!(matches!(e, Error::Sample { n: 99, have: 16 }));
+        assert_eq!(
+            one_line(&e),
+            format!("n = {} but the set has {} prompts", 99, 16)
+        );
+    }
+
+    #[test]
+    fn run_failures_carry_their_numbers() {
+        let mut hs = HookSet::new(2, 2);
+        hs.add_edit(Edit::add(
+            [(1, vec![1.0, 1.0])].into(),
+            Scope::only(vec![1]),
+        ))
+        .unwrap();
+        let e = hs.check_touched().unwrap_err();
+        assert!(matches!(
+            e,
+            Error::Run(RunError::HookIdle { index: 0, ref layers, hook: IdleHook::Edit { ref kind, .. } }) if layers == &[1] && kind == "Add"
+        ));
+        assert_eq!(
+            one_line(&e),
+            format!(
+                "{:?} hook #{} at layers {:?} touched no rows (scope {:?})",
+                EditKind::Add,
+                0,
+                vec![1usize],
+                Scope::only(vec![1])
+            )
+        );
+
+        let fp = crate::memory::Footprint {
+            weights: 700 << 20,
+            kv_per_cell: 1 << 14,
+            n_vocab: 32000,
+            n_embd: 1024,
+        };
+        let budget = crate::memory::Budget {
+            bytes: 1 << 20,
+            source: "--max-memory".into(),
+        };
+        let (ctx, batch) = (1024, 512);
+        let e = crate::memory::fit(&fp, &budget, ctx, batch, 16).unwrap_err();
+        assert!(matches!(
+            e,
+            Error::Run(RunError::Memory {
+                ctx: 1024,
+                budget: 1048576,
+                ..
+            })
+        ));
+        use crate::memory::gib;
+        assert_eq!(
+            one_line(&e),
+            format!(
+                "not enough memory: the model ({}) plus a KV cache for one sequence of --ctx {ctx} and {} prefix streams ({}) and llama.cpp's buffers need about {}, but {} allows {}; lower --ctx or --batch, or use a smaller quantization",
+                gib(fp.weights),
+                crate::memory::CACHE_STREAMS,
+                gib(fp.kv(ctx, 1)),
+                gib(fp.need(ctx, batch, 1)),
+                budget.source,
+                gib(budget.bytes)
+            )
+        );
+
+        let e = Error::Run(RunError::PromptTooLong {
+            prompt: 2,
+            tokens: 900,
+            max_new: 200,
+            ctx: 1024,
+        });
+        let (i, max_new, ctx) = (2, 200, 1024);
+        assert_eq!(
+            one_line(&e),
+            format!(
+                "prompt {i} needs {} tokens + {max_new} new > --ctx {ctx} per sequence; shorten it or raise --ctx",
+                900,
+            )
+        );
+        for (label, whose) in [
+            (None, "prompt 3".to_string()),
+            (
+                Some("condition A, prompt 3".to_string()),
+                "condition A, prompt 3".into(),
+            ),
+        ] {
+            let e = Error::Run(RunError::NonFiniteLogit {
+                value: f32::NAN,
+                token: 7,
+                step: 4,
+                prompt: 3,
+                label,
+            });
+            assert_eq!(
+                one_line(&e),
+                format!(
+                    "non-finite logit {} (token id {}) at generated token {} of {whose}",
+                    f32::NAN,
+                    7,
+                    4
+                )
+            );
+        }
+    }
+}

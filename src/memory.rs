@@ -11,8 +11,10 @@
 
 use std::path::Path;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, RunError, SizeProblem};
 use crate::gguf::Gguf;
+/// Memory sizes as `info` and the errors print them.
+pub use crate::text::gib;
 
 const MIB: u64 = 1 << 20;
 
@@ -157,37 +159,31 @@ fn room(max: &str, current: &str) -> Option<u64> {
 /// `8G`, `512M`, `2.5GiB`, `1000000` (bytes) → bytes.
 ///
 /// # Errors
-/// Not a size.
-pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
+/// [`Error::Size`]: not a number, an unknown unit, or not a positive size.
+pub fn parse_size(s: &str) -> Result<u64> {
+    let bad = |problem| Error::Size {
+        text: s.to_string(),
+        problem,
+    };
     let t = s.trim();
     let split = t
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let x: f64 = num
-        .parse()
-        .map_err(|_| format!("'{s}' is not a size (e.g. 8G, 512M)"))?;
+    let x: f64 = num.parse().map_err(|_| bad(SizeProblem::NotSize))?;
     let mul = match unit.trim().to_ascii_uppercase().as_str() {
         "" | "B" => 1u64,
         "K" | "KB" | "KIB" => 1 << 10,
         "M" | "MB" | "MIB" => 1 << 20,
         "G" | "GB" | "GIB" => 1 << 30,
         "T" | "TB" | "TIB" => 1 << 40,
-        _ => return Err(format!("'{s}': unknown unit '{unit}' (use K, M, G or T)")),
+        _ => return Err(bad(SizeProblem::Unit(unit.to_string()))),
     };
     let b = x * mul as f64;
     if !(b.is_finite() && b >= 1.0) {
-        return Err(format!("'{s}' is not a positive size"));
+        return Err(bad(SizeProblem::NotPositive));
     }
     Ok(b as u64)
-}
-
-pub fn gib(b: u64) -> String {
-    if b >= 1 << 30 {
-        format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)
-    } else {
-        format!("{:.0} MiB", b as f64 / MIB as f64)
-    }
 }
 
 /// The number of parallel sequences to run: `parallel` if it fits `budget`, else the most
@@ -221,15 +217,15 @@ pub fn fit(
                 gib(budget.bytes)
             )),
         )),
-        None => Err(Error::Invalid(format!(
-            "not enough memory: the model ({}) plus a KV cache for one sequence of --ctx {ctx} and {} prefix streams ({}) and llama.cpp's buffers need about {}, but {} allows {}; lower --ctx or --batch, or use a smaller quantization",
-            gib(fp.weights),
-            CACHE_STREAMS,
-            gib(fp.kv(ctx, 1)),
-            gib(fp.need(ctx, batch, 1)),
-            budget.source,
-            gib(budget.bytes)
-        ))),
+        None => Err(Error::Run(RunError::Memory {
+            weights: fp.weights,
+            ctx,
+            streams: CACHE_STREAMS,
+            kv: fp.kv(ctx, 1),
+            need: fp.need(ctx, batch, 1),
+            allowed_by: budget.source.clone(),
+            budget: budget.bytes,
+        })),
     }
 }
 

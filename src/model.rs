@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, RunError};
 use crate::ffi;
 use crate::gguf::{self, Gguf};
 use crate::memory;
@@ -115,43 +115,45 @@ impl ModelOptions {
     /// # Errors
     /// Names the flag and its range.
     pub fn validate(&self) -> Result<()> {
-        let bad = |m: String| Err(Error::Invalid(m));
         if !(1..=MAX_THREADS).contains(&self.threads) {
-            return bad(format!(
-                "--threads {} is out of range (1 to {MAX_THREADS})",
-                self.threads
-            ));
+            return Err(Error::flag_range("--threads", self.threads, 1, MAX_THREADS));
         }
         if !(1..=MAX_PARALLEL).contains(&self.parallel) {
-            return bad(format!(
-                "--parallel {} is out of range (1 to {MAX_PARALLEL})",
-                self.parallel
+            return Err(Error::flag_range(
+                "--parallel",
+                self.parallel,
+                1,
+                MAX_PARALLEL,
             ));
         }
+        let batch = || Some(self.batch.to_string());
         if self.batch < 8 {
-            return bad(format!(
-                "--batch {} is too small (at least 8 tokens per decode call)",
-                self.batch
+            return Err(Error::flag(
+                "--batch",
+                batch(),
+                "is too small (at least 8 tokens per decode call)",
             ));
         }
         if self.batch < self.parallel {
-            return bad(format!(
-                "--batch {} is below --parallel {}: a generation step decodes one token of every sequence in one call",
-                self.batch, self.parallel
+            return Err(Error::flag(
+                "--batch",
+                batch(),
+                format!(
+                    "is below --parallel {}: a generation step decodes one token of every sequence in one call",
+                    self.parallel
+                ),
             ));
         }
         if self.ctx == 0 || self.ctx > 1 << 20 {
-            return bad(format!(
-                "--ctx {} is out of range (1 to {})",
-                self.ctx,
-                1 << 20
-            ));
+            return Err(Error::flag_range("--ctx", self.ctx, 1, 1 << 20));
         }
         if let Some(m) = self.max_memory {
             if !(16 << 20..=1 << 50).contains(&m) {
-                return bad(format!(
-                    "--max-memory {} is out of range (16 MiB to 1 PiB)",
-                    memory::gib(m)
+                return Err(Error::flag_range(
+                    "--max-memory",
+                    memory::gib(m),
+                    "16 MiB",
+                    "1 PiB",
                 ));
             }
         }
@@ -270,12 +272,12 @@ impl Model {
             );
         }
         if let Some(msg) = crate::cpu::refusal() {
-            return Err(Error::Invalid(
+            return Err(Error::Run(RunError::Unsupported(
                 msg.trim_start_matches("persona-gate: ").to_string(),
-            ));
+            )));
         }
         ffi::set_row_invariant(options.kernels == Kernels::Invariant)
-            .map_err(|e| Error::Invalid(e.to_string()))?;
+            .map_err(|e| Error::Run(RunError::Unsupported(e)))?;
         let raw = ffi::Model::load(
             path,
             &ffi::LoadParams {

@@ -44,6 +44,15 @@ pub fn shown(s: &str) -> String {
     out
 }
 
+/// A byte count as people read memory sizes: GiB with two decimals from 1 GiB on, else MiB.
+pub fn gib(b: u64) -> String {
+    if b >= 1 << 30 {
+        format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)
+    } else {
+        format!("{:.0} MiB", b as f64 / (1u64 << 20) as f64)
+    }
+}
+
 /// A table as CSV bytes: the header, then each row (quoted where needed).
 pub fn csv_table<R: AsRef<[String]>>(
     header: &[&str],

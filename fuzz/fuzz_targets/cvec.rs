@@ -9,6 +9,7 @@ fuzz_target!(|data: &[u8]| {
     let f = match cvec::import(data) {
         Ok(f) => f,
         Err(e) => {
+            let e = e.to_string();
             assert!(!e.contains(char::is_control), "{e:?}");
             return;
         }

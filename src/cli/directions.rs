@@ -132,9 +132,7 @@ pub fn export_cvec(a: &ExportCvecArgs, out: &mut dyn Write) -> anyhow::Result<()
         .context("--layers")?
         .into_vec();
     let arch = f.meta.get("arch").cloned().unwrap_or_else(|| "any".into());
-    let bytes = cvec::export(d, &arch, a.coefficient, &layers)
-        .map_err(anyhow::Error::msg)
-        .context("export-cvec")?;
+    let bytes = cvec::export(d, &arch, a.coefficient, &layers).context("export-cvec")?;
     super::write_file(&a.out, &bytes)?;
     writeln!(
         out,

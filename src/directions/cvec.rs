@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use std::io::Cursor;
 
 use super::{Direction, DirectionFile};
+use crate::error::{At, Empty, Error, LayerOf, Result, TensorProblem, ValueOf};
 use crate::gguf::{Gguf, Writer};
-use crate::text::shown;
 
 /// Bounds on an imported control vector, far above any model (the largest have ~130 layers
 /// and n_embd ~16k), so a corrupt layer index cannot make us allocate gigabytes of zero rows.
@@ -19,41 +19,45 @@ const MAX_ELEMENTS: usize = 1 << 26;
 /// out (llama.cpp treats them as zero).
 ///
 /// # Errors
-/// Layer 0 (llama.cpp has no slot for it), a layer out of range, a row of zeros (such as a
-/// layer missing from the control vector the direction was imported from), a non-finite
-/// coefficient.
-pub fn export(
-    d: &Direction,
-    arch: &str,
-    coefficient: f32,
-    layers: &[usize],
-) -> Result<Vec<u8>, String> {
+/// Layer 0 (llama.cpp has no slot for it) or a layer out of range ([`Error::Layer`]), a row
+/// of zeros (such as a layer missing from the control vector the direction was imported
+/// from) or one that overflows times the coefficient ([`Error::Value`]), a non-finite
+/// coefficient ([`Error::Flag`]), no layers.
+pub fn export(d: &Direction, arch: &str, coefficient: f32, layers: &[usize]) -> Result<Vec<u8>> {
     if !coefficient.is_finite() {
-        return Err(format!("coefficient {coefficient} is not finite"));
+        return Err(Error::flag(
+            "coefficient",
+            Some(coefficient.to_string()),
+            "is not finite",
+        ));
     }
     if layers.is_empty() {
-        return Err("no layers to export".into());
+        return Err(Error::Empty(Empty::ExportLayers));
     }
     for &l in layers {
-        if l == 0 {
-            return Err(
-                "layer 0 cannot be exported: llama.cpp control vectors start at layer 1".into(),
-            );
+        if l == 0 || l >= d.n_layer() {
+            return Err(Error::Layer {
+                layer: l,
+                n_layer: d.n_layer(),
+                of: LayerOf::CvecExport,
+            });
         }
-        if l >= d.n_layer() {
-            return Err(format!("layer {l} out of range ({} layers)", d.n_layer()));
-        }
-        if d.rows[l].iter().any(|&x| !(x * coefficient).is_finite()) {
-            return Err(format!(
-                "{coefficient} x {} overflows f32 at layer {l}; use a smaller coefficient",
-                d.name
-            ));
+        if let Some(&x) = d.rows[l].iter().find(|&&x| !(x * coefficient).is_finite()) {
+            return Err(Error::Value {
+                what: ValueOf::Overflow {
+                    name: d.name.clone(),
+                    coefficient,
+                },
+                layer: l,
+                value: f64::from(x),
+            });
         }
         if d.rows[l].iter().all(|&x| x == 0.0) {
-            return Err(format!(
-                "{} is zero at layer {l} (a layer missing from the control vector it came from?)",
-                d.name
-            ));
+            return Err(Error::Value {
+                what: ValueOf::Zero(d.name.clone()),
+                layer: l,
+                value: 0.0,
+            });
         }
     }
     let mut w = Writer::new();
@@ -74,47 +78,46 @@ pub fn export(
 /// against a model (`DirectionFile::check_model` does).
 ///
 /// # Errors
-/// Not a GGUF, a tensor not named `direction.<il>` with il ≥ 1, not F32 1-D, sizes differ.
-pub fn import(bytes: &[u8]) -> Result<DirectionFile, String> {
-    let g = Gguf::parse(Cursor::new(bytes), bytes.len() as u64).map_err(|e| e.to_string())?;
+/// Not a GGUF ([`Error::GgufData`]); a tensor not named `direction.<il>` with il ≥ 1, not
+/// F32 1-D, of another size than the others, or past the end ([`Error::Tensor`]); no
+/// tensors or too many values ([`Error::Record`]); a NaN or inf ([`Error::Value`]).
+pub fn import(bytes: &[u8]) -> Result<DirectionFile> {
+    let g = Gguf::parse(Cursor::new(bytes), bytes.len() as u64).map_err(Error::GgufData)?;
     let mut rows: BTreeMap<usize, Vec<f32>> = BTreeMap::new();
     let mut n_embd = None;
     for t in &g.tensors {
+        let bad = |problem| Error::Tensor {
+            tensor: t.name.clone(),
+            problem,
+        };
         let il: usize = t
             .name
             .strip_prefix("direction.")
             .and_then(|s| s.parse().ok())
-            .ok_or_else(|| format!("tensor '{}' is not named direction.<layer>", shown(&t.name)))?;
+            .ok_or_else(|| bad(TensorProblem::NotDirection))?;
         if il == 0 {
-            return Err(format!(
-                "tensor '{}': layer 0 has no control-vector slot",
-                shown(&t.name)
-            ));
+            return Err(bad(TensorProblem::Layer0));
         }
         if il >= MAX_LAYERS {
-            return Err(format!(
-                "tensor '{}': layer {il} is beyond any model (at most {MAX_LAYERS} layers)",
-                shown(&t.name)
-            ));
+            return Err(bad(TensorProblem::Beyond {
+                layer: il,
+                max: MAX_LAYERS,
+            }));
         }
         if t.ggml_type != 0 || t.dims.len() != 1 {
-            return Err(format!(
-                "tensor '{}': expected a 1-D F32 tensor",
-                shown(&t.name)
-            ));
+            return Err(bad(TensorProblem::NotF32Row));
         }
         let ne = t.dims[0] as usize;
         if *n_embd.get_or_insert(ne) != ne {
-            return Err(format!(
-                "tensor '{}' has {ne} elements, others have {}",
-                shown(&t.name),
-                n_embd.unwrap_or(0)
-            ));
+            return Err(bad(TensorProblem::Elements {
+                got: ne,
+                want: n_embd.unwrap_or(0),
+            }));
         }
         let start = t.offset as usize;
         let raw = bytes
             .get(start..start + ne * 4)
-            .ok_or_else(|| format!("tensor '{}' runs past the end of the file", shown(&t.name)))?;
+            .ok_or_else(|| bad(TensorProblem::PastEnd))?;
         rows.insert(
             il,
             raw.chunks_exact(4)
@@ -122,11 +125,15 @@ pub fn import(bytes: &[u8]) -> Result<DirectionFile, String> {
                 .collect(),
         );
     }
-    let n_embd = n_embd.ok_or("no direction tensors in the file")?;
+    let n_embd =
+        n_embd.ok_or_else(|| Error::record(At::Whole, "no direction tensors in the file"))?;
     let n_layer = rows.keys().next_back().map_or(0, |l| l + 1);
     if n_layer.saturating_mul(n_embd) > MAX_ELEMENTS {
-        return Err(format!(
-            "{n_layer} layers x {n_embd} is larger than any model (at most {MAX_ELEMENTS} values)"
+        return Err(Error::record(
+            At::Whole,
+            format!(
+                "{n_layer} layers x {n_embd} is larger than any model (at most {MAX_ELEMENTS} values)"
+            ),
         ));
     }
     let layers: Vec<String> = rows.keys().map(usize::to_string).collect();
@@ -149,7 +156,6 @@ pub fn import(bytes: &[u8]) -> Result<DirectionFile, String> {
         }],
         meta,
     )
-    .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
@@ -179,7 +185,9 @@ mod tests {
         assert!(export(&d, "llama", f32::NAN, &[1]).is_err());
         assert!(export(&d, "llama", 1.0, &[4]).is_err());
         // A layer the imported file did not have is zero, and is not exported again.
-        let e = export(f.get(None).unwrap(), "llama", 1.0, &[2]).unwrap_err();
+        let e = export(f.get(None).unwrap(), "llama", 1.0, &[2])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("zero at layer 2"), "{e}");
         // Every cut into the header or tensor data is an error (only trailing padding may go).
         let data_end = b.len() - (crate::gguf::DEFAULT_ALIGNMENT as usize - 12);

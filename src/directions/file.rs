@@ -11,7 +11,7 @@ use std::path::Path;
 use serde_json::{json, Value};
 
 use super::Direction;
-use crate::error::{Error, Result};
+use crate::error::{At, Empty, Error, Named, Result, Shaped, ShapesOf, TensorProblem, ValueOf};
 use crate::hooks::Site;
 use crate::model::ModelInfo;
 use crate::text::shown;
@@ -71,16 +71,17 @@ impl DirectionFile {
         directions: Vec<Direction>,
         mut meta: BTreeMap<String, String>,
     ) -> Result<DirectionFile> {
-        let first = directions
-            .first()
-            .ok_or_else(|| Error::Invalid("no directions to save".into()))?;
+        let first = directions.first().ok_or(Error::Empty(Empty::Directions))?;
         let (nl, ne) = (first.n_layer(), first.n_embd());
         for d in &directions {
             if d.n_layer() != nl || d.rows.iter().any(|r| r.len() != ne) || ne == 0 {
-                return Err(Error::Invalid(format!(
-                    "direction {} is not [{nl} x {ne}]",
-                    d.name
-                )));
+                return Err(Error::Shapes {
+                    what: ShapesOf::Save,
+                    a: d.name.clone(),
+                    a_shape: [d.n_layer(), d.n_embd()],
+                    b: first.name.clone(),
+                    b_shape: [nl, ne],
+                });
             }
             // No writer of direction files puts NaN or inf in one (README, "Reliability").
             if let Some((l, r)) = d
@@ -90,10 +91,11 @@ impl DirectionFile {
                 .find(|(_, r)| r.iter().any(|x| !x.is_finite()))
             {
                 let bad = r.iter().find(|x| !x.is_finite()).expect("found");
-                return Err(Error::Invalid(format!(
-                    "direction {} holds {bad} at layer {l}: not written",
-                    d.name
-                )));
+                return Err(Error::Value {
+                    what: ValueOf::Saved(d.name.clone()),
+                    layer: l,
+                    value: f64::from(*bad),
+                });
             }
             let norms: Vec<String> = d.norms().iter().map(|n| format!("{n:.6}")).collect();
             meta.insert(format!("norms.{}", d.name), norms.join(","));
@@ -124,24 +126,19 @@ impl DirectionFile {
     /// # Errors
     /// An unknown name, or several directions and no name.
     pub fn get(&self, name: Option<&str>) -> Result<&Direction> {
-        let names = || {
-            self.directions
-                .iter()
-                .map(|d| shown(&d.name))
-                .collect::<Vec<_>>()
-                .join(", ")
+        let unknown = |name: Option<&str>| Error::Unknown {
+            what: Named::Direction,
+            name: name.map(str::to_string),
+            known: self.directions.iter().map(|d| d.name.clone()).collect(),
         };
         match name {
             Some(n) => self
                 .directions
                 .iter()
                 .find(|d| d.name == n)
-                .ok_or_else(|| Error::Invalid(format!("no direction '{n}' (has: {})", names()))),
+                .ok_or_else(|| unknown(Some(n))),
             None if self.directions.len() == 1 => Ok(&self.directions[0]),
-            None => Err(Error::Invalid(format!(
-                "several directions ({}); name one",
-                names()
-            ))),
+            None => Err(unknown(None)),
         }
     }
 
@@ -152,26 +149,25 @@ impl DirectionFile {
     pub fn check_model(&self, m: &ModelInfo) -> Result<()> {
         if let Some(arch) = self.meta.get("arch") {
             if arch != &m.arch && arch != "any" {
-                return Err(Error::Invalid(format!(
-                    "directions are for arch '{}', the model is '{}'",
-                    shown(arch),
-                    m.arch
-                )));
+                return Err(Error::ArchMismatch {
+                    directions: arch.clone(),
+                    model: m.arch.clone(),
+                });
             }
         }
         if self.n_embd() != m.n_embd {
-            return Err(Error::Invalid(format!(
-                "directions have n_embd {}, the model has {}",
-                self.n_embd(),
-                m.n_embd
-            )));
+            return Err(Error::Shape {
+                what: Shaped::DirectionsEmbd,
+                got: self.n_embd(),
+                want: m.n_embd,
+            });
         }
         if self.n_layer() != m.n_layer {
-            return Err(Error::Invalid(format!(
-                "directions have {} layers, the model has {}",
-                self.n_layer(),
-                m.n_layer
-            )));
+            return Err(Error::Shape {
+                what: Shaped::DirectionsLayers,
+                got: self.n_layer(),
+                want: m.n_layer,
+            });
         }
         Ok(())
     }
@@ -206,33 +202,47 @@ impl DirectionFile {
     /// Parses safetensors bytes (the fuzz target calls this).
     ///
     /// # Errors
-    /// A message naming the problem: header size, JSON, dtype, shape, offsets.
-    pub fn from_bytes(b: &[u8]) -> std::result::Result<DirectionFile, String> {
+    /// [`Error::Record`] for the header (size, JSON, metadata, no tensors, the hook site),
+    /// [`Error::Tensor`] naming a tensor and its dtype, shape or offsets, [`Error::Shapes`]
+    /// for tensors of different shapes.
+    pub fn from_bytes(b: &[u8]) -> Result<DirectionFile> {
+        let whole = |reason: String| Error::record(At::Whole, reason);
+        let tensor = |name: &str, problem| Error::Tensor {
+            tensor: name.to_string(),
+            problem,
+        };
         if b.len() < 8 {
-            return Err(format!("too short for safetensors ({} bytes)", b.len()));
+            return Err(whole(format!(
+                "too short for safetensors ({} bytes)",
+                b.len()
+            )));
         }
         let n = u64::from_le_bytes(b[..8].try_into().expect("8 bytes"));
         if n > MAX_HEADER || n > (b.len() - 8) as u64 {
-            return Err(format!(
+            return Err(whole(format!(
                 "corrupt safetensors header: length {n} exceeds the file ({} bytes)",
                 b.len()
-            ));
+            )));
         }
         let data = &b[8 + n as usize..];
         let header: Entries = serde_json::from_slice(&b[8..8 + n as usize])
-            .map_err(|e| format!("corrupt safetensors header: {e}"))?;
+            .map_err(|e| whole(format!("corrupt safetensors header: {e}")))?;
         let mut header = header.0;
         header.sort_by(|a, b| a.0.cmp(&b.0));
         let mut meta = BTreeMap::new();
         let mut directions = Vec::new();
         for (name, v) in &header {
             if *name == "__metadata__" {
-                let m = v.as_object().ok_or("__metadata__ is not an object")?;
+                let m = v
+                    .as_object()
+                    .ok_or_else(|| whole("__metadata__ is not an object".into()))?;
                 for (k, v) in m {
                     meta.insert(
                         k.clone(),
                         v.as_str()
-                            .ok_or_else(|| format!("metadata '{}' is not a string", shown(k)))?
+                            .ok_or_else(|| {
+                                Error::record(At::Metadata(k.clone()), "is not a string")
+                            })?
                             .to_string(),
                     );
                 }
@@ -241,39 +251,36 @@ impl DirectionFile {
             let dtype = v
                 .get("dtype")
                 .and_then(Value::as_str)
-                .ok_or_else(|| format!("tensor '{}': no dtype", shown(name)))?;
+                .ok_or_else(|| tensor(name, TensorProblem::NoDtype))?;
             if dtype != "F32" {
-                return Err(format!(
-                    "tensor '{}': dtype {}, expected F32",
-                    shown(name),
-                    shown(dtype)
-                ));
+                return Err(tensor(name, TensorProblem::Dtype(dtype.to_string())));
             }
             let shape: Vec<u64> = v
                 .get("shape")
                 .and_then(Value::as_array)
                 .and_then(|a| a.iter().map(Value::as_u64).collect())
-                .ok_or_else(|| format!("tensor '{}': bad shape", shown(name)))?;
+                .ok_or_else(|| tensor(name, TensorProblem::BadShape))?;
             let [nl, ne] = shape[..] else {
-                return Err(format!(
-                    "tensor '{}': shape {shape:?}, expected [n_layer, n_embd]",
-                    shown(name)
-                ));
+                return Err(tensor(name, TensorProblem::Shape(shape)));
             };
             let off: Vec<u64> = v
                 .get("data_offsets")
                 .and_then(Value::as_array)
                 .and_then(|a| a.iter().map(Value::as_u64).collect())
-                .ok_or_else(|| format!("tensor '{}': bad data_offsets", shown(name)))?;
+                .ok_or_else(|| tensor(name, TensorProblem::BadOffsets))?;
             let [s, e] = off[..] else {
-                return Err(format!("tensor '{}': bad data_offsets", shown(name)));
+                return Err(tensor(name, TensorProblem::BadOffsets));
             };
             let need = nl.checked_mul(ne).and_then(|x| x.checked_mul(4));
             if e < s || e > data.len() as u64 || Some(e - s) != need || nl == 0 || ne == 0 {
-                return Err(format!(
-                    "tensor '{}': offsets {s}..{e} do not fit shape {shape:?} in {} data bytes",
-                    shown(name),
-                    data.len()
+                return Err(tensor(
+                    name,
+                    TensorProblem::Offsets {
+                        start: s,
+                        end: e,
+                        shape,
+                        data: data.len(),
+                    },
                 ));
             }
             let raw = &data[s as usize..e as usize];
@@ -288,24 +295,37 @@ impl DirectionFile {
             });
         }
         if directions.is_empty() {
-            return Err("no tensors in the file".into());
+            return Err(whole("no tensors in the file".into()));
         }
         let f = DirectionFile { directions, meta };
-        let (nl, ne) = (f.n_layer(), f.n_embd());
-        if f.directions
+        let first = &f.directions[0];
+        let (nl, ne) = (first.n_layer(), first.n_embd());
+        if let Some(d) = f
+            .directions
             .iter()
-            .any(|d| d.n_layer() != nl || d.n_embd() != ne)
+            .find(|d| d.n_layer() != nl || d.n_embd() != ne)
         {
-            return Err("tensors have different shapes".into());
+            return Err(Error::Shapes {
+                what: ShapesOf::Tensors,
+                a: d.name.clone(),
+                a_shape: [d.n_layer(), d.n_embd()],
+                b: first.name.clone(),
+                b_shape: [nl, ne],
+            });
         }
         if let Some(v) = f.meta.get(HOOK_POINT_KEY) {
             match v.parse::<Site>() {
                 Ok(Site::ResidPost) => {}
                 Err(_) => {
-                    return Err(format!(
-                        "metadata {HOOK_POINT_KEY} = '{}': rows at another hook site; only {} rows (one per layer) can be used",
-                        shown(v),
-                        Site::ResidPost
+                    return Err(Error::record(
+                        At::MetadataValue {
+                            key: HOOK_POINT_KEY.to_string(),
+                            value: v.clone(),
+                        },
+                        format!(
+                            "rows at another hook site; only {} rows (one per layer) can be used",
+                            Site::ResidPost
+                        ),
                     ))
                 }
             }
@@ -325,23 +345,29 @@ impl DirectionFile {
     /// Reads a direction file: safetensors, or a llama.cpp control-vector GGUF (by magic).
     ///
     /// # Errors
-    /// Missing file, corrupt contents; the message names the path.
+    /// Missing file; corrupt contents, as [`Error::In`] the path around the error of
+    /// [`DirectionFile::from_bytes`] or [`super::cvec::import`], or a NaN or inf
+    /// ([`Error::Value`]).
     pub fn load(path: &Path) -> Result<DirectionFile> {
         let b = crate::fsio::read_input(path, "a .safetensors or control-vector .gguf file")?;
         let f = if b.starts_with(b"GGUF") {
-            super::cvec::import(&b).map_err(|e| Error::file(path, e))?
+            super::cvec::import(&b).map_err(|e| e.in_file(path))?
         } else {
-            DirectionFile::from_bytes(&b).map_err(|e| Error::file(path, e))?
+            DirectionFile::from_bytes(&b).map_err(|e| e.in_file(path))?
         };
         for d in &f.directions {
-            if let Some(l) = d.rows.iter().position(|r| r.iter().any(|x| !x.is_finite())) {
-                return Err(Error::file(
-                    path,
-                    format!(
-                        "{}: layer {l} holds NaN or inf",
-                        crate::text::shown(&d.name)
-                    ),
-                ));
+            if let Some((l, x)) = d
+                .rows
+                .iter()
+                .enumerate()
+                .find_map(|(l, r)| r.iter().find(|x| !x.is_finite()).map(|&x| (l, x)))
+            {
+                return Err(Error::Value {
+                    what: ValueOf::Loaded(d.name.clone()),
+                    layer: l,
+                    value: f64::from(x),
+                }
+                .in_file(path));
             }
         }
         Ok(f)
@@ -390,11 +416,13 @@ mod tests {
         c[5] = 0x7f;
         assert!(DirectionFile::from_bytes(&c)
             .unwrap_err()
+            .to_string()
             .contains("exceeds"));
         let mut c = b.clone();
         c[9] = b'!';
         assert!(DirectionFile::from_bytes(&c)
             .unwrap_err()
+            .to_string()
             .contains("corrupt"));
         for n in 0..b.len() {
             let _ = DirectionFile::from_bytes(&b[..n]);

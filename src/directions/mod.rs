@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 
 use crate::chat::{ChatTemplate, Prompt, SystemPrompt};
 use crate::engine::GenConfig;
-use crate::error::{Error, Result};
+use crate::error::{Empty, Error, Result, RunError, ShapesOf, ValueOf};
 use crate::hooks::{Capture, HookSet, Position};
 use crate::model::Model;
 use crate::prompts::{self, Instruction, Persona};
@@ -109,15 +109,19 @@ fn diff_rows(c: &Capture, slot: usize, n_layer: usize, what: &str) -> Result<Vec
         .map(|l| {
             let (a, b) = (c.mean(0, slot, l), c.mean(1, slot, l));
             let (Some(a), Some(b)) = (a, b) else {
-                return Err(Error::Invalid(format!(
-                    "{what}: no activations captured at layer {l}, slot {slot}"
-                )));
+                return Err(Error::Run(RunError::NoActivations {
+                    what: what.to_string(),
+                    layer: l,
+                    slot,
+                }));
             };
             let row: Vec<f32> = a.iter().zip(&b).map(|(x, y)| (x - y) as f32).collect();
-            if row.iter().any(|x| !x.is_finite()) {
-                return Err(Error::Invalid(format!(
-                    "{what}: non-finite direction at layer {l}"
-                )));
+            if let Some(&x) = row.iter().find(|x| !x.is_finite()) {
+                return Err(Error::Value {
+                    what: ValueOf::NonFinite(what.to_string()),
+                    layer: l,
+                    value: f64::from(x),
+                });
             }
             Ok(row)
         })
@@ -164,9 +168,7 @@ pub fn extract_refusal(
     positions: RefusalPositions,
 ) -> Result<DirectionFile> {
     if harmful.is_empty() || harmless.is_empty() {
-        return Err(Error::Invalid(
-            "refusal direction: the harmful and harmless sets must both be non-empty".into(),
-        ));
+        return Err(Error::Empty(Empty::RefusalSets));
     }
     let (nl, ne) = (model.info.n_layer, model.info.n_embd);
     let mut ps = render_all(model, tmpl, system, harmful)?;
@@ -243,9 +245,7 @@ pub fn extract_persona_with_stats(
     stats: &mut crate::engine::Stats,
 ) -> Result<DirectionFile> {
     if questions.is_empty() {
-        return Err(Error::Invalid(
-            "persona direction: the question set is empty".into(),
-        ));
+        return Err(Error::Empty(Empty::PersonaQuestions));
     }
     let (nl, ne) = (model.info.n_layer, model.info.n_embd);
     let mut ps = Vec::new();
@@ -426,15 +426,13 @@ impl LayerCosines {
 /// Shapes differ.
 pub fn cosine_per_layer(a: &Direction, b: &Direction) -> Result<Vec<f64>> {
     if a.n_layer() != b.n_layer() || a.n_embd() != b.n_embd() {
-        return Err(Error::Invalid(format!(
-            "cannot compare {} [{}x{}] with {} [{}x{}]",
-            a.name,
-            a.n_layer(),
-            a.n_embd(),
-            b.name,
-            b.n_layer(),
-            b.n_embd()
-        )));
+        return Err(Error::Shapes {
+            what: ShapesOf::Compare,
+            a: a.name.clone(),
+            a_shape: [a.n_layer(), a.n_embd()],
+            b: b.name.clone(),
+            b_shape: [b.n_layer(), b.n_embd()],
+        });
     }
     a.rows
         .iter()
@@ -445,10 +443,11 @@ pub fn cosine_per_layer(a: &Direction, b: &Direction) -> Result<Vec<f64>> {
             for (d, r) in [(a, x), (b, y)] {
                 let n = norm(r);
                 if !(n.is_finite() && n > 0.0) {
-                    return Err(Error::Invalid(format!(
-                        "{} has norm {n} at layer {l}: its cosine is undefined",
-                        d.name
-                    )));
+                    return Err(Error::Value {
+                        what: ValueOf::CosineNorm(d.name.clone()),
+                        layer: l,
+                        value: n,
+                    });
                 }
             }
             Ok(cosine(x, y))

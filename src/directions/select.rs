@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use super::{Direction, DirectionFile};
 use crate::chat::Prompt;
 use crate::engine::{GenConfig, Session};
-use crate::error::{Error, Result};
+use crate::error::{Empty, Error, Result};
 use crate::ffi::Token;
 use crate::hooks::{Edit, HookSet, Scope};
 use crate::model::Model;
@@ -217,9 +217,7 @@ pub fn select_refusal(
 ) -> Result<Selection> {
     file.check_model(&model.info)?;
     if harmful_val.is_empty() || harmless_val.is_empty() {
-        return Err(Error::Invalid(
-            "selection needs non-empty harmful and harmless validation sets".into(),
-        ));
+        return Err(Error::Empty(Empty::SelectionSets));
     }
     let nl = model.info.n_layer;
     let toks = refusal_tokens(model)?;
@@ -392,7 +390,7 @@ pub fn rank_persona_layers(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<PersonaRanking> {
     if layers.is_empty() {
-        return Err(Error::Invalid("no layers to rank".into()));
+        return Err(Error::Empty(Empty::RankLayers));
     }
     let toks = refusal_tokens(model)?;
     let mut session = model.session()?;

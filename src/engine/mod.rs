@@ -39,7 +39,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::chat::Prompt;
-use crate::error::{Error, Result};
+use crate::error::{Empty, Error, LayerOf, Result, RunError, Shaped};
 use crate::ffi::{self, Token};
 use crate::hooks::{Capture, HookSet, Position, RowInfo, RowKind};
 use crate::model::Model;
@@ -154,15 +154,18 @@ impl Model {
     pub fn session(&self) -> Result<Session<'_>> {
         let o = &self.options;
         if o.parallel == 0 || o.ctx == 0 {
-            return Err(Error::Invalid(
-                "--parallel and --ctx must be at least 1".into(),
+            return Err(Error::flag(
+                "--parallel and --ctx",
+                None,
+                "must be at least 1",
             ));
         }
         if o.batch < 8 {
-            return Err(Error::Invalid(format!(
-                "--batch {} is too small: a decode call needs at least 8 tokens",
-                o.batch
-            )));
+            return Err(Error::flag(
+                "--batch",
+                Some(o.batch.to_string()),
+                "is too small: a decode call needs at least 8 tokens",
+            ));
         }
         let slots = o.parallel.min(256 - CACHE_STREAMS);
         // As many prefix streams as slots when memory allows (GPU memory is not estimated:
@@ -297,13 +300,15 @@ impl<'m> Session<'m> {
         let ctx = self.model.options.ctx as usize;
         for (i, p) in prompts.iter().enumerate() {
             if p.tokens.is_empty() {
-                return Err(Error::Invalid(format!("prompt {i} is empty")));
+                return Err(Error::Empty(Empty::Prompt(i)));
             }
             if p.tokens.len() + max_new > ctx {
-                return Err(Error::Invalid(format!(
-                    "prompt {i} needs {} tokens + {max_new} new > --ctx {ctx} per sequence; shorten it or raise --ctx",
-                    p.tokens.len(),
-                )));
+                return Err(Error::Run(RunError::PromptTooLong {
+                    prompt: i,
+                    tokens: p.tokens.len(),
+                    max_new,
+                    ctx,
+                }));
             }
         }
         Ok(())
@@ -816,15 +821,13 @@ impl<'m> Session<'m> {
         stop: &mut dyn FnMut(usize, &[Token]) -> bool,
     ) -> Result<()> {
         if let Some(bad) = logits.iter().position(|x| !x.is_finite()) {
-            let whose = match hooks.seq_label(s.prompt) {
-                Some(n) => n.to_string(),
-                None => format!("prompt {}", s.prompt),
-            };
-            return Err(Error::Invalid(format!(
-                "non-finite logit {} (token id {bad}) at generated token {} of {whose}",
-                logits[bad],
-                s.tokens.len(),
-            )));
+            return Err(Error::Run(RunError::NonFiniteLogit {
+                value: logits[bad],
+                token: bad,
+                step: s.tokens.len(),
+                prompt: s.prompt,
+                label: hooks.seq_label(s.prompt).map(str::to_string),
+            }));
         }
         if cfg.digest {
             s.digest = fnv(s.digest, logits);
@@ -885,16 +888,18 @@ impl<'m> Session<'m> {
         let mut data = vec![0f32; n_embd * (n_layer - 1)];
         for (&l, v) in cv {
             if l == 0 || l >= n_layer {
-                return Err(Error::Invalid(format!(
-                    "native control vector at layer {l}: llama.cpp has slots for layers 1-{} only (use a hook add for layer 0)",
-                    n_layer - 1
-                )));
+                return Err(Error::Layer {
+                    layer: l,
+                    n_layer,
+                    of: LayerOf::ControlVector,
+                });
             }
             if v.len() != n_embd {
-                return Err(Error::Invalid(format!(
-                    "control vector at layer {l} has {} dims, n_embd is {n_embd}",
-                    v.len()
-                )));
+                return Err(Error::Shape {
+                    what: Shaped::ControlVector { layer: l },
+                    got: v.len(),
+                    want: n_embd,
+                });
             }
             data[(l - 1) * n_embd..l * n_embd].copy_from_slice(v);
         }

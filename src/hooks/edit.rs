@@ -5,7 +5,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, ValueOf};
 
 /// Which sequences a hook acts on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,9 +73,11 @@ impl Edit {
         for (l, d) in directions {
             let n = d.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
             if !(n.is_finite() && n > 0.0) {
-                return Err(Error::Invalid(format!(
-                    "projection direction at layer {l} has norm {n}"
-                )));
+                return Err(Error::Value {
+                    what: ValueOf::Projection,
+                    layer: l,
+                    value: n,
+                });
             }
             vectors.insert(l, d.iter().map(|&x| (x as f64 / n) as f32).collect());
         }

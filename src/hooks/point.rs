@@ -5,7 +5,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, LayerOf, LayersProblem, Named, Result};
 
 /// Which tensor of a layer a hook reads or edits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -46,14 +46,17 @@ impl fmt::Display for Site {
 }
 
 impl FromStr for Site {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
+    type Err = Error;
+    /// # Errors
+    /// [`Error::Unknown`] naming the known sites.
+    fn from_str(s: &str) -> Result<Self> {
         Site::ALL
             .into_iter()
             .find(|x| x.name() == s)
-            .ok_or_else(|| {
-                let known: Vec<&str> = Site::ALL.iter().map(|x| x.name()).collect();
-                format!("'{s}' is not a hook site (known: {})", known.join(", "))
+            .ok_or_else(|| Error::Unknown {
+                what: Named::HookSite,
+                name: Some(s.to_string()),
+                known: Site::ALL.iter().map(|x| x.name().to_string()).collect(),
             })
     }
 }
@@ -79,10 +82,17 @@ impl fmt::Display for HookPoint {
 }
 
 impl FromStr for HookPoint {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        let bad = || {
-            format!("'{s}' is not a hook point (expected resid_post.L or a layer number L >= 0)")
+    type Err = Error;
+    /// # Errors
+    /// [`Error::Unknown`] naming the two accepted forms.
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = || Error::Unknown {
+            what: Named::HookPoint,
+            name: Some(s.to_string()),
+            known: vec![
+                format!("{}.L", Site::ResidPost),
+                "a layer number L >= 0".to_string(),
+            ],
         };
         let (site, n) = match s.split_once('.') {
             Some((site, n)) => (site.parse::<Site>().map_err(|_| bad())?, n),
@@ -121,10 +131,10 @@ impl LayerSet {
         if let Some((a, w)) = t.split_once('+') {
             let (a, w): (i64, i64) = match (a.trim().parse(), w.trim().parse()) {
                 (Ok(a), Ok(w)) => (a, w),
-                _ => return Err(Error::Invalid(format!("'{s}' is not a window S+W"))),
+                _ => return Err(layers(s, LayersProblem::NotWindow)),
             };
             if w <= 0 {
-                return Err(Error::Invalid(format!("window '{s}' is empty")));
+                return Err(layers(s, LayersProblem::EmptyWindow));
             }
             // Reported as the window it stands for: `24+9` is `layers '24-32': …`.
             return list(&format!("{a}-{}", a.saturating_add(w - 1)), n_layer);
@@ -146,13 +156,13 @@ impl LayerSet {
                 for x in a {
                     match x.as_integer() {
                         Some(i) => out.extend(LayerSet::parse(&i.to_string(), n_layer)?.0),
-                        None => return Err(Error::Invalid(format!("{x} is not a layer number"))),
+                        None => return Err(layers(&x.to_string(), LayersProblem::NotLayerValue)),
                     }
                 }
                 Ok(LayerSet::from_layers(out))
             }
             toml::Value::String(t) => LayerSet::parse(t, n_layer),
-            other => Err(Error::Invalid(format!("{other} is not a layer list"))),
+            other => Err(layers(&other.to_string(), LayersProblem::NotListValue)),
         }
     }
 
@@ -232,6 +242,14 @@ impl fmt::Display for LayerSet {
     }
 }
 
+/// [`Error::Layers`] for the list `list`.
+fn layers(list: &str, problem: LayersProblem) -> Error {
+    Error::Layers {
+        list: list.to_string(),
+        problem,
+    }
+}
+
 /// A comma list of layers, ranges and hook points; errors quote `s`.
 fn list(s: &str, n_layer: usize) -> Result<LayerSet> {
     let mut out = Vec::new();
@@ -243,27 +261,25 @@ fn list(s: &str, n_layer: usize) -> Result<LayerSet> {
             None => (part, part),
         };
         let num = |x: &str| -> Result<usize> {
-            let v: i64 = x.trim().parse().map_err(|_| {
-                Error::Invalid(format!("layers '{s}': '{x}' is not a layer number"))
-            })?;
+            let v: i64 = x
+                .trim()
+                .parse()
+                .map_err(|_| layers(s, LayersProblem::NotNumber(x.to_string())))?;
             if v < 0 {
-                return Err(Error::Invalid(format!(
-                    "layers '{s}': layer {v} is negative"
-                )));
+                return Err(layers(s, LayersProblem::Negative(v)));
             }
             if v as usize >= n_layer {
-                return Err(Error::Invalid(format!(
-                    "layers '{s}': layer {v} out of range ({n_layer} layers, 0-{})",
-                    n_layer - 1
-                )));
+                return Err(Error::Layer {
+                    layer: v as usize,
+                    n_layer,
+                    of: LayerOf::List(s.to_string()),
+                });
             }
             Ok(v as usize)
         };
         let (a, b) = (num(a)?, num(b)?);
         if b < a {
-            return Err(Error::Invalid(format!(
-                "layers '{s}': window {a}-{b} is empty"
-            )));
+            return Err(layers(s, LayersProblem::Reversed { from: a, to: b }));
         }
         out.extend(a..=b);
     }
@@ -303,7 +319,7 @@ mod tests {
             "3.5",
             ".3",
         ] {
-            let e = bad.parse::<HookPoint>().unwrap_err();
+            let e = bad.parse::<HookPoint>().unwrap_err().to_string();
             assert_eq!(
                 e,
                 format!(
@@ -319,7 +335,7 @@ mod tests {
         assert_eq!("resid_post".parse::<Site>().unwrap(), Site::ResidPost);
         assert_eq!(Site::ResidPost.tensor(5), "l_out-5");
         assert_eq!(
-            "attn_out".parse::<Site>().unwrap_err(),
+            "attn_out".parse::<Site>().unwrap_err().to_string(),
             "'attn_out' is not a hook site (known: resid_post)"
         );
     }

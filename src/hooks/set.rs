@@ -2,7 +2,7 @@
 
 use super::capture::{fixed, Capture};
 use super::edit::{Edit, EditKind, Scope};
-use crate::error::{Error, Result};
+use crate::error::{Error, IdleHook, LayerOf, Result, RunError, Shaped};
 use crate::ffi::LayerVisitor;
 
 /// Which sequence and position a row of a decode call belongs to.
@@ -143,18 +143,20 @@ impl HookSet {
     ) -> Result<()> {
         for l in layers {
             if l >= self.n_layer {
-                return Err(Error::Invalid(format!(
-                    "hook at layer {l}: out of range ({} layers)",
-                    self.n_layer
-                )));
+                return Err(Error::Layer {
+                    layer: l,
+                    n_layer: self.n_layer,
+                    of: LayerOf::Hook,
+                });
             }
         }
         for d in dims {
             if d != self.n_embd {
-                return Err(Error::Invalid(format!(
-                    "hook vector has {d} dims, the model has n_embd {}",
-                    self.n_embd
-                )));
+                return Err(Error::Shape {
+                    what: Shaped::HookVector,
+                    got: d,
+                    want: self.n_embd,
+                });
             }
         }
         Ok(())
@@ -259,19 +261,23 @@ impl HookSet {
     pub fn check_touched(&self) -> Result<()> {
         for (i, e) in self.edits.iter().enumerate() {
             if e.touched == 0 {
-                let layers: Vec<_> = e.layers().collect();
-                return Err(Error::Invalid(format!(
-                    "{:?} hook #{i} at layers {layers:?} touched no rows (scope {:?})",
-                    e.kind, e.scope
-                )));
+                return Err(Error::Run(RunError::HookIdle {
+                    index: i,
+                    layers: e.layers().collect(),
+                    hook: IdleHook::Edit {
+                        kind: format!("{:?}", e.kind),
+                        scope: format!("{:?}", e.scope),
+                    },
+                }));
             }
         }
         for (i, c) in self.captures.iter().enumerate() {
             if c.total() == 0 {
-                return Err(Error::Invalid(format!(
-                    "capture #{i} ({:?}) at layers {:?} saw no rows",
-                    c.position, c.layers
-                )));
+                return Err(Error::Run(RunError::HookIdle {
+                    index: i,
+                    layers: c.layers.clone(),
+                    hook: IdleHook::Capture(format!("{:?}", c.position)),
+                }));
             }
         }
         Ok(())

@@ -8,7 +8,7 @@ use std::str::FromStr;
 
 use sha2::{Digest, Sha256};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Named, Result, TemplateProblem};
 
 /// The built-in StrongREJECT rubric template (`src/judge/templates/strongreject.txt`).
 pub const STRONGREJECT_TEMPLATE: &str = include_str!("templates/strongreject.txt");
@@ -99,9 +99,11 @@ impl FromStr for JudgeKind {
         match s.to_ascii_lowercase().replace(['-', '_'], "").as_str() {
             "strongreject" | "sr" => Ok(JudgeKind::StrongReject),
             "llamaguard" | "lg" => Ok(JudgeKind::LlamaGuard),
-            _ => Err(Error::Invalid(format!(
-                "unknown judge kind '{s}', expected strongreject or llamaguard"
-            ))),
+            _ => Err(Error::Unknown {
+                what: Named::JudgeKind,
+                name: Some(s.to_string()),
+                known: vec!["strongreject".into(), "llamaguard".into()],
+            }),
         }
     }
 }
@@ -141,7 +143,10 @@ impl Template {
     /// No user section, a repeated or unknown section, or a user turn without both
     /// placeholders.
     pub fn parse(src: &str, origin: &str) -> Result<Template> {
-        let err = |m: String| Error::Invalid(format!("judge template {origin}: {m}"));
+        let err = |problem| Error::JudgeTemplate {
+            origin: origin.to_string(),
+            problem,
+        };
         let mut sections: BTreeMap<String, String> = BTreeMap::new();
         let mut cur: Option<String> = None;
         for line in src.lines() {
@@ -152,12 +157,10 @@ impl Template {
                 .map(str::trim)
             {
                 if !["system", "user", "assistant"].contains(&name) {
-                    return Err(err(format!(
-                        "unknown section '{name}' (system, user, assistant)"
-                    )));
+                    return Err(err(TemplateProblem::UnknownSection(name.to_string())));
                 }
                 if sections.contains_key(name) {
-                    return Err(err(format!("section '{name}' appears twice")));
+                    return Err(err(TemplateProblem::RepeatedSection(name.to_string())));
                 }
                 sections.insert(name.to_string(), String::new());
                 cur = Some(name.to_string());
@@ -173,10 +176,10 @@ impl Template {
             .get("user")
             .map(|s| s.trim().to_string())
             .filter(|s| !s.is_empty())
-            .ok_or_else(|| err("no '=== user ===' section".into()))?;
+            .ok_or_else(|| err(TemplateProblem::NoUser))?;
         for p in ["prompt", "response"] {
             if !has_placeholder(&user, p) {
-                return Err(err(format!("the user section has no {{{{{p}}}}}")));
+                return Err(err(TemplateProblem::NoPlaceholder(p)));
             }
         }
         let system = sections

@@ -8,7 +8,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use super::Instruction;
-use crate::error::{Error, Result};
+use crate::error::{At, Error, Result};
 use crate::rng::Rng;
 use crate::text::shown;
 
@@ -53,19 +53,17 @@ pub fn load(path: &Path, field: Option<&str>) -> Result<Vec<Instruction>> {
         .and_then(|s| s.to_str())
         .unwrap_or("prompts")
         .to_string();
-    let v =
-        parse(&bytes, Format::from_path(path), field, &name).map_err(|e| Error::file(path, e))?;
-    Ok(v)
+    parse(&bytes, Format::from_path(path), field, &name).map_err(|e| e.in_file(path))
 }
 
-fn utf8(bytes: &[u8]) -> std::result::Result<&str, String> {
+fn utf8(bytes: &[u8]) -> Result<&str> {
     std::str::from_utf8(bytes).map_err(|e| {
         let line = bytes[..e.valid_up_to()]
             .iter()
             .filter(|&&b| b == b'\n')
             .count()
             + 1;
-        format!("line {line}: not valid UTF-8")
+        Error::record(At::Line(line), "not valid UTF-8")
     })
 }
 
@@ -106,14 +104,14 @@ fn pick_field<'a>(
 fn from_object(
     obj: &serde_json::Map<String, Value>,
     field: Option<&str>,
-    at: &str,
+    at: At,
     id: String,
-) -> std::result::Result<Instruction, String> {
+) -> Result<Instruction> {
     let keys: Vec<&str> = obj.keys().map(String::as_str).collect();
-    let f = pick_field(&keys, field).map_err(|e| format!("{at}: {e}"))?;
+    let f = pick_field(&keys, field).map_err(|e| Error::record(at.clone(), e))?;
     let text = obj[f]
         .as_str()
-        .ok_or_else(|| format!("{at}: field '{}' is not a string", shown(f)))?;
+        .ok_or_else(|| Error::record(at, format!("field '{}' is not a string", shown(f))))?;
     let s = |k: &str| obj.get(k).and_then(Value::as_str).map(str::to_string);
     Ok(Instruction {
         id,
@@ -126,34 +124,39 @@ fn from_object(
 /// Parses prompt-set bytes in a known format (the fuzz targets call this).
 ///
 /// # Errors
-/// A message naming the line or field.
+/// [`Error::Record`], naming the line, element or CSV record, and the field.
 pub fn parse(
     bytes: &[u8],
     format: Format,
     field: Option<&str>,
     name: &str,
-) -> std::result::Result<Vec<Instruction>, String> {
+) -> Result<Vec<Instruction>> {
     let text = utf8(bytes)?;
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let id = |i: usize| format!("{name}-{i:04}");
     let out = match format {
         Format::Json => {
             let v: Value = serde_json::from_str(text)
-                .map_err(|e| format!("line {}: invalid JSON: {e}", e.line()))?;
-            let arr = v.as_array().ok_or("expected a JSON array of objects")?;
+                .map_err(|e| Error::record(At::Line(e.line()), format!("invalid JSON: {e}")))?;
+            let arr = v
+                .as_array()
+                .ok_or_else(|| Error::record(At::Whole, "expected a JSON array of objects"))?;
             arr.iter()
                 .enumerate()
                 .map(|(i, x)| match x {
-                    Value::Object(o) => from_object(o, field, &format!("element {i}"), id(i)),
+                    Value::Object(o) => from_object(o, field, At::Element(i), id(i)),
                     Value::String(s) => Ok(Instruction {
                         id: id(i),
                         text: s.clone(),
                         category: None,
                         source: None,
                     }),
-                    _ => Err(format!("element {i}: expected an object or a string")),
+                    _ => Err(Error::record(
+                        At::Element(i),
+                        "expected an object or a string",
+                    )),
                 })
-                .collect::<std::result::Result<Vec<_>, _>>()?
+                .collect::<Result<Vec<_>>>()?
         }
         Format::Jsonl => {
             let mut v = Vec::new();
@@ -162,16 +165,11 @@ pub fn parse(
                     continue;
                 }
                 let x: Value = serde_json::from_str(line)
-                    .map_err(|e| format!("line {}: invalid JSON: {e}", n + 1))?;
+                    .map_err(|e| Error::record(At::Line(n + 1), format!("invalid JSON: {e}")))?;
                 let o = x
                     .as_object()
-                    .ok_or_else(|| format!("line {}: expected a JSON object", n + 1))?;
-                v.push(from_object(
-                    o,
-                    field,
-                    &format!("line {}", n + 1),
-                    id(v.len()),
-                )?);
+                    .ok_or_else(|| Error::record(At::Line(n + 1), "expected a JSON object"))?;
+                v.push(from_object(o, field, At::Line(n + 1), id(v.len()))?);
             }
             v
         }
@@ -180,19 +178,22 @@ pub fn parse(
             // merging every later row into one field. In valid CSV quotes come in pairs
             // (opening/closing, and "" inside a field), so an odd count is always an error.
             if let Some(line) = unterminated_quote(text) {
-                return Err(format!("line {line}: a quoted field is never closed"));
+                return Err(Error::record(
+                    At::Line(line),
+                    "a quoted field is never closed",
+                ));
             }
             let mut rd = csv::ReaderBuilder::new()
                 .flexible(false)
                 .from_reader(text.as_bytes());
             let headers: Vec<String> = rd
                 .headers()
-                .map_err(|e| format!("CSV header: {e}"))?
+                .map_err(|e| Error::record(At::CsvHeader, e.to_string()))?
                 .iter()
                 .map(str::to_string)
                 .collect();
             let keys: Vec<&str> = headers.iter().map(String::as_str).collect();
-            let f = pick_field(&keys, field)?;
+            let f = pick_field(&keys, field).map_err(|e| Error::record(At::Whole, e))?;
             let col = |k: &str| headers.iter().position(|h| h == k);
             let (fi, ci, si) = (
                 col(f).expect("picked from headers"),
@@ -201,7 +202,7 @@ pub fn parse(
             );
             let mut v = Vec::new();
             for (n, rec) in rd.records().enumerate() {
-                let rec = rec.map_err(|e| format!("CSV record {}: {e}", n + 1))?;
+                let rec = rec.map_err(|e| Error::record(At::CsvRecord(n + 1), e.to_string()))?;
                 let get = |i: Option<usize>| i.and_then(|i| rec.get(i)).map(str::to_string);
                 v.push(Instruction {
                     id: id(n),
@@ -230,16 +231,14 @@ pub fn parse(
         .enumerate()
         .find(|(_, x)| x.text.trim().is_empty())
     {
-        return Err(format!("instruction {} is empty", i + 1));
+        return Err(Error::record(At::Instruction(i + 1), "is empty"));
     }
     if out.is_empty() {
-        return Err("the prompt set is empty".into());
+        return Err(Error::record(At::Whole, "the prompt set is empty"));
     }
     Ok(out)
 }
 
-/// A deterministic sample of `n` instructions (all of them, in order, when `n` ≥ len):
-/// a seeded Fisher–Yates shuffle, then the first `n`, kept in file order.
 /// The line where the last quoted field opens if a CSV text's quotes are unbalanced.
 fn unterminated_quote(text: &str) -> Option<usize> {
     let mut open: Option<usize> = None;
@@ -254,14 +253,15 @@ fn unterminated_quote(text: &str) -> Option<usize> {
     open
 }
 
-pub fn sample(
-    v: Vec<Instruction>,
-    n: Option<usize>,
-    seed: u64,
-) -> std::result::Result<Vec<Instruction>, String> {
+/// A deterministic sample of `n` instructions (all of them, in order, when `n` ≥ len):
+/// a seeded Fisher–Yates shuffle, then the first `n`, kept in file order.
+///
+/// # Errors
+/// [`Error::Sample`] when `n` is more than the set has.
+pub fn sample(v: Vec<Instruction>, n: Option<usize>, seed: u64) -> Result<Vec<Instruction>> {
     if let Some(n) = n.filter(|&n| n > v.len()) {
         // Silently taking fewer would report a 313-prompt run that used 60.
-        return Err(format!("n = {n} but the set has {} prompts", v.len()));
+        return Err(Error::Sample { n, have: v.len() });
     }
     let Some(n) = n.filter(|&n| n < v.len()) else {
         return Ok(v);
@@ -329,9 +329,12 @@ mod tests {
             None,
             "t",
         )
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(e.starts_with("line 3: invalid JSON"), "{e}");
-        let e = parse(b"{\"goal\":\"a\"}\n{\"x\":1}\n", Format::Jsonl, None, "t").unwrap_err();
+        let e = parse(b"{\"goal\":\"a\"}\n{\"x\":1}\n", Format::Jsonl, None, "t")
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("line 2") && e.contains("no instruction field"),
             "{e}"
@@ -344,7 +347,9 @@ mod tests {
         let v = parse(src, Format::Csv, None, "sr").unwrap();
         assert_eq!(v[0].text, "Do x, then y");
         assert_eq!(v[0].source.as_deref(), Some("custom"));
-        let e = parse(src, Format::Csv, Some("goal"), "sr").unwrap_err();
+        let e = parse(src, Format::Csv, Some("goal"), "sr")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("no field or column 'goal'"), "{e}");
     }
 
@@ -355,18 +360,24 @@ mod tests {
             2
         );
         assert_eq!(
-            parse(b"\n  \n", Format::Text, None, "t").unwrap_err(),
+            parse(b"\n  \n", Format::Text, None, "t")
+                .unwrap_err()
+                .to_string(),
             "the prompt set is empty"
         );
         assert_eq!(
-            parse(b"ok\nbad \xff\n", Format::Text, None, "t").unwrap_err(),
+            parse(b"ok\nbad \xff\n", Format::Text, None, "t")
+                .unwrap_err()
+                .to_string(),
             "line 2: not valid UTF-8"
         );
         assert!(parse(b"[]", Format::Json, None, "t")
             .unwrap_err()
+            .to_string()
             .contains("empty"));
         assert!(parse(b"{}", Format::Json, None, "t")
             .unwrap_err()
+            .to_string()
             .contains("array"));
     }
 
@@ -375,13 +386,17 @@ mod tests {
     #[test]
     fn fuzz_regression_column_names_are_escaped_in_errors() {
         let src = b"\"a\n[\0b\",c\nx,y\n";
-        let e = parse(src, Format::Csv, None, "t").unwrap_err();
+        let e = parse(src, Format::Csv, None, "t").unwrap_err().to_string();
         assert!(e.contains(r"a\n[\u{0}b"), "{e}");
         assert!(!e.contains(char::is_control), "{e:?}");
-        let e = parse(src, Format::Csv, Some("z\u{1b}"), "t").unwrap_err();
+        let e = parse(src, Format::Csv, Some("z\u{1b}"), "t")
+            .unwrap_err()
+            .to_string();
         assert!(!e.contains(char::is_control), "{e:?}");
         let long = format!("{{\"{}\": 1}}\n", "k".repeat(500));
-        let e = parse(long.as_bytes(), Format::Jsonl, None, "t").unwrap_err();
+        let e = parse(long.as_bytes(), Format::Jsonl, None, "t")
+            .unwrap_err()
+            .to_string();
         assert!(e.len() < 300, "{e}");
     }
 
@@ -402,7 +417,7 @@ mod tests {
             .windows(2)
             .all(|w| w[0].id.parse::<u32>().unwrap() < w[1].id.parse::<u32>().unwrap()));
         assert_eq!(sample(v.clone(), Some(50), 1).unwrap().len(), 50);
-        let e = sample(v.clone(), Some(99), 1).unwrap_err();
+        let e = sample(v.clone(), Some(99), 1).unwrap_err().to_string();
         assert!(e.contains("n = 99 but the set has 50"), "{e}");
     }
 

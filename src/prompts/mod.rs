@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Named, Result};
 
 /// One instruction with where it came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,17 +36,19 @@ pub const PERSONAS: &str = include_str!("builtin/personas.toml");
 /// # Errors
 /// An unknown name.
 pub fn builtin(name: &str) -> Result<Vec<Instruction>> {
-    let src = match name {
-        "harmful" => HARMFUL,
-        "harmless" => HARMLESS,
-        "neutral" => NEUTRAL,
-        "harmful_train" => HARMFUL_TRAIN,
-        "harmless_train" => HARMLESS_TRAIN,
-        _ => {
-            return Err(Error::Invalid(format!(
-                "no built-in prompt set '{name}' (harmful, harmless, neutral, harmful_train, harmless_train)"
-            )))
-        }
+    const SETS: [(&str, &str); 5] = [
+        ("harmful", HARMFUL),
+        ("harmless", HARMLESS),
+        ("neutral", NEUTRAL),
+        ("harmful_train", HARMFUL_TRAIN),
+        ("harmless_train", HARMLESS_TRAIN),
+    ];
+    let Some(&(_, src)) = SETS.iter().find(|(n, _)| *n == name) else {
+        return Err(Error::Unknown {
+            what: Named::PromptSet,
+            name: Some(name.to_string()),
+            known: SETS.iter().map(|(n, _)| n.to_string()).collect(),
+        });
     };
     Ok(src
         .lines()
@@ -73,15 +75,28 @@ pub struct Persona {
 /// Parses a personas TOML file (`[name] description, positive = [..], negative = [..]`).
 ///
 /// # Errors
-/// TOML errors with their location; a persona with an empty side.
+/// [`Error::Toml`]: TOML errors with their line; a persona (the table) with an empty side.
 pub fn parse_personas(src: &str, origin: &str) -> Result<BTreeMap<String, Persona>> {
-    let map: BTreeMap<String, Persona> =
-        toml::from_str(src).map_err(|e| Error::Invalid(format!("{origin}: {}", e.message())))?;
+    let map: BTreeMap<String, Persona> = toml::from_str(src).map_err(|e| Error::Toml {
+        origin: origin.to_string(),
+        table: None,
+        line: e.span().map(|r| {
+            src.as_bytes()[..r.start.min(src.len())]
+                .iter()
+                .filter(|&&b| b == b'\n')
+                .count()
+                + 1
+        }),
+        reason: e.message().to_string(),
+    })?;
     for (name, p) in &map {
         if p.positive.is_empty() || p.negative.is_empty() {
-            return Err(Error::Invalid(format!(
-                "{origin}: [{name}]: positive and negative must each have at least one prompt"
-            )));
+            return Err(Error::Toml {
+                origin: origin.to_string(),
+                table: Some(name.clone()),
+                line: None,
+                reason: "positive and negative must each have at least one prompt".into(),
+            });
         }
     }
     Ok(map)

@@ -548,15 +548,21 @@ pub fn report(
     out: &mut dyn Write,
 ) -> Result<()> {
     if !(a.pp >= 2 && a.npp >= 2 && a.ntg >= 1 && a.npl >= 1 && a.conditions >= 1) {
-        return Err(Error::Invalid(
-            "--pp and --npp must be at least 2, --ntg, --npl and --conditions at least 1".into(),
+        return Err(Error::flag(
+            "--pp and --npp",
+            None,
+            "must be at least 2, --ntg, --npl and --conditions at least 1",
         ));
     }
     if a.shared + 2 > a.npp {
-        return Err(Error::Invalid(format!(
-            "--shared {} must leave at least two of --npp {} tokens to each prompt",
-            a.shared, a.npp
-        )));
+        return Err(Error::flag(
+            "--shared",
+            Some(a.shared.to_string()),
+            format!(
+                "must leave at least two of --npp {} tokens to each prompt",
+                a.npp
+            ),
+        ));
     }
     let opts = &model.options;
     let all = workloads.is_empty();

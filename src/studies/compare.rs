@@ -241,7 +241,7 @@ fn write_outputs(
     cross: bool,
 ) -> Result<Compared> {
     let runs = out.join("runs");
-    let e = |e: csv::Error| Error::Invalid(format!("csv: {e}"));
+    let e = Error::Csv;
     let mut files = vec![];
     let put = |name: &str, b: &[u8], files: &mut Vec<String>| write_output(out, name, b, files);
     // Cosines per direction and layer.
@@ -295,7 +295,8 @@ fn write_outputs(
     }
     put(
         "cosines.csv",
-        &w.into_inner().map_err(|e| Error::Invalid(e.to_string()))?,
+        &w.into_inner()
+            .map_err(|e| Error::CsvBuffer(e.into_error()))?,
         &mut files,
     )?;
     for (d, s) in &cos {
@@ -325,7 +326,8 @@ fn write_outputs(
     }
     put(
         "kl.csv",
-        &w.into_inner().map_err(|e| Error::Invalid(e.to_string()))?,
+        &w.into_inner()
+            .map_err(|e| Error::CsvBuffer(e.into_error()))?,
         &mut files,
     )?;
     // Rates per condition against the reference.
@@ -437,7 +439,8 @@ fn write_outputs(
     }
     put(
         "rates.csv",
-        &w.into_inner().map_err(|e| Error::Invalid(e.to_string()))?,
+        &w.into_inner()
+            .map_err(|e| Error::CsvBuffer(e.into_error()))?,
         &mut files,
     )?;
     for (id, s) in &curves {

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use crate::error::{Error, Result};
+use crate::error::{Empty, Error, Named, Result, RunError};
 use crate::fsio::write_atomic;
 use crate::gguf::file_type_name;
 use crate::model::{check_gguf, file_sha256};
@@ -39,11 +39,10 @@ pub fn ftype(name: &str) -> Result<u32> {
         .iter()
         .find(|(n, _)| n.eq_ignore_ascii_case(name.trim()))
         .map(|(_, t)| *t)
-        .ok_or_else(|| {
-            Error::Invalid(format!(
-                "unknown quantization type '{name}' (known: {})",
-                TYPES.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
-            ))
+        .ok_or_else(|| Error::Unknown {
+            what: Named::QuantType,
+            name: Some(name.to_string()),
+            known: TYPES.iter().map(|(n, _)| n.to_string()).collect(),
         })
 }
 
@@ -107,7 +106,7 @@ pub fn quantize(
         .map(|t| Ok((t.trim().to_ascii_uppercase(), ftype(t)?)))
         .collect::<Result<_>>()?;
     if wanted.is_empty() {
-        return Err(Error::Invalid("--types: no types given".into()));
+        return Err(Error::Empty(Empty::QuantTypes));
     }
     // Two quantizers writing one directory would race on the same outputs.
     let _lock = crate::lock::DirLock::acquire(out_dir)?;
@@ -151,7 +150,10 @@ pub fn quantize(
         let r = crate::ffi::quantize(input, &tmp, *ft, threads, true);
         if let Err(e) = r {
             let _ = std::fs::remove_file(&tmp);
-            return Err(Error::Invalid(format!("{ty}: {e}")));
+            return Err(Error::Run(RunError::Quantize {
+                ty: ty.clone(),
+                err: e,
+            }));
         }
         std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
         let sha = file_sha256(&path)?;
