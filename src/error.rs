@@ -138,6 +138,74 @@ pub enum Error {
     /// A run that cannot go on: the engine, a hook or the machine.
     #[error("{0}")]
     Run(RunError),
+    /// A spec field that fails a check made without a model: the spec's origin (its file,
+    /// or the built-in spec's name), the field as the user reads it (`group_size`,
+    /// `experiment E: sweep.x`) and why.
+    #[error("{origin}: {field}: {problem}")]
+    Spec {
+        origin: String,
+        field: String,
+        problem: String,
+    },
+    /// A spec whose TOML does not parse: the line (from 1) and the key on it, when known.
+    #[error(fmt = fmt_spec_toml)]
+    SpecToml {
+        origin: String,
+        line: Option<usize>,
+        key: Option<String>,
+        reason: String,
+    },
+    /// An error in a spec, after the spec's origin.
+    #[error("{origin}: {err}")]
+    Located { origin: String, err: Box<Error> },
+    /// An error in a field of a spec (`prompts.harmful`, `steer.layers`), after the field.
+    #[error("{field}: {err}")]
+    Field { field: String, err: Box<Error> },
+    /// An error in the condition `id` of an experiment, after its id.
+    #[error("{id}: {err}")]
+    InCondition { id: String, err: Box<Error> },
+    /// A condition that does not expand: its id, the intervention (from 1) and its field
+    /// when the problem is in one, and why.
+    #[error(fmt = fmt_condition)]
+    Condition {
+        id: String,
+        intervention: Option<usize>,
+        field: Option<String>,
+        problem: String,
+    },
+    /// An intervention of condition `id` that cannot act on `layer` (`at`: its hook point,
+    /// as shown), for the direction `direction`.
+    #[error(fmt = fmt_intervention)]
+    Intervention {
+        id: String,
+        direction: String,
+        layer: usize,
+        at: String,
+        fault: InterventionFault,
+    },
+    /// A prompt set of a spec (`set`, read `from` a source) that has too few prompts.
+    #[error(fmt = fmt_prompts)]
+    Prompts {
+        set: String,
+        from: String,
+        problem: PromptsProblem,
+    },
+    /// `--shard` as given (`text`) that is not `K/N` with 1 ≤ K ≤ N.
+    #[error("--shard '{text}': expected K/N with 1 <= K <= N, e.g. 2/4")]
+    Shard { text: String, problem: ShardProblem },
+    /// Run directories that cannot be merged.
+    #[error("{0}")]
+    Merge(MergeProblem),
+    /// Two runs (`a`, `b`) that share too few conditions (`shared`) to compare judges.
+    #[error("agreement: {} and {} share {shared} conditions; need at least 3", .a.display(), .b.display())]
+    Agreement {
+        a: PathBuf,
+        b: PathBuf,
+        shared: usize,
+    },
+    /// Serializing `what` (`plan`, `manifest`, …) to JSON failed.
+    #[error("{what}: {reason}")]
+    Json { what: String, reason: String },
     /// Writing a CSV into memory failed.
     #[error("csv: {0}")]
     Csv(csv::Error),
@@ -157,6 +225,8 @@ pub enum LayerOf {
     CvecExport,
     /// A layer of llama.cpp's native control vector (1 to `n_layer - 1`).
     ControlVector,
+    /// The `layer` of a spec's refusal direction.
+    Refusal,
 }
 
 /// What is wrong with a layer list ([`Error::Layers`]).
@@ -187,6 +257,8 @@ pub enum Named {
     JudgeKind,
     QuantType,
     Direction,
+    /// A persona of a personas file (the list shown as it is, not escaped).
+    Persona,
 }
 
 /// Why a flag's value is refused ([`Error::Flag`]).
@@ -225,6 +297,8 @@ pub enum Empty {
     QuantTypes,
     /// A prompt of a batch, by index.
     Prompt(usize),
+    /// The spec's `steer.layers`.
+    SteerLayers,
 }
 
 impl fmt::Display for Empty {
@@ -242,6 +316,7 @@ impl fmt::Display for Empty {
             Empty::ExportLayers => f.write_str("no layers to export"),
             Empty::QuantTypes => f.write_str("--types: no types given"),
             Empty::Prompt(i) => write!(f, "prompt {i} is empty"),
+            Empty::SteerLayers => f.write_str("steer.layers: empty"),
         }
     }
 }
@@ -287,6 +362,10 @@ pub enum ValueOf {
     Overflow { name: String, coefficient: f32 },
     /// Direction `0` is zero at the layer (value 0).
     Zero(String),
+    /// A non-finite value of the spec's direction `0`, prepared for a run.
+    Prepared(String),
+    /// A non-finite mean refusal score of the steering calibration at `coefficient`.
+    CalibrationScore { coefficient: f64 },
 }
 
 /// What is wrong with a tensor ([`Error::Tensor`]).
@@ -372,6 +451,67 @@ impl fmt::Display for TemplateProblem {
     }
 }
 
+/// Why an intervention cannot act on a layer ([`Error::Intervention`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum InterventionFault {
+    /// Intervention `index` (from 1) of the condition, and why, in words.
+    Unusable { index: usize, why: String },
+    /// An add whose `coefficient` times the direction overflows f32.
+    Overflow { coefficient: f64 },
+}
+
+/// Why a spec's prompt set is refused ([`Error::Prompts`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PromptsProblem {
+    /// `range = [start, end)` reaches past the `have` prompts of the source.
+    Range {
+        start: usize,
+        end: usize,
+        have: usize,
+    },
+    /// The source has no prompts.
+    Empty,
+}
+
+/// Why `--shard` does not parse ([`Error::Shard`]); the message is the same for all.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ShardProblem {
+    /// No `/`.
+    NotKN,
+    /// K or N is not a number.
+    NotNumber,
+    /// K or N is 0, or K > N.
+    Range { k: usize, n: usize },
+}
+
+/// Why run directories cannot be merged ([`Error::Merge`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MergeProblem {
+    NoInputs,
+    /// `missing` of the plan's `groups` groups are in no input, the first being `first`.
+    Missing {
+        missing: usize,
+        groups: usize,
+        first: usize,
+    },
+}
+
+impl fmt::Display for MergeProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MergeProblem::NoInputs => f.write_str("merge: no input run directories"),
+            MergeProblem::Missing {
+                missing,
+                groups,
+                first,
+            } => write!(
+                f,
+                "merge: {missing} of {groups} groups are in no input (first: group {first}); run the missing shards first"
+            ),
+        }
+    }
+}
+
 /// Why a run cannot go on ([`Error::Run`]).
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -420,6 +560,9 @@ pub enum RunError {
         allowed_by: String,
         budget: u64,
     },
+    /// The longest judge prompt needs `need` tokens, more than the judge model's `ctx`.
+    #[error("the longest judge prompt needs {need} tokens (prompt + answer) > --ctx {ctx} of the judge model; raise --ctx to {need}")]
+    JudgeContext { need: usize, ctx: usize },
     /// Quantizing to type `ty` failed.
     #[error("{ty}: {err}")]
     Quantize { ty: String, err: FfiError },
@@ -460,6 +603,10 @@ fn fmt_layer(
             "native control vector at layer {layer}: llama.cpp has slots for layers 1-{} only (use a hook add for layer 0)",
             n_layer - 1
         ),
+        LayerOf::Refusal => write!(
+            f,
+            "refusal direction layer {layer} out of range ({n_layer} layers)"
+        ),
     }
 }
 
@@ -492,6 +639,7 @@ fn fmt_unknown(
             Named::JudgeKind => "judge kinds",
             Named::QuantType => "quantization types",
             Named::Direction => "directions",
+            Named::Persona => "personas",
         };
         return write!(f, "several {what} ({}); name one", list(", "));
     };
@@ -510,6 +658,7 @@ fn fmt_unknown(
             list(", ")
         ),
         Named::Direction => write!(f, "no direction '{name}' (has: {})", list(", ")),
+        Named::Persona => write!(f, "no persona '{name}' (has: {})", known.join(", ")),
     }
 }
 
@@ -591,6 +740,11 @@ fn fmt_value(
             f,
             "{d} is zero at layer {layer} (a layer missing from the control vector it came from?)"
         ),
+        ValueOf::Prepared(d) => write!(f, "directions.{d}: non-finite value at layer {layer}"),
+        ValueOf::CalibrationScore { coefficient } => write!(
+            f,
+            "steer calibration: non-finite refusal score at layer {layer} coefficient {coefficient}"
+        ),
     }
 }
 
@@ -652,6 +806,75 @@ fn fmt_toml(
     match table {
         Some(t) => write!(f, "{origin}: [{t}]: {reason}"),
         None => write!(f, "{origin}: {reason}"),
+    }
+}
+
+fn fmt_spec_toml(
+    origin: &str,
+    line: &Option<usize>,
+    key: &Option<String>,
+    reason: &str,
+    f: &mut fmt::Formatter<'_>,
+) -> fmt::Result {
+    write!(f, "{origin}: ")?;
+    if let Some(n) = line {
+        write!(f, "line {n}: ")?;
+        if let Some(k) = key {
+            write!(f, "{k}: ")?;
+        }
+    }
+    f.write_str(reason)
+}
+
+fn fmt_condition(
+    id: &str,
+    intervention: &Option<usize>,
+    field: &Option<String>,
+    problem: &str,
+    f: &mut fmt::Formatter<'_>,
+) -> fmt::Result {
+    f.write_str(id)?;
+    if let Some(i) = intervention {
+        write!(f, ": intervention {i}")?;
+    }
+    if let Some(x) = field {
+        write!(f, ": {x}")?;
+    }
+    write!(f, ": {problem}")
+}
+
+fn fmt_intervention(
+    id: &str,
+    direction: &str,
+    _layer: &usize,
+    at: &str,
+    fault: &InterventionFault,
+    f: &mut fmt::Formatter<'_>,
+) -> fmt::Result {
+    match fault {
+        InterventionFault::Unusable { index, why } => write!(
+            f,
+            "condition {id}: intervention {index}: {direction} at {at} {why}"
+        ),
+        InterventionFault::Overflow { coefficient } => write!(
+            f,
+            "condition {id}: {coefficient:e} x {direction} at {at} overflows f32; use a smaller coefficient"
+        ),
+    }
+}
+
+fn fmt_prompts(
+    set: &str,
+    from: &str,
+    problem: &PromptsProblem,
+    f: &mut fmt::Formatter<'_>,
+) -> fmt::Result {
+    match problem {
+        PromptsProblem::Range { start, end, have } => write!(
+            f,
+            "prompts.{set}.range: [{start}, {end}) but {from} has {have} prompts"
+        ),
+        PromptsProblem::Empty => write!(f, "prompts.{set}: {from} has no prompts"),
     }
 }
 

@@ -70,7 +70,7 @@ pub struct MergeArgs {
 pub fn run(a: &ReproduceArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     // Flags that need no model are checked first.
     let shard: plan::Shard = match &a.shard {
-        Some(s) => s.parse().map_err(anyhow::Error::msg)?,
+        Some(s) => s.parse()?,
         None => plan::Shard::default(),
     };
     if a.n == Some(0) || a.harmless_n == Some(0) {

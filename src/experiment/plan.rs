@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::spec::{Condition, Spec};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, ShardProblem};
 
 /// Progress callback: (phase, done, total, current item).
 pub type Progress<'a> = dyn FnMut(&str, usize, usize, &str) + 'a;
@@ -133,16 +133,21 @@ pub struct Shard {
 }
 
 impl std::str::FromStr for Shard {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Shard, String> {
-        let bad = || format!("--shard '{s}': expected K/N with 1 <= K <= N, e.g. 2/4");
-        let (k, n) = s.split_once('/').ok_or_else(bad)?;
+    type Err = Error;
+    /// # Errors
+    /// [`Error::Shard`] with the text and why it is not `K/N`.
+    fn from_str(s: &str) -> Result<Shard> {
+        let bad = |problem| Error::Shard {
+            text: s.to_string(),
+            problem,
+        };
+        let (k, n) = s.split_once('/').ok_or_else(|| bad(ShardProblem::NotKN))?;
         let (k, n): (usize, usize) = (
-            k.trim().parse().map_err(|_| bad())?,
-            n.trim().parse().map_err(|_| bad())?,
+            k.trim().parse().map_err(|_| bad(ShardProblem::NotNumber))?,
+            n.trim().parse().map_err(|_| bad(ShardProblem::NotNumber))?,
         );
         if k == 0 || n == 0 || k > n {
-            return Err(bad());
+            return Err(bad(ShardProblem::Range { k, n }));
         }
         Ok(Shard { k, n })
     }

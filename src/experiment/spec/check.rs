@@ -4,12 +4,19 @@
 
 use std::collections::BTreeSet;
 
-use super::{bad_file_name, err, DirectionSpec, Metric, Spec, BUILTIN_VARS, MAX_CONDITIONS};
-use crate::error::Result;
+use std::fmt;
 
-/// `origin: field`, the prefix of every check's error.
-fn at(origin: &str, field: &str) -> String {
-    format!("{origin}: {field}")
+use super::{bad_file_name, DirectionSpec, Metric, Spec, BUILTIN_VARS, MAX_CONDITIONS};
+use crate::error::{Error, Result};
+
+/// The error of a check: the spec's `origin`, the `field` at fault and why
+/// ("origin: field: problem").
+fn err(origin: &str, field: &str, problem: impl fmt::Display) -> Error {
+    Error::Spec {
+        origin: origin.to_string(),
+        field: field.to_string(),
+        problem: problem.to_string(),
+    }
 }
 
 impl Spec {
@@ -26,7 +33,8 @@ impl Spec {
     fn check_top(&self, origin: &str) -> Result<()> {
         if let Some(why) = bad_file_name(&self.name) {
             return Err(err(
-                &at(origin, "name"),
+                origin,
+                "name",
                 format!(
                     "'{}' {why} (it names the default run directory runs/<model>/<name>)",
                     crate::text::shown(&self.name)
@@ -34,21 +42,23 @@ impl Spec {
             ));
         }
         if self.group_size == 0 {
-            return Err(err(&at(origin, "group_size"), "must be at least 1"));
+            return Err(err(origin, "group_size", "must be at least 1"));
         }
         if self.generation.max_new_tokens == 0 && self.metric == Metric::Generate {
             return Err(err(
-                &at(origin, "generation.max_new_tokens"),
+                origin,
+                "generation.max_new_tokens",
                 "must be at least 1 (or use metric = \"score\")",
             ));
         }
         if self.prompts.is_empty() {
-            return Err(err(&at(origin, "prompts"), "no prompt sets defined"));
+            return Err(err(origin, "prompts", "no prompt sets defined"));
         }
         for name in self.directions.keys() {
             if let Some(why) = bad_file_name(name) {
                 return Err(err(
-                    &at(origin, &format!("directions.{}", crate::text::shown(name))),
+                    origin,
+                    &format!("directions.{}", crate::text::shown(name)),
                     format!("the name {why} (it names plot files)"),
                 ));
             }
@@ -57,16 +67,14 @@ impl Spec {
             if let Some([a, b]) = p.range {
                 if b <= a {
                     return Err(err(
-                        &at(origin, &format!("prompts.{k}.range")),
+                        origin,
+                        &format!("prompts.{k}.range"),
                         format!("[{a}, {b}) is empty"),
                     ));
                 }
             }
             if p.n == Some(0) {
-                return Err(err(
-                    &at(origin, &format!("prompts.{k}.n")),
-                    "must be at least 1",
-                ));
+                return Err(err(origin, &format!("prompts.{k}.n"), "must be at least 1"));
             }
         }
         Ok(())
@@ -90,13 +98,14 @@ impl Spec {
                         self.need_set(origin, &format!("{f}.select.harmful"), &s.harmful)?;
                         self.need_set(origin, &format!("{f}.select.harmless"), &s.harmless)?;
                         if layer.is_some() {
-                            return Err(err(&at(origin, &f), "give select or layer, not both"));
+                            return Err(err(origin, &f, "give select or layer, not both"));
                         }
                     }
                     if select.is_some() || layer.is_some() {
                         if refusal_defined {
                             return Err(err(
-                                &at(origin, &f),
+                                origin,
+                                &f,
                                 "only one refusal direction may define {refusal_layer}",
                             ));
                         }
@@ -111,7 +120,8 @@ impl Spec {
                         self.need_direction(origin, &format!("{f}.like"), l)?;
                         if matches!(self.directions.get(l), Some(DirectionSpec::Random { .. })) {
                             return Err(err(
-                                &at(origin, &format!("{f}.like")),
+                                origin,
+                                &format!("{f}.like"),
                                 "cannot be another random direction",
                             ));
                         }
@@ -121,7 +131,8 @@ impl Spec {
                     if refusal_layer.is_some() {
                         if refusal_defined {
                             return Err(err(
-                                &at(origin, &f),
+                                origin,
+                                &f,
                                 "only one direction may define {refusal_layer}",
                             ));
                         }
@@ -140,12 +151,13 @@ impl Spec {
             self.need_set(origin, "steer.prompts", &s.prompts)?;
             if s.coefficients.is_empty() || s.coefficients.iter().any(|c| !c.is_finite()) {
                 return Err(err(
-                    &at(origin, "steer.coefficients"),
+                    origin,
+                    "steer.coefficients",
                     "need at least one finite value",
                 ));
             }
             if !s.target.is_finite() {
-                return Err(err(&at(origin, "steer.target"), "must be finite"));
+                return Err(err(origin, "steer.target", "must be finite"));
             }
         }
         Ok(())
@@ -156,13 +168,14 @@ impl Spec {
         if let Some(j) = &self.judge {
             if j.kinds.is_empty() {
                 return Err(err(
-                    &at(origin, "judge.kinds"),
+                    origin,
+                    "judge.kinds",
                     "list at least one of strongreject, llamaguard",
                 ));
             }
             for k in &j.kinds {
                 k.parse::<crate::judge::JudgeKind>()
-                    .map_err(|e| err(&at(origin, "judge.kinds"), e))?;
+                    .map_err(|e| err(origin, "judge.kinds", e))?;
             }
         }
         Ok(())
@@ -171,7 +184,7 @@ impl Spec {
     /// Experiment ids, sweeps (bounded in size, finite values), interventions and plots.
     fn check_experiments(&self, origin: &str) -> Result<()> {
         if self.experiment.is_empty() {
-            return Err(err(&at(origin, "experiment"), "no experiments defined"));
+            return Err(err(origin, "experiment", "no experiments defined"));
         }
         let mut ids = BTreeSet::new();
         let mut total = 0usize;
@@ -184,11 +197,12 @@ impl Spec {
                 .fold(1usize, |a, v| a.saturating_mul(v.len()));
             total = total.saturating_add(n);
             if total > MAX_CONDITIONS {
-                return Err(err(&at(origin, &format!("{f}: sweep")), format!("the grid reaches more than {MAX_CONDITIONS} conditions; split it into several specs")));
+                return Err(err(origin, &format!("{f}: sweep"), format!("the grid reaches more than {MAX_CONDITIONS} conditions; split it into several specs")));
             }
             if let Some(why) = bad_file_name(&e.id) {
                 return Err(err(
-                    &at(origin, "experiment.id"),
+                    origin,
+                    "experiment.id",
                     format!(
                         "'{}' {why} (it names plots/<id>.svg)",
                         crate::text::shown(&e.id)
@@ -197,21 +211,20 @@ impl Spec {
             }
             if !ids.insert(e.id.clone()) {
                 return Err(err(
-                    &at(origin, "experiment.id"),
+                    origin,
+                    "experiment.id",
                     format!("duplicate id '{}'", e.id),
                 ));
             }
             self.need_set(origin, &format!("{f}: prompts"), &e.prompts)?;
             for (k, v) in &e.sweep {
                 if v.is_empty() {
-                    return Err(err(
-                        &at(origin, &format!("{f}: sweep.{k}")),
-                        "has no values",
-                    ));
+                    return Err(err(origin, &format!("{f}: sweep.{k}"), "has no values"));
                 }
                 if BUILTIN_VARS.contains(&k.as_str()) {
                     return Err(err(
-                        &at(origin, &format!("{f}: sweep.{k}")),
+                        origin,
+                        &format!("{f}: sweep.{k}"),
                         "is a built-in variable name",
                     ));
                 }
@@ -219,7 +232,8 @@ impl Spec {
                     match x {
                         toml::Value::Float(f) if !f.is_finite() => {
                             return Err(err(
-                                &at(origin, &format!("{f}: sweep.{k}")),
+                                origin,
+                                &format!("{f}: sweep.{k}"),
                                 format!("{x} is not finite"),
                             ))
                         }
@@ -228,7 +242,8 @@ impl Spec {
                         | toml::Value::String(_) => {}
                         _ => {
                             return Err(err(
-                                &at(origin, &format!("{f}: sweep.{k}")),
+                                origin,
+                                &format!("{f}: sweep.{k}"),
                                 format!("{x} is not a number or string"),
                             ))
                         }
@@ -238,7 +253,8 @@ impl Spec {
             for (i, t) in e.intervention.iter().enumerate() {
                 if !t.is_table() {
                     return Err(err(
-                        &at(origin, &format!("{f}: intervention {}", i + 1)),
+                        origin,
+                        &format!("{f}: intervention {}", i + 1),
                         "must be a table",
                     ));
                 }
@@ -246,14 +262,16 @@ impl Spec {
             if let Some(p) = &e.plot {
                 if !e.sweep.contains_key(&p.x) {
                     return Err(err(
-                        &at(origin, &format!("{f}: plot.x")),
+                        origin,
+                        &format!("{f}: plot.x"),
                         format!("'{}' is not a sweep variable", p.x),
                     ));
                 }
                 for s in &p.series {
                     if !e.sweep.contains_key(s) {
                         return Err(err(
-                            &at(origin, &format!("{f}: plot.series")),
+                            origin,
+                            &format!("{f}: plot.series"),
                             format!("'{s}' is not a sweep variable"),
                         ));
                     }
@@ -261,7 +279,8 @@ impl Spec {
                 for r in p.band.iter().chain(&p.reference) {
                     if !self.experiment.iter().any(|x| &x.id == r) {
                         return Err(err(
-                            &at(origin, &format!("{f}: plot")),
+                            origin,
+                            &format!("{f}: plot"),
                             format!("no experiment '{r}'"),
                         ));
                     }
@@ -277,7 +296,8 @@ impl Spec {
             Ok(())
         } else {
             Err(err(
-                &at(origin, field),
+                origin,
+                field,
                 format!(
                     "no prompt set '{name}' (defined: {})",
                     self.prompts.keys().cloned().collect::<Vec<_>>().join(", ")
@@ -292,7 +312,8 @@ impl Spec {
             Ok(())
         } else {
             Err(err(
-                &at(origin, field),
+                origin,
+                field,
                 format!(
                     "no direction '{name}' (defined: {})",
                     self.directions

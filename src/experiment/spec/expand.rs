@@ -4,9 +4,29 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::{err, value_text, Condition, Intervention, InterventionSpec, Source, Spec};
+use super::{value_text, Condition, Intervention, InterventionSpec, Source, Spec};
 use crate::error::{Error, Result};
 use crate::hooks::LayerSet;
+
+/// Where an error of the expansion is: a condition's id and one of its interventions.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Ctx<'a> {
+    pub id: &'a str,
+    /// From 1.
+    pub intervention: usize,
+}
+
+impl Ctx<'_> {
+    /// `id: intervention N: field: problem`, or without the field.
+    fn err(&self, field: Option<&str>, problem: impl std::fmt::Display) -> Error {
+        Error::Condition {
+            id: self.id.to_string(),
+            intervention: Some(self.intervention),
+            field: field.map(str::to_string),
+            problem: problem.to_string(),
+        }
+    }
+}
 
 /// Values known when expanding the grid besides the sweep variables.
 #[derive(Debug, Clone, Default)]
@@ -51,7 +71,10 @@ impl Spec {
         if self.origin.is_empty() {
             e
         } else {
-            Error::Invalid(format!("{}: {e}", self.origin))
+            Error::Located {
+                origin: self.origin.clone(),
+                err: Box::new(e),
+            }
         }
     }
 
@@ -84,19 +107,24 @@ impl Spec {
                     )
                 };
                 if !seen.insert(id.clone()) {
-                    return Err(err(
-                        &id,
-                        "duplicate condition id (two sweep values print the same)",
-                    ));
+                    return Err(Error::Condition {
+                        id,
+                        intervention: None,
+                        field: None,
+                        problem: "duplicate condition id (two sweep values print the same)".into(),
+                    });
                 }
                 let mut ivs = Vec::new();
                 for (i, t) in e.intervention.iter().enumerate() {
-                    let ctx = format!("{id}: intervention {}", i + 1);
-                    let t = substitute(t, &vars, b, &ctx)?;
+                    let ctx = Ctx {
+                        id: &id,
+                        intervention: i + 1,
+                    };
+                    let t = substitute(t, &vars, b, ctx)?;
                     let iv: InterventionSpec = t
                         .try_into()
-                        .map_err(|x: toml::de::Error| err(&ctx, x.message()))?;
-                    ivs.push(self.resolve(iv, b, &ctx, prompt_ids.get(&e.prompts))?);
+                        .map_err(|x: toml::de::Error| ctx.err(None, x.message()))?;
+                    ivs.push(self.resolve(iv, b, ctx, prompt_ids.get(&e.prompts))?);
                 }
                 out.push(Condition {
                     id,
@@ -129,12 +157,12 @@ impl Spec {
         &self,
         s: InterventionSpec,
         b: &Builtins,
-        ctx: &str,
+        ctx: Ctx<'_>,
         ids: Option<&Vec<String>>,
     ) -> Result<Intervention> {
         if !self.directions.contains_key(&s.direction) {
-            return Err(err(
-                &format!("{ctx}: direction"),
+            return Err(ctx.err(
+                Some("direction"),
                 format!(
                     "no direction '{}' (defined: {})",
                     s.direction,
@@ -148,44 +176,29 @@ impl Spec {
         }
         let nl = b.n_layer;
         let layers = LayerSet::from_toml(&s.layers, nl)
-            .map_err(|e| err(&format!("{ctx}: layers"), e))?
+            .map_err(|e| ctx.err(Some("layers"), e))?
             .into_vec();
         if layers.is_empty() {
-            return Err(err(&format!("{ctx}: layers"), "empty"));
+            return Err(ctx.err(Some("layers"), "empty"));
         }
         let coefficient = match &s.coefficient {
             toml::Value::Integer(i) => *i as f64,
             toml::Value::Float(f) => *f,
-            toml::Value::String(t) => t.trim().parse::<f64>().map_err(|_| {
-                err(
-                    &format!("{ctx}: coefficient"),
-                    format!("'{t}' is not a number"),
-                )
-            })?,
-            other => {
-                return Err(err(
-                    &format!("{ctx}: coefficient"),
-                    format!("{other} is not a number"),
-                ))
-            }
+            toml::Value::String(t) => t
+                .trim()
+                .parse::<f64>()
+                .map_err(|_| ctx.err(Some("coefficient"), format!("'{t}' is not a number")))?,
+            other => return Err(ctx.err(Some("coefficient"), format!("{other} is not a number"))),
         };
         if !coefficient.is_finite() {
-            return Err(err(
-                &format!("{ctx}: coefficient"),
-                format!("{coefficient} is not finite"),
-            ));
+            return Err(ctx.err(Some("coefficient"), format!("{coefficient} is not finite")));
         }
         let source = match &s.source {
             None => Source::Own,
             Some(toml::Value::String(t)) if t == "own" => Source::Own,
             Some(toml::Value::String(t)) if t == "steer" => match b.steer_layer {
                 Some(l) => Source::Layer(l),
-                None => {
-                    return Err(err(
-                        &format!("{ctx}: source"),
-                        "\"steer\" needs a [steer] table",
-                    ))
-                }
+                None => return Err(ctx.err(Some("source"), "\"steer\" needs a [steer] table")),
             },
             Some(v) => {
                 let l = match v {
@@ -196,14 +209,14 @@ impl Spec {
                 match l {
                     Some(l) if l >= 0 && (l as usize) < nl => Source::Layer(l as usize),
                     Some(l) => {
-                        return Err(err(
-                            &format!("{ctx}: source"),
+                        return Err(ctx.err(
+                            Some("source"),
                             format!("layer {l} out of range ({nl} layers)"),
                         ))
                     }
                     None => {
-                        return Err(err(
-                            &format!("{ctx}: source"),
+                        return Err(ctx.err(
+                            Some("source"),
                             format!("{v} is neither \"own\" nor a layer number"),
                         ))
                     }
@@ -212,15 +225,12 @@ impl Spec {
         };
         if let (Some(sc), Some(ids)) = (&s.scope, ids) {
             if sc.is_empty() {
-                return Err(err(
-                    &format!("{ctx}: scope"),
-                    "empty list (omit it for all prompts)",
-                ));
+                return Err(ctx.err(Some("scope"), "empty list (omit it for all prompts)"));
             }
             for p in sc {
                 if !ids.contains(p) {
-                    return Err(err(
-                        &format!("{ctx}: scope"),
+                    return Err(ctx.err(
+                        Some("scope"),
                         format!("no prompt '{p}' in the condition's prompt set"),
                     ));
                 }
@@ -244,7 +254,7 @@ pub(super) fn substitute(
     t: &toml::Value,
     vars: &[(String, toml::Value)],
     b: &Builtins,
-    ctx: &str,
+    ctx: Ctx<'_>,
 ) -> Result<toml::Value> {
     let lookup = |k: &str| -> Result<toml::Value> {
         if let Some((_, v)) = vars.iter().find(|(n, _)| n == k) {
@@ -257,8 +267,8 @@ pub(super) fn substitute(
                 "refusal_layer" => " (needs a refusal direction with select or layer)",
                 _ => "",
             };
-            err(
-                ctx,
+            ctx.err(
+                None,
                 format!(
                     "unknown variable {{{k}}}{why}; known: {} n_layer last_layer steer_layer steer_coef refusal_layer",
                     known.join(" ")
@@ -278,7 +288,7 @@ pub(super) fn substitute(
             while let Some(i) = rest.find('{') {
                 out.push_str(&rest[..i]);
                 let Some(j) = rest[i..].find('}') else {
-                    return Err(err(ctx, format!("unclosed '{{' in '{s}'")));
+                    return Err(ctx.err(None, format!("unclosed '{{' in '{s}'")));
                 };
                 out.push_str(&value_text(&lookup(&rest[i + 1..i + j])?));
                 rest = &rest[i + j + 1..];

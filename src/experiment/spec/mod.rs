@@ -448,10 +448,6 @@ pub fn bad_file_name(s: &str) -> Option<&'static str> {
     None
 }
 
-fn err(ctx: &str, msg: impl fmt::Display) -> Error {
-    Error::Invalid(format!("{ctx}: {msg}"))
-}
-
 impl Spec {
     /// Parses and checks what can be checked without a model: names refer to defined prompt
     /// sets and directions, ids are unique, sweeps are non-empty, values are finite.
@@ -460,22 +456,25 @@ impl Spec {
     /// The TOML error (with its line) or the first failed check, naming the field.
     pub fn parse(src: &str, origin: &str) -> Result<Spec> {
         let mut spec: Spec = toml::from_str(src).map_err(|e| {
-            let msg = e.message().to_string();
             // "line N: key: message", the key read from the offending line when it has one.
-            let at = e
-                .span()
-                .map(|s| {
-                    let n = src[..s.start].matches('\n').count() + 1;
-                    let line = src.lines().nth(n - 1).unwrap_or("");
-                    match line.split_once('=') {
-                        Some((k, _)) if !line.trim_start().starts_with('[') => {
-                            format!("line {n}: {}: ", k.trim())
-                        }
-                        _ => format!("line {n}: "),
+            let at = e.span().map(|s| {
+                let n = src[..s.start].matches('\n').count() + 1;
+                let line = src.lines().nth(n - 1).unwrap_or("");
+                let key = match line.split_once('=') {
+                    Some((k, _)) if !line.trim_start().starts_with('[') => {
+                        Some(k.trim().to_string())
                     }
-                })
-                .unwrap_or_default();
-            Error::Invalid(format!("{origin}: {at}{msg}"))
+                    _ => None,
+                };
+                (n, key)
+            });
+            let (line, key) = at.map_or((None, None), |(n, k)| (Some(n), k));
+            Error::SpecToml {
+                origin: origin.to_string(),
+                line,
+                key,
+                reason: e.message().to_string(),
+            }
         })?;
         spec.check(origin)?;
         spec.origin = origin.to_string();
@@ -572,7 +571,11 @@ intervention = [ { direction = "p", op = "project", layers = "{s}+{w}", source =
     fn exact_template_keeps_the_type() {
         let vars = vec![("c".to_string(), toml::Value::Float(0.5))];
         let t: toml::Value = toml::from_str("x = \"{c}\"\ny = \"a{c}b\"").unwrap();
-        let r = substitute(&t, &vars, &b(), "ctx").unwrap();
+        let ctx = expand::Ctx {
+            id: "ctx",
+            intervention: 1,
+        };
+        let r = substitute(&t, &vars, &b(), ctx).unwrap();
         assert_eq!(r.get("x"), Some(&toml::Value::Float(0.5)));
         assert_eq!(r.get("y").and_then(|v| v.as_str()), Some("a0.5b"));
     }
