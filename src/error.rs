@@ -1706,4 +1706,130 @@ mod tests {
             );
         }
     }
+
+    #[test]
+    fn spec_and_shard_errors_carry_their_fields() {
+        use crate::experiment::plan::Shard;
+        use crate::experiment::spec::Spec;
+
+        let spec = "name = \"t\"\ngroup_size = 0\n[prompts.h]\nsource = \"builtin:harmful\"\n[[experiment]]\nid = \"E\"\nprompts = \"h\"\n";
+        let e = Spec::parse(spec, "t.toml").unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::Spec { ref origin, ref field, ref problem }
+                    if origin == "t.toml" && field == "group_size" && problem == "must be at least 1"
+            ),
+            "{e:?}"
+        );
+        let (origin, field) = ("t.toml", "group_size");
+        assert_eq!(
+            one_line(&e),
+            format!("{origin}: {field}: {}", "must be at least 1")
+        );
+
+        let e = Spec::parse(
+            &spec.replace("group_size = 0", "group_size = \"x\""),
+            "t.toml",
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::SpecToml { ref origin, line: Some(2), key: Some(ref k), .. }
+                    if origin == "t.toml" && k == "group_size"
+            ),
+            "{e:?}"
+        );
+        assert!(
+            one_line(&e).starts_with("t.toml: line 2: group_size: "),
+            "{e}"
+        );
+
+        let e = "x/y".parse::<Shard>().unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::Shard { ref text, problem: ShardProblem::NotNumber } if text == "x/y"
+            ),
+            "{e:?}"
+        );
+        let s = "x/y";
+        assert_eq!(
+            one_line(&e),
+            format!("--shard '{s}': expected K/N with 1 <= K <= N, e.g. 2/4")
+        );
+        let e = "3/2".parse::<Shard>().unwrap_err();
+        assert!(matches!(
+            e,
+            Error::Shard {
+                problem: ShardProblem::Range { k: 3, n: 2 },
+                ..
+            }
+        ));
+        assert!(matches!(
+            "2".parse::<Shard>().unwrap_err(),
+            Error::Shard {
+                problem: ShardProblem::NotKN,
+                ..
+            }
+        ));
+
+        // A condition that does not expand names its id, intervention and field.
+        let spec = "name = \"t\"\n[prompts.h]\nsource = \"builtin:harmful\"\n[directions.p]\nkind = \"random\"\nseed = 1\n[[experiment]]\nid = \"E\"\nprompts = \"h\"\nintervention = [ { direction = \"p\", op = \"add\", layers = 1, coefficient = \"z\" } ]\n";
+        let s = Spec::parse(spec, "t.toml").unwrap();
+        let b = crate::experiment::spec::Builtins {
+            n_layer: 4,
+            ..Default::default()
+        };
+        let e = s.expand(&b, &BTreeMap::new()).unwrap_err();
+        let Error::Located {
+            ref origin,
+            ref err,
+        } = e
+        else {
+            panic!("{e:?}")
+        };
+        assert_eq!(origin, "t.toml");
+        assert!(
+            matches!(
+                **err,
+                Error::Condition { ref id, intervention: Some(1), field: Some(ref f), .. }
+                    if id == "E" && f == "coefficient"
+            ),
+            "{err:?}"
+        );
+        let (id, i, t) = ("E", 1, "z");
+        assert_eq!(
+            one_line(&e),
+            format!("{origin}: {id}: intervention {i}: coefficient: '{t}' is not a number")
+        );
+
+        let e = Error::Merge(MergeProblem::Missing {
+            missing: 2,
+            groups: 5,
+            first: 3,
+        });
+        assert_eq!(
+            one_line(&e),
+            format!("merge: {} of {} groups are in no input (first: group {}); run the missing shards first", 2, 5, 3)
+        );
+        let e = Error::Intervention {
+            id: "E".into(),
+            direction: "p".into(),
+            layer: 2,
+            at: HookPoint::resid_post(2).to_string(),
+            fault: InterventionFault::Overflow { coefficient: 1e38 },
+        };
+        assert_eq!(
+            one_line(&e),
+            format!(
+                "condition {}: {:e} x {} at {} overflows f32; use a smaller coefficient",
+                "E",
+                1e38f64,
+                "p",
+                HookPoint::resid_post(2)
+            )
+        );
+    }
 }

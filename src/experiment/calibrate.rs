@@ -10,7 +10,7 @@ use super::spec::{fmt_num, SteerSpec};
 use crate::chat::Prompt;
 use crate::directions::select::{refusal_score, refusal_tokens, score_conditions};
 use crate::directions::Direction;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, ValueOf};
 use crate::hooks::{Edit, HookSet, LayerSet, Scope};
 use crate::model::Model;
 use crate::stats::mean;
@@ -34,8 +34,10 @@ pub fn calibrate(
 ) -> Result<()> {
     let nl = model.info.n_layer;
     let ne = model.info.n_embd;
-    let layers =
-        LayerSet::parse(&s.layers, nl).map_err(|e| Error::Invalid(format!("steer.layers: {e}")))?;
+    let layers = LayerSet::parse(&s.layers, nl).map_err(|e| Error::Field {
+        field: "steer.layers".into(),
+        err: Box::new(e),
+    })?;
     let toks = refusal_tokens(model)?;
     let mut session = model.session()?;
     let cmax = s.coefficients.iter().copied().fold(f64::MIN, f64::max);
@@ -125,10 +127,13 @@ pub fn calibrate(
         .coefficient;
     for r in &rows {
         if !r.mean_score.is_finite() {
-            return Err(Error::Invalid(format!(
-                "steer calibration: non-finite refusal score at layer {} coefficient {}",
-                r.layer, r.coefficient
-            )));
+            return Err(Error::Value {
+                what: ValueOf::CalibrationScore {
+                    coefficient: r.coefficient,
+                },
+                layer: r.layer,
+                value: r.mean_score,
+            });
         }
     }
     let why = if layers.len() == 1 && s.coefficients.len() == 1 {

@@ -42,7 +42,10 @@ impl Ready<'_> {
                 iv.layers.iter().map(|&l| (l, row(l).clone())).collect(),
                 Scope::only(seqs),
             )
-            .map_err(|e| Error::Invalid(format!("{}: {e}", cond.id)))?,
+            .map_err(|e| Error::InCondition {
+                id: cond.id.clone(),
+                err: Box::new(e),
+            })?,
         })
     }
 
@@ -232,11 +235,11 @@ impl Ready<'_> {
                     .from_writer(Vec::new());
                 for r in rows[gi].drain(..) {
                     w.write_record(r.expect("every pair of the group is done"))
-                        .map_err(|e| Error::Invalid(format!("csv: {e}")))?;
+                        .map_err(Error::Csv)?;
                 }
                 let bytes = w
                     .into_inner()
-                    .map_err(|e| Error::Invalid(format!("csv: {e}")))?;
+                    .map_err(|e| Error::Csv(e.into_error().into()))?;
                 written(groups[gi], bytes)?;
             }
             Ok(())

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use super::plan::Plan;
 use super::prepare::load_sets;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, RunError};
 use crate::fsio::write_atomic;
 use crate::judge::{f4, verdict_fields, Judge, JudgeItem, JudgeKind, Template, FORMAT};
 use crate::model::Model;
@@ -123,11 +123,10 @@ fn write_csv(recs: &[csv::StringRecord]) -> Result<Vec<u8>> {
         .flexible(false)
         .from_writer(Vec::new());
     for r in recs {
-        w.write_record(r)
-            .map_err(|e| Error::Invalid(format!("csv: {e}")))?;
+        w.write_record(r).map_err(Error::Csv)?;
     }
     w.into_inner()
-        .map_err(|e| Error::Invalid(format!("csv: {e}")))
+        .map_err(|e| Error::Csv(e.into_error().into()))
 }
 
 /// Reads `completions.csv` as records (header first), checking that rewriting it reproduces
@@ -346,9 +345,7 @@ pub fn judge_run_with(
         let need = judge.max_tokens_needed(&items_all)?;
         let ctx = judge.model.options.ctx as usize;
         if need > ctx {
-            return Err(Error::Invalid(format!(
-                "the longest judge prompt needs {need} tokens (prompt + answer) > --ctx {ctx} of the judge model; raise --ctx to {need}"
-            )));
+            return Err(Error::Run(RunError::JudgeContext { need, ctx }));
         }
     }
     let total = items_all.len() * judge.passes();
@@ -400,8 +397,11 @@ pub fn judge_run_with(
             "tool": format!("persona-gate {}", crate::VERSION),
         }),
     );
-    let pbytes = serde_json::to_vec_pretty(&serde_json::Value::Object(prov))
-        .map_err(|e| Error::Invalid(format!("json: {e}")))?;
+    let pbytes =
+        serde_json::to_vec_pretty(&serde_json::Value::Object(prov)).map_err(|e| Error::Json {
+            what: "json".into(),
+            reason: e.to_string(),
+        })?;
     write_atomic(&jpath, &pbytes).map_err(|e| Error::io(&jpath, e))?;
     let seed = read_plan(dir).map_or(0, |p| p.spec.seed);
     let all = summarize(&recs, seed);
@@ -485,12 +485,11 @@ fn add_to_run_summary(dir: &Path, all: &[SummaryRow]) -> Result<()> {
                 None => v.extend(std::iter::repeat_n(String::new(), 4)),
             }
         }
-        w.write_record(&v)
-            .map_err(|e| Error::Invalid(format!("csv: {e}")))?;
+        w.write_record(&v).map_err(Error::Csv)?;
     }
     let out = w
         .into_inner()
-        .map_err(|e| Error::Invalid(format!("csv: {e}")))?;
+        .map_err(|e| Error::Csv(e.into_error().into()))?;
     write_atomic(&p, &out).map_err(|e| Error::io(&p, e))
 }
 

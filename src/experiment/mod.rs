@@ -23,7 +23,7 @@ use serde_json::json;
 
 use crate::chat::ChatTemplate;
 use crate::engine::GenConfig;
-use crate::error::{Error, Result};
+use crate::error::{Error, MergeProblem, Result};
 use crate::hooks::{HookSet, LayerSet};
 use crate::model::Model;
 use plan::{Plan, Progress, RunOptions};
@@ -55,8 +55,10 @@ pub fn reproduce(
 ) -> Result<Outcome> {
     if let Some(j) = &spec.judge {
         // A missing or broken judge model fails now, not after hours of grid.
-        crate::model::check_gguf(Path::new(&j.model))
-            .map_err(|e| Error::Invalid(format!("judge.model: {e}")))?;
+        crate::model::check_gguf(Path::new(&j.model)).map_err(|e| Error::Field {
+            field: "judge.model".into(),
+            err: Box::new(e),
+        })?;
     }
     // One process per run directory: a second one would silently replace this one's results.
     let _lock = crate::lock::DirLock::acquire(dir)?;
@@ -129,7 +131,7 @@ fn judge_finished(
 /// Different plans, conflicting or missing groups, I/O errors.
 pub fn merge(out: &Path, inputs: &[PathBuf]) -> Result<(Plan, Finished)> {
     if inputs.is_empty() {
-        return Err(Error::Invalid("merge: no input run directories".into()));
+        return Err(Error::Merge(MergeProblem::NoInputs));
     }
     let (bytes, plan) = Plan::read(&inputs[0])?;
     let _lock = crate::lock::DirLock::acquire(out)?;
@@ -196,12 +198,11 @@ pub fn merge(out: &Path, inputs: &[PathBuf]) -> Result<(Plan, Finished)> {
         .map(|(g, _)| g)
         .collect();
     if !missing.is_empty() {
-        return Err(Error::Invalid(format!(
-            "merge: {} of {} groups are in no input (first: group {}); run the missing shards first",
-            missing.len(),
-            plan.n_groups,
-            missing[0]
-        )));
+        return Err(Error::Merge(MergeProblem::Missing {
+            missing: missing.len(),
+            groups: plan.n_groups,
+            first: missing[0],
+        }));
     }
     std::fs::create_dir_all(out.join("groups")).map_err(|e| Error::io(out, e))?;
     let copy = |from: &Path, to: &Path| -> Result<()> {

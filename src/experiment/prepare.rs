@@ -13,7 +13,9 @@ use super::spec::{Builtins, Condition, DirectionSpec, Intervention, Scale, Sourc
 use crate::chat::{ChatTemplate, Prompt, SystemPrompt};
 use crate::directions::select::select_refusal;
 use crate::directions::{self, Direction, DirectionFile, PersonaPositions, RefusalPositions};
-use crate::error::{Error, Result};
+use crate::error::{
+    Empty, Error, InterventionFault, LayerOf, Named, PromptsProblem, Result, ValueOf,
+};
 use crate::fsio::write_atomic;
 use crate::hooks::{Capture, EditKind, HookPoint, HookSet, LayerSet, Position};
 use crate::model::Model;
@@ -59,25 +61,32 @@ pub fn system_of(spec: &Spec) -> SystemPrompt {
 pub fn load_sets(spec: &Spec) -> Result<BTreeMap<String, Vec<Instruction>>> {
     let mut out = BTreeMap::new();
     for (name, s) in &spec.prompts {
-        let ctx = |e: Error| Error::Invalid(format!("prompts.{name}: {e}"));
+        let ctx = |e: Error| Error::Field {
+            field: format!("prompts.{name}"),
+            err: Box::new(e),
+        };
         let mut v = prompts::load::resolve(&s.source, s.field.as_deref()).map_err(ctx)?;
         if let Some([a, b]) = s.range {
             if b > v.len() {
-                return Err(Error::Invalid(format!(
-                    "prompts.{name}.range: [{a}, {b}) but {} has {} prompts",
-                    s.source,
-                    v.len()
-                )));
+                return Err(Error::Prompts {
+                    set: name.clone(),
+                    from: s.source.clone(),
+                    problem: PromptsProblem::Range {
+                        start: a,
+                        end: b,
+                        have: v.len(),
+                    },
+                });
             }
             v = v.drain(a..b).collect();
         }
-        let v = prompts::load::sample(v, s.n, s.seed)
-            .map_err(|e| Error::Invalid(format!("prompts.{name}: {e}")))?;
+        let v = prompts::load::sample(v, s.n, s.seed).map_err(ctx)?;
         if v.is_empty() {
-            return Err(Error::Invalid(format!(
-                "prompts.{name}: {} has no prompts",
-                s.source
-            )));
+            return Err(Error::Prompts {
+                set: name.clone(),
+                from: s.source.clone(),
+                problem: PromptsProblem::Empty,
+            });
         }
         out.insert(name.clone(), v);
     }
@@ -96,7 +105,10 @@ fn fingerprint(
     rendered: &BTreeMap<String, Vec<Prompt>>,
     numerics: &str,
 ) -> Result<String> {
-    let spec_json = serde_json::to_vec(spec).map_err(|e| Error::Invalid(format!("spec: {e}")))?;
+    let spec_json = serde_json::to_vec(spec).map_err(|e| Error::Json {
+        what: "spec".into(),
+        reason: e.to_string(),
+    })?;
     let mut parts: Vec<Vec<u8>> = vec![
         spec_json,
         model_sha.as_bytes().to_vec(),
@@ -160,9 +172,12 @@ fn provisional(spec: &Spec, n_layer: usize) -> Result<Builtins> {
     if let Some(s) = &spec.steer {
         b.steer_layer = Some(
             *LayerSet::parse(&s.layers, n_layer)
-                .map_err(|e| Error::Invalid(format!("steer.layers: {e}")))?
+                .map_err(|e| Error::Field {
+                    field: "steer.layers".into(),
+                    err: Box::new(e),
+                })?
                 .first()
-                .ok_or_else(|| Error::Invalid("steer.layers: empty".into()))?,
+                .ok_or(Error::Empty(Empty::SteerLayers))?,
         );
         b.steer_coef = s.coefficients.first().copied();
     }
@@ -177,9 +192,11 @@ fn provisional(spec: &Spec, n_layer: usize) -> Result<Builtins> {
         if let DirectionSpec::Refusal { select, layer, .. } = d {
             if let Some(l) = layer {
                 if *l >= n_layer {
-                    return Err(Error::Invalid(format!(
-                        "refusal direction layer {l} out of range ({n_layer} layers)"
-                    )));
+                    return Err(Error::Layer {
+                        layer: *l,
+                        n_layer,
+                        of: LayerOf::Refusal,
+                    });
                 }
                 b.refusal_layer = Some(*l);
             } else if select.is_some() {
@@ -231,8 +248,10 @@ pub fn prepare<'m>(
     for (k, v) in &sets {
         rendered.insert(
             k.clone(),
-            render(model, &tmpl, spec, v)
-                .map_err(|e| Error::Invalid(format!("prompts.{k}: {e}")))?,
+            render(model, &tmpl, spec, v).map_err(|e| Error::Field {
+                field: format!("prompts.{k}"),
+                err: Box::new(e),
+            })?,
         );
     }
     let template_src = opts
@@ -390,7 +409,10 @@ fn directions_for(
     let mut dirs: BTreeMap<String, Direction> = BTreeMap::new();
     let mut seeds = BTreeMap::new();
     for (name, d) in &spec.directions {
-        let ctx = |e: Error| Error::Invalid(format!("directions.{name}: {e}"));
+        let ctx = |e: Error| Error::Field {
+            field: format!("directions.{name}"),
+            err: Box::new(e),
+        };
         let dir = match d {
             DirectionSpec::File {
                 path,
@@ -426,8 +448,9 @@ fn directions_for(
                 if let Some(s) = select {
                     let layers = match &s.layers {
                         Some(l) => LayerSet::parse(l, nl)
-                            .map_err(|e| {
-                                Error::Invalid(format!("directions.{name}.select.layers: {e}"))
+                            .map_err(|e| Error::Field {
+                                field: format!("directions.{name}.select.layers"),
+                                err: Box::new(e),
                             })?
                             .into_vec(),
                         None => (0..nl)
@@ -486,11 +509,13 @@ fn directions_for(
                     personas.as_deref().unwrap_or("built-in personas"),
                 )
                 .map_err(ctx)?;
-                let p = all.get(persona).ok_or_else(|| {
-                    Error::Invalid(format!(
-                        "directions.{name}.persona: no persona '{persona}' (has: {})",
-                        all.keys().cloned().collect::<Vec<_>>().join(", ")
-                    ))
+                let p = all.get(persona).ok_or_else(|| Error::Field {
+                    field: format!("directions.{name}.persona"),
+                    err: Box::new(Error::Unknown {
+                        what: Named::Persona,
+                        name: Some(persona.clone()),
+                        known: all.keys().cloned().collect(),
+                    }),
                 })?;
                 progress("extract", 0, 1, name);
                 let f = directions::extract_persona(
@@ -531,9 +556,12 @@ fn directions_for(
     }
     for (name, d) in &dirs {
         if let Some(l) = d.rows.iter().position(|r| r.iter().any(|x| !x.is_finite())) {
-            return Err(Error::Invalid(format!(
-                "directions.{name}: non-finite value at layer {l}"
-            )));
+            let value = d.rows[l].iter().find(|x| !x.is_finite()).copied();
+            return Err(Error::Value {
+                what: ValueOf::Prepared(name.clone()),
+                layer: l,
+                value: value.map_or(f64::NAN, f64::from),
+            });
         }
     }
     Ok((dirs, seeds))
@@ -683,13 +711,13 @@ fn check_edits(plan: &Plan, dirs: &BTreeMap<String, Direction>) -> Result<()> {
                     }
                 };
                 if let Some(why) = bad {
-                    return Err(Error::Invalid(format!(
-                        "condition {}: intervention {}: {} at {} {why}",
-                        cond.id,
-                        k + 1,
-                        iv.direction,
-                        HookPoint::resid_post(l)
-                    )));
+                    return Err(Error::Intervention {
+                        id: cond.id.clone(),
+                        direction: iv.direction.clone(),
+                        layer: l,
+                        at: HookPoint::resid_post(l).to_string(),
+                        fault: InterventionFault::Unusable { index: k + 1, why },
+                    });
                 }
             }
         }
@@ -720,7 +748,10 @@ fn write_prepared(
         let f = DirectionFile::new(dirs.values().cloned().collect(), meta)?;
         write_atomic(&dirs_path, &f.to_bytes()).map_err(|e| Error::io(&dirs_path, e))?;
     }
-    let json = serde_json::to_vec_pretty(plan).map_err(|e| Error::Invalid(format!("plan: {e}")))?;
+    let json = serde_json::to_vec_pretty(plan).map_err(|e| Error::Json {
+        what: "plan".into(),
+        reason: e.to_string(),
+    })?;
     // plan.json last: its presence means the preparation is complete.
     write_atomic(&plan_path, &json).map_err(|e| Error::io(&plan_path, e))?;
     Ok(())
@@ -728,13 +759,15 @@ fn write_prepared(
 
 /// An add whose vector at layer `l` overflows f32.
 pub(crate) fn overflows(cond: &Condition, iv: &Intervention, l: usize) -> Error {
-    Error::Invalid(format!(
-        "condition {}: {:e} x {} at {} overflows f32; use a smaller coefficient",
-        cond.id,
-        iv.coefficient,
-        iv.direction,
-        HookPoint::resid_post(l)
-    ))
+    Error::Intervention {
+        id: cond.id.clone(),
+        direction: iv.direction.clone(),
+        layer: l,
+        at: HookPoint::resid_post(l).to_string(),
+        fault: InterventionFault::Overflow {
+            coefficient: iv.coefficient,
+        },
+    }
 }
 
 /// The vector an add intervention adds at one layer: `c × row` (raw) or

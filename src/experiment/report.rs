@@ -96,11 +96,10 @@ pub fn finish(
     let rows = read_rows(dir, plan)?;
     let head = header(plan);
     let mut w = csv::Writer::from_writer(Vec::new());
-    w.write_record(&head)
-        .map_err(|e| Error::Invalid(format!("csv: {e}")))?;
+    w.write_record(&head).map_err(Error::Csv)?;
     let mut body = w
         .into_inner()
-        .map_err(|e| Error::Invalid(format!("csv: {e}")))?;
+        .map_err(|e| Error::Csv(e.into_error().into()))?;
     body.extend_from_slice(&rows);
     let col = |n: &str| head.iter().position(|h| h == n).expect("known column");
     let (c_cond, c_label, c_score, c_tok) = (
@@ -202,8 +201,10 @@ pub fn finish(
     });
     put(
         "manifest.json",
-        &serde_json::to_vec_pretty(&manifest)
-            .map_err(|e| Error::Invalid(format!("manifest: {e}")))?,
+        &serde_json::to_vec_pretty(&manifest).map_err(|e| Error::Json {
+            what: "manifest".into(),
+            reason: e.to_string(),
+        })?,
     )?;
     Ok(Finished {
         summaries,
@@ -218,7 +219,7 @@ fn f4(x: f64) -> String {
 
 fn summary_csv(plan: &Plan, s: &[CondSummary]) -> Result<Vec<u8>> {
     let mut w = csv::Writer::from_writer(Vec::new());
-    let e = |e: csv::Error| Error::Invalid(format!("csv: {e}"));
+    let e = Error::Csv;
     w.write_record([
         "run_id",
         "experiment",
@@ -272,7 +273,7 @@ fn summary_csv(plan: &Plan, s: &[CondSummary]) -> Result<Vec<u8>> {
         w.write_record(&rec).map_err(e)?;
     }
     w.into_inner()
-        .map_err(|e| Error::Invalid(format!("csv: {e}")))
+        .map_err(|e| Error::Csv(e.into_error().into()))
 }
 
 /// The number a plot and the report use for a condition: the refusal rate (generate) or the
@@ -775,12 +776,11 @@ pub fn agreement(a: &Path, b: Option<&Path>) -> Result<Agreement> {
         })
         .collect();
     if rows.len() < 3 {
-        return Err(Error::Invalid(format!(
-            "agreement: {} and {} share {} conditions; need at least 3",
-            a.display(),
-            b.display(),
-            rows.len()
-        )));
+        return Err(Error::Agreement {
+            a: a.to_path_buf(),
+            b: b.to_path_buf(),
+            shared: rows.len(),
+        });
     }
     let (x, y): (Vec<f64>, Vec<f64>) = rows.iter().map(|r| (r.1, r.2)).unzip();
     Ok((rows, spearman(&x, &y), ma, mb))
