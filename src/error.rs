@@ -31,9 +31,6 @@ pub enum Error {
     Ffi(#[from] FfiError),
     #[error("chat template: {0}")]
     Template(String),
-    /// A message without structure. Kept for the callers not yet given a typed variant.
-    #[error("{0}")]
-    Invalid(String),
     #[error("model '{arch}': {msg}")]
     Arch { arch: String, msg: String },
     /// Writing a report to stdout (or another stream) failed; the cause is the source, so a
