@@ -292,37 +292,30 @@ impl Spec {
 
     /// `name` is a defined prompt set, or an error at `field` listing the defined ones.
     fn need_set(&self, origin: &str, field: &str, name: &str) -> Result<()> {
-        if self.prompts.contains_key(name) {
-            Ok(())
-        } else {
-            Err(err(
-                origin,
-                field,
-                format!(
-                    "no prompt set '{name}' (defined: {})",
-                    self.prompts.keys().cloned().collect::<Vec<_>>().join(", ")
-                ),
-            ))
-        }
+        need(origin, field, name, "prompt set", self.prompts.keys())
     }
 
     /// `name` is a defined direction, or an error at `field` listing the defined ones.
     fn need_direction(&self, origin: &str, field: &str, name: &str) -> Result<()> {
-        if self.directions.contains_key(name) {
-            Ok(())
-        } else {
-            Err(err(
-                origin,
-                field,
-                format!(
-                    "no direction '{name}' (defined: {})",
-                    self.directions
-                        .keys()
-                        .cloned()
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            ))
-        }
+        need(origin, field, name, "direction", self.directions.keys())
     }
+}
+
+/// `name` is among `defined`, or an error at `field`: "no <what> 'name' (defined: ...)".
+fn need<'a>(
+    origin: &str,
+    field: &str,
+    name: &str,
+    what: &str,
+    mut defined: impl Iterator<Item = &'a String> + Clone,
+) -> Result<()> {
+    if defined.clone().any(|k| k == name) {
+        return Ok(());
+    }
+    let all: Vec<&str> = defined.by_ref().map(String::as_str).collect();
+    Err(err(
+        origin,
+        field,
+        format!("no {what} '{name}' (defined: {})", all.join(", ")),
+    ))
 }
