@@ -28,11 +28,11 @@ pub struct ModelOptions {
     pub use_extra_bufts: bool,
     /// Which CPU matrix kernels run; see [`Kernels`].
     pub kernels: Kernels,
-    /// Flash attention; None = llama.cpp's auto choice. Off by default: measured here,
+    /// Flash attention. Off by default: measured here,
     /// llama.cpp's CPU flash-attention kernel takes a different path when a batch holds
     /// several sequences, which moved resid_post.0 by ~1.5% and logits by up to ~1 between a
     /// prompt run alone and in a batch; without it, batched and solo are bit-identical.
-    pub flash_attn: Option<bool>,
+    pub flash_attn: FlashAttn,
     /// Memory the run may use (`--max-memory`); None: what the system reports available.
     pub max_memory: Option<u64>,
 }
@@ -48,7 +48,7 @@ impl Default for ModelOptions {
             parallel: 16,
             use_extra_bufts: true,
             kernels: Kernels::Invariant,
-            flash_attn: Some(false),
+            flash_attn: FlashAttn::Off,
             max_memory: None,
         }
     }
@@ -66,12 +66,21 @@ pub enum FlashAttn {
 }
 
 impl FlashAttn {
-    /// What [`ModelOptions::flash_attn`] holds: `None` lets llama.cpp decide.
+    /// What llama.cpp is asked for: `None` lets it decide.
     pub fn enabled(self) -> Option<bool> {
         match self {
             FlashAttn::Off => Some(false),
             FlashAttn::On => Some(true),
             FlashAttn::Auto => None,
+        }
+    }
+
+    /// The flag's spelling (`off`, `on`, `auto`), as a run's fingerprint records it.
+    pub fn name(self) -> &'static str {
+        match self {
+            FlashAttn::Off => "off",
+            FlashAttn::On => "on",
+            FlashAttn::Auto => "auto",
         }
     }
 }
@@ -171,11 +180,7 @@ impl ModelOptions {
             "ggml {v} ({c}); build {}; kernels {}; flash-attn {}; gpu-layers {}",
             crate::cpu::built_for(),
             self.kernels.name(),
-            match self.flash_attn {
-                None => "auto",
-                Some(true) => "on",
-                Some(false) => "off",
-            },
+            self.flash_attn.name(),
             self.n_gpu_layers,
         )
     }

@@ -170,7 +170,7 @@ impl ModelArgs {
             parallel: self.parallel,
             use_extra_bufts: !self.no_extra_bufts,
             kernels: self.kernels,
-            flash_attn: self.flash_attn.enabled(),
+            flash_attn: self.flash_attn,
             max_memory: self.max_memory,
         }
     }

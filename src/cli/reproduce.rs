@@ -76,11 +76,12 @@ pub fn run(a: &ReproduceArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     if a.n == Some(0) || a.harmless_n == Some(0) {
         anyhow::bail!("--n / --harmless-n: must be at least 1");
     }
-    let spec_src = match &a.spec {
+    // A --spec is read and checked before the model loads; the preset needs the model's depth.
+    let given = match &a.spec {
         Some(p) => {
             let src = experiment::read_spec(p)?;
-            Spec::parse(&src, &p.display().to_string())?;
-            Some((src, p.display().to_string()))
+            let spec = Spec::parse(&src, &p.display().to_string())?;
+            Some((src, spec))
         }
         None => None,
     };
@@ -89,19 +90,20 @@ pub fn run(a: &ReproduceArgs, out: &mut dyn Write) -> anyhow::Result<()> {
         None => None,
     };
     let model = super::load(&a.model)?;
-    let (src, origin) = spec_src.unwrap_or_else(|| {
-        let p = preset::PresetPrompts {
-            harmful: a.harmful.clone(),
-            n: a.n,
-            harmless: a.harmless.clone(),
-            harmless_n: a.harmless_n,
-        };
-        (
-            preset::preset(model.info.n_layer, a.size, &p),
-            "preset".to_string(),
-        )
-    });
-    let mut spec = Spec::parse(&src, &origin)?;
+    let (src, mut spec) = match given {
+        Some(g) => g,
+        None => {
+            let p = preset::PresetPrompts {
+                harmful: a.harmful.clone(),
+                n: a.n,
+                harmless: a.harmless.clone(),
+                harmless_n: a.harmless_n,
+            };
+            let src = preset::preset(model.info.n_layer, a.size, &p);
+            let spec = Spec::parse(&src, "preset")?;
+            (src, spec)
+        }
+    };
     if let Some(m) = a.metric {
         spec.metric = m;
     }

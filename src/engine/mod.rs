@@ -184,7 +184,7 @@ impl Model {
                 n_batch: o.batch,
                 n_seq_max: slots + cache_streams,
                 n_threads: o.threads,
-                flash_attn: o.flash_attn,
+                flash_attn: o.flash_attn.enabled(),
             },
         )?;
         Ok(Session {

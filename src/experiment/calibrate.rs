@@ -53,23 +53,29 @@ pub fn calibrate(
     );
     let total = layers.len() + s.coefficients.len();
     let mut done = 0;
-    let by_layer = score_conditions(
-        &mut session,
-        ps,
-        layers.len(),
-        &|c| {
-            Ok(vec![Edit::add(
-                BTreeMap::from([(layers[c], vec_at(layers[c], cmax))]),
-                Scope::All,
-            )])
-        },
-        4,
-        &mut |_, _, lg| refusal_score(lg, &toks),
-        &mut |k| {
-            done += k;
-            progress("calibrate", done, total, &s.direction);
-        },
-    )?;
+    // Mean scores of the prompts under each (layer, coefficient) add, counted into one
+    // progress bar across both passes.
+    let mut score = |points: &[(usize, f64)]| -> Result<Vec<Vec<f64>>> {
+        score_conditions(
+            &mut session,
+            ps,
+            points.len(),
+            &|c| {
+                let (l, coef) = points[c];
+                Ok(vec![Edit::add(
+                    BTreeMap::from([(l, vec_at(l, coef))]),
+                    Scope::All,
+                )])
+            },
+            4,
+            &mut |_, _, lg| refusal_score(lg, &toks),
+            &mut |k| {
+                done += k;
+                progress("calibrate", done, total, &s.direction);
+            },
+        )
+    };
+    let by_layer = score(&layers.iter().map(|&l| (l, cmax)).collect::<Vec<_>>())?;
     let mut rows: Vec<CalibrationRow> = layers
         .iter()
         .zip(&by_layer)
@@ -94,23 +100,7 @@ pub fn calibrate(
         .copied()
         .filter(|&c| c != cmax)
         .collect();
-    let by_coef = score_conditions(
-        &mut session,
-        ps,
-        others.len(),
-        &|c| {
-            Ok(vec![Edit::add(
-                BTreeMap::from([(best, vec_at(best, others[c]))]),
-                Scope::All,
-            )])
-        },
-        4,
-        &mut |_, _, lg| refusal_score(lg, &toks),
-        &mut |k| {
-            done += k;
-            progress("calibrate", done, total, &s.direction);
-        },
-    )?;
+    let by_coef = score(&others.iter().map(|&c| (best, c)).collect::<Vec<_>>())?;
     for (&c, v) in others.iter().zip(&by_coef) {
         rows.push(CalibrationRow {
             layer: best,

@@ -51,13 +51,6 @@ pub enum HookConfig {
 }
 
 impl HookConfig {
-    pub const ALL: [HookConfig; 5] = [
-        HookConfig::None,
-        HookConfig::CaptureAll,
-        HookConfig::CvecAll,
-        HookConfig::AddPerSeq,
-        HookConfig::Project8,
-    ];
     pub fn name(self) -> &'static str {
         match self {
             HookConfig::None => "no hooks",
@@ -685,7 +678,7 @@ pub fn report(
     }
     if want(Workload::Hooks) {
         let configs: Vec<HookConfig> = if hook_configs.is_empty() {
-            HookConfig::ALL.to_vec()
+            <HookConfig as clap::ValueEnum>::value_variants().to_vec()
         } else {
             let mut v: Vec<HookConfig> = hook_configs.to_vec();
             if !v.contains(&HookConfig::None) {

@@ -24,6 +24,7 @@ use crate::hooks::HookSet;
 use crate::model::{Model, ModelOptions};
 use crate::plot::{line_plot, Series};
 use crate::stats::{argmax, kl, two_proportion_p, wilson};
+use crate::text::csv_table;
 
 /// One model's rates per condition, read from its summary.csv.
 #[derive(Debug, Clone)]
@@ -310,26 +311,20 @@ fn write_outputs(
         put(&format!("plots/cosine-{d}.svg"), svg.as_bytes(), &mut files)?;
     }
     // KL and top-1.
-    let mut w = csv::Writer::from_writer(Vec::new());
-    w.write_record(["model", "quant", "n", "kl_mean", "kl_p95", "top1_agreement"])
-        .map_err(e)?;
-    for r in kl_rows {
-        w.write_record([
-            r.0.clone(),
-            r.1.clone(),
-            r.2.to_string(),
-            format!("{:.6}", r.3),
-            format!("{:.6}", r.4),
-            format!("{:.4}", r.5),
-        ])
-        .map_err(e)?;
-    }
-    put(
-        "kl.csv",
-        &w.into_inner()
-            .map_err(|e| Error::CsvBuffer(e.into_error()))?,
-        &mut files,
-    )?;
+    let kl_csv = csv_table(
+        &["model", "quant", "n", "kl_mean", "kl_p95", "top1_agreement"],
+        kl_rows.iter().map(|r| {
+            vec![
+                r.0.clone(),
+                r.1.clone(),
+                r.2.to_string(),
+                format!("{:.6}", r.3),
+                format!("{:.6}", r.4),
+                format!("{:.4}", r.5),
+            ]
+        }),
+    );
+    put("kl.csv", &kl_csv, &mut files)?;
     // Rates per condition against the reference.
     let ref_counts = read_counts(&runs.join(&names[0]))?;
     let mut w = csv::Writer::from_writer(Vec::new());

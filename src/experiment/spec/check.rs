@@ -307,12 +307,12 @@ fn need<'a>(
     field: &str,
     name: &str,
     what: &str,
-    mut defined: impl Iterator<Item = &'a String> + Clone,
+    defined: impl Iterator<Item = &'a String>,
 ) -> Result<()> {
-    if defined.clone().any(|k| k == name) {
+    let all: Vec<&str> = defined.map(String::as_str).collect();
+    if all.contains(&name) {
         return Ok(());
     }
-    let all: Vec<&str> = defined.by_ref().map(String::as_str).collect();
     Err(err(
         origin,
         field,
