@@ -35,6 +35,7 @@ pub mod ffi;
 pub mod fsio;
 pub mod gguf;
 pub mod hooks;
+pub mod html;
 pub mod judge;
 pub mod label;
 pub mod lock;

@@ -7,7 +7,7 @@ use std::path::Path;
 
 /// Bottom to top. A module may use any module of a lower layer.
 const LAYERS: &[&[&str]] = &[
-    &["text", "rng", "cpu", "label", "plot"],
+    &["text", "rng", "cpu", "label", "plot", "html"],
     &["stats", "gguf", "ffi"],
     &["error"],
     &["fsio", "lock", "memory", "hooks"],

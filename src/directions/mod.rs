@@ -92,16 +92,14 @@ impl LayerCosines {
 
     /// A line plot of cosine against layer.
     pub fn to_svg(&self) -> String {
-        let s = crate::plot::Series {
-            name: format!("{} vs {}", self.a, self.b),
-            points: self
-                .cosines
+        let s = crate::plot::Series::line(
+            format!("{} vs {}", self.a, self.b),
+            self.cosines
                 .iter()
                 .enumerate()
                 .map(|(l, &c)| (l as f64, c))
                 .collect(),
-            band: None,
-        };
+        );
         crate::plot::line_plot(
             "cosine similarity per layer",
             "layer (resid_post)",

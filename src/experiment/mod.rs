@@ -8,7 +8,10 @@
 //! ```
 
 pub mod calibrate;
+pub mod claims;
+pub mod figures;
 pub mod grid;
+pub mod html;
 pub mod judged;
 pub mod plan;
 pub mod prepare;

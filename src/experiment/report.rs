@@ -10,11 +10,11 @@ use std::path::Path;
 
 use serde_json::json;
 
+use super::claims::{self, Claim};
 use super::plan::{done_groups, group_file, header, Plan};
-use super::spec::{fmt_num, value_text, Metric, Role};
+use super::spec::{fmt_num, Metric};
 use crate::error::{Error, Result};
 use crate::fsio::write_output;
-use crate::plot::{line_plot, Series};
 use crate::stats::{bootstrap_mean, spearman, wilson};
 
 /// One condition's summary.
@@ -175,10 +175,20 @@ pub fn finish(
         put("completions.csv", &body)?;
     }
     put("summary.csv", &summary_csv(plan, &summaries)?)?;
-    for (name, svg) in plots(plan, &summaries) {
+    let figures = super::figures::plots(plan, &summaries);
+    for (name, svg) in &figures {
         put(&format!("plots/{name}.svg"), svg.as_bytes())?;
     }
     put("report.md", report_md(plan, &summaries).as_bytes())?;
+    let csv_now = std::fs::read(dir.join("completions.csv")).unwrap_or_else(|_| body.clone());
+    let page = super::html::run_page(
+        plan,
+        &summaries,
+        &verdicts(plan, &summaries),
+        &figures,
+        &csv_now,
+    )?;
+    put("report.html", page.as_bytes())?;
     let manifest = json!({
         "tool": format!("persona-gate {}", crate::VERSION),
         "llama_cpp": crate::llama_cpp(),
@@ -276,178 +286,33 @@ fn summary_csv(plan: &Plan, s: &[CondSummary]) -> Result<Vec<u8>> {
         .map_err(|e| Error::Csv(e.into_error().into()))
 }
 
-/// The number a plot and the report use for a condition: the refusal rate (generate) or the
-/// mean refusal score (score).
-fn y_of(metric: Metric, c: &CondSummary) -> f64 {
-    match metric {
-        Metric::Generate => c.refusal_rate(),
-        Metric::Score => c.score_mean,
-    }
-}
-
-fn num(v: &toml::Value, i: usize) -> f64 {
-    match v {
-        toml::Value::Integer(x) => *x as f64,
-        toml::Value::Float(x) => *x,
-        _ => i as f64,
-    }
-}
-
-fn plots(plan: &Plan, s: &[CondSummary]) -> Vec<(String, String)> {
-    let metric = plan.spec.metric;
-    let y_label = match metric {
-        Metric::Generate => "refusal rate",
-        Metric::Score => "mean refusal score (log-odds)",
-    };
-    let mut out = vec![];
-    for e in &plan.spec.experiment {
-        let Some(p) = &e.plot else { continue };
-        let conds: Vec<(usize, &super::spec::Condition)> = plan
-            .conditions
-            .iter()
-            .enumerate()
-            .filter(|(_, c)| c.experiment == e.id)
-            .collect();
-        let xs = &e.sweep[&p.x];
-        let xpos = |c: &super::spec::Condition| {
-            let v = c.var(&p.x).expect("plot.x is a sweep variable");
-            num(v, xs.iter().position(|x| x == v).unwrap_or(0))
-        };
-        let mut series: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
-        let mut order: Vec<String> = vec![];
-        for &(i, c) in &conds {
-            let key = if p.series.is_empty() {
-                e.id.clone()
-            } else {
-                p.series
-                    .iter()
-                    .map(|k| format!("{k}={}", c.var(k).map(value_text).unwrap_or_default()))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            };
-            if !series.contains_key(&key) {
-                order.push(key.clone());
-            }
-            series
-                .entry(key)
-                .or_default()
-                .push((xpos(c), y_of(metric, &s[i])));
-        }
-        let mut list: Vec<Series> = order
-            .into_iter()
-            .map(|k| {
-                let mut pts = series.remove(&k).unwrap_or_default();
-                pts.sort_by(|a, b| a.0.total_cmp(&b.0));
-                Series {
-                    name: k,
-                    points: pts,
-                    band: None,
-                }
-            })
-            .collect();
-        let (xmin, xmax) = list
-            .iter()
-            .flat_map(|s| s.points.iter().map(|p| p.0))
-            .fold((f64::MAX, f64::MIN), |(a, b), x| (a.min(x), b.max(x)));
-        if let Some(b) = &p.band {
-            // Min–max over the band experiment's conditions at each x.
-            let mut at: BTreeMap<i64, (f64, f64, f64, usize)> = BTreeMap::new();
-            for (i, c) in plan
-                .conditions
+/// The verdict on each of the paper's claims this run has conditions for.
+pub fn verdicts(plan: &Plan, s: &[CondSummary]) -> Vec<Claim> {
+    let roles: Vec<_> = plan
+        .conditions
+        .iter()
+        .zip(s)
+        .map(|(c, x)| {
+            let role = plan
+                .spec
+                .experiment
                 .iter()
-                .enumerate()
-                .filter(|(_, c)| &c.experiment == b)
-            {
-                let Some(v) = c.var(&p.x) else { continue };
-                let x = num(v, xs.iter().position(|x| x == v).unwrap_or(0));
-                let y = y_of(metric, &s[i]);
-                let k = (x * 1e6).round() as i64;
-                let e = at.entry(k).or_insert((f64::MAX, f64::MIN, 0.0, 0));
-                *e = (e.0.min(y), e.1.max(y), e.2 + y, e.3 + 1);
-            }
-            if !at.is_empty() {
-                let pts: Vec<(f64, f64)> = at
-                    .iter()
-                    .map(|(k, v)| (*k as f64 / 1e6, v.2 / v.3 as f64))
-                    .collect();
-                let band: Vec<(f64, f64)> = at.values().map(|v| (v.0, v.1)).collect();
-                list.push(Series {
-                    name: format!("{b} (mean, min-max)"),
-                    points: pts,
-                    band: Some(band),
-                });
-            }
-        }
-        for r in &p.reference {
-            if let Some((i, _)) = plan
-                .conditions
-                .iter()
-                .enumerate()
-                .find(|(_, c)| &c.experiment == r)
-            {
-                let y = y_of(metric, &s[i]);
-                list.push(Series {
-                    name: r.to_string(),
-                    points: vec![(xmin, y), (xmax, y)],
-                    band: None,
-                });
-            }
-        }
-        let title = if e.title.is_empty() {
-            e.id.clone()
-        } else {
-            format!("{}: {}", e.id, e.title)
-        };
-        let range = (metric == Metric::Generate).then_some((0.0, 1.0));
-        out.push((e.id.clone(), line_plot(&title, &p.x, y_label, &list, range)));
-    }
-    out
-}
-
-fn pct(c: &CondSummary) -> String {
-    let (lo, hi) = wilson(c.refusal, c.n);
-    format!(
-        "{:.0}% [{:.0}–{:.0}] ({}/{})",
-        100.0 * c.refusal_rate(),
-        100.0 * lo,
-        100.0 * hi,
-        c.refusal,
-        c.n
+                .find(|e| e.id == c.experiment)
+                .and_then(|e| e.role);
+            (c, x, role)
+        })
+        .collect();
+    claims::judge(
+        plan.spec.metric,
+        &roles,
+        plan.resolved.steer_layer,
+        plan.resolved.steer_coef,
+        plan.model.n_layer,
     )
-}
-
-fn show(metric: Metric, c: &CondSummary) -> String {
-    match metric {
-        Metric::Generate => format!("{} (`{}`)", pct(c), c.condition),
-        Metric::Score => format!(
-            "score {:.2} [{:.2}, {:.2}] (`{}`)",
-            c.score_mean, c.score_ci.0, c.score_ci.1, c.condition
-        ),
-    }
 }
 
 fn report_md(plan: &Plan, s: &[CondSummary]) -> String {
     let metric = plan.spec.metric;
-    let role_of = |c: &CondSummary| {
-        plan.spec
-            .experiment
-            .iter()
-            .find(|e| e.id == c.experiment)
-            .and_then(|e| e.role)
-    };
-    let of =
-        |r: Role| -> Vec<&CondSummary> { s.iter().filter(|c| role_of(c) == Some(r)).collect() };
-    let y = |c: &&CondSummary| y_of(metric, c);
-    let best = |v: &[&CondSummary], hi: bool| -> Option<usize> {
-        (0..v.len()).reduce(|a, b| {
-            let (ya, yb) = (y(&v[a]), y(&v[b]));
-            if (hi && yb > ya) || (!hi && yb < ya) {
-                b
-            } else {
-                a
-            }
-        })
-    };
     let mut m = String::new();
     let _ = writeln!(m, "# persona-gate run {}\n", plan.run_id);
     let _ = writeln!(
@@ -478,100 +343,35 @@ fn report_md(plan: &Plan, s: &[CondSummary]) -> String {
     let _ = writeln!(m, "\n## The paper's claims next to this run\n");
     let _ = writeln!(
         m,
-        "| claim | paper (Llama-3.1-8B / Qwen2.5-7B) | this run |"
+        "| claim | paper (Llama-3.1-8B / Qwen2.5-7B) | verdict | this run |"
     );
-    let _ = writeln!(m, "|---|---|---|");
-    let base = of(Role::Baseline);
-    let base_y = base.first().map(&y);
-    let line = |m: &mut String, claim: &str, paper: &str, ours: String| {
-        let _ = writeln!(m, "| {claim} | {paper} | {ours} |");
-    };
-    let steer = of(Role::Steer);
-    if let (Some(b), Some(i)) = (base.first(), best(&steer, false)) {
-        line(
-            &mut m,
-            "1. Steering toward the compliant persona lowers refusal",
-            "Llama: 97% → 2% on StrongREJECT (313)",
-            format!(
-                "baseline {} → lowest {}",
-                show(metric, b),
-                show(metric, steer[i])
-            ),
+    let _ = writeln!(m, "|---|---|---|---|");
+    for c in verdicts(plan, s) {
+        let _ = writeln!(
+            m,
+            "| {}. {} | {} | **{}** ({}) | {} |",
+            c.key, c.text, c.paper, c.verdict, c.because, c.evidence
         );
     }
-    let add = of(Role::RestoreAdd);
-    if !add.is_empty() {
-        let layer = |c: &CondSummary| {
-            c.vars
-                .split(';')
-                .find_map(|kv| kv.strip_prefix("layer="))
-                .and_then(|v| v.parse::<f64>().ok())
-        };
-        let half = plan.model.n_layer as f64 / 2.0;
-        let (early, late): (Vec<&CondSummary>, Vec<&CondSummary>) =
-            add.iter().partition(|c| layer(c).is_some_and(|l| l < half));
-        let avg = |v: &[&CondSummary]| v.iter().map(&y).sum::<f64>() / v.len().max(1) as f64;
-        let bi = best(&add, true).expect("non-empty");
-        line(
-            &mut m,
-            "2. Adding the refusal direction back restores refusal at late layers, not early ones",
-            "partial restoration at late layers only",
-            format!(
-                "mean {} over layers < {half} vs {} over layers ≥ {half}; highest {}",
-                fmt_y(metric, avg(&early)),
-                fmt_y(metric, avg(&late)),
-                show(metric, add[bi])
-            ),
-        );
+    let _ = writeln!(
+        m,
+        "\n### How the verdicts are decided\n\n{}\n",
+        claims::RULES
+    );
+    let _ = writeln!(m, "Numbers from this run are measured, not tuned; small models and small prompt sets give wide intervals.\n");
+    let plotted: Vec<&str> = plan
+        .spec
+        .experiment
+        .iter()
+        .filter(|e| e.plot.is_some())
+        .map(|e| e.id.as_str())
+        .collect();
+    if !plotted.is_empty() {
+        let _ = writeln!(m, "## Plots\n");
+        for id in plotted {
+            let _ = writeln!(m, "![{id}](plots/{id}.svg)\n");
+        }
     }
-    let proj = of(Role::RestoreProject);
-    if let Some(i) = best(&proj, true) {
-        line(
-            &mut m,
-            "3. Projecting the persona direction out in a late window restores refusal",
-            "back to baseline",
-            format!(
-                "best window {}{}",
-                show(metric, proj[i]),
-                base_y.map_or(String::new(), |b| format!(
-                    "; baseline {}",
-                    fmt_y(metric, b)
-                ))
-            ),
-        );
-    }
-    let rnd = of(Role::RandomControl);
-    if let Some(i) = best(&rnd, true) {
-        line(
-            &mut m,
-            "4. A random direction does not",
-            "no restoration",
-            format!(
-                "best of {} random-direction conditions {}",
-                rnd.len(),
-                show(metric, rnd[i])
-            ),
-        );
-    }
-    let abl = of(Role::SanityAblate);
-    if let (Some(b), Some(a)) = (base.first(), abl.first()) {
-        line(
-            &mut m,
-            "Sanity (Arditi et al.): projecting the refusal direction out lowers refusal",
-            "refusal falls",
-            format!("{} → {}", fmt_y(metric, y(b)), show(metric, a)),
-        );
-    }
-    let (hb, ind) = (of(Role::HarmlessBaseline), of(Role::SanityInduce));
-    if let (Some(b), Some(a)) = (hb.first(), ind.first()) {
-        line(
-            &mut m,
-            "Sanity: adding the refusal direction on harmless prompts induces refusal",
-            "refusal induced",
-            format!("{} → {}", fmt_y(metric, y(b)), show(metric, a)),
-        );
-    }
-    let _ = writeln!(m, "\nNumbers from this run are measured, not tuned; small models and small prompt sets give wide intervals.\n");
     let _ = writeln!(m, "## Every condition\n");
     let _ = writeln!(
         m,
@@ -597,25 +397,7 @@ fn report_md(plan: &Plan, s: &[CondSummary]) -> String {
             c.mean_tokens
         );
     }
-    let _ = writeln!(
-        m,
-        "\nPlots: {}.",
-        plan.spec
-            .experiment
-            .iter()
-            .filter(|e| e.plot.is_some())
-            .map(|e| format!("`plots/{}.svg`", e.id))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
     m
-}
-
-fn fmt_y(metric: Metric, y: f64) -> String {
-    match metric {
-        Metric::Generate => format!("{:.0}%", 100.0 * y),
-        Metric::Score => format!("{y:.2}"),
-    }
 }
 
 /// A terminal table of the summaries.

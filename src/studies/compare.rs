@@ -287,11 +287,9 @@ fn write_outputs(
                 pts.iter().map(|p| p.1).sum::<f64>() / pts.len().max(1) as f64,
             );
             min_cos.push((quant[i].clone(), d.clone(), mean, mn));
-            cos.entry(d.clone()).or_default().push(Series {
-                name: format!("{} ({})", quant[i], n),
-                points: pts,
-                band: None,
-            });
+            cos.entry(d.clone())
+                .or_default()
+                .push(Series::line(format!("{} ({})", quant[i], n), pts));
         }
     }
     put(
@@ -397,7 +395,9 @@ fn write_outputs(
                 let (_, plan) = Plan::read(&dir)?;
                 for ex in spec.experiment.iter().filter(|x| x.plot.is_some()) {
                     let x = &ex.plot.as_ref().expect("filtered").x;
-                    let mut pts = vec![];
+                    // Several series vars share an x: pool their counts per x (refusals
+                    // over prompts, with a Wilson interval), or average their scores.
+                    let mut m: BTreeMap<i64, (usize, usize, f64, usize)> = BTreeMap::new();
                     for c in plan.conditions.iter().filter(|c| c.experiment == ex.id) {
                         let Some((_, k)) = counts.iter().find(|(id, _)| id == &c.id) else {
                             continue;
@@ -405,29 +405,28 @@ fn write_outputs(
                         let xv = match c.var(x) {
                             Some(toml::Value::Integer(v)) => *v as f64,
                             Some(toml::Value::Float(v)) => *v,
-                            _ => pts.len() as f64,
+                            _ => m.len() as f64,
                         };
-                        let y = match spec.metric {
-                            Metric::Generate => k.k[0] as f64 / k.n.max(1) as f64,
-                            Metric::Score => k.score,
-                        };
-                        pts.push((xv, y));
+                        let e = m.entry((xv * 1e6).round() as i64).or_insert((0, 0, 0.0, 0));
+                        *e = (e.0 + k.k[0], e.1 + k.n, e.2 + k.score, e.3 + 1);
                     }
-                    // Several series vars share an x: keep the mean per x.
-                    let mut m: BTreeMap<i64, (f64, usize)> = BTreeMap::new();
-                    for (xv, y) in pts {
-                        let e = m.entry((xv * 1e6).round() as i64).or_insert((0.0, 0));
-                        *e = (e.0 + y, e.1 + 1);
-                    }
-                    let pts = m
-                        .iter()
-                        .map(|(k, v)| (*k as f64 / 1e6, v.0 / v.1 as f64))
-                        .collect();
-                    curves.entry(ex.id.clone()).or_default().push(Series {
-                        name: quant[i].clone(),
-                        points: pts,
-                        band: None,
-                    });
+                    let xs = m.keys().map(|k| *k as f64 / 1e6);
+                    let series = match spec.metric {
+                        Metric::Generate => Series::line(
+                            quant[i].clone(),
+                            xs.zip(m.values())
+                                .map(|(x, v)| (x, v.0 as f64 / v.1.max(1) as f64))
+                                .collect(),
+                        )
+                        .with_intervals(m.values().map(|v| wilson(v.0, v.1)).collect()),
+                        Metric::Score => Series::line(
+                            quant[i].clone(),
+                            xs.zip(m.values())
+                                .map(|(x, v)| (x, v.2 / v.3 as f64))
+                                .collect(),
+                        ),
+                    };
+                    curves.entry(ex.id.clone()).or_default().push(series);
                 }
             }
         }
