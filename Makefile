@@ -37,8 +37,11 @@ models-science:
 demo: build models
 	$(BIN) reproduce --model $(QWEN05) --threads $(THREADS) --out runs/demo
 
+# The browser tests (tests/browser.rs, and the report's) fail here rather than skip when
+# Chromium or chromedriver is missing: setup.sh test installs them.
 test: build models
-	$(CARGO) test --release --locked --no-fail-fast -- --test-threads=1
+	@scripts/setup.sh test
+	PERSONA_GATE_REQUIRE_BROWSER=1 $(CARGO) test --release --locked --no-fail-fast -- --test-threads=1
 
 lint:
 	$(CARGO) fmt --check

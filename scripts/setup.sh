@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Install what a fresh machine lacks to build persona-gate: cmake (llama.cpp's build) and
 # libclang (bindgen, which generates the llama.cpp bindings). Debian/Ubuntu via apt-get, macOS
-# via Homebrew. Prints nothing when everything is present.
+# via Homebrew. `scripts/setup.sh test` also installs what the browser tests drive: Chromium
+# and chromedriver (Debian's chromium and chromium-driver; on macOS it prints a hint).
+# Prints nothing when everything is present.
 set -euo pipefail
 need=()
 command -v cmake >/dev/null || need+=(cmake)
@@ -9,14 +11,25 @@ if ! ldconfig -p 2>/dev/null | grep -q 'libclang\(-[0-9.]*\)\?\.so' && [ -z "${L
   need+=(libclang-dev clang)
 fi
 command -v c++ >/dev/null || need+=(g++)
-[ ${#need[@]} -eq 0 ] && exit 0
+browser=()
+if [ "${1:-}" = test ]; then
+  # Where tests/common/browser.rs looks for them by default.
+  [ -x /usr/bin/chromium ] || browser+=(chromium)
+  command -v chromedriver >/dev/null || [ -x /usr/bin/chromedriver ] || browser+=(chromium-driver)
+fi
+[ $((${#need[@]} + ${#browser[@]})) -eq 0 ] && exit 0
 if command -v apt-get >/dev/null; then
+  [ ${#browser[@]} -gt 0 ] && need+=("${browser[@]}")
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
   echo "setup: installing ${need[*]}" >&2
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
 elif command -v brew >/dev/null; then
-  brew install cmake llvm
+  [ ${#need[@]} -eq 0 ] || brew install cmake llvm
+  if [ ${#browser[@]} -gt 0 ]; then
+    echo "setup: the browser tests need Chromium and chromedriver: brew install --cask chromium" \
+      "chromedriver, then set PERSONA_GATE_CHROMIUM to the Chromium binary" >&2
+  fi
 else
-  echo "setup: please install: ${need[*]}" >&2; exit 1
+  echo "setup: please install: ${need[*]-} ${browser[*]-}" >&2; exit 1
 fi

@@ -2,6 +2,8 @@
 //! (scripts/fetch-models.sh) into the cache; a missing model fails loudly.
 #![allow(dead_code)]
 
+pub mod browser;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
