@@ -162,6 +162,9 @@ fn steered<'a>(
         .iter()
         .flat_map(|x| r.of(*x))
         .collect();
+    // A condition of its own (no sweep) before a sweep's point that happens to match.
+    let mut steer = steer;
+    steer.sort_by_key(|(c, _)| !c.vars.is_empty());
     if let Some((c, _)) = restoring.first() {
         if let Some(first) = c.interventions.first() {
             if let Some(s) = steer
@@ -380,36 +383,41 @@ pub fn judge(
             because,
         });
     }
-    let sanity = |key, text, paper, lower: &CondSummary, higher: &CondSummary, what: &str| {
-        let (el, eh) = (r.e(lower), r.e(higher));
-        let (verdict, because) = if above(eh, el) {
-            (Verdict::Reproduced, format!("{what}: intervals apart"))
-        } else if eh.y <= el.y {
-            (Verdict::NotReproduced, format!("{what}: no move"))
-        } else {
-            (
-                Verdict::Inconclusive,
-                format!("{what}: moved, intervals overlap"),
-            )
+    // A sanity check: `higher` should lie above `lower`.
+    let sanity =
+        |key, text, paper, lower: &CondSummary, higher: &CondSummary, names: (&str, &str)| {
+            let (el, eh) = (r.e(lower), r.e(higher));
+            let (hi, lo) = names;
+            let (verdict, because) = if above(eh, el) {
+                (Verdict::Reproduced, format!("{hi} lies wholly above {lo}"))
+            } else if eh.y <= el.y {
+                (Verdict::NotReproduced, format!("{hi} is not above {lo}"))
+            } else {
+                (
+                    Verdict::Inconclusive,
+                    format!("{hi} is above {lo} but the intervals overlap"),
+                )
+            };
+            Claim {
+                key,
+                text,
+                paper,
+                verdict,
+                evidence: String::new(),
+                because,
+            }
         };
-        Claim {
-            key,
-            text,
-            paper,
-            verdict,
-            evidence: format!("{} → {}", sh(higher), sh(lower)),
-            because,
-        }
-    };
     if let (Some(b), Some(a)) = (base, r.of(Role::SanityAblate).first()) {
-        out.push(sanity(
+        let mut c = sanity(
             "A1",
             "Sanity (Arditi et al.): projecting the refusal direction out lowers refusal",
             "refusal falls",
             a.1,
             b,
-            "E0 above A1",
-        ));
+            ("E0", "A1"),
+        );
+        c.evidence = format!("E0 {} → A1 {}", sh(b), sh(a.1));
+        out.push(c);
     }
     if let (Some(h), Some(a)) = (
         r.of(Role::HarmlessBaseline).first(),
@@ -421,10 +429,197 @@ pub fn judge(
             "refusal induced",
             h.1,
             a.1,
-            "A2 above A0",
+            ("A2", "A0"),
         );
-        c.evidence = format!("{} → {}", sh(h.1), sh(a.1));
+        c.evidence = format!("A0 {} → A2 {}", sh(h.1), sh(a.1));
         out.push(c);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::spec::{Intervention, Scale, Source};
+    use super::*;
+
+    fn iv(direction: &str, op: EditKind, layers: Vec<usize>) -> Intervention {
+        Intervention {
+            direction: direction.into(),
+            op,
+            layers,
+            coefficient: 4.0,
+            scale: Scale::Raw,
+            source: Source::Own,
+            scope: None,
+        }
+    }
+
+    fn cond(id: &str, exp: &str, ivs: Vec<Intervention>) -> Condition {
+        Condition {
+            id: id.into(),
+            experiment: exp.into(),
+            prompts: "eval".into(),
+            vars: if id.contains('[') {
+                vec![("x".into(), toml::Value::Integer(1))]
+            } else {
+                vec![]
+            },
+            interventions: ivs,
+        }
+    }
+
+    fn summary(c: &Condition, refusal: usize, n: usize) -> CondSummary {
+        CondSummary {
+            experiment: c.experiment.clone(),
+            condition: c.id.clone(),
+            vars: String::new(),
+            prompt_set: c.prompts.clone(),
+            n,
+            refusal,
+            bypass: n - refusal,
+            degenerate: 0,
+            score_mean: 0.0,
+            score_ci: (0.0, 0.0),
+            mean_tokens: 1.0,
+        }
+    }
+
+    /// A grid with steering at layer 5 and the given refusal counts out of 40:
+    /// E0, S, E2 at layers 2 and 10, two E3 windows, two random controls, A1, A0, A2.
+    fn verdicts(k: [usize; 11]) -> Vec<(&'static str, Verdict, String)> {
+        let steer = iv("persona", EditKind::Add, vec![5]);
+        let with = |x: Intervention| vec![steer.clone(), x];
+        let conds = [
+            (cond("E0", "E0", vec![]), Role::Baseline),
+            (cond("E1[x=1]", "E1", vec![steer.clone()]), Role::Steer),
+            (cond("S", "S", vec![steer.clone()]), Role::Steer),
+            (
+                cond("E2[l=2]", "E2", with(iv("refusal", EditKind::Add, vec![2]))),
+                Role::RestoreAdd,
+            ),
+            (
+                cond(
+                    "E2[l=10]",
+                    "E2",
+                    with(iv("refusal", EditKind::Add, vec![10])),
+                ),
+                Role::RestoreAdd,
+            ),
+            (
+                cond(
+                    "E3[a=1]",
+                    "E3",
+                    with(iv("persona", EditKind::Project, vec![6, 7])),
+                ),
+                Role::RestoreProject,
+            ),
+            (
+                cond(
+                    "E3[a=4]",
+                    "E3",
+                    with(iv("persona", EditKind::Project, vec![9, 10])),
+                ),
+                Role::RestoreProject,
+            ),
+            (
+                cond(
+                    "E3r[a=1]",
+                    "E3r",
+                    with(iv("r0", EditKind::Project, vec![6, 7])),
+                ),
+                Role::RandomControl,
+            ),
+            (
+                cond(
+                    "E3r[a=4]",
+                    "E3r",
+                    with(iv("r0", EditKind::Project, vec![9, 10])),
+                ),
+                Role::RandomControl,
+            ),
+            (
+                cond(
+                    "A1",
+                    "A1",
+                    vec![iv("refusal", EditKind::Project, vec![0, 1])],
+                ),
+                Role::SanityAblate,
+            ),
+            (cond("A0", "A0", vec![]), Role::HarmlessBaseline),
+            (
+                cond("A2", "A2", vec![iv("refusal", EditKind::Add, vec![3])]),
+                Role::SanityInduce,
+            ),
+        ];
+        // E1's point is S's count: it matches S's interventions, S must still be chosen.
+        let counts = [
+            k[0], k[1], k[1], k[2], k[3], k[4], k[5], k[6], k[7], k[8], k[9], k[10],
+        ];
+        let sums: Vec<CondSummary> = conds
+            .iter()
+            .zip(counts)
+            .map(|((c, _), k)| summary(c, k, 40))
+            .collect();
+        let roles: Vec<_> = conds
+            .iter()
+            .zip(&sums)
+            .map(|((c, r), s)| (c, s, Some(*r)))
+            .collect();
+        judge(Metric::Generate, &roles, Some(5), Some(4.0), 12)
+            .into_iter()
+            .map(|c| (c.key, c.verdict, c.evidence))
+            .collect()
+    }
+
+    use Verdict::{Inconclusive as I, NotReproduced as N, Reproduced as R};
+
+    fn only(v: &[(&'static str, Verdict, String)]) -> Vec<(&'static str, Verdict)> {
+        v.iter().map(|x| (x.0, x.1)).collect()
+    }
+
+    #[test]
+    fn a_clear_reproduction_is_reproduced_everywhere() {
+        //              E0  S  E2@2 E2@10 E3a1 E3a4 r1 r4 A1 A0 A2
+        let v = verdicts([30, 2, 3, 20, 25, 3, 2, 4, 0, 0, 20]);
+        assert_eq!(
+            only(&v),
+            [("1", R), ("2", R), ("3", R), ("4", R), ("A1", R), ("A2", R)]
+        );
+        assert!(
+            v[0].2.contains("(`S`)"),
+            "S is the steered condition: {}",
+            v[0].2
+        );
+        assert!(v[2].2.starts_with("1 of 2 windows restore"), "{}", v[2].2);
+    }
+
+    #[test]
+    fn each_rule_can_fail() {
+        // Early restoration too: claim 2 fails.
+        let v = verdicts([30, 2, 20, 20, 25, 3, 2, 4, 0, 0, 20]);
+        assert_eq!(v[1].1, N);
+        // A random direction restores: claim 4 fails.
+        let v = verdicts([30, 2, 3, 20, 25, 3, 2, 20, 0, 0, 20]);
+        assert_eq!(v[3].1, N);
+        // Projection does nothing: claim 3 fails.
+        let v = verdicts([30, 2, 3, 20, 2, 1, 2, 4, 0, 0, 20]);
+        assert_eq!(v[2].1, N);
+        // A window restores but far past the baseline: inconclusive.
+        let v = verdicts([10, 1, 3, 20, 38, 3, 2, 4, 0, 0, 20]);
+        assert_eq!(v[2].1, I);
+        // Steering does not lower refusal: claim 1 fails, nothing downstream can be judged.
+        let v = verdicts([30, 30, 3, 20, 25, 3, 2, 4, 0, 0, 20]);
+        assert_eq!(only(&v)[..4], [("1", N), ("2", I), ("3", I), ("4", I)]);
+        // Sanity checks that do not move.
+        let v = verdicts([30, 2, 3, 20, 25, 3, 2, 4, 30, 5, 5]);
+        assert_eq!(only(&v)[4..], [("A1", N), ("A2", N)]);
+    }
+
+    #[test]
+    fn overlapping_intervals_are_inconclusive_not_failures() {
+        // 6/40 vs 2/40: lower, but the intervals overlap.
+        let v = verdicts([6, 2, 3, 4, 5, 3, 2, 4, 2, 0, 3]);
+        assert_eq!(only(&v)[0], ("1", I));
+        assert_eq!(only(&v)[4..], [("A1", I), ("A2", I)]);
+    }
 }

@@ -170,7 +170,7 @@ pub fn plots(plan: &Plan, s: &[CondSummary]) -> Vec<(String, String)> {
                     })
                     .collect();
                 list.push(Series::band(
-                    format!("{b}: {n} random dirs pooled"),
+                    format!("{b}: random directions ({n} per point, pooled)"),
                     pts,
                     band,
                 ));
@@ -208,7 +208,11 @@ pub fn plots(plan: &Plan, s: &[CondSummary]) -> Vec<(String, String)> {
         };
         let (x_label, marks) = match (ax, steer) {
             (Axis::Layer(_), Some(l)) => (
-                format!("{} (layer)", p.x),
+                if p.x == "layer" {
+                    p.x.clone()
+                } else {
+                    format!("{} (layer)", p.x)
+                },
                 vec![Mark {
                     x: l as f64,
                     label: format!("steering layer {l}"),

@@ -21,8 +21,9 @@ use crate::experiment::plan::{Plan, Progress, RunOptions};
 use crate::experiment::spec::{DirectionSpec, Metric, Spec};
 use crate::fsio::write_output;
 use crate::hooks::HookSet;
+use crate::html::{esc, page, raw, table};
 use crate::model::{Model, ModelOptions};
-use crate::plot::{line_plot, Series};
+use crate::plot::{line_plot, Plot, Series, XScale};
 use crate::stats::{argmax, kl, two_proportion_p, wilson};
 use crate::text::csv_table;
 
@@ -258,6 +259,8 @@ fn write_outputs(
     ])
     .map_err(e)?;
     let mut cos: BTreeMap<String, Vec<Series>> = BTreeMap::new();
+    // Every plot, in order, for compare.html.
+    let mut figures: Vec<String> = vec![];
     let kinds: Vec<String> = spec
         .directions
         .iter()
@@ -307,6 +310,7 @@ fn write_outputs(
             None,
         );
         put(&format!("plots/cosine-{d}.svg"), svg.as_bytes(), &mut files)?;
+        figures.push(svg);
     }
     // KL and top-1.
     let kl_csv = csv_table(
@@ -450,11 +454,22 @@ fn write_outputs(
             .find(|e| &e.id == id)
             .and_then(|e| e.plot.as_ref())
             .map_or("x", |p| p.x.as_str());
+        let xs: Vec<f64> = s
+            .iter()
+            .flat_map(|s| s.points.iter().map(|p| p.0))
+            .collect();
+        let svg = Plot {
+            y_range: range,
+            x_scale: XScale::for_values(&xs),
+            ..Plot::new(format!("{id} by quantization"), x, y)
+        }
+        .svg(s);
         put(
             &format!("plots/gating-{id}.svg"),
-            line_plot(&format!("{id} by quantization"), x, y, s, range).as_bytes(),
+            svg.as_bytes(),
             &mut files,
         )?;
+        figures.push(svg);
     }
     // Markdown summary.
     let mut md = String::new();
@@ -504,5 +519,91 @@ fn write_outputs(
             .join(", ")
     );
     put("compare.md", md.as_bytes(), &mut files)?;
+    let page = compare_page(
+        spec,
+        names,
+        quant,
+        kl_rows,
+        &kinds,
+        &min_cos,
+        (sig, tests),
+        &figures,
+    );
+    put("compare.html", page.as_bytes(), &mut files)?;
     Ok(Compared { files, summary: md })
+}
+
+/// compare.html: the table of compare.md (KL, top-1 agreement, cosines per direction), the
+/// significance count, every plot inline, and links to each model's own report.html.
+#[allow(clippy::too_many_arguments)]
+fn compare_page(
+    spec: &Spec,
+    names: &[String],
+    quant: &[String],
+    kl_rows: &[(String, String, usize, f64, f64, f64)],
+    kinds: &[String],
+    min_cos: &[(String, String, f64, f64)],
+    (sig, tests): (usize, usize),
+    figures: &[String],
+) -> String {
+    let mut b = format!(
+        "<h1>Quantization comparison</h1><p>Reference <code>{}</code> ({}). Spec <code>{}</code>.</p>",
+        esc(&names[0]),
+        esc(&quant[0]),
+        esc(&spec.name)
+    );
+    let mut head: Vec<String> = ["model", "quant", "KL mean", "KL p95", "top-1 agree"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    head.extend(kinds.iter().map(|k| format!("cos {k} mean / min")));
+    let rows: Vec<Vec<String>> = kl_rows
+        .iter()
+        .map(|r| {
+            let mut v = vec![
+                r.0.clone(),
+                r.1.clone(),
+                format!("{:.4}", r.3),
+                format!("{:.4}", r.4),
+                format!("{:.0}%", 100.0 * r.5),
+            ];
+            v.extend(kinds.iter().map(|k| {
+                min_cos
+                    .iter()
+                    .find(|(q, d, _, _)| q == &r.1 && d == k)
+                    .map_or("–".into(), |(_, _, m, mn)| format!("{m:.4} / {mn:.4}"))
+            }));
+            v
+        })
+        .collect();
+    let head: Vec<&str> = head.iter().map(String::as_str).collect();
+    b.push_str(&table("quantizations", "sortable", &head, &rows));
+    if tests > 0 {
+        b.push_str(&format!("<p>{sig} of {tests} (model, condition) refusal rates differ from the reference at p &lt; 0.05 (two-proportion z-test, uncorrected); see <code>rates.csv</code>.</p>"));
+    }
+    b.push_str("<h2>Each model's run</h2>");
+    let links: Vec<Vec<String>> = names
+        .iter()
+        .zip(quant)
+        .map(|(n, q)| {
+            vec![
+                q.clone(),
+                raw(format!(
+                    r#"<a href="runs/{0}/report.html">runs/{0}/report.html</a>"#,
+                    esc(n)
+                )),
+            ]
+        })
+        .collect();
+    b.push_str(&table("runs", "runs", &["quant", "report"], &links));
+    b.push_str(r#"<h2>Plots</h2><div class="plots">"#);
+    for f in figures {
+        b.push_str(f);
+    }
+    b.push_str("</div>");
+    page(
+        "persona-gate quantization comparison",
+        Some("The run reports linked here show model completions to harmful prompts: research data. Keep this directory private (do not publish or serve it)."),
+        &b,
+    )
 }
