@@ -218,13 +218,51 @@ fn ids_of(sets: &BTreeMap<String, Vec<Instruction>>) -> BTreeMap<String, Vec<Str
 /// Prompt sets by name, as a spec loads them.
 pub type PromptSets = BTreeMap<String, Vec<Instruction>>;
 
+/// The grid is expanded for every steering candidate, not only the first: windows relative to
+/// `{steer_layer}` must fit whichever layer calibration picks.
+///
 /// # Errors
-/// As [`Spec::expand`] and [`load_sets`].
+/// As [`Spec::expand`] and [`load_sets`]; an error for a later steering candidate names it.
 pub fn check(spec: &Spec, model: &Model) -> Result<(PromptSets, Vec<Condition>)> {
     let sets = load_sets(spec).map_err(|e| spec.located(e))?;
-    let b = provisional(spec, model.info.n_layer).map_err(|e| spec.located(e))?;
-    let conds = spec.expand(&b, &ids_of(&sets))?;
+    let ids = ids_of(&sets);
+    let conds = expand_provisional(spec, model.info.n_layer, &ids)?;
     Ok((sets, conds))
+}
+
+/// The grid at the provisional built-ins, after checking that it also expands with each other
+/// steering candidate as `{steer_layer}`.
+fn expand_provisional(
+    spec: &Spec,
+    n_layer: usize,
+    ids: &BTreeMap<String, Vec<String>>,
+) -> Result<Vec<Condition>> {
+    let b = provisional(spec, n_layer).map_err(|e| spec.located(e))?;
+    let conds = spec.expand(&b, ids)?;
+    if let Some(s) = &spec.steer {
+        // `provisional` parsed these layers already.
+        let candidates = LayerSet::parse(&s.layers, n_layer).map_err(|e| spec.located(e))?;
+        for &l in candidates.iter().skip(1) {
+            let bl = Builtins {
+                steer_layer: Some(l),
+                ..b.clone()
+            };
+            spec.expand(&bl, ids).map_err(|e| {
+                let at = |e| Error::Field {
+                    field: format!("with steer.layers candidate {l}"),
+                    err: Box::new(e),
+                };
+                match e {
+                    Error::Located { origin, err } => Error::Located {
+                        origin,
+                        err: Box::new(at(*err)),
+                    },
+                    e => at(e),
+                }
+            })?;
+        }
+    }
+    Ok(conds)
 }
 
 /// Loads the plan of `dir` if it matches, or prepares one (extraction, selection,
@@ -784,5 +822,49 @@ pub fn add_vector(row: &[f32], c: f64, scale: Scale, resid_norm: Option<f64>) ->
             };
             row.iter().map(|&x| (x as f64 * k) as f32).collect()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SPEC: &str = r#"
+name = "t"
+[prompts.h]
+source = "builtin:harmful"
+[directions.p]
+kind = "random"
+seed = 1
+[steer]
+direction = "p"
+prompts = "h"
+layers = "2,6"
+coefficients = [4]
+[[experiment]]
+id = "E3"
+prompts = "h"
+sweep = { after = [1, 2] }
+intervention = [ { direction = "p", op = "project", layers = "{steer_layer + after}+WIDTH" } ]
+"#;
+
+    #[test]
+    fn windows_relative_to_the_steering_layer_fit_every_candidate() {
+        let spec = |w: &str| Spec::parse(&SPEC.replace("WIDTH", w), "t.toml").unwrap();
+        let ids = BTreeMap::new();
+        // The grid returned is the first candidate's (2): windows 3-4 and 4-5.
+        let c = expand_provisional(&spec("2"), 10, &ids).unwrap();
+        assert_eq!(c[0].interventions[0].layers, [3, 4]);
+        assert_eq!(c[1].interventions[0].layers_text(), "4-5");
+        let c = expand_provisional(&spec("tail"), 10, &ids).unwrap();
+        assert_eq!(c[0].interventions[0].layers_text(), "3-9");
+        // 6 + 2 + 3 layers overflow 10 layers: found before calibration, naming the candidate.
+        let e = expand_provisional(&spec("3"), 10, &ids)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "t.toml: with steer.layers candidate 6: E3[after=2]: intervention 1: layers: layers '8-10': layer 10 out of range (10 layers, 0-9)"
+        );
     }
 }

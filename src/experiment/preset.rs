@@ -9,9 +9,10 @@ use std::fmt::Write as _;
 /// How much of the grid to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Size {
-    /// Strided layers and fewer windows and seeds: minutes on a laptop with a 0.5B model.
+    /// Strided layers, three window positions and two seeds: minutes on a laptop with a 0.5B
+    /// model.
     Demo,
-    /// Every layer for E2, two window widths, three random seeds.
+    /// Every layer for E2, a window every 2 layers past the steering layer, three random seeds.
     Full,
 }
 
@@ -78,27 +79,24 @@ fn n_line(n: Option<usize>) -> String {
 pub fn preset(n_layer: usize, size: Size, p: &PresetPrompts) -> String {
     let nl = n_layer.max(4);
     let full = size == Size::Full;
-    // Steering happens in the first ~55% of depth, the projection windows start at 60%:
-    // so every window is downstream of the steering layer.
+    // Steering happens in the first ~55% of depth. The projection windows are relative to the
+    // calibrated steering layer: `after` = 1 starts right after it, the largest `after` still
+    // fits the model above the deepest candidate, and a `tail` window runs through the last
+    // layer. So every window is downstream of the steering layer, whichever is calibrated.
     let steer_hi = ((nl as f64 * 0.55) as usize).max(2);
     let steer_layers = if full {
         (1..=steer_hi).step_by(2).collect::<Vec<_>>()
     } else {
         strided(2, steer_hi, 4)
     };
+    let steer_max = *steer_layers.iter().max().expect("non-empty");
     let width = (nl / 8).max(2);
-    let widths: Vec<usize> = if full {
-        vec![width, 2 * width]
+    // The deepest candidate plus `after` plus the window still lies inside the model.
+    let after_max = nl.saturating_sub(width + steer_max).max(1);
+    let after = if full {
+        (1..=after_max).step_by(2).collect::<Vec<_>>()
     } else {
-        vec![width]
-    };
-    let max_w = *widths.iter().max().expect("non-empty");
-    let lo = (nl as f64 * 0.6).ceil() as usize;
-    let hi = nl.saturating_sub(max_w).max(lo);
-    let starts = if full {
-        (lo..=hi).step_by(2).collect::<Vec<_>>()
-    } else {
-        strided(lo, hi, 2)
+        strided(1, after_max, 3)
     };
     let e2_layers: Vec<usize> = if full {
         (0..nl).collect()
@@ -253,27 +251,29 @@ intervention = [
 ]
 plot = {{ x = "layer", reference = ["E0", "S"] }}
 
+# Projection windows start `after` layers past the calibrated steering layer (after = 1 is the
+# layer right after it) and span {width} layers or, for width = "tail", the rest of the model.
 [[experiment]]
 id = "E3"
-title = "Steered + persona direction projected out in a late window"
+title = "Steered + persona direction projected out in a window downstream of the steering layer"
 prompts = "eval"
 role = "restore_project"
-sweep = {{ start = {starts}, width = {widths}, source = ["own", "steer"] }}
+sweep = {{ after = {after}, width = [{width}, "tail"], source = ["own", "steer"] }}
 intervention = [
   {{ direction = "persona", op = "add", layers = "{{steer_layer}}", coefficient = "{{steer_coef}}" }},
-  {{ direction = "persona", op = "project", layers = "{{start}}+{{width}}", source = "{{source}}" }},
+  {{ direction = "persona", op = "project", layers = "{{steer_layer + after}}+{{width}}", source = "{{source}}" }},
 ]
-plot = {{ x = "start", series = ["width", "source"], band = "E3r", reference = ["E0", "S"] }}
+plot = {{ x = "after", series = ["width", "source"], band = "E3r", reference = ["E0", "S"] }}
 
 [[experiment]]
 id = "E3r"
 title = "Steered + norm-matched random direction projected out"
 prompts = "eval"
 role = "random_control"
-sweep = {{ start = {starts}, width = [{width}], dir = {seeds} }}
+sweep = {{ after = {after}, width = [{width}], dir = {seeds} }}
 intervention = [
   {{ direction = "persona", op = "add", layers = "{{steer_layer}}", coefficient = "{{steer_coef}}" }},
-  {{ direction = "{{dir}}", op = "project", layers = "{{start}}+{{width}}" }},
+  {{ direction = "{{dir}}", op = "project", layers = "{{steer_layer + after}}+{{width}}" }},
 ]
 
 [[experiment]]
@@ -301,8 +301,7 @@ intervention = [
 ]
 "#,
         e2 = list(&e2_layers),
-        starts = list(&starts),
-        widths = list(&widths),
+        after = list(&after),
         seeds = quoted(seeds),
     );
     s
@@ -310,7 +309,7 @@ intervention = [
 
 #[cfg(test)]
 mod tests {
-    use super::super::spec::{Builtins, Spec};
+    use super::super::spec::{value_text, Builtins, Spec};
     use super::*;
     use crate::hooks::LayerSet;
 
@@ -320,22 +319,61 @@ mod tests {
             for size in [Size::Demo, Size::Full] {
                 let src = preset(nl, size, &PresetPrompts::default());
                 let spec = Spec::parse(&src, "preset").unwrap();
-                let b = Builtins {
-                    n_layer: nl,
-                    steer_layer: Some(5),
-                    steer_coef: Some(4.0),
-                    refusal_layer: Some(10),
-                };
-                let c = spec.expand(&b, &Default::default()).unwrap();
-                assert!(c.len() > 10, "{nl} {size:?}");
-                // Every projection window lies downstream of every steering candidate.
-                let steer_max = LayerSet::parse(&spec.steer.unwrap().layers, nl)
+                let candidates = LayerSet::parse(&spec.steer.as_ref().unwrap().layers, nl)
                     .unwrap()
-                    .into_iter()
-                    .max()
-                    .unwrap();
-                for c in c.iter().filter(|c| c.experiment == "E3") {
-                    assert!(c.interventions[1].layers[0] > steer_max);
+                    .into_vec();
+                let width = (nl / 8).max(2);
+                // Every window fits the model and lies downstream of the steering layer,
+                // whichever candidate calibration picks.
+                for &l in &candidates {
+                    let b = Builtins {
+                        n_layer: nl,
+                        steer_layer: Some(l),
+                        steer_coef: Some(4.0),
+                        refusal_layer: Some(10),
+                    };
+                    let c = spec.expand(&b, &Default::default()).unwrap();
+                    assert!(c.len() > 10, "{nl} {size:?}");
+                    let mut afters = std::collections::BTreeSet::new();
+                    let mut first = 0;
+                    let mut tails = 0;
+                    for e in ["E3", "E3r"] {
+                        let windows: Vec<_> = c.iter().filter(|c| c.experiment == e).collect();
+                        assert!(!windows.is_empty(), "{nl} {size:?} {e}");
+                        for c in windows {
+                            let w = &c.interventions[1].layers;
+                            let at = format!("{nl} {size:?} steer {l}: {}", c.id);
+                            let (lo, hi) = (w[0], *w.last().unwrap());
+                            assert!(lo > l && hi < nl, "{at}: {lo}-{hi}");
+                            let after = c.var("after").unwrap().as_integer().unwrap() as usize;
+                            assert!(after >= 1, "{at}");
+                            assert_eq!(lo, l + after, "{at}");
+                            afters.insert((e, after));
+                            first += usize::from(after == 1);
+                            match value_text(c.var("width").unwrap()).as_str() {
+                                "tail" => {
+                                    assert_eq!(hi, nl - 1, "{at}");
+                                    tails += 1;
+                                }
+                                x => {
+                                    assert_eq!(x, width.to_string(), "{at}");
+                                    assert_eq!(w.len(), width, "{at}");
+                                }
+                            }
+                        }
+                    }
+                    // Windows right after the steering layer, a tail window, and the random
+                    // controls at the same positions as E3.
+                    assert!(first > 0 && tails > 0, "{nl} {size:?}");
+                    let of = |e: &str| -> Vec<usize> {
+                        afters.iter().filter(|x| x.0 == e).map(|x| x.1).collect()
+                    };
+                    assert_eq!(of("E3"), of("E3r"), "{nl} {size:?}");
+                    let n = of("E3").len();
+                    match size {
+                        Size::Demo => assert_eq!(n, 3, "{nl}"),
+                        Size::Full => assert!(n >= 4, "{nl}"),
+                    }
                 }
             }
         }

@@ -110,6 +110,7 @@ impl FromStr for HookPoint {
 /// string, an integer or a list of integers) or read back from a written CSV:
 /// - `all`: every layer;
 /// - `S+W`: the window of W layers from S (`18+4` is 18-21);
+/// - `S+tail` or `S..`: from S through the last layer (`20+tail` is 20-23 in 24 layers);
 /// - a comma list of layers `12`, inclusive ranges `20-23` and hook points `resid_post.5`,
 ///   in any order, repeats allowed.
 ///
@@ -122,11 +123,33 @@ impl LayerSet {
     ///
     /// # Errors
     /// Names the bad part: not a number, negative, out of range, empty or reversed window,
-    /// or a malformed `S+W`.
+    /// or a malformed `S+W` or `S+tail`.
     pub fn parse(s: &str, n_layer: usize) -> Result<LayerSet> {
         let t = s.trim();
         if t == "all" {
             return Ok(LayerSet::all(n_layer));
+        }
+        let tail = t.strip_suffix("..").or_else(|| {
+            t.split_once('+')
+                .filter(|(_, w)| w.trim() == "tail")
+                .map(|(a, _)| a)
+        });
+        if let Some(a) = tail {
+            let a: i64 = a
+                .trim()
+                .parse()
+                .map_err(|_| layers(s, LayersProblem::NotWindow))?;
+            if a < 0 {
+                return Err(layers(s, LayersProblem::Negative(a)));
+            }
+            if a as usize >= n_layer {
+                return Err(Error::Layer {
+                    layer: a as usize,
+                    n_layer,
+                    of: LayerOf::List(s.to_string()),
+                });
+            }
+            return Ok(LayerSet((a as usize..n_layer).collect()));
         }
         if let Some((a, w)) = t.split_once('+') {
             let (a, w): (i64, i64) = match (a.trim().parse(), w.trim().parse()) {
@@ -357,6 +380,11 @@ mod tests {
         assert_eq!(p("2+3"), [2, 3, 4]);
         assert_eq!(p(" 2 + 3 "), [2, 3, 4]);
         assert_eq!(p("7+1"), [7]);
+        assert_eq!(p("5+tail"), [5, 6, 7]);
+        assert_eq!(p(" 5 + tail "), [5, 6, 7]);
+        assert_eq!(p("5.."), [5, 6, 7]);
+        assert_eq!(p("7+tail"), [7]);
+        assert_eq!(p("0.."), (0..8).collect::<Vec<_>>());
         assert_eq!(LayerSet::parse("all", 0).unwrap(), LayerSet::default());
     }
 
@@ -408,6 +436,16 @@ mod tests {
             ("3+", "'3+' is not a window S+W"),
             ("1,5+2", "'1,5+2' is not a window S+W"),
             ("1,all", "layers '1,all': 'all' is not a layer number"),
+            (
+                "8+tail",
+                "layers '8+tail': layer 8 out of range (8 layers, 0-7)",
+            ),
+            ("9..", "layers '9..': layer 9 out of range (8 layers, 0-7)"),
+            ("-1+tail", "layers '-1+tail': layer -1 is negative"),
+            ("x+tail", "'x+tail' is not a window S+W"),
+            ("+tail", "'+tail' is not a window S+W"),
+            ("..", "'..' is not a window S+W"),
+            ("3+Tail", "'3+Tail' is not a window S+W"),
         ] {
             assert_eq!(e(input), message, "{input}");
         }

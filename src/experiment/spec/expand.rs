@@ -249,7 +249,9 @@ impl Spec {
 }
 
 /// Replaces `{var}` in every string of a template: a string that is exactly `{var}` takes the
-/// variable's value and type, otherwise the text is spliced in.
+/// variable's value and type, otherwise the text is spliced in. `{a + b - 1}` is integer
+/// arithmetic over sweep variables, built-ins and integer literals (spaces optional); a body
+/// that is itself a variable's name is that variable, so `{var}` reads as it always has.
 pub(super) fn substitute(
     t: &toml::Value,
     vars: &[(String, toml::Value)],
@@ -276,11 +278,19 @@ pub(super) fn substitute(
             )
         })
     };
+    // A `{...}` body: a variable, or a sum of integer terms.
+    let eval = |k: &str| -> Result<toml::Value> {
+        let known = vars.iter().any(|(n, _)| n == k) || b.get(k).is_some();
+        if known || !k.contains(['+', '-']) {
+            return lookup(k);
+        }
+        arithmetic(k, &lookup, ctx).map(toml::Value::Integer)
+    };
     Ok(match t {
         toml::Value::String(s) => {
             if let Some(k) = s.strip_prefix('{').and_then(|r| r.strip_suffix('}')) {
                 if !k.contains(['{', '}']) {
-                    return lookup(k);
+                    return eval(k);
                 }
             }
             let mut out = String::new();
@@ -290,7 +300,7 @@ pub(super) fn substitute(
                 let Some(j) = rest[i..].find('}') else {
                     return Err(ctx.err(None, format!("unclosed '{{' in '{s}'")));
                 };
-                out.push_str(&value_text(&lookup(&rest[i + 1..i + j])?));
+                out.push_str(&value_text(&eval(&rest[i + 1..i + j])?));
                 rest = &rest[i + j + 1..];
             }
             out.push_str(rest);
@@ -308,4 +318,52 @@ pub(super) fn substitute(
         ),
         other => other.clone(),
     })
+}
+
+/// The value of `{expr}`, terms joined by `+` and `-` (the first may carry a sign): each an
+/// integer literal or a variable (`lookup`) whose value is an integer.
+fn arithmetic(
+    expr: &str,
+    lookup: &dyn Fn(&str) -> Result<toml::Value>,
+    ctx: Ctx<'_>,
+) -> Result<i64> {
+    let bad = |why: String| ctx.err(None, format!("{{{expr}}}: {why}"));
+    let mut total: i64 = 0;
+    let mut sign = 1i64;
+    let mut rest = expr.trim();
+    // A leading sign belongs to the first term.
+    if let Some(r) = rest.strip_prefix('-') {
+        sign = -1;
+        rest = r;
+    } else if let Some(r) = rest.strip_prefix('+') {
+        rest = r;
+    }
+    loop {
+        let end = rest.find(['+', '-']).unwrap_or(rest.len());
+        let term = rest[..end].trim();
+        if term.is_empty() {
+            return Err(bad("a term is missing (terms are joined by + and -)".into()));
+        }
+        let v = match term.parse::<i64>() {
+            Ok(v) => v,
+            Err(_) => match lookup(term)? {
+                toml::Value::Integer(v) => v,
+                other => {
+                    return Err(bad(format!(
+                        "term '{term}' is {}, not an integer",
+                        crate::text::shown(&other.to_string())
+                    )))
+                }
+            },
+        };
+        total = v
+            .checked_mul(sign)
+            .and_then(|v| total.checked_add(v))
+            .ok_or_else(|| bad("overflows".into()))?;
+        if end == rest.len() {
+            return Ok(total);
+        }
+        sign = if rest[end..].starts_with('-') { -1 } else { 1 };
+        rest = &rest[end + 1..];
+    }
 }

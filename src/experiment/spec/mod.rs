@@ -4,7 +4,7 @@
 //! file (see [`super::preset`]), not code paths.
 //!
 //! Parsing is strict (unknown keys are errors) and errors name the field:
-//! `experiment E3 [start=18,width=4]: intervention 2: layers: layer 30 out of range (24 layers)`.
+//! `E3[after=9,source=own,width=4]: intervention 2: layers: layers '22-25': layer 24 out of range (24 layers, 0-23)`.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -305,7 +305,8 @@ pub struct ExperimentSpec {
     #[serde(default)]
     pub sweep: BTreeMap<String, Vec<toml::Value>>,
     /// Intervention templates: strings may use `{var}` (sweep variables, `steer_layer`,
-    /// `steer_coef`, `refusal_layer`, `n_layer`, `last_layer`).
+    /// `steer_coef`, `refusal_layer`, `n_layer`, `last_layer`) and integer arithmetic over
+    /// them and integer literals, `{steer_layer + after}`, `{last_layer - 2}`.
     #[serde(default)]
     pub intervention: Vec<toml::Value>,
     #[serde(default)]
@@ -318,7 +319,8 @@ pub struct ExperimentSpec {
 pub struct InterventionSpec {
     pub direction: String,
     pub op: EditKind,
-    /// An int, a list, or a string: `all`, `12`, `3,5`, `20-23`, `S+W` (W layers from S).
+    /// An int, a list, or a string: `all`, `12`, `3,5`, `20-23`, `S+W` (W layers from S),
+    /// `S+tail` or `S..` (S through the last layer).
     pub layers: toml::Value,
     #[serde(default = "d_one")]
     pub coefficient: toml::Value,
@@ -373,7 +375,7 @@ impl Intervention {
 /// One grid point: an experiment's condition.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 pub struct Condition {
-    /// `E3[source=own,start=18,width=4]`, unique in the plan.
+    /// `E3[after=1,source=own,width=4]`, unique in the plan.
     pub id: String,
     pub experiment: String,
     pub prompts: String,
@@ -383,7 +385,7 @@ pub struct Condition {
 }
 
 impl Condition {
-    /// `start=18;width=4`.
+    /// `after=1;source=own;width=4`.
     pub fn vars_text(&self) -> String {
         self.vars
             .iter()
@@ -578,5 +580,84 @@ intervention = [ { direction = "p", op = "project", layers = "{s}+{w}", source =
         let r = substitute(&t, &vars, &b(), ctx).unwrap();
         assert_eq!(r.get("x"), Some(&toml::Value::Float(0.5)));
         assert_eq!(r.get("y").and_then(|v| v.as_str()), Some("a0.5b"));
+    }
+
+    #[test]
+    fn template_arithmetic() {
+        let vars = vec![
+            ("after".to_string(), toml::Value::Integer(2)),
+            ("width".to_string(), toml::Value::String("tail".into())),
+            ("c".to_string(), toml::Value::Float(0.5)),
+            ("a-b".to_string(), toml::Value::Integer(7)),
+        ];
+        let b = Builtins {
+            n_layer: 24,
+            steer_layer: Some(12),
+            steer_coef: Some(4.0),
+            refusal_layer: None,
+        };
+        let ctx = expand::Ctx {
+            id: "E3[x]",
+            intervention: 2,
+        };
+        let sub = |t: &str| {
+            let v = toml::Value::String(t.to_string());
+            substitute(&v, &vars, &b, ctx)
+        };
+        let ok = |t: &str| sub(t).unwrap();
+        let int = toml::Value::Integer;
+        assert_eq!(ok("{steer_layer + after}"), int(14));
+        assert_eq!(ok("{steer_layer+after}"), int(14));
+        assert_eq!(ok("{ last_layer - after - 1 }"), int(20));
+        assert_eq!(ok("{n_layer - steer_layer + 3}"), int(15));
+        assert_eq!(ok("{-1 + after}"), int(1));
+        assert_eq!(ok("{after - 5}"), int(-3));
+        // A name that is itself a variable stays that variable.
+        assert_eq!(ok("{a-b}"), int(7));
+        assert_eq!(ok("{after}"), int(2));
+        let s = |t: &str| ok(t).as_str().map(str::to_string);
+        assert_eq!(
+            s("{steer_layer + after}+{width}").as_deref(),
+            Some("14+tail")
+        );
+        assert_eq!(
+            s("{steer_layer + 1}-{last_layer}").as_deref(),
+            Some("13-23")
+        );
+        // The result lands in a layer list as usual.
+        let v = toml::Value::String(s("{steer_layer + after}+{width}").unwrap());
+        assert_eq!(
+            crate::hooks::LayerSet::from_toml(&v, 24)
+                .unwrap()
+                .as_slice(),
+            (14..24).collect::<Vec<_>>()
+        );
+        let err = |t: &str| sub(t).unwrap_err().to_string();
+        assert_eq!(
+            err("{steer_layer + steer_coef}"),
+            "E3[x]: intervention 2: {steer_layer + steer_coef}: term 'steer_coef' is 4.0, not an integer"
+        );
+        assert_eq!(
+            err("{width + 1}"),
+            "E3[x]: intervention 2: {width + 1}: term 'width' is \"tail\", not an integer"
+        );
+        assert_eq!(
+            err("{c-1}"),
+            "E3[x]: intervention 2: {c-1}: term 'c' is 0.5, not an integer"
+        );
+        assert!(err("{steer_layer + aftr}").contains("unknown variable {aftr}; known: after"));
+        assert!(err("{after + }").contains("{after + }: a term is missing"));
+        assert!(err("{after ++ 1}").contains("a term is missing"));
+        assert!(err("{after + 9223372036854775807}").contains("overflows"));
+        let none = Builtins {
+            n_layer: 24,
+            ..Default::default()
+        };
+        let v = toml::Value::String("{steer_layer + 1}".into());
+        let x = substitute(&v, &vars, &none, ctx).unwrap_err().to_string();
+        assert!(
+            x.contains("unknown variable {steer_layer} (needs a [steer] table)"),
+            "{x}"
+        );
     }
 }
