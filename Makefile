@@ -36,6 +36,7 @@ models-science:
 # the built-in prompts. Rerunning resumes in runs/demo.
 demo: build models
 	$(BIN) reproduce --model $(QWEN05) --threads $(THREADS) --out runs/demo
+	@echo "report: $(CURDIR)/runs/demo/report.html (open it in a browser)"
 
 # The browser tests (tests/browser.rs, and the report's) fail here rather than skip when
 # Chromium or chromedriver is missing: setup.sh test installs them.

@@ -139,11 +139,30 @@ fn quantize_then_compare_against_the_f16_reference() {
         "kl.csv",
         "rates.csv",
         "compare.md",
+        "compare.html",
         "plots/cosine-persona.svg",
         "plots/cosine-refusal.svg",
         "plots/gating-E2.svg",
     ] {
         assert!(out.join(file).is_file(), "{file} missing: {so}");
+    }
+    // compare.html: the table, every plot inline, a link to each model's report, and in a
+    // real browser no console errors and a row per compared model.
+    let html = std::fs::read_to_string(out.join("compare.html")).unwrap();
+    assert_eq!(html.matches("<svg").count(), 3, "three plots inline");
+    for q in ["F16", "Q8_0", "Q4_K_M", "Q2_K"] {
+        assert!(
+            html.contains(&format!("<td>{q}</td>")),
+            "{q} in compare.html"
+        );
+    }
+    if let Some(b) =
+        common::browser::start_or_skip("quantize_then_compare_against_the_f16_reference")
+    {
+        b.open(&out.join("compare.html"));
+        assert_eq!(b.console_errors(), Vec::<String>::new());
+        assert_eq!(b.count_visible("#quantizations tbody tr"), 3);
+        assert_eq!(b.count_visible(".plots svg"), 3);
     }
     let cos = cosines(&out);
     for dir in ["persona", "refusal"] {

@@ -196,6 +196,21 @@ fn add_layer(c: &Condition) -> Option<usize> {
         .and_then(|i| i.layers.first().copied())
 }
 
+/// ` over layers 13-23`: the layers a projection condition projects out of.
+fn window_of(v: &[(&Condition, &CondSummary)], c: &CondSummary) -> String {
+    v.iter()
+        .find(|x| x.1.condition == c.condition)
+        .and_then(|x| {
+            x.0.interventions
+                .iter()
+                .rev()
+                .find(|i| i.op == EditKind::Project)
+        })
+        .map_or(String::new(), |i| {
+            format!(" over layers {}", i.layers_text())
+        })
+}
+
 /// The verdicts of a run, in the paper's order, for the claims the run has conditions for.
 pub fn judge(
     metric: Metric,
@@ -216,7 +231,6 @@ pub fn judge(
     if let (Some(b), Some(s)) = (base, s) {
         let (eb, es) = (r.e(b), r.e(s));
         let (verdict, because) = if above(eb, es) {
-            gap = true;
             (Verdict::Reproduced, "E0's interval lies wholly above S's")
         } else if es.y >= eb.y {
             (Verdict::NotReproduced, "S is not below E0")
@@ -226,6 +240,8 @@ pub fn judge(
                 "S is below E0 but the intervals overlap",
             )
         };
+        // Restoration is judged against S's own interval whenever S is below E0 at all.
+        gap = verdict != Verdict::NotReproduced;
         let lowest =
             r.of(Role::Steer)
                 .iter()
@@ -347,9 +363,10 @@ pub fn judge(
             paper: "back to baseline",
             verdict,
             evidence: format!(
-                "{n_restore} of {} windows restore; best {}; S {}{}",
+                "{n_restore} of {} windows restore; best {}{}; S {}{}",
                 proj.len(),
                 sh(best),
+                window_of(&proj, best),
                 sh(s),
                 base.map_or(String::new(), |b| format!("; E0 {}", sh(b)))
             ),
@@ -620,6 +637,10 @@ mod tests {
         // 6/40 vs 2/40: lower, but the intervals overlap.
         let v = verdicts([6, 2, 3, 4, 5, 3, 2, 4, 2, 0, 3]);
         assert_eq!(only(&v)[0], ("1", I));
+        // S below E0 leaves a gap: the restoration rules still decide.
+        assert_eq!(only(&v)[1..4], [("2", I), ("3", I), ("4", R)]);
+        let v = verdicts([6, 1, 2, 30, 12, 3, 2, 4, 2, 0, 3]);
+        assert_eq!(only(&v)[..4], [("1", I), ("2", R), ("3", R), ("4", R)]);
         assert_eq!(only(&v)[4..], [("A1", I), ("A2", I)]);
     }
 }

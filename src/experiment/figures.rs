@@ -170,7 +170,7 @@ pub fn plots(plan: &Plan, s: &[CondSummary]) -> Vec<(String, String)> {
                     })
                     .collect();
                 list.push(Series::band(
-                    format!("{b}: random directions ({n} per point, pooled)"),
+                    format!("{b} (random, {n} dirs pooled)"),
                     pts,
                     band,
                 ));
