@@ -70,7 +70,7 @@ pub fn page(title: &str, banner: Option<&str>, body: &str) -> String {
         let _ = write!(s, r#"<div class="banner" id="banner">{}</div>"#, esc(b));
     }
     s.push_str(body);
-    let _ = write!(s, "<script>{JS}</script></body></html>\n");
+    let _ = writeln!(s, "<script>{JS}</script></body></html>");
     s
 }
 
