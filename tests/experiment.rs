@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use common::{bin, scratch};
 
-const SPEC: &str = r#"
+const SPEC: &str = concat!(
+    r#"
 name = "mini"
 seed = 3
 group_size = 3
@@ -19,36 +20,9 @@ group_size = 3
 max_new_tokens = 10
 min_tokens = 4
 
-[prompts.eval]
-source = "builtin:harmful"
-n = 4
-[prompts.ok]
-source = "builtin:harmless"
-range = [0, 2]
-[prompts.neutral]
-source = "builtin:neutral"
-n = 2
-[prompts.train_h]
-source = "builtin:harmful_train"
-range = [0, 4]
-[prompts.train_ok]
-source = "builtin:harmless_train"
-range = [0, 4]
-
-[directions.persona]
-kind = "persona"
-questions = "neutral"
-[directions.refusal]
-kind = "refusal"
-harmful = "train_h"
-harmless = "train_ok"
-layer = 12
-[directions.rand]
-kind = "random"
-seed = 5
-like = "persona"
-
-[steer]
+"#,
+    mini_sets!(),
+    r#"[steer]
 direction = "persona"
 prompts = "train_h"
 layers = "4,8"
@@ -93,7 +67,8 @@ id = "A2"
 prompts = "ok"
 role = "sanity_induce"
 intervention = [ { direction = "refusal", op = "add", layers = "{refusal_layer}", coefficient = 0.5, scale = "resid", scope = ["harmless-001"] } ]
-"#;
+"#
+);
 
 /// 8 conditions x 4 prompts + 1 x 2 = 34 pairs in groups of 3.
 const GROUPS: usize = 12;

@@ -12,7 +12,8 @@ use common::browser::start_or_skip;
 use common::{bin, scratch};
 
 /// Every role the claims read, small enough for SmolLM2 in well under a minute.
-const SPEC: &str = r#"
+const SPEC: &str = concat!(
+    r#"
 name = "report-mini"
 seed = 7
 group_size = 4
@@ -21,36 +22,9 @@ group_size = 4
 max_new_tokens = 8
 min_tokens = 4
 
-[prompts.eval]
-source = "builtin:harmful"
-n = 4
-[prompts.ok]
-source = "builtin:harmless"
-range = [0, 3]
-[prompts.neutral]
-source = "builtin:neutral"
-n = 2
-[prompts.train_h]
-source = "builtin:harmful_train"
-range = [0, 4]
-[prompts.train_ok]
-source = "builtin:harmless_train"
-range = [0, 4]
-
-[directions.persona]
-kind = "persona"
-questions = "neutral"
-[directions.refusal]
-kind = "refusal"
-harmful = "train_h"
-harmless = "train_ok"
-layer = 12
-[directions.rand]
-kind = "random"
-seed = 5
-like = "persona"
-
-[steer]
+"#,
+    mini_sets!(),
+    r#"[steer]
 direction = "persona"
 prompts = "train_h"
 layers = "6"
@@ -123,7 +97,8 @@ id = "A2"
 prompts = "ok"
 role = "sanity_induce"
 intervention = [ { direction = "refusal", op = "add", layers = "{refusal_layer}", coefficient = 1 } ]
-"#;
+"#
+);
 
 fn reproduce(spec: &Path, out: &Path) {
     let o = bin()

@@ -139,17 +139,7 @@ impl LayerSet {
                 .trim()
                 .parse()
                 .map_err(|_| layers(s, LayersProblem::NotWindow))?;
-            if a < 0 {
-                return Err(layers(s, LayersProblem::Negative(a)));
-            }
-            if a as usize >= n_layer {
-                return Err(Error::Layer {
-                    layer: a as usize,
-                    n_layer,
-                    of: LayerOf::List(s.to_string()),
-                });
-            }
-            return Ok(LayerSet((a as usize..n_layer).collect()));
+            return Ok(LayerSet((in_range(s, a, n_layer)?..n_layer).collect()));
         }
         if let Some((a, w)) = t.split_once('+') {
             let (a, w): (i64, i64) = match (a.trim().parse(), w.trim().parse()) {
@@ -273,6 +263,21 @@ fn layers(list: &str, problem: LayersProblem) -> Error {
     }
 }
 
+/// Layer `v` of the list `s` as an index: not negative, below `n_layer`.
+fn in_range(s: &str, v: i64, n_layer: usize) -> Result<usize> {
+    if v < 0 {
+        return Err(layers(s, LayersProblem::Negative(v)));
+    }
+    if v as usize >= n_layer {
+        return Err(Error::Layer {
+            layer: v as usize,
+            n_layer,
+            of: LayerOf::List(s.to_string()),
+        });
+    }
+    Ok(v as usize)
+}
+
 /// A comma list of layers, ranges and hook points; errors quote `s`.
 fn list(s: &str, n_layer: usize) -> Result<LayerSet> {
     let mut out = Vec::new();
@@ -288,17 +293,7 @@ fn list(s: &str, n_layer: usize) -> Result<LayerSet> {
                 .trim()
                 .parse()
                 .map_err(|_| layers(s, LayersProblem::NotNumber(x.to_string())))?;
-            if v < 0 {
-                return Err(layers(s, LayersProblem::Negative(v)));
-            }
-            if v as usize >= n_layer {
-                return Err(Error::Layer {
-                    layer: v as usize,
-                    n_layer,
-                    of: LayerOf::List(s.to_string()),
-                });
-            }
-            Ok(v as usize)
+            in_range(s, v, n_layer)
         };
         let (a, b) = (num(a)?, num(b)?);
         if b < a {

@@ -4,6 +4,46 @@
 
 pub mod browser;
 
+/// The prompt sets and directions of the small SmolLM2 specs (tests/experiment.rs,
+/// tests/report.rs): 4 harmful evaluation prompts, 2 harmless, 2 neutral questions, 4 + 4
+/// training prompts; the persona, refusal (layer 12) and a random direction. A macro, so
+/// specs can `concat!` it into a literal.
+#[macro_export]
+macro_rules! mini_sets {
+    () => {
+        r#"[prompts.eval]
+source = "builtin:harmful"
+n = 4
+[prompts.ok]
+source = "builtin:harmless"
+range = [0, 2]
+[prompts.neutral]
+source = "builtin:neutral"
+n = 2
+[prompts.train_h]
+source = "builtin:harmful_train"
+range = [0, 4]
+[prompts.train_ok]
+source = "builtin:harmless_train"
+range = [0, 4]
+
+[directions.persona]
+kind = "persona"
+questions = "neutral"
+[directions.refusal]
+kind = "refusal"
+harmful = "train_h"
+harmless = "train_ok"
+layer = 12
+[directions.rand]
+kind = "random"
+seed = 5
+like = "persona"
+
+"#
+    };
+}
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
