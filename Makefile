@@ -44,9 +44,20 @@ test: build models
 	@scripts/setup.sh test
 	PERSONA_GATE_REQUIRE_BROWSER=1 $(CARGO) test --release --locked --no-fail-fast -- --test-threads=1
 
+# cargo deny: licenses, bans (duplicate versions warn) and sources from deny.toml; RustSec
+# advisories only where its advisory database (a git repository, not a package registry) can
+# be fetched: this project's machines reach package registries alone, so there the check is
+# skipped with a message, and it runs wherever the database is reachable.
+# check-msrv.sh: the declared rust-version (see the script for what it checks without that
+# toolchain; clippy's incompatible_msrv below is part of it).
 lint:
+	@scripts/setup.sh lint
 	$(CARGO) fmt --check
 	$(CARGO) clippy --release --all-targets -- -D warnings
+	$(CARGO) deny --offline check licenses bans sources
+	@if $(CARGO) deny fetch db >/dev/null 2>&1; then $(CARGO) deny check advisories; \
+	else echo "lint: advisories skipped: the RustSec advisory database cannot be fetched from here"; fi
+	scripts/check-msrv.sh
 
 # persona-gate's throughput beside llama.cpp's own llama-batched-bench, same model, threads,
 # shape and instruction set (the reference tools are built once by scripts/build-llama-ref.sh).

@@ -3,6 +3,8 @@
 # libclang (bindgen, which generates the llama.cpp bindings). Debian/Ubuntu via apt-get, macOS
 # via Homebrew. `scripts/setup.sh test` also installs what the browser tests drive: Chromium
 # and chromedriver (Debian's chromium and chromium-driver; on macOS it prints a hint).
+# `scripts/setup.sh lint` installs what `make lint` needs besides: jq (scripts/check-msrv.sh)
+# and cargo-deny (cargo install --locked: several minutes of compiling, once).
 # Prints nothing when everything is present.
 set -euo pipefail
 need=()
@@ -17,6 +19,13 @@ if [ "${1:-}" = test ]; then
   [ -x /usr/bin/chromium ] || browser+=(chromium)
   command -v chromedriver >/dev/null || [ -x /usr/bin/chromedriver ] || browser+=(chromium-driver)
 fi
+if [ "${1:-}" = lint ]; then
+  command -v jq >/dev/null || need+=(jq)
+  if ! ${CARGO:-cargo} deny --version >/dev/null 2>&1; then
+    echo "setup: installing cargo-deny (cargo install --locked, several minutes)" >&2
+    ${CARGO:-cargo} install cargo-deny --locked --quiet
+  fi
+fi
 [ $((${#need[@]} + ${#browser[@]})) -eq 0 ] && exit 0
 if command -v apt-get >/dev/null; then
   [ ${#browser[@]} -gt 0 ] && need+=("${browser[@]}")
@@ -25,7 +34,9 @@ if command -v apt-get >/dev/null; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
 elif command -v brew >/dev/null; then
-  [ ${#need[@]} -eq 0 ] || brew install cmake llvm
+  build=0
+  for p in ${need[@]+"${need[@]}"}; do [ "$p" = jq ] && brew install jq || build=1; done
+  [ $build -eq 0 ] || brew install cmake llvm
   if [ ${#browser[@]} -gt 0 ]; then
     echo "setup: the browser tests need Chromium and chromedriver: brew install --cask chromium" \
       "chromedriver, then set PERSONA_GATE_CHROMIUM to the Chromium binary" >&2

@@ -4,7 +4,7 @@ mod cli;
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 
 use cli::Cli;
 
@@ -24,20 +24,14 @@ fn main() -> ExitCode {
     #[cfg(not(target_os = "linux"))]
     persona_gate::cpu::check_or_exit();
     // Flag errors are one line too (clap's own usage text is multi-line); help and version
-    // print as usual.
-    let cli = match Cli::try_parse() {
+    // print as usual. llama.cpp's multi-letter short flags (-ngl, -np, ...) become long names
+    // first (cli::argv).
+    let args = cli::argv::rewrite(std::env::args_os(), &Cli::command());
+    let cli = match Cli::try_parse_from(args) {
         Ok(c) => c,
         Err(e) if !e.use_stderr() => e.exit(),
         Err(e) => {
-            let text = e.to_string();
-            let first = text
-                .lines()
-                .find(|l| !l.trim().is_empty())
-                .unwrap_or("invalid arguments");
-            eprintln!(
-                "persona-gate: {} (see --help)",
-                first.trim_start_matches("error: ").trim()
-            );
+            eprintln!("persona-gate: {} (see --help)", cli::one_line_error(&e));
             return ExitCode::from(2);
         }
     };

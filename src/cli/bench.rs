@@ -45,6 +45,9 @@ pub struct BenchArgs {
     /// to run beside persona-gate on the same shape.
     #[arg(long)]
     pub llama_bin: Option<PathBuf>,
+    /// Print the results as JSON instead of the tables (the same numbers, unrounded).
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Runs the chosen workloads and prints their tables.
@@ -62,13 +65,19 @@ pub fn run(a: &BenchArgs, out: &mut dyn Write) -> anyhow::Result<()> {
         shared: a.shared,
         repetitions: a.repetitions,
     };
+    let mut res = bench::BenchResults::default();
+    let mut sink = std::io::sink();
     bench::report(
         &model,
         &cfg,
         &a.workloads,
         &a.hooks,
         a.llama_bin.as_deref(),
-        out,
+        if a.json { &mut sink } else { out },
+        &mut res,
     )?;
+    if a.json {
+        super::print_json(out, &serde_json::to_value(&res)?)?;
+    }
     Ok(())
 }

@@ -17,8 +17,10 @@ pub struct QuantizeArgs {
     /// Types, e.g. F16,Q8_0,Q6_K,Q5_K_M,Q4_K_M,Q3_K_M,Q2_K.
     #[arg(long, value_delimiter = ',', required = true)]
     pub types: Vec<String>,
+    /// Directory for the outputs, one <model name>.<TYPE>.gguf per type.
     #[arg(long)]
     pub out_dir: PathBuf,
+    /// CPU threads.
     #[arg(long, short = 't')]
     pub threads: Option<i32>,
 }
@@ -40,8 +42,9 @@ pub struct CompareArgs {
     /// CPU threads.
     #[arg(long, short = 't')]
     pub threads: Option<i32>,
-    /// Context per sequence.
-    #[arg(long, default_value_t = 1024)]
+    /// Context PER SEQUENCE, as everywhere here (-c/--ctx-size are llama.cpp's names; its
+    /// -c is split across -np, ours is not).
+    #[arg(long, short = 'c', visible_alias = "ctx-size", default_value_t = 1024)]
     pub ctx: u32,
     /// Memory each model's run may use, e.g. 8G (default: what the system reports available).
     #[arg(long, value_parser = persona_gate::memory::parse_size)]

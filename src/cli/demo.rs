@@ -20,10 +20,12 @@ pub struct DemoArgs {
     /// Multiples of the persona direction to add.
     #[arg(long, value_delimiter = ',', default_values_t = vec![4.0f32], allow_hyphen_values = true)]
     pub coefficients: Vec<f32>,
-    /// Built-in harmful prompts to use (at most 16).
+    /// Built-in harmful prompts to use (at most 16). Not llama.cpp's -n: that is
+    /// -n/--n-predict, new tokens.
     #[arg(long, default_value_t = 16)]
     pub n: usize,
-    #[arg(long, default_value_t = 48)]
+    /// New tokens per completion at most (llama.cpp's -n/--n-predict).
+    #[arg(long, short = 'n', visible_alias = "n-predict", default_value_t = 48)]
     pub max_new_tokens: usize,
 }
 

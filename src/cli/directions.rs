@@ -26,24 +26,30 @@ pub struct RandomArgs {
     /// Direction name in --like (needed when it holds several).
     #[arg(long)]
     pub name: Option<String>,
+    /// Seed of the random direction (random.s<SEED>).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Scale each layer's row to the norm of --like's row (default: unit rows).
     #[arg(long)]
     pub norm_matched: bool,
+    /// Output direction file (safetensors).
     #[arg(long, short = 'o')]
     pub out: PathBuf,
 }
 
 #[derive(Args, Debug)]
 pub struct CosArgs {
+    /// First direction file.
     pub a: PathBuf,
+    /// Second direction file (same number of layers and width).
     pub b: PathBuf,
     /// Direction name in A (needed when A holds several).
     #[arg(long)]
     pub a_name: Option<String>,
+    /// Direction name in B (needed when B holds several).
     #[arg(long)]
     pub b_name: Option<String>,
+    /// Write the CSV here instead of stdout.
     #[arg(long)]
     pub csv: Option<PathBuf>,
     /// Write a line plot of cosine vs layer.
@@ -53,24 +59,32 @@ pub struct CosArgs {
 
 #[derive(Args, Debug)]
 pub struct ExportCvecArgs {
+    /// Direction file (safetensors) to export from.
     #[arg(long, short = 'd')]
     pub directions: PathBuf,
     /// Direction name (needed when the file holds several).
     #[arg(long)]
     pub name: Option<String>,
+    /// Multiple of the direction written at each layer (llama.cpp scales it again by
+    /// --control-vector-scaled, 1 by default).
     #[arg(long, allow_hyphen_values = true)]
     pub coefficient: f32,
     /// Layers, e.g. "10-14" or "10+5" (start+width; each >= 1: llama.cpp control vectors
     /// start at layer 1).
     #[arg(long, allow_hyphen_values = true)]
     pub layers: String,
+    /// Output control-vector GGUF.
     #[arg(long, short = 'o')]
     pub out: PathBuf,
 }
 
 #[derive(Args, Debug)]
 pub struct InspectArgs {
+    /// Direction file (safetensors).
     pub file: PathBuf,
+    /// Print JSON instead: the metadata, and each direction's shape and per-layer norms.
+    #[arg(long)]
+    pub json: bool,
 }
 
 pub fn run(cmd: &DirectionsCmd, out: &mut dyn Write) -> anyhow::Result<()> {
@@ -148,6 +162,28 @@ pub fn export_cvec(a: &ExportCvecArgs, out: &mut dyn Write) -> anyhow::Result<()
 
 pub fn inspect(a: &InspectArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let f = DirectionFile::load(&a.file)?;
+    if a.json {
+        let meta: serde_json::Map<String, serde_json::Value> = f
+            .meta
+            .iter()
+            .filter(|(k, _)| !k.starts_with("norms."))
+            .map(|(k, v)| (k.clone(), v.clone().into()))
+            .collect();
+        let dirs: Vec<serde_json::Value> = f
+            .directions
+            .iter()
+            .map(|d| {
+                serde_json::json!({
+                    "name": d.name,
+                    "n_layer": d.n_layer(),
+                    "n_embd": d.n_embd(),
+                    "norms": d.norms(),
+                })
+            })
+            .collect();
+        let v = serde_json::json!({"file": a.file, "meta": meta, "directions": dirs});
+        return super::print_json(out, &v);
+    }
     for (k, v) in f.meta.iter().filter(|(k, _)| !k.starts_with("norms.")) {
         writeln!(out, "{:<18} {}", text::one_line(k), text::one_line(v))?;
     }

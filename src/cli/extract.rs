@@ -59,9 +59,11 @@ pub struct ExtractPersonaArgs {
     /// last: the last prompt token; response: mean over generated response tokens.
     #[arg(long, value_enum, default_value_t = PersonaAt::Last)]
     pub at: PersonaAt,
-    /// Response tokens generated per question with --at response.
-    #[arg(long, default_value_t = 32)]
+    /// Response tokens generated per question with --at response (llama.cpp's
+    /// -n/--n-predict).
+    #[arg(long, short = 'n', visible_alias = "n-predict", default_value_t = 32)]
     pub max_new_tokens: usize,
+    /// Output direction file (safetensors).
     #[arg(long, short = 'o')]
     pub out: PathBuf,
 }

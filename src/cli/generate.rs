@@ -18,7 +18,8 @@ pub struct GenerateArgs {
     /// Instructions (one per flag); none reads the built-in harmful set.
     #[arg(long = "prompt", short = 'p')]
     pub prompts: Vec<String>,
-    #[arg(long, default_value_t = 64)]
+    /// New tokens per completion at most (llama.cpp's -n/--n-predict).
+    #[arg(long, short = 'n', visible_alias = "n-predict", default_value_t = 64)]
     pub max_new_tokens: usize,
 }
 

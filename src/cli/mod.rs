@@ -2,8 +2,10 @@
 //! one library function and prints. No pipeline logic lives here.
 
 pub mod agreement;
+pub mod argv;
 pub mod bench;
 pub mod compare;
+pub mod completions;
 pub mod demo;
 pub mod directions;
 pub mod extract;
@@ -80,6 +82,9 @@ pub enum Command {
     /// How two finished runs of one grid agree across conditions (Spearman's rho), e.g.
     /// --metric generate against --metric score.
     Agreement(agreement::AgreementArgs),
+    /// Print a shell completion script: bash, zsh, fish, elvish or powershell (e.g.
+    /// `persona-gate completions bash > ~/.local/share/bash-completion/completions/persona-gate`).
+    Completions(completions::CompletionsArgs),
 }
 
 /// Runs one subcommand, printing its results to `out`.
@@ -103,6 +108,7 @@ pub fn dispatch(command: &Command, out: &mut dyn Write) -> Result<()> {
         Command::Compare(a) => compare::run(a, out),
         Command::Judge(a) => judge::run(a, out),
         Command::Agreement(a) => agreement::run(a, out),
+        Command::Completions(a) => completions::run(a, out),
     }
 }
 
@@ -112,9 +118,12 @@ pub struct SetArgs {
     /// forbidden_prompt, goal or prompt, whichever exists).
     #[arg(long)]
     pub field: Option<String>,
-    /// Use a seeded sample of this many instructions from each set.
+    /// Use a seeded sample of this many instructions from each set. Not llama.cpp's -n (new
+    /// tokens), which is -n/--n-predict where a command generates.
     #[arg(long)]
     pub n: Option<usize>,
+    /// Seed of the --n sample. Not llama.cpp's -s/--seed (the token sampler's seed):
+    /// persona-gate decodes greedily, and -s is not a flag here.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
 }
@@ -127,16 +136,30 @@ pub struct ModelArgs {
     /// CPU threads.
     #[arg(long, short = 't')]
     pub threads: Option<i32>,
-    /// Layers to offload to the GPU (-1: all). Needs a cuda/metal/vulkan build.
-    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    /// Layers to offload to the GPU (-1: all). Needs a cuda/metal/vulkan build. llama.cpp's
+    /// -ngl and --gpu-layers work too.
+    #[arg(
+        long,
+        visible_alias = "gpu-layers",
+        default_value_t = 0,
+        allow_negative_numbers = true
+    )]
     pub n_gpu_layers: i32,
-    /// Context per sequence (prompt + generated tokens); KV memory is ctx x parallel.
-    #[arg(long, default_value_t = 1024)]
+    /// Context PER SEQUENCE (prompt + generated tokens); KV memory is ctx x parallel.
+    /// -c/--ctx-size are llama.cpp's names with this per-sequence meaning: llama.cpp splits
+    /// its -c across -np, so its `-c 8192 -np 4` is `-c 2048 -np 4` here (the same with -np 1).
+    #[arg(long, short = 'c', visible_alias = "ctx-size", default_value_t = 1024)]
     pub ctx: u32,
-    /// Tokens per decode call.
-    #[arg(long, default_value_t = 512)]
+    /// Tokens per decode call. Each call is one ubatch here (n_batch = n_ubatch), so
+    /// llama.cpp's -b/--batch-size and -ub/--ubatch-size both name this one value (give one).
+    #[arg(
+        long,
+        short = 'b',
+        visible_aliases = ["batch-size", "ubatch-size"],
+        default_value_t = 512
+    )]
     pub batch: u32,
-    /// Sequences decoded together.
+    /// Sequences decoded together (llama.cpp's -np/--parallel).
     #[arg(long, default_value_t = 16)]
     pub parallel: u32,
     /// Turn off llama.cpp's repacked weight buffers with --kernels llama (workaround for
@@ -150,7 +173,7 @@ pub struct ModelArgs {
     #[arg(long, value_enum, default_value_t = Kernels::Invariant)]
     pub kernels: Kernels,
     /// Flash attention: off (default; batched and solo runs then agree bit for bit), on, or
-    /// auto (llama.cpp decides).
+    /// auto (llama.cpp decides; llama.cpp's own default). llama.cpp's -fa works too.
     #[arg(long, value_enum, default_value_t = FlashAttn::Off)]
     pub flash_attn: FlashAttn,
     /// Memory the run may use, e.g. 8G (default: what the system reports available). A run
@@ -178,14 +201,16 @@ impl ModelArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct PromptArgs {
-    /// System prompt for every conversation.
-    #[arg(long, conflicts_with = "no_system")]
+    /// System prompt for every conversation (llama.cpp's -sys/--system-prompt work too).
+    #[arg(long, visible_alias = "system-prompt", conflicts_with = "no_system")]
     pub system: Option<String>,
     /// Render an explicitly empty system turn (suppresses a template's default one).
     #[arg(long)]
     pub no_system: bool,
-    /// Jinja chat template file to use instead of the GGUF's tokenizer.chat_template.
-    #[arg(long)]
+    /// Jinja chat template FILE to use instead of the GGUF's tokenizer.chat_template
+    /// (llama.cpp's --chat-template-file; llama.cpp's --chat-template takes the template text
+    /// or a built-in name instead).
+    #[arg(long, visible_alias = "chat-template-file")]
     pub chat_template: Option<PathBuf>,
     /// Special-token strings inside instructions: literal (default: plain text, so an
     /// instruction cannot close its own turn) or parse (as control tokens, like Hugging
@@ -259,4 +284,267 @@ fn print_norms(out: &mut dyn Write, f: &DirectionFile) -> Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// `v` as pretty-printed JSON and a newline (`--json`). Non-finite numbers print as null
+/// (JSON has no NaN).
+fn print_json(out: &mut dyn Write, v: &serde_json::Value) -> Result<()> {
+    // Rendered first: written through serde_json, a closed pipe (`| head`) would come back
+    // as a serde_json error, which main does not see as the io::Error it is.
+    let mut bytes = serde_json::to_vec_pretty(v)?;
+    bytes.push(b'\n');
+    out.write_all(&bytes)?;
+    Ok(())
+}
+
+/// clap's error on one line: its first line, then its tips ("a similar argument exists:
+/// '--threads'"), without the usage block.
+pub fn one_line_error(e: &clap::Error) -> String {
+    let text = e.to_string();
+    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+    let first = lines
+        .next()
+        .unwrap_or("invalid arguments")
+        .trim_start_matches("error: ")
+        .to_string();
+    let tips: Vec<&str> = lines.filter(|l| l.starts_with("tip: ")).collect();
+    std::iter::once(first.as_str())
+        .chain(tips)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Parses as the binary does: llama.cpp's multi-letter shorts rewritten, then clap.
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        let v = std::iter::once("persona-gate")
+            .chain(args.iter().copied())
+            .map(std::ffi::OsString::from);
+        Cli::try_parse_from(argv::rewrite(v, &Cli::command()))
+    }
+
+    fn info(extra: &[&str]) -> (ModelArgs, PromptArgs) {
+        let mut a = vec!["info", "-m", "x.gguf"];
+        a.extend(extra);
+        match parse(&a).unwrap_or_else(|e| panic!("{a:?}: {e}")).command {
+            Command::Info(i) => (i.model, i.prompt),
+            c => panic!("{c:?}"),
+        }
+    }
+
+    #[test]
+    fn llama_cpp_names_parse_to_our_flags() {
+        for f in [
+            &["--ctx", "2048"][..],
+            &["-c", "2048"],
+            &["--ctx-size", "2048"],
+        ] {
+            assert_eq!(info(f).0.ctx, 2048, "{f:?}");
+        }
+        for f in [
+            &["--batch", "256"][..],
+            &["-b", "256"],
+            &["--batch-size", "256"],
+            &["--ubatch-size", "256"],
+            &["-ub", "256"],
+            &["-ub=256"],
+        ] {
+            assert_eq!(info(f).0.batch, 256, "{f:?}");
+        }
+        for (f, want) in [
+            (&["--n-gpu-layers", "5"][..], 5),
+            (&["--gpu-layers", "5"], 5),
+            (&["-ngl", "5"], 5),
+            (&["-ngl=5"], 5),
+            (&["-ngl", "-1"], -1),
+        ] {
+            assert_eq!(info(f).0.n_gpu_layers, want, "{f:?}");
+        }
+        for f in [&["--parallel", "4"][..], &["-np", "4"], &["-np=4"]] {
+            assert_eq!(info(f).0.parallel, 4, "{f:?}");
+        }
+        for f in [&["--flash-attn", "on"][..], &["-fa", "on"], &["-fa=on"]] {
+            assert_eq!(info(f).0.flash_attn, FlashAttn::On, "{f:?}");
+        }
+        for f in [
+            &["--system", "Be terse."][..],
+            &["--system-prompt", "Be terse."],
+            &["-sys", "Be terse."],
+        ] {
+            assert_eq!(info(f).1.system.as_deref(), Some("Be terse."), "{f:?}");
+        }
+        for f in [
+            &["--chat-template", "t.jinja"][..],
+            &["--chat-template-file", "t.jinja"],
+        ] {
+            assert_eq!(
+                info(f).1.chat_template,
+                Some(PathBuf::from("t.jinja")),
+                "{f:?}"
+            );
+        }
+        // Together, as a llama.cpp command line would have them.
+        let (m, p) = info(&[
+            "-c", "512", "-b", "64", "-ngl", "99", "-np", "2", "-fa", "auto", "-t", "3", "-sys",
+            "S",
+        ]);
+        assert_eq!(
+            (m.ctx, m.batch, m.n_gpu_layers, m.parallel, m.threads),
+            (512, 64, 99, 2, Some(3))
+        );
+        assert_eq!(
+            (m.flash_attn, p.system.as_deref()),
+            (FlashAttn::Auto, Some("S"))
+        );
+        match parse(&[
+            "reproduce",
+            "-m",
+            "x",
+            "--chat-template-file",
+            "t.jinja",
+            "-c",
+            "99",
+        ])
+        .unwrap()
+        .command
+        {
+            Command::Reproduce(r) => {
+                assert_eq!(r.chat_template, Some(PathBuf::from("t.jinja")));
+                assert_eq!(r.model.ctx, 99);
+            }
+            c => panic!("{c:?}"),
+        }
+        match parse(&[
+            "compare",
+            "--reference",
+            "r",
+            "--models",
+            "a",
+            "-o",
+            "o",
+            "-c",
+            "99",
+        ])
+        .unwrap()
+        .command
+        {
+            Command::Compare(c) => assert_eq!(c.ctx, 99),
+            c => panic!("{c:?}"),
+        }
+    }
+
+    /// -n is llama.cpp's n-predict (new tokens) wherever a command generates; --n stays the
+    /// size of a prompt sample, and no flag means both.
+    #[test]
+    fn n_predict_and_the_sample_size_do_not_clash() {
+        for f in [
+            &["--max-new-tokens", "7"][..],
+            &["-n", "7"],
+            &["--n-predict", "7"],
+        ] {
+            let mut a = vec!["generate", "-m", "x"];
+            a.extend(f);
+            match parse(&a).unwrap().command {
+                Command::Generate(g) => assert_eq!(g.max_new_tokens, 7, "{f:?}"),
+                c => panic!("{c:?}"),
+            }
+            let mut a = vec!["extract", "persona", "-m", "x", "-o", "o", "--n", "3"];
+            a.extend(f);
+            match parse(&a).unwrap().command {
+                Command::Extract(extract::ExtractCmd::Persona(p)) => {
+                    assert_eq!((p.max_new_tokens, p.set.n), (7, Some(3)), "{f:?}")
+                }
+                c => panic!("{c:?}"),
+            }
+        }
+        match parse(&["demo", "-m", "x", "--n", "3", "-n", "7"])
+            .unwrap()
+            .command
+        {
+            Command::Demo(d) => assert_eq!((d.n, d.max_new_tokens), (3, 7)),
+            c => panic!("{c:?}"),
+        }
+        // Where nothing is generated, -n is no flag at all; -s is no flag anywhere (--seed
+        // seeds the prompt sample, not a token sampler); -b and -ub are one value.
+        for bad in [
+            &["extract", "refusal", "-m", "x", "-o", "o", "-n", "3"][..],
+            &["select", "-m", "x", "-d", "d", "-n", "3"],
+            &["reproduce", "-m", "x", "-n", "3"],
+            &["extract", "refusal", "-m", "x", "-o", "o", "-s", "3"],
+            &["info", "-m", "x", "-b", "64", "-ub", "64"],
+            &["info", "-m", "x", "--ctx", "64", "-c", "64"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?} parsed");
+        }
+    }
+
+    #[test]
+    fn help_names_the_llama_cpp_flags() {
+        let help = |path: &[&str]| {
+            let mut c = Cli::command();
+            c.build();
+            let mut c = &mut c;
+            for p in path {
+                c = c.find_subcommand_mut(p).unwrap();
+            }
+            c.render_long_help().to_string()
+        };
+        let h = help(&["info"]);
+        for want in [
+            "-c, --ctx <CTX>",
+            "--ctx-size",
+            "PER SEQUENCE",
+            "`-c 8192 -np 4` is `-c 2048 -np 4` here",
+            "-b, --batch <BATCH>",
+            "--batch-size",
+            "--ubatch-size",
+            "-ub/--ubatch-size",
+            "-ngl",
+            "--gpu-layers",
+            "-np/--parallel",
+            "-fa",
+            "-sys/--system-prompt",
+            "--chat-template-file",
+        ] {
+            assert!(h.contains(want), "info --help lacks {want:?}");
+        }
+        let h = help(&["generate"]);
+        for want in ["-n, --max-new-tokens", "--n-predict", "-n/--n-predict"] {
+            assert!(h.contains(want), "generate --help lacks {want:?}");
+        }
+        let h = help(&["extract", "refusal"]);
+        for want in ["Not llama.cpp's -n", "Not llama.cpp's -s/--seed"] {
+            assert!(h.contains(want), "extract refusal --help lacks {want:?}");
+        }
+    }
+
+    /// Every flag and operand of every subcommand says what it is in --help.
+    #[test]
+    fn every_argument_has_help() {
+        fn walk(c: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for a in c.get_arguments() {
+                let helped = a
+                    .get_help()
+                    .is_some_and(|h| !h.to_string().trim().is_empty());
+                if !helped && !["help", "version"].contains(&a.get_id().as_str()) {
+                    missing.push(format!("{path} {}", a.get_id()));
+                }
+            }
+            for s in c.get_subcommands() {
+                if s.get_about().is_none() && s.get_name() != "help" {
+                    missing.push(format!("{path} {} (no about)", s.get_name()));
+                }
+                walk(s, &format!("{path} {}", s.get_name()), missing);
+            }
+        }
+        let mut cmd = Cli::command();
+        cmd.build();
+        let mut missing = Vec::new();
+        walk(&cmd, "persona-gate", &mut missing);
+        assert!(missing.is_empty(), "no help text: {missing:#?}");
+    }
 }

@@ -26,7 +26,8 @@ pub struct ReproduceArgs {
     /// Preset: harmful evaluation prompts (a file such as StrongREJECT's CSV, or builtin:harmful).
     #[arg(long, default_value = "builtin:harmful")]
     pub harmful: String,
-    /// Preset: a seeded sample of this many harmful prompts.
+    /// Preset: a seeded sample of this many harmful prompts (not llama.cpp's -n, new
+    /// tokens: the spec's [generation] table sets those here).
     #[arg(long)]
     pub n: Option<usize>,
     /// Preset: harmless prompts for the induction check.
@@ -42,13 +43,16 @@ pub struct ReproduceArgs {
     #[arg(long, short = 'o')]
     pub out: Option<PathBuf>,
     /// Run only groups K, K+N, ... (1-based K of N); join the directories with `merge`.
+    /// `slurm` takes K and N from a SLURM job array: K = SLURM_ARRAY_TASK_ID -
+    /// SLURM_ARRAY_TASK_MIN + 1 (stepped by SLURM_ARRAY_TASK_STEP), N = SLURM_ARRAY_TASK_COUNT.
     #[arg(long)]
     pub shard: Option<String>,
     /// Print the grid size and a time estimate measured on this machine, run nothing.
     #[arg(long)]
     pub dry_run: bool,
-    /// Jinja chat template file instead of the GGUF's.
-    #[arg(long)]
+    /// Jinja chat template FILE instead of the GGUF's (llama.cpp's --chat-template-file;
+    /// llama.cpp's --chat-template takes the template text or a built-in name instead).
+    #[arg(long, visible_alias = "chat-template-file")]
     pub chat_template: Option<PathBuf>,
     /// Special-token strings inside instructions: literal (default: read as plain text, so
     /// an instruction cannot close its own turn) or parse (as control tokens, like Hugging
@@ -70,6 +74,7 @@ pub struct MergeArgs {
 pub fn run(a: &ReproduceArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     // Flags that need no model are checked first.
     let shard: plan::Shard = match &a.shard {
+        Some(s) if s == "slurm" => plan::Shard::from_slurm(|k| std::env::var(k).ok())?,
         Some(s) => s.parse()?,
         None => plan::Shard::default(),
     };

@@ -39,6 +39,10 @@ pub struct SelectArgs {
     /// Write every candidate's scores here (CSV).
     #[arg(long)]
     pub csv: Option<PathBuf>,
+    /// Print JSON on stdout instead of the CSV and verdict: every candidate's scores, the
+    /// baselines and the choice (--csv still writes the CSV).
+    #[arg(long)]
+    pub json: bool,
 }
 
 pub fn run(a: &SelectArgs, out: &mut dyn Write) -> anyhow::Result<()> {
@@ -70,7 +74,7 @@ pub fn run(a: &SelectArgs, out: &mut dyn Write) -> anyhow::Result<()> {
         )
     };
     let harmful = set(&a.harmful_val, "harmful-val")?;
-    let (bytes, verdict) = if f.meta.get("kind").map(String::as_str) == Some("persona") {
+    let (bytes, verdict, json) = if f.meta.get("kind").map(String::as_str) == Some("persona") {
         let d = f.get(None)?;
         let b = super::progress::bar(layers.len(), "layers");
         let r = select::rank_persona_layers(
@@ -83,7 +87,20 @@ pub fn run(a: &SelectArgs, out: &mut dyn Write) -> anyhow::Result<()> {
             &mut |k, _| b.set_position(k as u64),
         )?;
         b.finish_and_clear();
-        (r.to_csv(), r.explain())
+        let json = serde_json::json!({
+            "kind": "persona",
+            "direction": r.direction,
+            "coefficient": r.coefficient,
+            "baseline_mean_refusal_score": r.baseline,
+            "best_layer": r.ranked[0].0,
+            "layers": r.ranked.iter().map(|(l, sc)| serde_json::json!({
+                "layer": l,
+                "mean_refusal_score": sc,
+                "delta_vs_baseline": sc - r.baseline,
+            })).collect::<Vec<_>>(),
+            "verdict": r.explain(),
+        });
+        (r.to_csv(), r.explain(), json)
     } else {
         let harmless = set(&a.harmless_val, "harmless-val")?;
         let b = super::progress::bar(f.directions.len() * layers.len() * 3, "candidates");
@@ -97,11 +114,34 @@ pub fn run(a: &SelectArgs, out: &mut dyn Write) -> anyhow::Result<()> {
             &mut |k, _| b.set_position(k as u64),
         )?;
         b.finish_and_clear();
-        (sel.to_csv(), sel.explain())
+        let json = serde_json::json!({
+            "kind": "refusal",
+            "baseline_harmful": sel.baseline_harmful,
+            "baseline_harmless": sel.baseline_harmless,
+            "chosen": sel.chosen.map(|i| {
+                let c = &sel.candidates[i];
+                serde_json::json!({"direction": c.direction, "layer": c.layer})
+            }),
+            "candidates": sel.candidates.iter().enumerate().map(|(i, c)| serde_json::json!({
+                "direction": c.direction,
+                "layer": c.layer,
+                "bypass_score": c.bypass,
+                "induce_score": c.induce,
+                "kl": c.kl,
+                "discarded": c.discarded,
+                "chosen": Some(i) == sel.chosen,
+            })).collect::<Vec<_>>(),
+            "verdict": sel.explain(),
+        });
+        (sel.to_csv(), sel.explain(), json)
     };
     match &a.csv {
         Some(p) => super::write_file(p, &bytes)?,
+        None if a.json => {}
         None => out.write_all(&bytes)?,
+    }
+    if a.json {
+        return super::print_json(out, &json);
     }
     writeln!(out, "{verdict}")?;
     Ok(())

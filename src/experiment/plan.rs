@@ -153,6 +153,49 @@ impl std::str::FromStr for Shard {
     }
 }
 
+impl Shard {
+    /// K/N of a SLURM job-array task (`--shard slurm`), read through `var` (the environment):
+    /// K = (SLURM_ARRAY_TASK_ID − SLURM_ARRAY_TASK_MIN) / SLURM_ARRAY_TASK_STEP + 1 and
+    /// N = SLURM_ARRAY_TASK_COUNT, so `--array=1-4`, `--array=0-3` and `--array=0-6:2` all
+    /// give shards 1/4 … 4/4. STEP defaults to 1 when unset.
+    ///
+    /// # Errors
+    /// [`Error::Flag`] naming the variable that is missing, not a number, or at odds with the
+    /// others (a task outside MIN + STEP × (0..COUNT), as a list such as `--array=1,5,9` gives).
+    pub fn from_slurm(var: impl Fn(&str) -> Option<String>) -> Result<Shard> {
+        let bad = |why: String| Error::flag("--shard", Some("slurm".into()), why);
+        let get = |name: &str| -> Result<u64> {
+            let v = var(name).ok_or_else(|| {
+                bad(format!(
+                    "needs {name}, which is not set (run it as a task of `sbatch --array`, or give --shard K/N)"
+                ))
+            })?;
+            v.trim()
+                .parse()
+                .map_err(|_| bad(format!("needs {name} to be a whole number, got '{v}'")))
+        };
+        let (id, min, count) = (
+            get("SLURM_ARRAY_TASK_ID")?,
+            get("SLURM_ARRAY_TASK_MIN")?,
+            get("SLURM_ARRAY_TASK_COUNT")?,
+        );
+        let step = match var("SLURM_ARRAY_TASK_STEP") {
+            Some(_) => get("SLURM_ARRAY_TASK_STEP")?,
+            None => 1,
+        };
+        let off = id.checked_sub(min).filter(|_| step > 0 && count > 0);
+        match off {
+            Some(off) if off % step == 0 && off / step < count => Ok(Shard {
+                k: (off / step + 1) as usize,
+                n: count as usize,
+            }),
+            _ => Err(bad(format!(
+                "got SLURM_ARRAY_TASK_ID={id}, which is not one of MIN + STEP x (0..COUNT) for SLURM_ARRAY_TASK_MIN={min}, _STEP={step}, _COUNT={count}; use an evenly stepped --array range such as 1-4"
+            ))),
+        }
+    }
+}
+
 impl Default for Shard {
     fn default() -> Self {
         Shard { k: 1, n: 1 }
@@ -344,4 +387,98 @@ pub fn check_groups(dir: &Path, plan: &Plan, note: &mut dyn FnMut(String)) -> Re
         });
     }
     Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Shard;
+
+    fn slurm(vars: &[(&str, &str)]) -> Result<Shard, String> {
+        Shard::from_slurm(|k| {
+            vars.iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        })
+        .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn shard_from_a_slurm_array() {
+        let t = |id, min, count| {
+            slurm(&[
+                ("SLURM_ARRAY_TASK_ID", id),
+                ("SLURM_ARRAY_TASK_MIN", min),
+                ("SLURM_ARRAY_TASK_COUNT", count),
+            ])
+        };
+        // --array=1-4 and --array=0-3 both give 1/4 ... 4/4.
+        assert_eq!(t("1", "1", "4"), Ok(Shard { k: 1, n: 4 }));
+        assert_eq!(t("4", "1", "4"), Ok(Shard { k: 4, n: 4 }));
+        assert_eq!(t("0", "0", "4"), Ok(Shard { k: 1, n: 4 }));
+        assert_eq!(t("3", "0", "4"), Ok(Shard { k: 4, n: 4 }));
+        assert_eq!(t(" 12 ", "10", "3"), Ok(Shard { k: 3, n: 3 }));
+        // --array=0-6:2: tasks 0, 2, 4, 6.
+        let stepped = |id| {
+            slurm(&[
+                ("SLURM_ARRAY_TASK_ID", id),
+                ("SLURM_ARRAY_TASK_MIN", "0"),
+                ("SLURM_ARRAY_TASK_STEP", "2"),
+                ("SLURM_ARRAY_TASK_COUNT", "4"),
+            ])
+        };
+        assert_eq!(stepped("6"), Ok(Shard { k: 4, n: 4 }));
+        assert!(stepped("3").unwrap_err().contains("SLURM_ARRAY_TASK_ID=3"));
+        // Missing, not a number, inconsistent: one line naming the variable.
+        for (vars, needle) in [
+            (&[][..], "needs SLURM_ARRAY_TASK_ID, which is not set"),
+            (
+                &[("SLURM_ARRAY_TASK_ID", "2"), ("SLURM_ARRAY_TASK_MIN", "1")][..],
+                "needs SLURM_ARRAY_TASK_COUNT, which is not set",
+            ),
+            (
+                &[
+                    ("SLURM_ARRAY_TASK_ID", "2"),
+                    ("SLURM_ARRAY_TASK_COUNT", "4"),
+                ][..],
+                "needs SLURM_ARRAY_TASK_MIN, which is not set",
+            ),
+            (
+                &[
+                    ("SLURM_ARRAY_TASK_ID", "x"),
+                    ("SLURM_ARRAY_TASK_MIN", "1"),
+                    ("SLURM_ARRAY_TASK_COUNT", "4"),
+                ][..],
+                "needs SLURM_ARRAY_TASK_ID to be a whole number, got 'x'",
+            ),
+            (
+                &[
+                    ("SLURM_ARRAY_TASK_ID", "5"),
+                    ("SLURM_ARRAY_TASK_MIN", "1"),
+                    ("SLURM_ARRAY_TASK_COUNT", "4"),
+                ][..],
+                "SLURM_ARRAY_TASK_ID=5, which is not one of",
+            ),
+            (
+                &[
+                    ("SLURM_ARRAY_TASK_ID", "0"),
+                    ("SLURM_ARRAY_TASK_MIN", "1"),
+                    ("SLURM_ARRAY_TASK_COUNT", "4"),
+                ][..],
+                "SLURM_ARRAY_TASK_ID=0",
+            ),
+            (
+                &[
+                    ("SLURM_ARRAY_TASK_ID", "1"),
+                    ("SLURM_ARRAY_TASK_MIN", "1"),
+                    ("SLURM_ARRAY_TASK_COUNT", "0"),
+                ][..],
+                "_COUNT=0",
+            ),
+        ] {
+            let e = slurm(vars).unwrap_err();
+            assert!(e.starts_with("--shard slurm "), "{e}");
+            assert!(e.contains(needle), "{needle:?} not in {e}");
+            assert!(!e.contains('\n'), "{e}");
+        }
+    }
 }

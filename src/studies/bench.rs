@@ -20,7 +20,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
@@ -63,7 +63,7 @@ impl HookConfig {
 }
 
 /// Sizes, named as in llama.cpp's tools.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct BenchConfig {
     /// Prompt length of the single-prompt run (llama-bench `-p`).
     pub pp: usize,
@@ -81,7 +81,7 @@ pub struct BenchConfig {
 }
 
 /// One batched run, as llama-batched-bench reports it.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
 pub struct Batched {
     pub t_pp: f64,
     pub s_pp: f64,
@@ -91,7 +91,7 @@ pub struct Batched {
 }
 
 /// One end-to-end run of a many-prompt workload.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
 pub struct Job {
     pub seconds: f64,
     pub prompts: usize,
@@ -519,6 +519,59 @@ pub enum Workload {
     Persona,
 }
 
+/// What [`report`] measured (`bench --json`): the numbers of its tables, unrounded; a
+/// workload not run is null.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct BenchResults {
+    pub model: PathBuf,
+    pub file_type: String,
+    pub cpu: String,
+    pub threads: i32,
+    pub build: String,
+    pub kernels: String,
+    pub batch: u32,
+    pub parallel: u32,
+    pub llama_cpp: String,
+    pub config: Option<BenchConfig>,
+    pub batched: Option<BatchedResults>,
+    pub grid: Option<GridResults>,
+    pub persona: Option<Job>,
+    pub hooks: Option<Vec<HookResult>>,
+}
+
+/// The batched workload: ours, and llama-batched-bench's when it ran.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct BatchedResults {
+    pub persona_gate: Batched,
+    pub llama_cpp: Option<Batched>,
+    /// llama-batched-bench built with persona-gate's kernels.
+    pub llama_cpp_same_kernels: Option<Batched>,
+}
+
+/// The grid workload's three runs, and llama-batched-bench's time for the same shape times
+/// the conditions when it ran.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct GridResults {
+    pub shared_prefixes: Job,
+    pub no_prefix_sharing: Job,
+    /// Shared prefixes, sequences stopping at 25-100% of ntg.
+    pub variable_stops: Job,
+    pub llama_batched_bench_seconds: Option<f64>,
+}
+
+/// One row of the hooks workload.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct HookResult {
+    pub hooks: String,
+    /// `pp<N>` (one prompt) or `tg<N> @ <B> seq`.
+    pub test: String,
+    /// Generating sequences; 0 for the prompt-processing test.
+    pub batch: usize,
+    pub tokens_per_s: f64,
+    /// tokens/s over the no-hooks row of the same test (null for that row).
+    pub ratio_to_no_hooks: Option<f64>,
+}
+
 fn ratio(a: f64, b: f64) -> String {
     if b > 0.0 {
         format!("{:.2}", a / b)
@@ -528,7 +581,8 @@ fn ratio(a: f64, b: f64) -> String {
 }
 
 /// Runs the chosen workloads (all when `workloads` is empty) and writes their tables, beside
-/// llama.cpp's llama-batched-bench when `llama_bin` names its directory.
+/// llama.cpp's llama-batched-bench when `llama_bin` names its directory; `res` gets the same
+/// numbers.
 ///
 /// # Errors
 /// Bad sizes, engine errors, a llama.cpp tool that fails, a failed write.
@@ -539,6 +593,7 @@ pub fn report(
     hook_configs: &[HookConfig],
     llama_bin: Option<&Path>,
     out: &mut dyn Write,
+    res: &mut BenchResults,
 ) -> Result<()> {
     if !(a.pp >= 2 && a.npp >= 2 && a.ntg >= 1 && a.npl >= 1 && a.conditions >= 1) {
         return Err(Error::flag(
@@ -563,6 +618,19 @@ pub fn report(
     let cfg = BenchConfig {
         repetitions: a.repetitions.max(1),
         ..a.clone()
+    };
+    *res = BenchResults {
+        model: model.info.path.clone(),
+        file_type: model.info.file_type.clone(),
+        cpu: cpu_line(),
+        threads: opts.threads,
+        build: crate::cpu::built_for(),
+        kernels: opts.kernels.name().to_string(),
+        batch: opts.batch,
+        parallel: opts.parallel,
+        llama_cpp: crate::llama_cpp(),
+        config: Some(cfg.clone()),
+        ..BenchResults::default()
     };
     writeln!(
         out,
@@ -611,11 +679,20 @@ pub fn report(
             )
         };
         row(out, "persona-gate", &ours).map_err(Error::Output)?;
+        let got = res.batched.insert(BatchedResults {
+            persona_gate: ours,
+            ..BatchedResults::default()
+        });
         for (same, name) in [
             (false, "llama.cpp"),
             (true, "llama.cpp, persona-gate's kernels"),
         ] {
             if let Some(r) = reference(same, &cfg)? {
+                *(if same {
+                    &mut got.llama_cpp_same_kernels
+                } else {
+                    &mut got.llama_cpp
+                }) = Some(r);
                 row(out, name, &r).map_err(Error::Output)?;
                 writeln!(
                     out,
@@ -656,8 +733,15 @@ pub fn report(
             )
             .map_err(Error::Output)?;
         }
+        let got = res.grid.insert(GridResults {
+            shared_prefixes: shared,
+            no_prefix_sharing: unshared,
+            variable_stops: stops,
+            llama_batched_bench_seconds: None,
+        });
         if let Some(r) = reference(false, &cfg)? {
             let t = r.t * a.conditions as f64;
+            got.llama_batched_bench_seconds = Some(t);
             writeln!(
                 out,
                 "llama-batched-bench, same shape x {} conditions (no hooks): {:.2} s; persona-gate is {}x as fast with shared prefixes, {}x without",
@@ -670,6 +754,7 @@ pub fn report(
     }
     if want(Workload::Persona) {
         let j = persona(model, cfg.repetitions)?;
+        res.persona = Some(j);
         writeln!(
             out,
             "\npersona extraction: {} prompts (built-in compliant persona x neutral questions), {:.2} s; {} prompt tokens decoded in {} calls, {} copied from shared prefixes",
@@ -704,12 +789,26 @@ pub fn report(
                 r.tokens_per_s
             );
         })?;
+        let base = |r: &HookRow| {
+            rows.iter()
+                .find(|b| b.hooks == HookConfig::None && b.batch == r.batch)
+                .map_or(f64::NAN, |b| b.tokens_per_s)
+        };
+        res.hooks = Some(
+            rows.iter()
+                .map(|r| HookResult {
+                    hooks: r.hooks.name().to_string(),
+                    test: test(r.batch),
+                    batch: r.batch,
+                    tokens_per_s: r.tokens_per_s,
+                    ratio_to_no_hooks: (r.hooks != HookConfig::None)
+                        .then(|| r.tokens_per_s / base(r)),
+                })
+                .collect(),
+        );
         writeln!(out, "\nratio to no hooks:").map_err(Error::Output)?;
         for r in rows.iter().filter(|r| r.hooks != HookConfig::None) {
-            let base = rows
-                .iter()
-                .find(|b| b.hooks == HookConfig::None && b.batch == r.batch)
-                .map_or(f64::NAN, |b| b.tokens_per_s);
+            let base = base(r);
             writeln!(
                 out,
                 "  {:<30} {:<14} {:.3}",
