@@ -229,6 +229,34 @@ fn a_report_gives_verdicts_intervals_and_a_page_that_works_in_a_browser() {
         assert!(&read(&out.join(f)) == b, "{f} changed on rerun");
     }
 
+    // Tidy columns: one `sweep_<var>` column per sweep variable, in completions.csv and
+    // summary.csv, holding what `vars` packs into one string.
+    for file in ["completions.csv", "summary.csv"] {
+        let mut r = csv::Reader::from_path(out.join(file)).unwrap();
+        let h = r.headers().unwrap().clone();
+        let sweep: Vec<&str> = h.iter().filter(|c| c.starts_with("sweep_")).collect();
+        assert_eq!(
+            sweep,
+            ["sweep_coef", "sweep_layer", "sweep_source", "sweep_start"],
+            "{file}"
+        );
+        let vars = h.iter().position(|c| c == "vars").unwrap();
+        let mut seen = 0;
+        for rec in r.records().map(Result::unwrap) {
+            let packed: BTreeMap<&str, &str> = rec[vars]
+                .split(';')
+                .filter(|kv| !kv.is_empty())
+                .map(|kv| kv.split_once('=').unwrap())
+                .collect();
+            for (i, c) in h.iter().enumerate().filter(|(_, c)| c.starts_with("sweep_")) {
+                let want = packed.get(&c["sweep_".len()..]).copied().unwrap_or("");
+                assert_eq!(&rec[i], want, "{file}: {c} of {:?}", &rec[vars]);
+                seen += usize::from(!want.is_empty());
+            }
+        }
+        assert!(seen > 0, "{file}: no sweep values");
+    }
+
     // The page is self-contained.
     let html = read(&out.join("report.html"));
     for bad in ["<script src", "<link", "@import", "url(http", "src=\"http"] {

@@ -95,12 +95,7 @@ pub fn finish(
     }
     let rows = read_rows(dir, plan)?;
     let head = header(plan);
-    let mut w = csv::Writer::from_writer(Vec::new());
-    w.write_record(&head).map_err(Error::Csv)?;
-    let mut body = w
-        .into_inner()
-        .map_err(|e| Error::Csv(e.into_error().into()))?;
-    body.extend_from_slice(&rows);
+    let body = with_sweep_columns(dir, plan, &head, &rows)?;
     let col = |n: &str| head.iter().position(|h| h == n).expect("known column");
     let (c_cond, c_label, c_score, c_tok) = (
         col("condition"),
@@ -223,6 +218,66 @@ pub fn finish(
     })
 }
 
+/// The sweep variables of every experiment, in the spec's order, each once: the
+/// `sweep_<name>` columns of completions.csv and summary.csv, so a data frame needs no
+/// splitting of `vars`.
+pub fn sweep_names(plan: &Plan) -> Vec<String> {
+    let mut out: Vec<String> = vec![];
+    for e in &plan.spec.experiment {
+        for k in e.sweep.keys() {
+            if !out.contains(k) {
+                out.push(k.clone());
+            }
+        }
+    }
+    out
+}
+
+/// A condition's value of each sweep variable (empty where its experiment has none).
+fn sweep_values(plan: &Plan, cond: &str, names: &[String]) -> Vec<String> {
+    let c = plan.conditions.iter().find(|c| c.id == cond);
+    names
+        .iter()
+        .map(|n| {
+            c.and_then(|c| c.var(n))
+                .map(super::spec::value_text)
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+/// completions.csv: the header and the group rows (as the group files hold them), with the
+/// `sweep_<name>` columns put in after `vars`. Group files keep their own format.
+fn with_sweep_columns(dir: &Path, plan: &Plan, head: &[String], rows: &[u8]) -> Result<Vec<u8>> {
+    let names = sweep_names(plan);
+    let at = head.iter().position(|h| h == "vars").expect("known column") + 1;
+    let c_cond = head
+        .iter()
+        .position(|h| h == "condition")
+        .expect("known column");
+    let mut full: Vec<String> = head[..at].to_vec();
+    full.extend(names.iter().map(|n| format!("sweep_{n}")));
+    full.extend(head[at..].iter().cloned());
+    let mut w = csv::Writer::from_writer(Vec::new());
+    w.write_record(&full).map_err(Error::Csv)?;
+    let mut r = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .from_reader(rows);
+    for (i, rec) in r.records().enumerate() {
+        let rec =
+            rec.map_err(|e| Error::file(dir, format!("group rows, record {}: {e}", i + 1)))?;
+        let vals = sweep_values(plan, rec.get(c_cond).unwrap_or(""), &names);
+        let out = rec
+            .iter()
+            .take(at)
+            .chain(vals.iter().map(String::as_str))
+            .chain(rec.iter().skip(at));
+        w.write_record(out).map_err(Error::Csv)?;
+    }
+    w.into_inner()
+        .map_err(|e| Error::Csv(e.into_error().into()))
+}
+
 fn f4(x: f64) -> String {
     format!("{x:.4}")
 }
@@ -230,42 +285,51 @@ fn f4(x: f64) -> String {
 fn summary_csv(plan: &Plan, s: &[CondSummary]) -> Result<Vec<u8>> {
     let mut w = csv::Writer::from_writer(Vec::new());
     let e = Error::Csv;
-    w.write_record([
-        "run_id",
-        "experiment",
-        "condition",
-        "vars",
-        "prompt_set",
-        "metric",
-        "n",
-        "refusal",
-        "refusal_rate",
-        "refusal_lo",
-        "refusal_hi",
-        "bypass",
-        "bypass_rate",
-        "bypass_lo",
-        "bypass_hi",
-        "degenerate",
-        "degenerate_rate",
-        "degenerate_lo",
-        "degenerate_hi",
-        "score_mean",
-        "score_lo",
-        "score_hi",
-        "mean_tokens",
-    ])
-    .map_err(e)?;
+    let names = sweep_names(plan);
+    let mut head: Vec<String> = ["run_id", "experiment", "condition", "vars"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    head.extend(names.iter().map(|n| format!("sweep_{n}")));
+    head.extend(
+        [
+            "prompt_set",
+            "metric",
+            "n",
+            "refusal",
+            "refusal_rate",
+            "refusal_lo",
+            "refusal_hi",
+            "bypass",
+            "bypass_rate",
+            "bypass_lo",
+            "bypass_hi",
+            "degenerate",
+            "degenerate_rate",
+            "degenerate_lo",
+            "degenerate_hi",
+            "score_mean",
+            "score_lo",
+            "score_hi",
+            "mean_tokens",
+        ]
+        .iter()
+        .map(|s| s.to_string()),
+    );
+    w.write_record(&head).map_err(e)?;
     for c in s {
         let mut rec = vec![
             plan.run_id.clone(),
             c.experiment.clone(),
             c.condition.clone(),
             c.vars.clone(),
+        ];
+        rec.extend(sweep_values(plan, &c.condition, &names));
+        rec.extend([
             c.prompt_set.clone(),
             plan.spec.metric.to_string(),
             c.n.to_string(),
-        ];
+        ]);
         for k in [c.refusal, c.bypass, c.degenerate] {
             if plan.spec.metric == Metric::Score {
                 rec.extend(std::iter::repeat_n(String::new(), 4));
