@@ -248,7 +248,11 @@ fn a_report_gives_verdicts_intervals_and_a_page_that_works_in_a_browser() {
                 .filter(|kv| !kv.is_empty())
                 .map(|kv| kv.split_once('=').unwrap())
                 .collect();
-            for (i, c) in h.iter().enumerate().filter(|(_, c)| c.starts_with("sweep_")) {
+            for (i, c) in h
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| c.starts_with("sweep_"))
+            {
                 let want = packed.get(&c["sweep_".len()..]).copied().unwrap_or("");
                 assert_eq!(&rec[i], want, "{file}: {c} of {:?}", &rec[vars]);
                 seen += usize::from(!want.is_empty());
