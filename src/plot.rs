@@ -328,11 +328,7 @@ impl Plot {
         );
         let mut legend: Vec<String> = vec![];
         // Bands first, under everything.
-        for (i, se) in series
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| s.kind == Kind::Band)
-        {
+        for se in series.iter().filter(|s| s.kind == Kind::Band) {
             let c = "#999999";
             let name = esc(&se.name);
             let b = se.intervals.as_deref().unwrap_or(&[]);
@@ -383,7 +379,6 @@ impl Plot {
                 r#"<polyline points="{}" fill="none" stroke="{c}" stroke-width="1"/></g>"#,
                 line.join(" ")
             );
-            let _ = i;
             legend.push(format!(
                 r#"<rect x="0" y="-6" width="24" height="12" fill="{c}" fill-opacity="0.3" stroke="{c}" stroke-dasharray="3,2"/><text x="30" y="4" data-series="{name}">{name}</text>"#
             ));

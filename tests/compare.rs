@@ -4,9 +4,8 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
-use common::{bin, scratch};
+use common::{bin, run_ok, scratch};
 
 const SPEC: &str = r#"
 name = "cmp"
@@ -61,16 +60,6 @@ intervention = [
 plot = { x = "layer", reference = ["E0"] }
 "#;
 
-fn ok(c: &mut Command) -> String {
-    let o = c.output().unwrap();
-    let (so, se) = (
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr),
-    );
-    assert!(o.status.success(), "failed:\n{so}\n{se}");
-    format!("{so}{se}")
-}
-
 fn cosines(dir: &Path) -> Vec<(String, String, usize, f64)> {
     let mut r = csv::Reader::from_path(dir.join("cosines.csv")).unwrap();
     r.records()
@@ -91,18 +80,20 @@ fn quantize_then_compare_against_the_f16_reference() {
     let root = scratch("cmp");
     let q = root.join("q");
     let src = common::model_path(common::SMOL);
-    let so = ok(bin()
-        .args([
-            "quantize",
-            "-t",
-            "2",
-            "--types",
-            "F16,Q8_0,Q4_K_M,Q2_K",
-            "-m",
-        ])
-        .arg(&src)
-        .arg("--out-dir")
-        .arg(&q));
+    let so = run_ok(
+        bin()
+            .args([
+                "quantize",
+                "-t",
+                "2",
+                "--types",
+                "F16,Q8_0,Q4_K_M,Q2_K",
+                "-m",
+            ])
+            .arg(&src)
+            .arg("--out-dir")
+            .arg(&q),
+    );
     assert!(
         so.contains("already Q4_1"),
         "requantization warning missing: {so}"
@@ -112,26 +103,30 @@ fn quantize_then_compare_against_the_f16_reference() {
         assert!(f(t).is_file(), "{t}");
     }
     // A second call reuses every output (hash recorded and matching).
-    let so = ok(bin()
-        .args(["quantize", "--types", "F16,Q8_0", "-m"])
-        .arg(&src)
-        .arg("--out-dir")
-        .arg(&q));
+    let so = run_ok(
+        bin()
+            .args(["quantize", "--types", "F16,Q8_0", "-m"])
+            .arg(&src)
+            .arg("--out-dir")
+            .arg(&q),
+    );
     assert_eq!(so.matches("reused").count(), 2, "{so}");
 
     let spec = root.join("cmp.toml");
     std::fs::write(&spec, SPEC).unwrap();
     let out = root.join("cmp");
     let compare = || {
-        ok(bin()
-            .args(["compare", "-t", "2", "--ctx", "256", "--reference"])
-            .arg(f("F16"))
-            .arg("--models")
-            .args([f("Q8_0"), f("Q4_K_M"), f("Q2_K")])
-            .arg("--spec")
-            .arg(&spec)
-            .arg("-o")
-            .arg(&out))
+        run_ok(
+            bin()
+                .args(["compare", "-t", "2", "--ctx", "256", "--reference"])
+                .arg(f("F16"))
+                .arg("--models")
+                .args([f("Q8_0"), f("Q4_K_M"), f("Q2_K")])
+                .arg("--spec")
+                .arg(&spec)
+                .arg("-o")
+                .arg(&out),
+        )
     };
     let so = compare();
     for file in [

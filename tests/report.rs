@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use common::browser::start_or_skip;
-use common::{bin, scratch};
+use common::{bin, run_ok, scratch};
 
 /// Every role the claims read, small enough for SmolLM2 in well under a minute.
 const SPEC: &str = concat!(
@@ -101,19 +101,14 @@ intervention = [ { direction = "refusal", op = "add", layers = "{refusal_layer}"
 );
 
 fn reproduce(spec: &Path, out: &Path) {
-    let o = bin()
-        .args(["reproduce", "-t", "2", "--ctx", "256", "-m"])
-        .arg(common::model_path(common::SMOL))
-        .arg("--spec")
-        .arg(spec)
-        .arg("-o")
-        .arg(out)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "reproduce failed:\n{}",
-        String::from_utf8_lossy(&o.stderr)
+    run_ok(
+        bin()
+            .args(["reproduce", "-t", "2", "--ctx", "256", "-m"])
+            .arg(common::model_path(common::SMOL))
+            .arg("--spec")
+            .arg(spec)
+            .arg("-o")
+            .arg(out),
     );
 }
 

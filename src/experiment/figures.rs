@@ -63,14 +63,6 @@ fn axis(conds: &[&Condition], x: &str, steer: Option<usize>) -> Axis {
     Axis::Other
 }
 
-/// The y and interval a plot shows for a condition.
-fn point(metric: Metric, c: &CondSummary) -> (f64, (f64, f64)) {
-    match metric {
-        Metric::Generate => (c.refusal_rate(), wilson(c.refusal, c.n)),
-        Metric::Score => (c.score_mean, c.score_ci),
-    }
-}
-
 /// `(name, svg)` for each plotted experiment.
 pub fn plots(plan: &Plan, s: &[CondSummary]) -> Vec<(String, String)> {
     let metric = plan.spec.metric;
@@ -122,7 +114,7 @@ pub fn plots(plan: &Plan, s: &[CondSummary]) -> Vec<(String, String)> {
                 }
                 _ => None,
             };
-            let (y, iv) = point(metric, &s[i]);
+            let (y, iv) = s[i].estimate(metric);
             series.entry(key).or_default().push((x, y, iv, span));
         }
         let mut list: Vec<Series> = vec![];
@@ -183,7 +175,7 @@ pub fn plots(plan: &Plan, s: &[CondSummary]) -> Vec<(String, String)> {
                 .enumerate()
                 .find(|(_, c)| &c.experiment == r)
             {
-                let (y, iv) = point(metric, &s[i]);
+                let (y, iv) = s[i].estimate(metric);
                 list.push(Series::reference(r.to_string(), y, Some(iv)));
             }
         }

@@ -40,6 +40,14 @@ impl CondSummary {
     pub fn refusal_rate(&self) -> f64 {
         self.rate(self.refusal)
     }
+    /// The number plots and verdicts use, with its 95% interval: the refusal rate and its
+    /// Wilson interval (generate), or the mean score and its bootstrap interval (score).
+    pub fn estimate(&self, metric: Metric) -> (f64, (f64, f64)) {
+        match metric {
+            Metric::Generate => (self.refusal_rate(), wilson(self.refusal, self.n)),
+            Metric::Score => (self.score_mean, self.score_ci),
+        }
+    }
 }
 
 /// The outputs of a finished run.
@@ -166,7 +174,8 @@ pub fn finish(
     let mut put = |name: &str, bytes: &[u8]| write_output(dir, name, bytes, &mut files);
     // A finished run rerun with nothing new keeps its completions.csv as it is: columns a
     // judge appended to it survive.
-    if rewrite_completions || !dir.join("completions.csv").exists() {
+    let rewrite = rewrite_completions || !dir.join("completions.csv").exists();
+    if rewrite {
         put("completions.csv", &body)?;
     }
     put("summary.csv", &summary_csv(plan, &summaries)?)?;
@@ -174,15 +183,18 @@ pub fn finish(
     for (name, svg) in &figures {
         put(&format!("plots/{name}.svg"), svg.as_bytes())?;
     }
-    put("report.md", report_md(plan, &summaries).as_bytes())?;
-    let csv_now = std::fs::read(dir.join("completions.csv")).unwrap_or_else(|_| body.clone());
-    let page = super::html::run_page(
-        plan,
-        &summaries,
-        &verdicts(plan, &summaries),
-        &figures,
-        &csv_now,
-    )?;
+    let claims = verdicts(plan, &summaries);
+    put("report.md", report_md(plan, &summaries, &claims).as_bytes())?;
+    // The page shows completions.csv as it stands, judge columns included.
+    let kept;
+    let csv_now = if rewrite {
+        &body
+    } else {
+        let p = dir.join("completions.csv");
+        kept = std::fs::read(&p).map_err(|e| Error::io(&p, e))?;
+        &kept
+    };
+    let page = super::html::run_page(plan, &summaries, &claims, &figures, csv_now)?;
     put("report.html", page.as_bytes())?;
     let manifest = json!({
         "tool": format!("persona-gate {}", crate::VERSION),
@@ -375,7 +387,7 @@ pub fn verdicts(plan: &Plan, s: &[CondSummary]) -> Vec<Claim> {
     )
 }
 
-fn report_md(plan: &Plan, s: &[CondSummary]) -> String {
+fn report_md(plan: &Plan, s: &[CondSummary], claims: &[Claim]) -> String {
     let metric = plan.spec.metric;
     let mut m = String::new();
     let _ = writeln!(m, "# persona-gate run {}\n", plan.run_id);
@@ -410,7 +422,7 @@ fn report_md(plan: &Plan, s: &[CondSummary]) -> String {
         "| claim | paper (Llama-3.1-8B / Qwen2.5-7B) | verdict | this run |"
     );
     let _ = writeln!(m, "|---|---|---|---|");
-    for c in verdicts(plan, s) {
+    for c in claims {
         let _ = writeln!(
             m,
             "| {}. {} | {} | **{}** ({}) | {} |",

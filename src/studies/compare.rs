@@ -471,87 +471,7 @@ fn write_outputs(
         )?;
         figures.push(svg);
     }
-    // Markdown summary.
-    let mut md = String::new();
-    let _ = writeln!(md, "# Quantization comparison\n\nReference: `{}` ({}). Spec `{}`. Each model's run is in `runs/`.\n", names[0], quant[0], spec.name);
-    let _ = writeln!(
-        md,
-        "| model | quant | KL mean | KL p95 | top-1 agree | {} |",
-        kinds
-            .iter()
-            .map(|k| format!("cos {k} mean / min"))
-            .collect::<Vec<_>>()
-            .join(" | ")
-    );
-    let _ = writeln!(md, "|---|---|---|---|---|{}", "---|".repeat(kinds.len()));
-    for r in kl_rows {
-        let cs: Vec<String> = kinds
-            .iter()
-            .map(|k| {
-                min_cos
-                    .iter()
-                    .find(|(q, d, _, _)| q == &r.1 && d == k)
-                    .map_or("–".into(), |(_, _, m, mn)| format!("{m:.4} / {mn:.4}"))
-            })
-            .collect();
-        let _ = writeln!(
-            md,
-            "| `{}` | {} | {:.4} | {:.4} | {:.0}% | {} |",
-            r.0,
-            r.1,
-            r.3,
-            r.4,
-            100.0 * r.5,
-            cs.join(" | ")
-        );
-    }
-    if tests > 0 {
-        let _ = writeln!(md, "\n{sig} of {tests} (model, condition) refusal rates differ from the reference at p < 0.05 (two-proportion z-test, uncorrected); see `rates.csv`.");
-    }
-    let _ = writeln!(
-        md,
-        "\nPlots: {}.",
-        files
-            .iter()
-            .filter(|f| f.ends_with(".svg"))
-            .map(|f| format!("`{f}`"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-    put("compare.md", md.as_bytes(), &mut files)?;
-    let page = compare_page(
-        spec,
-        names,
-        quant,
-        kl_rows,
-        &kinds,
-        &min_cos,
-        (sig, tests),
-        &figures,
-    );
-    put("compare.html", page.as_bytes(), &mut files)?;
-    Ok(Compared { files, summary: md })
-}
-
-/// compare.html: the table of compare.md (KL, top-1 agreement, cosines per direction), the
-/// significance count, every plot inline, and links to each model's own report.html.
-#[allow(clippy::too_many_arguments)]
-fn compare_page(
-    spec: &Spec,
-    names: &[String],
-    quant: &[String],
-    kl_rows: &[(String, String, usize, f64, f64, f64)],
-    kinds: &[String],
-    min_cos: &[(String, String, f64, f64)],
-    (sig, tests): (usize, usize),
-    figures: &[String],
-) -> String {
-    let mut b = format!(
-        "<h1>Quantization comparison</h1><p>Reference <code>{}</code> ({}). Spec <code>{}</code>.</p>",
-        esc(&names[0]),
-        esc(&quant[0]),
-        esc(&spec.name)
-    );
+    // The summary table, once: compare.md and compare.html both show it.
     let mut head: Vec<String> = ["model", "quant", "KL mean", "KL p95", "top-1 agree"]
         .iter()
         .map(|s| s.to_string())
@@ -576,8 +496,51 @@ fn compare_page(
             v
         })
         .collect();
+    // Markdown summary.
+    let mut md = String::new();
+    let _ = writeln!(md, "# Quantization comparison\n\nReference: `{}` ({}). Spec `{}`. Each model's run is in `runs/`.\n", names[0], quant[0], spec.name);
+    let _ = writeln!(md, "| {} |", head.join(" | "));
+    let _ = writeln!(md, "|{}", "---|".repeat(head.len()));
+    for r in &rows {
+        let _ = writeln!(md, "| `{}` | {} |", r[0], r[1..].join(" | "));
+    }
+    if tests > 0 {
+        let _ = writeln!(md, "\n{sig} of {tests} (model, condition) refusal rates differ from the reference at p < 0.05 (two-proportion z-test, uncorrected); see `rates.csv`.");
+    }
+    let _ = writeln!(
+        md,
+        "\nPlots: {}.",
+        files
+            .iter()
+            .filter(|f| f.ends_with(".svg"))
+            .map(|f| format!("`{f}`"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    put("compare.md", md.as_bytes(), &mut files)?;
+    let page = compare_page(spec, names, quant, (&head, &rows), (sig, tests), &figures);
+    put("compare.html", page.as_bytes(), &mut files)?;
+    Ok(Compared { files, summary: md })
+}
+
+/// compare.html: the table of compare.md (KL, top-1 agreement, cosines per direction), the
+/// significance count, every plot inline, and links to each model's own report.html.
+fn compare_page(
+    spec: &Spec,
+    names: &[String],
+    quant: &[String],
+    (head, rows): (&[String], &[Vec<String>]),
+    (sig, tests): (usize, usize),
+    figures: &[String],
+) -> String {
+    let mut b = format!(
+        "<h1>Quantization comparison</h1><p>Reference <code>{}</code> ({}). Spec <code>{}</code>.</p>",
+        esc(&names[0]),
+        esc(&quant[0]),
+        esc(&spec.name)
+    );
     let head: Vec<&str> = head.iter().map(String::as_str).collect();
-    b.push_str(&table("quantizations", "sortable", &head, &rows));
+    b.push_str(&table("quantizations", "sortable", &head, rows));
     if tests > 0 {
         b.push_str(&format!("<p>{sig} of {tests} (model, condition) refusal rates differ from the reference at p &lt; 0.05 (two-proportion z-test, uncorrected); see <code>rates.csv</code>.</p>"));
     }

@@ -174,6 +174,18 @@ pub fn gguf(kv: &[(&str, &str)], tensors: &[(&str, Vec<f32>)]) -> Vec<u8> {
     w.to_bytes()
 }
 
+/// Runs `c`, asserts it succeeded (showing both streams if not), and returns stdout then
+/// stderr.
+pub fn run_ok(c: &mut Command) -> String {
+    let o = c.output().unwrap();
+    let (so, se) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert!(o.status.success(), "failed:\n{so}\n{se}");
+    format!("{so}{se}")
+}
+
 pub fn smol() -> String {
     model_path(SMOL).to_str().unwrap().to_string()
 }
