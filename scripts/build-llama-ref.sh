@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Build llama.cpp's own llama-bench and llama-batched-bench, outside the repo, for the benchmark
-# comparison in the README (`make bench-ref`).
+# Build llama.cpp's own llama-bench, llama-batched-bench and llama-completion, outside the repo:
+# the benchmark comparison in the README (`make bench-ref`), and the reference output that
+# tests/control_vector.rs compares `generate --control-vector` against.
 #
 # The llama.cpp vendored by our pinned llama-cpp-sys-2 0.1.161 ships without the tools/ sources,
 # so we take llama.cpp from the llama-cpp-python sdist on PyPI whose vendor/llama.cpp is closest:
@@ -12,6 +13,8 @@
 # Built for the same instruction set as persona-gate (scripts/cpu-flags.sh, ISA=native by
 # default): the same -march level and the same GGML_AVX* options llama-cpp-sys-2 derives from
 # the Rust target features, so the two are compared on equal kernels.
+#
+# Usage: scripts/build-llama-ref.sh [--built]
 #
 # Idempotent: download, unpack, configure and build are each skipped when already done.
 # Progress goes to stderr; stdout is only the bin directory.
@@ -50,6 +53,13 @@ jobs="${JOBS:-2}"
 
 log() { echo "build-llama-ref: $*" >&2; }
 
+# --built: print the bin directory if the tools are already built for this instruction set,
+# else exit 3 without building (tests use it to find llama-completion or skip).
+if [ "${1:-}" = --built ]; then
+  [ -x "$bin/llama-completion" ] && [ -x "$bin/llama-bench" ] && { echo "$bin"; exit 0; }
+  exit 3
+fi
+
 mkdir -p "$dl"
 
 if [ ! -f "$tarball" ]; then
@@ -81,9 +91,9 @@ if [ ! -f "$build/CMakeCache.txt" ]; then
     -DBUILD_SHARED_LIBS=OFF >&2
 fi
 
-if [ ! -x "$bin/llama-bench" ] || [ ! -x "$bin/llama-batched-bench" ]; then
-  log "building llama-bench and llama-batched-bench (-j$jobs)"
-  cmake --build "$build" --config Release -j"$jobs" --target llama-bench llama-batched-bench >&2
+if [ ! -x "$bin/llama-bench" ] || [ ! -x "$bin/llama-batched-bench" ] || [ ! -x "$bin/llama-completion" ]; then
+  log "building llama-bench, llama-batched-bench and llama-completion (-j$jobs)"
+  cmake --build "$build" --config Release -j"$jobs" --target llama-bench llama-batched-bench llama-completion >&2
 fi
 
 echo "$bin"

@@ -293,6 +293,27 @@ impl Prompt {
 
     /// Tokenises a rendered prompt and maps the instruction's byte span onto tokens.
     ///
+    /// A prompt given as is, no chat template: tokenised with special-token strings parsed
+    /// and the model's BOS in front, as `llama-completion -no-cnv -p TEXT` does. The whole
+    /// text is the instruction; there is no post-instruction span.
+    ///
+    /// # Errors
+    /// Tokenizer failures, or a text of no tokens.
+    pub fn raw(model: &Model, text: &str) -> Result<Prompt> {
+        let mut tokens = model.tokenize(text)?;
+        let lead = usize::from(model.add_bos() && tokens.first() != Some(&model.bos()));
+        if lead == 1 {
+            tokens.insert(0, model.bos());
+        }
+        let n = tokens.len();
+        Ok(Prompt {
+            text: text.to_string(),
+            tokens,
+            instruction: lead.min(n)..n,
+            post_instruction: n..n,
+        })
+    }
+
     /// # Errors
     /// Tokenizer failures.
     pub fn new(model: &Model, f: Formatted) -> Result<Prompt> {

@@ -733,6 +733,92 @@ impl Batch {
 }
 
 // ---------------------------------------------------------------------------------------
+// Sampling
+
+/// llama.cpp's sampler chain as `llama-completion` builds it with its default sampler list
+/// when only these are set (penalties, DRY, XTC, typical-p and top-n-sigma off):
+/// top-k → top-p → min-p → temperature → a seeded draw. One per sequence, so a sequence's
+/// draws depend on its own seed and logits alone.
+pub struct Sampler {
+    ptr: NonNull<sys::llama_sampler>,
+    /// Candidate buffer reused across steps (one entry per vocabulary token).
+    cur: Vec<sys::llama_token_data>,
+}
+
+impl Drop for Sampler {
+    fn drop(&mut self) {
+        // SAFETY: ptr came from llama_sampler_chain_init; the chain owns its samplers.
+        unsafe { sys::llama_sampler_free(self.ptr.as_ptr()) }
+    }
+}
+
+// SAFETY: a chain of top-k/top-p/min-p/temp/dist samplers holds only its own state (an RNG
+// and parameters), touched through &mut self alone.
+unsafe impl Send for Sampler {}
+
+impl Sampler {
+    /// `top_k <= 0` keeps every token, `top_p = 1` and `min_p = 0` are off (llama.cpp's
+    /// conventions); `temperature > 0`. `seed = u32::MAX` would make llama.cpp draw a random
+    /// seed, so it is taken as `u32::MAX - 1`.
+    pub fn new(temperature: f32, top_k: i32, top_p: f32, min_p: f32, seed: u32) -> Sampler {
+        // SAFETY: plain constructors; chain_add transfers ownership of each sampler to the
+        // chain, which frees them with itself.
+        unsafe {
+            let chain = sys::llama_sampler_chain_init(sys::llama_sampler_chain_default_params());
+            sys::llama_sampler_chain_add(chain, sys::llama_sampler_init_top_k(top_k));
+            sys::llama_sampler_chain_add(chain, sys::llama_sampler_init_top_p(top_p, 1));
+            sys::llama_sampler_chain_add(chain, sys::llama_sampler_init_min_p(min_p, 1));
+            sys::llama_sampler_chain_add(
+                chain,
+                sys::llama_sampler_init_temp_ext(temperature, 0.0, 1.0),
+            );
+            sys::llama_sampler_chain_add(
+                chain,
+                sys::llama_sampler_init_dist(seed.min(u32::MAX - 1)),
+            );
+            Sampler {
+                ptr: NonNull::new(chain).expect("llama_sampler_chain_init returned null"),
+                cur: Vec::new(),
+            }
+        }
+    }
+
+    /// Draws a token from `logits` (one per vocabulary token) and advances the chain.
+    pub fn sample(&mut self, logits: &[f32]) -> Token {
+        self.cur.clear();
+        self.cur.extend(
+            logits
+                .iter()
+                .enumerate()
+                .map(|(i, &logit)| sys::llama_token_data {
+                    id: i as Token,
+                    logit,
+                    p: 0.0,
+                }),
+        );
+        let mut arr = sys::llama_token_data_array {
+            data: self.cur.as_mut_ptr(),
+            size: self.cur.len(),
+            selected: -1,
+            sorted: false,
+        };
+        // SAFETY: arr points into self.cur, valid for size entries during the call; the
+        // samplers only reorder, resize (shrink) and rescale the entries in place.
+        let t = unsafe {
+            sys::llama_sampler_apply(self.ptr.as_ptr(), &mut arr);
+            assert!(
+                arr.selected >= 0 && (arr.selected as usize) < arr.size,
+                "the sampler chain selected no token"
+            );
+            (*arr.data.add(arr.selected as usize)).id
+        };
+        // SAFETY: valid chain.
+        unsafe { sys::llama_sampler_accept(self.ptr.as_ptr(), t) };
+        t
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // Quantisation
 
 /// Quantises `input` into `output` as llama.cpp ftype `ftype`.

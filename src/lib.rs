@@ -18,7 +18,7 @@
 //! let p = Prompt::new(&model, tmpl.render(&SystemPrompt::TemplateDefault, "Hello")?)?;
 //! let mut hooks = HookSet::new(model.info.n_layer, model.info.n_embd);
 //! let mut s = model.session()?;
-//! let out = s.generate(&[p], &GenConfig { max_new_tokens: 32, keep_first_logits: false, ignore_eog: false, digest: false },
+//! let out = s.generate(&[p], &GenConfig { max_new_tokens: 32, ..GenConfig::default() },
 //!                      &mut hooks, &mut |_, _| false, &mut |_| {})?;
 //! println!("{}", out[0].text);
 //! # Ok::<(), persona_gate::error::Error>(())
@@ -45,6 +45,7 @@ pub mod plot;
 pub mod prompts;
 pub mod rng;
 pub mod stats;
+pub mod steer;
 pub mod studies;
 pub mod text;
 

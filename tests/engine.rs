@@ -270,6 +270,7 @@ fn batch_matches_solo(file: &str) {
         keep_first_logits: false,
         ignore_eog: false,
         digest: false,
+        ..persona_gate::engine::GenConfig::default()
     };
     let mut s = m.session().unwrap();
     let batched = s
@@ -345,6 +346,7 @@ fn per_sequence_hook_touches_only_its_sequence(file: &str) {
         keep_first_logits: false,
         ignore_eog: false,
         digest: false,
+        ..persona_gate::engine::GenConfig::default()
     };
     let mut s = m.session().unwrap();
     let g0 = s

@@ -234,6 +234,7 @@ pub fn extract_persona_with_stats(
         keep_first_logits: false,
         ignore_eog: false,
         digest: false,
+        ..GenConfig::default()
     };
     let mut session = model.session()?;
     session.generate(&ps, &cfg, &mut hooks, &mut |_, _| false, &mut |_| {})?;

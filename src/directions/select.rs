@@ -106,6 +106,7 @@ pub fn score_conditions(
         keep_first_logits: true,
         ignore_eog: false,
         digest: false,
+        ..GenConfig::default()
     };
     let mut start = 0;
     while start < n_cond {

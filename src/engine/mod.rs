@@ -1,4 +1,5 @@
-//! Batched evaluation and greedy generation of many prompts, with hooks.
+//! Batched evaluation and generation (greedy, or sampled per sequence) of many prompts, with
+//! hooks.
 //!
 //! A [`Session`] decodes prompts through `--parallel` *slots* (llama.cpp sequence ids, each
 //! with its own KV stream, `kv_unified = false`), continuously: a prompt enters a free slot
@@ -56,7 +57,55 @@ pub enum StopReason {
     Predicate,
 }
 
-/// Greedy generation settings.
+impl StopReason {
+    /// The name in completions.csv and `generate --format jsonl`.
+    pub fn name(self) -> &'static str {
+        match self {
+            StopReason::Eog => "eog",
+            StopReason::MaxTokens => "max_tokens",
+            StopReason::Predicate => "settled",
+        }
+    }
+}
+
+/// Sampled decoding through llama.cpp's sampler chain (see [`ffi::Sampler`]), with
+/// llama.cpp's meanings: `top_k <= 0`, `top_p = 1` and `min_p = 0` turn a filter off.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Sampling {
+    /// Above 0 (0 is greedy decoding: no `Sampling` at all).
+    pub temperature: f32,
+    pub top_k: i32,
+    pub top_p: f32,
+    pub min_p: f32,
+}
+
+impl Sampling {
+    /// llama.cpp's defaults for the filters (`llama-completion` without flags): top-k 40,
+    /// top-p 0.95, min-p 0.05.
+    pub fn with_temperature(temperature: f32) -> Sampling {
+        Sampling {
+            temperature,
+            top_k: 40,
+            top_p: 0.95,
+            min_p: 0.05,
+        }
+    }
+}
+
+/// The seed of one sequence's sampler: `seed` mixed with the sequence's own `key` (a prompt
+/// and sample identity chosen by the caller, never its batch position), so its draws do not
+/// depend on what else is decoded, on `--parallel` or on shards.
+pub fn sequence_seed(seed: u64, key: &str) -> u32 {
+    let mut h = FNV_START;
+    for b in seed.to_le_bytes().iter().chain(key.as_bytes()) {
+        h = (h ^ *b as u64).wrapping_mul(0x0100_0000_01b3);
+    }
+    // One splitmix round: FNV's low bits alone mix poorly. u32::MAX is llama.cpp's "pick a
+    // random seed" (LLAMA_DEFAULT_SEED), so it is never handed out.
+    (crate::rng::Rng::new(h).next_u64() as u32).min(u32::MAX - 1)
+}
+
+/// Generation settings.
 #[derive(Debug, Clone, Default)]
 pub struct GenConfig {
     /// 0 evaluates prompts only (first-response logits, captures at prompt positions).
@@ -68,6 +117,9 @@ pub struct GenConfig {
     /// Hash every logit vector a sequence's tokens were chosen from ([`Generation::digest`]),
     /// so tests can assert that whole trajectories are bit-identical.
     pub digest: bool,
+    /// Sampled instead of greedy decoding; `seeds` then holds each prompt's sampler seed.
+    pub sampling: Option<Sampling>,
+    pub seeds: Vec<u32>,
 }
 
 /// One prompt's result.
@@ -203,6 +255,8 @@ impl Model {
 /// A sequence in a generation slot.
 struct Live {
     prompt: usize,
+    /// The sequence's own sampler (sampled decoding), else greedy.
+    sampler: Option<ffi::Sampler>,
     tokens: Vec<Token>,
     done: Option<StopReason>,
     first_logits: Option<Vec<f32>>,
@@ -210,9 +264,12 @@ struct Live {
 }
 
 impl Live {
-    fn new(prompt: usize) -> Live {
+    fn new(prompt: usize, cfg: &GenConfig) -> Live {
         Live {
             prompt,
+            sampler: cfg.sampling.map(|x| {
+                ffi::Sampler::new(x.temperature, x.top_k, x.top_p, x.min_p, cfg.seeds[prompt])
+            }),
             tokens: vec![],
             done: None,
             first_logits: None,
@@ -355,6 +412,10 @@ impl<'m> Session<'m> {
         stop: &mut dyn FnMut(usize, &[Token]) -> bool,
         done: &mut dyn FnMut(usize, Generation) -> Result<()>,
     ) -> Result<()> {
+        assert!(
+            cfg.sampling.is_none() || cfg.seeds.len() == prompts.len(),
+            "GenConfig::seeds must hold one seed per prompt when sampling"
+        );
         self.check_fits(prompts, cfg.max_new_tokens)?;
         hooks.prepare(prompts.len());
         let mut job = self.plan(prompts, cfg, hooks);
@@ -374,7 +435,7 @@ impl<'m> Session<'m> {
                 let first = live.len();
                 while live.len() < self.slots {
                     let Some(p) = pending.pop_front() else { break };
-                    live.push(Live::new(p));
+                    live.push(Live::new(p, cfg));
                 }
                 self.prefill(&mut live, first, &mut job, hooks, stop)?;
                 // Prompts that are done at their first token (score mode, an immediate
@@ -640,7 +701,7 @@ impl<'m> Session<'m> {
             let starts = self.admit(&arrived, job, hooks)?;
             for (&(i, p), from) in arrived.iter().zip(starts) {
                 slots[i] = Some((
-                    Live::new(p),
+                    Live::new(p, job.cfg),
                     PrefillItem {
                         stream: i as i32,
                         prompt: p,
@@ -839,7 +900,10 @@ impl<'m> Session<'m> {
             s.done = Some(StopReason::MaxTokens);
             return Ok(());
         }
-        let t = argmax(logits);
+        let t = match &mut s.sampler {
+            Some(x) => x.sample(logits),
+            None => argmax(logits),
+        };
         if self.model.is_eog(t) && !cfg.ignore_eog {
             s.done = Some(StopReason::Eog);
             return Ok(());

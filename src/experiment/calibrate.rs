@@ -5,7 +5,6 @@
 use std::collections::BTreeMap;
 
 use super::plan::{CalibrationRow, Progress, Resolved};
-use super::prepare::add_vector;
 use super::spec::{fmt_num, SteerSpec};
 use crate::chat::Prompt;
 use crate::directions::select::{refusal_score, refusal_tokens, score_conditions};
@@ -14,6 +13,7 @@ use crate::error::{Error, Result, ValueOf};
 use crate::hooks::{Edit, HookSet, LayerSet, Scope};
 use crate::model::Model;
 use crate::stats::mean;
+use crate::steer::add_vector;
 
 /// Calibrates `s` with direction `d` on the rendered prompts `ps` (with their residual norms
 /// when the scale is relative), and records layer, coefficient, rows and baseline in

@@ -4,49 +4,37 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use super::spec::{Condition, Intervention, Metric, Scale, Source, Spec};
+use super::spec::{Condition, Intervention, Metric, Scale, Spec};
 use crate::chat::Prompt;
 use crate::directions::select::{refusal_score, refusal_tokens};
-use crate::engine::{GenConfig, Generation, StopReason};
+use crate::engine::{GenConfig, Generation};
 use crate::error::{Error, Result};
 use crate::ffi::Token;
 use crate::fsio::write_atomic;
-use crate::hooks::{Edit, EditKind, HookSet, Scope};
+use crate::hooks::{Edit, HookSet, Scope};
 use crate::label::{degenerate_reason, Labeler, REFUSAL_PHRASES};
 
 use super::plan::{check_groups, group_file, Progress, Shard};
-use super::prepare::{add_vector, overflows, Ready};
+use super::prepare::Ready;
 
 impl Ready<'_> {
-    /// The hook edits of one intervention for the batch rows `seqs`.
-    fn edit(&self, cond: &Condition, iv: &Intervention, seqs: Vec<usize>) -> Result<Edit> {
-        let d = &self.directions[&iv.direction];
-        let row = |l: usize| match iv.source {
-            Source::Own => &d.rows[l],
-            Source::Layer(s) => &d.rows[s],
-        };
+    /// The hook edit of intervention `index` (from 1) of `cond` for the batch rows `seqs`.
+    fn edit(
+        &self,
+        cond: &Condition,
+        index: usize,
+        iv: &Intervention,
+        seqs: Vec<usize>,
+    ) -> Result<Edit> {
         let norms = self.plan.resolved.resid_norms.get(&cond.prompts);
-        Ok(match iv.op {
-            EditKind::Add => {
-                let mut vectors = BTreeMap::new();
-                for &l in &iv.layers {
-                    let v = add_vector(row(l), iv.coefficient, iv.scale, norms.map(|n| n[l]));
-                    if v.iter().any(|x| !x.is_finite()) {
-                        return Err(overflows(cond, iv, l));
-                    }
-                    vectors.insert(l, v);
-                }
-                Edit::add(vectors, Scope::only(seqs))
-            }
-            EditKind::Project => Edit::project(
-                iv.layers.iter().map(|&l| (l, row(l).clone())).collect(),
-                Scope::only(seqs),
-            )
-            .map_err(|e| Error::InCondition {
-                id: cond.id.clone(),
-                err: Box::new(e),
-            })?,
-        })
+        crate::steer::edit(
+            &cond.id,
+            index,
+            &self.directions[&iv.direction],
+            iv,
+            norms.map(Vec::as_slice),
+            Scope::only(seqs),
+        )
     }
 
     /// The engine job for `pairs` = (condition, prompt) in plan order: one prompt per pair,
@@ -70,7 +58,7 @@ impl Ready<'_> {
         for (&c, seqs) in &by_cond {
             let cond = &plan.conditions[c];
             let ins = &self.instructions[&cond.prompts];
-            for iv in &cond.interventions {
+            for (k, iv) in cond.interventions.iter().enumerate() {
                 let s: Vec<usize> = match &iv.scope {
                     None => seqs.clone(),
                     Some(ids) => seqs
@@ -80,7 +68,7 @@ impl Ready<'_> {
                         .collect(),
                 };
                 if !s.is_empty() {
-                    hooks.add_edit(self.edit(cond, iv, s)?)?;
+                    hooks.add_edit(self.edit(cond, k + 1, iv, s)?)?;
                 }
             }
         }
@@ -125,12 +113,7 @@ impl Ready<'_> {
                 labeler.label(&o.text).to_string(),
                 degenerate_reason(&o.text).unwrap_or("").to_string(),
                 o.tokens.len(),
-                match o.stop {
-                    StopReason::Eog => "eog",
-                    StopReason::MaxTokens => "max_tokens",
-                    StopReason::Predicate => "settled",
-                }
-                .to_string(),
+                o.stop.name().to_string(),
             ),
         };
         let mut rec = vec![

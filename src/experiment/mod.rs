@@ -398,6 +398,7 @@ pub fn estimate(model: &Model, spec: &Spec, template: Option<String>) -> Result<
         keep_first_logits: false,
         ignore_eog: true,
         digest: false,
+        ..GenConfig::default()
     };
     session.generate(
         &probe[..1],

@@ -9,15 +9,13 @@ use std::time::Instant;
 
 use sha2::{Digest, Sha256};
 
-use super::spec::{Builtins, Condition, DirectionSpec, Intervention, Scale, Source, Spec};
+use super::spec::{Builtins, Condition, DirectionSpec, Spec};
 use crate::chat::{ChatTemplate, Prompt, SystemPrompt};
 use crate::directions::select::select_refusal;
 use crate::directions::{self, Direction, DirectionFile, PersonaPositions, RefusalPositions};
-use crate::error::{
-    Empty, Error, InterventionFault, LayerOf, Named, PromptsProblem, Result, ValueOf,
-};
+use crate::error::{Empty, Error, LayerOf, Named, PromptsProblem, Result, ValueOf};
 use crate::fsio::write_atomic;
-use crate::hooks::{Capture, EditKind, HookPoint, HookSet, LayerSet, Position};
+use crate::hooks::{LayerSet, Scope};
 use crate::model::Model;
 use crate::prompts::{self, Instruction};
 
@@ -616,8 +614,6 @@ fn residual_norms(
     rendered: &BTreeMap<String, Vec<Prompt>>,
     progress: &mut Progress<'_>,
 ) -> Result<BTreeMap<String, Vec<f64>>> {
-    let nl = model.info.n_layer;
-    let ne = model.info.n_embd;
     let mut out = BTreeMap::new();
     let mut names: Vec<&String> = spec.experiment.iter().map(|e| &e.prompts).collect();
     if let Some(s) = &spec.steer {
@@ -627,23 +623,11 @@ fn residual_norms(
     names.dedup();
     let mut session = model.session()?;
     for n in names {
-        let ps = &rendered[n];
-        let all: Vec<usize> = (0..nl).collect();
-        let mut hooks = HookSet::new(nl, ne);
-        hooks.add_capture(Capture::new(
-            &all,
-            Position::LastPrompt,
-            vec![Some(0); ps.len()],
-            1,
-            nl,
-            ne,
-        ))?;
         progress("norms", 0, 1, n);
-        session.first_logits(ps, &mut hooks)?;
-        let norms = (0..nl)
-            .map(|l| hooks.captures[0].mean_norm(0, 0, l).unwrap_or(0.0))
-            .collect();
-        out.insert(n.clone(), norms);
+        out.insert(
+            n.clone(),
+            crate::steer::resid_norms(&mut session, &rendered[n])?,
+        );
     }
     Ok(out)
 }
@@ -726,38 +710,10 @@ fn plan_for(
 /// The first condition whose edit cannot be applied, naming it, its intervention and layer.
 fn check_edits(plan: &Plan, dirs: &BTreeMap<String, Direction>) -> Result<()> {
     for cond in &plan.conditions {
+        let norms = plan.resolved.resid_norms.get(&cond.prompts);
         for (k, iv) in cond.interventions.iter().enumerate() {
             let d = &dirs[&iv.direction];
-            for &l in &iv.layers {
-                let row = match iv.source {
-                    Source::Own => &d.rows[l],
-                    Source::Layer(s) => &d.rows[s],
-                };
-                let bad = match iv.op {
-                    EditKind::Project => {
-                        let n = directions::norm(row);
-                        (!(n.is_finite() && n > 0.0))
-                            .then(|| format!("has norm {n}, so it cannot be projected out"))
-                    }
-                    EditKind::Add => {
-                        let norms = plan.resolved.resid_norms.get(&cond.prompts);
-                        let v = add_vector(row, iv.coefficient, iv.scale, norms.map(|n| n[l]));
-                        if v.iter().any(|x| !x.is_finite()) {
-                            return Err(overflows(cond, iv, l));
-                        }
-                        None
-                    }
-                };
-                if let Some(why) = bad {
-                    return Err(Error::Intervention {
-                        id: cond.id.clone(),
-                        direction: iv.direction.clone(),
-                        layer: l,
-                        at: HookPoint::resid_post(l).to_string(),
-                        fault: InterventionFault::Unusable { index: k + 1, why },
-                    });
-                }
-            }
+            crate::steer::edit(&cond.id, k + 1, d, iv, norms.map(Vec::as_slice), Scope::All)?;
         }
     }
     Ok(())
@@ -793,36 +749,6 @@ fn write_prepared(
     // plan.json last: its presence means the preparation is complete.
     write_atomic(&plan_path, &json).map_err(|e| Error::io(&plan_path, e))?;
     Ok(())
-}
-
-/// An add whose vector at layer `l` overflows f32.
-pub(crate) fn overflows(cond: &Condition, iv: &Intervention, l: usize) -> Error {
-    Error::Intervention {
-        id: cond.id.clone(),
-        direction: iv.direction.clone(),
-        layer: l,
-        at: HookPoint::resid_post(l).to_string(),
-        fault: InterventionFault::Overflow {
-            coefficient: iv.coefficient,
-        },
-    }
-}
-
-/// The vector an add intervention adds at one layer: `c × row` (raw) or
-/// `c × resid_norm × row/‖row‖` (resid).
-pub fn add_vector(row: &[f32], c: f64, scale: Scale, resid_norm: Option<f64>) -> Vec<f32> {
-    match scale {
-        Scale::Raw => row.iter().map(|&x| (x as f64 * c) as f32).collect(),
-        Scale::Resid => {
-            let n = directions::norm(row);
-            let k = if n > 0.0 {
-                c * resid_norm.unwrap_or(0.0) / n
-            } else {
-                0.0
-            };
-            row.iter().map(|&x| (x as f64 * k) as f32).collect()
-        }
-    }
 }
 
 #[cfg(test)]

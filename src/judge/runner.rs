@@ -244,6 +244,7 @@ impl<'m> Judge<'m> {
             keep_first_logits: true,
             ignore_eog: false,
             digest: false,
+            ..GenConfig::default()
         };
         let mut hooks = HookSet::new(self.model.info.n_layer, self.model.info.n_embd);
         let model = self.model;

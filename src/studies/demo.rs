@@ -92,6 +92,7 @@ pub fn run(
         keep_first_logits: false,
         ignore_eog: false,
         digest: false,
+        ..GenConfig::default()
     };
     let mut session = model.session()?;
     let mut conditions: Vec<(String, Option<LayerVectors>)> = vec![("baseline".into(), None)];

@@ -174,78 +174,111 @@ impl Spec {
                 ),
             ));
         }
-        let nl = b.n_layer;
-        let layers = LayerSet::from_toml(&s.layers, nl)
-            .map_err(|e| ctx.err(Some("layers"), e))?
-            .into_vec();
-        if layers.is_empty() {
-            return Err(ctx.err(Some("layers"), "empty"));
-        }
-        let coefficient = match &s.coefficient {
-            toml::Value::Integer(i) => *i as f64,
-            toml::Value::Float(f) => *f,
-            toml::Value::String(t) => t
-                .trim()
-                .parse::<f64>()
-                .map_err(|_| ctx.err(Some("coefficient"), format!("'{t}' is not a number")))?,
-            other => return Err(ctx.err(Some("coefficient"), format!("{other} is not a number"))),
-        };
-        if !coefficient.is_finite() {
-            return Err(ctx.err(Some("coefficient"), format!("{coefficient} is not finite")));
-        }
-        let source = match &s.source {
-            None => Source::Own,
-            Some(toml::Value::String(t)) if t == "own" => Source::Own,
-            Some(toml::Value::String(t)) if t == "steer" => match b.steer_layer {
-                Some(l) => Source::Layer(l),
-                None => return Err(ctx.err(Some("source"), "\"steer\" needs a [steer] table")),
-            },
-            Some(v) => {
-                let l = match v {
-                    toml::Value::Integer(i) => Some(*i),
-                    toml::Value::String(t) => t.trim().parse::<i64>().ok(),
-                    _ => None,
-                };
-                match l {
-                    Some(l) if l >= 0 && (l as usize) < nl => Source::Layer(l as usize),
-                    Some(l) => {
-                        return Err(ctx.err(
-                            Some("source"),
-                            format!("layer {l} out of range ({nl} layers)"),
-                        ))
-                    }
-                    None => {
-                        return Err(ctx.err(
-                            Some("source"),
-                            format!("{v} is neither \"own\" nor a layer number"),
-                        ))
-                    }
-                }
-            }
-        };
-        if let (Some(sc), Some(ids)) = (&s.scope, ids) {
-            if sc.is_empty() {
-                return Err(ctx.err(Some("scope"), "empty list (omit it for all prompts)"));
-            }
-            for p in sc {
-                if !ids.contains(p) {
-                    return Err(ctx.err(
-                        Some("scope"),
-                        format!("no prompt '{p}' in the condition's prompt set"),
-                    ));
-                }
-            }
-        }
-        Ok(Intervention {
-            direction: s.direction,
-            op: s.op,
-            layers,
-            coefficient,
-            scale: s.scale,
-            source,
-            scope: s.scope,
-        })
+        resolve_fields(s, b, ctx, ids)
     }
+}
+
+/// One intervention given outside a spec (`generate --intervention`): the template `t`
+/// substituted with the built-ins and resolved as a spec's would be, its errors under `id`
+/// and `index` (from 1). `direction` is kept as given.
+///
+/// # Errors
+/// As a spec's intervention: [`Error::Condition`] naming the field.
+pub fn resolve_given(
+    t: &toml::Value,
+    b: &Builtins,
+    id: &str,
+    index: usize,
+) -> Result<Intervention> {
+    let ctx = Ctx {
+        id,
+        intervention: index,
+    };
+    let t = substitute(t, &[], b, ctx)?;
+    let iv: InterventionSpec = t
+        .try_into()
+        .map_err(|x: toml::de::Error| ctx.err(None, x.message()))?;
+    resolve_fields(iv, b, ctx, None)
+}
+
+/// Layers, coefficient, source and scope of an intervention whose direction is known.
+fn resolve_fields(
+    s: InterventionSpec,
+    b: &Builtins,
+    ctx: Ctx<'_>,
+    ids: Option<&Vec<String>>,
+) -> Result<Intervention> {
+    let nl = b.n_layer;
+    let layers = LayerSet::from_toml(&s.layers, nl)
+        .map_err(|e| ctx.err(Some("layers"), e))?
+        .into_vec();
+    if layers.is_empty() {
+        return Err(ctx.err(Some("layers"), "empty"));
+    }
+    let coefficient = match &s.coefficient {
+        toml::Value::Integer(i) => *i as f64,
+        toml::Value::Float(f) => *f,
+        toml::Value::String(t) => t
+            .trim()
+            .parse::<f64>()
+            .map_err(|_| ctx.err(Some("coefficient"), format!("'{t}' is not a number")))?,
+        other => return Err(ctx.err(Some("coefficient"), format!("{other} is not a number"))),
+    };
+    if !coefficient.is_finite() {
+        return Err(ctx.err(Some("coefficient"), format!("{coefficient} is not finite")));
+    }
+    let source = match &s.source {
+        None => Source::Own,
+        Some(toml::Value::String(t)) if t == "own" => Source::Own,
+        Some(toml::Value::String(t)) if t == "steer" => match b.steer_layer {
+            Some(l) => Source::Layer(l),
+            None => return Err(ctx.err(Some("source"), "\"steer\" needs a [steer] table")),
+        },
+        Some(v) => {
+            let l = match v {
+                toml::Value::Integer(i) => Some(*i),
+                toml::Value::String(t) => t.trim().parse::<i64>().ok(),
+                _ => None,
+            };
+            match l {
+                Some(l) if l >= 0 && (l as usize) < nl => Source::Layer(l as usize),
+                Some(l) => {
+                    return Err(ctx.err(
+                        Some("source"),
+                        format!("layer {l} out of range ({nl} layers)"),
+                    ))
+                }
+                None => {
+                    return Err(ctx.err(
+                        Some("source"),
+                        format!("{v} is neither \"own\" nor a layer number"),
+                    ))
+                }
+            }
+        }
+    };
+    if let (Some(sc), Some(ids)) = (&s.scope, ids) {
+        if sc.is_empty() {
+            return Err(ctx.err(Some("scope"), "empty list (omit it for all prompts)"));
+        }
+        for p in sc {
+            if !ids.contains(p) {
+                return Err(ctx.err(
+                    Some("scope"),
+                    format!("no prompt '{p}' in the condition's prompt set"),
+                ));
+            }
+        }
+    }
+    Ok(Intervention {
+        direction: s.direction,
+        op: s.op,
+        layers,
+        coefficient,
+        scale: s.scale,
+        source,
+        scope: s.scope,
+    })
 }
 
 /// Replaces `{var}` in every string of a template: a string that is exactly `{var}` takes the

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 mod check;
 mod expand;
 
-pub use expand::Builtins;
+pub use expand::{resolve_given, Builtins};
 
 use crate::error::{Error, Result};
 use crate::hooks::{EditKind, LayerSet};
