@@ -38,6 +38,36 @@ pub fn bootstrap_mean(v: &[f64], seed: u64) -> (f64, f64) {
     (q(0.025), q(0.975))
 }
 
+/// The 95% interval of a rate over clusters of trials that are not independent (several
+/// sampled completions of one prompt): `clusters[i]` = (successes, trials) of cluster i.
+/// One trial per cluster gives the Wilson interval; otherwise a seeded percentile bootstrap
+/// over clusters (prompts drawn with replacement, the rate of all their trials), so the
+/// interval widens by as much as samples of one prompt agree with each other.
+pub fn clustered_rate_interval(clusters: &[(usize, usize)], seed: u64) -> (f64, f64) {
+    let (k, n) = clusters
+        .iter()
+        .fold((0, 0), |(k, n), &(a, b)| (k + a, n + b));
+    if clusters.iter().all(|&(_, t)| t <= 1) {
+        return wilson(k, n);
+    }
+    let m = clusters.len();
+    let mut rng = Rng::new(seed);
+    let mut rates: Vec<f64> = (0..BOOTSTRAP)
+        .map(|_| {
+            let (mut a, mut b) = (0usize, 0usize);
+            for _ in 0..m {
+                let (x, y) = clusters[rng.below(m as u64) as usize];
+                a += x;
+                b += y;
+            }
+            a as f64 / b.max(1) as f64
+        })
+        .collect();
+    rates.sort_by(f64::total_cmp);
+    let q = |p: f64| rates[((p * (BOOTSTRAP - 1) as f64).round() as usize).min(BOOTSTRAP - 1)];
+    (q(0.025), q(0.975))
+}
+
 /// Two-sided p-value of the pooled two-proportion z-test (1 when undefined).
 pub fn two_proportion_p(k1: usize, n1: usize, k2: usize, n2: usize) -> f64 {
     if n1 == 0 || n2 == 0 {
@@ -159,6 +189,28 @@ pub fn kl(p_logits: &[f32], q_logits: &[f32]) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn clustered_intervals_widen_when_samples_of_a_prompt_agree() {
+        // One trial per prompt: Wilson exactly.
+        let single: Vec<(usize, usize)> = (0..20).map(|i| (usize::from(i < 8), 1)).collect();
+        assert_eq!(clustered_rate_interval(&single, 1), wilson(8, 20));
+        // 20 prompts x 5 samples, 40% refusals: when each prompt's samples all agree the
+        // interval is about as wide as 20 independent trials, far wider than Wilson over 100;
+        // when every prompt refuses 2 of 5 the prompts carry no spread and it is narrow.
+        let agree: Vec<(usize, usize)> = (0..20).map(|i| (if i < 8 { 5 } else { 0 }, 5)).collect();
+        let mixed: Vec<(usize, usize)> = (0..20).map(|_| (2, 5)).collect();
+        let w = |(lo, hi): (f64, f64)| hi - lo;
+        let (a, m, naive) = (
+            clustered_rate_interval(&agree, 3),
+            clustered_rate_interval(&mixed, 3),
+            wilson(40, 100),
+        );
+        assert!(w(a) > 1.5 * w(naive), "{a:?} vs {naive:?}");
+        assert!(w(m) < 1e-9, "{m:?}");
+        assert!(a.0 <= 0.4 && 0.4 <= a.1);
+        assert_eq!(clustered_rate_interval(&agree, 3), a, "seeded");
+    }
 
     #[test]
     fn wilson_matches_known_values() {

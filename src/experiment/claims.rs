@@ -8,7 +8,6 @@ use std::fmt;
 use super::report::CondSummary;
 use super::spec::{Condition, Metric, Role};
 use crate::hooks::EditKind;
-use crate::stats::wilson;
 
 /// What a run says of one claim.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,7 +93,7 @@ fn overlaps(a: Est, b: Est) -> bool {
 pub fn shown(metric: Metric, c: &CondSummary) -> String {
     match metric {
         Metric::Generate => {
-            let (lo, hi) = wilson(c.refusal, c.n);
+            let (lo, hi) = c.intervals[0];
             format!(
                 "{:.0}% [{:.0}–{:.0}] ({}/{}) (`{}`)",
                 100.0 * c.refusal_rate(),
@@ -492,6 +491,11 @@ mod tests {
             score_mean: 0.0,
             score_ci: (0.0, 0.0),
             mean_tokens: 1.0,
+            intervals: [
+                crate::stats::wilson(refusal, n),
+                crate::stats::wilson(n - refusal, n),
+                (0.0, 0.0),
+            ],
         }
     }
 

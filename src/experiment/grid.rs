@@ -51,7 +51,8 @@ impl Ready<'_> {
         let mut batch = Vec::with_capacity(pairs.len());
         let mut hooks = HookSet::new(self.model.info.n_layer, self.model.info.n_embd);
         let mut by_cond: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
-        for (i, &(c, p)) in pairs.iter().enumerate() {
+        for (i, &(c, row)) in pairs.iter().enumerate() {
+            let p = plan.prompt_sample(row).0;
             batch.push(self.prompts[&plan.conditions[c].prompts][p].clone());
             by_cond.entry(c).or_default().push(i);
         }
@@ -64,7 +65,7 @@ impl Ready<'_> {
                     Some(ids) => seqs
                         .iter()
                         .copied()
-                        .filter(|&i| ids.contains(&ins[pairs[i].1].id))
+                        .filter(|&i| ids.contains(&ins[plan.prompt_sample(pairs[i].1).0].id))
                         .collect(),
                 };
                 if !s.is_empty() {
@@ -76,15 +77,38 @@ impl Ready<'_> {
         Ok((batch, hooks))
     }
 
-    /// The generation settings of this plan's grid.
-    pub fn gen_config(&self) -> GenConfig {
+    /// The generation settings of this plan's grid for `pairs`: when sampling, each pair's
+    /// sampler is seeded from the spec's seed, its condition, prompt id and sample number
+    /// alone, so its completion is the same in any batch, shard or resume.
+    pub fn gen_config(&self, pairs: &[(usize, usize)]) -> GenConfig {
         let plan = &self.plan;
+        let sampling = match plan.spec.metric {
+            Metric::Generate => plan.spec.generation.sampling(),
+            Metric::Score => None,
+        };
+        let seeds = match sampling {
+            None => Vec::new(),
+            Some(_) => pairs
+                .iter()
+                .map(|&(c, row)| {
+                    let cond = &plan.conditions[c];
+                    let (p, k) = plan.prompt_sample(row);
+                    let id = &self.instructions[&cond.prompts][p].id;
+                    crate::engine::sequence_seed(
+                        plan.spec.seed,
+                        &format!("{}\u{1f}{id}\u{1f}{k}", cond.id),
+                    )
+                })
+                .collect(),
+        };
         GenConfig {
             max_new_tokens: match plan.spec.metric {
                 Metric::Generate => plan.spec.generation.max_new_tokens,
                 Metric::Score => 0,
             },
             keep_first_logits: true,
+            sampling,
+            seeds,
             ..GenConfig::default()
         }
     }
@@ -93,7 +117,7 @@ impl Ready<'_> {
     fn record(
         &self,
         c: usize,
-        p: usize,
+        row: usize,
         o: &Generation,
         labeler: &Labeler,
         toks: &[Token],
@@ -106,6 +130,7 @@ impl Ready<'_> {
             .as_deref()
             .expect("keep_first_logits was set");
         let score = refusal_score(logits, toks);
+        let (p, sample) = plan.prompt_sample(row);
         let ins = &self.instructions[&cond.prompts][p];
         let (label, reason, ntok, stop) = match plan.spec.metric {
             Metric::Score => (String::new(), String::new(), 0, String::new()),
@@ -148,6 +173,7 @@ impl Ready<'_> {
             cond.prompts.clone(),
             p.to_string(),
             ins.id.clone(),
+            sample.to_string(),
             ins.category.clone().unwrap_or_default(),
             ins.source.clone().unwrap_or_default(),
             plan.spec.metric.to_string(),
@@ -187,16 +213,22 @@ impl Ready<'_> {
             }
         }
         let label = |i: usize| {
-            let (c, p) = pairs[i];
+            let (c, row) = pairs[i];
+            let (p, k) = plan.prompt_sample(row);
+            let sample = if plan.samples() > 1 {
+                format!(" sample {k}")
+            } else {
+                String::new()
+            };
             format!(
-                "condition {}, prompt {p}, group {}",
+                "condition {}, prompt {p}{sample}, group {}",
                 plan.conditions[c].id, groups[slot_of[i].0]
             )
         };
         let (batch, mut hooks) = self.job(&pairs, &label)?;
         let labeler = labeler(&plan.spec);
         let gen = &plan.spec.generation;
-        let cfg = self.gen_config();
+        let cfg = self.gen_config(&pairs);
         let model = self.model;
         let mut stop = |_: usize, t: &[Token]| {
             gen.early_stop && t.len() >= gen.min_tokens && labeler.settled(&model.detokenize(t))

@@ -13,7 +13,6 @@ use super::report::CondSummary;
 use super::spec::{fmt_num, Metric};
 use crate::error::{Error, Result};
 use crate::html::{completions_browser, esc, page, raw, table};
-use crate::stats::wilson;
 
 /// The warning at the top of every page that shows completions.
 pub const BANNER: &str = "This page shows model completions to harmful prompts: research data. \
@@ -134,7 +133,7 @@ pub fn run_page(
     let rows: Vec<Vec<String>> = s
         .iter()
         .map(|c| {
-            let (lo, hi) = wilson(c.refusal, c.n);
+            let (lo, hi) = c.intervals[0];
             let pct = |x: f64| match metric {
                 Metric::Generate => format!("{:.1}%", 100.0 * x),
                 Metric::Score => "-".into(),

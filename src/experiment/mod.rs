@@ -372,8 +372,10 @@ pub fn estimate(model: &Model, spec: &Spec, template: Option<String>) -> Result<
         let n = LayerSet::parse(&s.layers, nl)?.len() + s.coefficients.len();
         prep += n * toks[&s.prompts];
     }
+    // Samples of one prompt share its prompt rows (a shared prefix), but each is a completion.
+    let samples = spec.generation.samples.max(1);
     let run_prompt: usize = conds.iter().map(|c| toks[&c.prompts]).sum();
-    let completions: usize = conds.iter().map(|c| sets[&c.prompts].len()).sum();
+    let completions: usize = conds.iter().map(|c| sets[&c.prompts].len()).sum::<usize>() * samples;
     let g = &spec.generation;
     let gen = match spec.metric {
         Metric::Generate => (

@@ -100,18 +100,31 @@ impl Plan {
         Ok((b, plan))
     }
 
-    /// The (condition, prompt) pairs of group `g`.
+    /// The (condition, row) pairs of group `g`.
     pub fn group_pairs(&self, g: usize) -> Vec<(usize, usize)> {
         let gs = self.spec.group_size;
         self.pairs().into_iter().skip(g * gs).take(gs).collect()
     }
 
-    /// Every (condition, prompt) pair in plan order.
+    /// Completions per prompt and condition (`generation.samples`).
+    pub fn samples(&self) -> usize {
+        self.spec.generation.samples.max(1)
+    }
+
+    /// The prompt index and sample number of a pair's row: row `r` is sample `r % samples`
+    /// of prompt `r / samples` (with one sample, the row is the prompt).
+    pub fn prompt_sample(&self, row: usize) -> (usize, usize) {
+        (row / self.samples(), row % self.samples())
+    }
+
+    /// Every (condition, row) pair in plan order: each condition's prompts in order, each
+    /// prompt's samples in order.
     pub fn pairs(&self) -> Vec<(usize, usize)> {
+        let n = self.samples();
         self.conditions
             .iter()
             .enumerate()
-            .flat_map(|(c, cond)| (0..self.sets[&cond.prompts].count).map(move |p| (c, p)))
+            .flat_map(|(c, cond)| (0..self.sets[&cond.prompts].count * n).map(move |r| (c, r)))
             .collect()
     }
 
@@ -253,6 +266,7 @@ pub fn header(plan: &Plan) -> Vec<String> {
             "prompt_set",
             "prompt_index",
             "prompt_id",
+            "sample",
             "category",
             "source",
             "metric",
@@ -307,7 +321,12 @@ pub fn verify_group_bytes(plan: &Plan, g: usize, bytes: &[u8]) -> GroupState {
     let want = plan.group_pairs(g);
     let head = header(plan);
     let col = |n: &str| head.iter().position(|h| h == n).expect("known column");
-    let (c_run, c_cond, c_idx) = (col("run_id"), col("condition"), col("prompt_index"));
+    let (c_run, c_cond, c_idx, c_sample) = (
+        col("run_id"),
+        col("condition"),
+        col("prompt_index"),
+        col("sample"),
+    );
     let mut r = csv::ReaderBuilder::new()
         .has_headers(false)
         .flexible(true)
@@ -329,15 +348,20 @@ pub fn verify_group_bytes(plan: &Plan, g: usize, bytes: &[u8]) -> GroupState {
         if rec[c_run] != plan.run_id {
             return GroupState::Foreign(crate::text::shown(&rec[c_run]));
         }
-        let Some(&(c, pi)) = want.get(i) else {
+        let Some(&(c, row)) = want.get(i) else {
             return GroupState::Invalid(format!("more than the group's {} rows", want.len()));
         };
-        if rec[c_cond] != plan.conditions[c].id || rec[c_idx] != pi.to_string() {
+        let (pi, k) = plan.prompt_sample(row);
+        if rec[c_cond] != plan.conditions[c].id
+            || rec[c_idx] != pi.to_string()
+            || rec[c_sample] != k.to_string()
+        {
             return GroupState::Invalid(format!(
-                "row {} is {} prompt {}, expected {} prompt {pi}",
+                "row {} is {} prompt {} sample {}, expected {} prompt {pi} sample {k}",
                 i + 1,
                 crate::text::shown(&rec[c_cond]),
                 crate::text::shown(&rec[c_idx]),
+                crate::text::shown(&rec[c_sample]),
                 plan.conditions[c].id
             ));
         }

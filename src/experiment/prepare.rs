@@ -657,7 +657,11 @@ fn plan_for(
         refusal_layer: resolved.refusal_layer,
     };
     let conditions = spec.expand(&b, &ids_of(sets))?;
-    let n_pairs: usize = conditions.iter().map(|c| sets[&c.prompts].len()).sum();
+    let n_pairs: usize = conditions
+        .iter()
+        .map(|c| sets[&c.prompts].len())
+        .sum::<usize>()
+        * spec.generation.samples.max(1);
     let set_records = spec
         .prompts
         .iter()

@@ -15,7 +15,7 @@ use super::plan::{done_groups, group_file, header, Plan};
 use super::spec::{fmt_num, Metric};
 use crate::error::{Error, Result};
 use crate::fsio::write_output;
-use crate::stats::{bootstrap_mean, spearman, wilson};
+use crate::stats::{bootstrap_mean, clustered_rate_interval, spearman};
 
 /// One condition's summary.
 #[derive(Debug, Clone)]
@@ -31,6 +31,10 @@ pub struct CondSummary {
     pub score_mean: f64,
     pub score_ci: (f64, f64),
     pub mean_tokens: f64,
+    /// 95% intervals of the refusal, bypass and degenerate rates: Wilson with one completion
+    /// per prompt, a prompt-level bootstrap with several samples per prompt (samples of one
+    /// prompt are not independent trials).
+    pub intervals: [(f64, f64); 3],
 }
 
 impl CondSummary {
@@ -44,7 +48,7 @@ impl CondSummary {
     /// Wilson interval (generate), or the mean score and its bootstrap interval (score).
     pub fn estimate(&self, metric: Metric) -> (f64, (f64, f64)) {
         match metric {
-            Metric::Generate => (self.refusal_rate(), wilson(self.refusal, self.n)),
+            Metric::Generate => (self.refusal_rate(), self.intervals[0]),
             Metric::Score => (self.score_mean, self.score_ci),
         }
     }
@@ -105,6 +109,7 @@ pub fn finish(
     let head = header(plan);
     let body = with_sweep_columns(dir, plan, &head, &rows)?;
     let col = |n: &str| head.iter().position(|h| h == n).expect("known column");
+    let c_prompt = col("prompt_index");
     let (c_cond, c_label, c_score, c_tok) = (
         col("condition"),
         col("label"),
@@ -119,6 +124,9 @@ pub fn finish(
         .map(|(i, c)| (c.id.as_str(), i))
         .collect();
     let mut labels = vec![[0usize; 3]; plan.conditions.len()];
+    // Per condition and prompt index: (refusal, bypass, degenerate, completions).
+    let mut per_prompt: Vec<BTreeMap<usize, [usize; 4]>> =
+        vec![BTreeMap::new(); plan.conditions.len()];
     let mut scores: Vec<Vec<f64>> = vec![vec![]; plan.conditions.len()];
     let mut tokens = vec![0usize; plan.conditions.len()];
     let mut r = csv::ReaderBuilder::new()
@@ -133,11 +141,16 @@ pub fn finish(
                 format!("record {}: unknown condition '{}'", i + 1, &rec[c_cond]),
             )
         })?;
-        match &rec[c_label] {
-            "refusal" => labels[c][0] += 1,
-            "bypass" => labels[c][1] += 1,
-            "degenerate" => labels[c][2] += 1,
-            _ => {}
+        let slot = per_prompt[c]
+            .entry(rec[c_prompt].parse().unwrap_or(usize::MAX))
+            .or_default();
+        slot[3] += 1;
+        if let Some(l) = ["refusal", "bypass", "degenerate"]
+            .iter()
+            .position(|x| *x == &rec[c_label])
+        {
+            labels[c][l] += 1;
+            slot[l] += 1;
         }
         let s: f64 = rec[c_score].parse().map_err(|_| {
             Error::file(
@@ -166,6 +179,14 @@ pub fn finish(
                 score_mean: scores[i].iter().sum::<f64>() / n.max(1) as f64,
                 score_ci: bootstrap_mean(&scores[i], plan.spec.seed.wrapping_add(i as u64)),
                 mean_tokens: tokens[i] as f64 / n.max(1) as f64,
+                intervals: [0, 1, 2].map(|l| {
+                    let clusters: Vec<(usize, usize)> =
+                        per_prompt[i].values().map(|v| (v[l], v[3])).collect();
+                    clustered_rate_interval(
+                        &clusters,
+                        plan.spec.seed.wrapping_add((i * 3 + l) as u64),
+                    )
+                }),
             }
         })
         .collect();
@@ -342,11 +363,11 @@ fn summary_csv(plan: &Plan, s: &[CondSummary]) -> Result<Vec<u8>> {
             plan.spec.metric.to_string(),
             c.n.to_string(),
         ]);
-        for k in [c.refusal, c.bypass, c.degenerate] {
+        for (l, k) in [c.refusal, c.bypass, c.degenerate].into_iter().enumerate() {
             if plan.spec.metric == Metric::Score {
                 rec.extend(std::iter::repeat_n(String::new(), 4));
             } else {
-                let (lo, hi) = wilson(k, c.n);
+                let (lo, hi) = c.intervals[l];
                 rec.extend([k.to_string(), f4(c.rate(k)), f4(lo), f4(hi)]);
             }
         }
@@ -491,7 +512,7 @@ pub fn table(metric: Metric, s: &[CondSummary]) -> String {
         "condition", "n", "refusal [95% CI]", "bypass", "degenerate", "score", "tokens"
     );
     for c in s {
-        let (lo, hi) = wilson(c.refusal, c.n);
+        let (lo, hi) = c.intervals[0];
         let rr = match metric {
             Metric::Generate => format!(
                 "{:>3.0}% [{:>3.0},{:>3.0}]",

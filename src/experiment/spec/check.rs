@@ -51,6 +51,34 @@ impl Spec {
                 "must be at least 1 (or use metric = \"score\")",
             ));
         }
+        let g = &self.generation;
+        if !(g.temperature.is_finite() && g.temperature >= 0.0) {
+            return Err(err(
+                origin,
+                "generation.temperature",
+                "must be 0 (greedy) or more",
+            ));
+        }
+        if !(g.top_p.is_finite() && g.top_p > 0.0 && g.top_p <= 1.0) {
+            return Err(err(
+                origin,
+                "generation.top_p",
+                "must be above 0 and at most 1",
+            ));
+        }
+        if !(g.min_p.is_finite() && (0.0..=1.0).contains(&g.min_p)) {
+            return Err(err(origin, "generation.min_p", "must be from 0 to 1"));
+        }
+        if g.samples == 0 {
+            return Err(err(origin, "generation.samples", "must be at least 1"));
+        }
+        if g.samples > 1 && (g.temperature == 0.0 || self.metric == Metric::Score) {
+            return Err(err(
+                origin,
+                "generation.samples",
+                "more than one sample needs sampling (temperature > 0, metric = \"generate\"): greedy samples are identical",
+            ));
+        }
         if self.prompts.is_empty() {
             return Err(err(origin, "prompts", "no prompt sets defined"));
         }

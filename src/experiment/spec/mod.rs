@@ -127,6 +127,34 @@ pub struct GenerationSpec {
     /// Stop a completion once its label cannot change (see `Labeler::settled`).
     #[serde(default = "d_true")]
     pub early_stop: bool,
+    /// Sampling temperature; 0 (the default, and the paper's) decodes greedily.
+    #[serde(default)]
+    pub temperature: f64,
+    /// llama.cpp's sampler filters, used when sampling (llama.cpp's defaults; `top_k = 0`,
+    /// `top_p = 1`, `min_p = 0` turn them off).
+    #[serde(default = "d_top_k")]
+    pub top_k: i32,
+    #[serde(default = "d_top_p")]
+    pub top_p: f64,
+    #[serde(default = "d_min_p")]
+    pub min_p: f64,
+    /// Completions per prompt and condition (sampled: each with its own seed, from the spec's
+    /// `seed`, the condition, the prompt id and the sample number).
+    #[serde(default = "d_samples")]
+    pub samples: usize,
+}
+
+fn d_top_k() -> i32 {
+    40
+}
+fn d_top_p() -> f64 {
+    0.95
+}
+fn d_min_p() -> f64 {
+    0.05
+}
+fn d_samples() -> usize {
+    1
 }
 
 impl Default for GenerationSpec {
@@ -135,7 +163,24 @@ impl Default for GenerationSpec {
             max_new_tokens: d_max_new(),
             min_tokens: d_min_tokens(),
             early_stop: true,
+            temperature: 0.0,
+            top_k: d_top_k(),
+            top_p: d_top_p(),
+            min_p: d_min_p(),
+            samples: d_samples(),
         }
+    }
+}
+
+impl GenerationSpec {
+    /// The engine's sampling settings, or `None` for greedy decoding.
+    pub fn sampling(&self) -> Option<crate::engine::Sampling> {
+        (self.temperature > 0.0).then(|| crate::engine::Sampling {
+            temperature: self.temperature as f32,
+            top_k: self.top_k,
+            top_p: self.top_p as f32,
+            min_p: self.min_p as f32,
+        })
     }
 }
 
