@@ -175,7 +175,7 @@ impl Default for GenerationSpec {
 impl GenerationSpec {
     /// The engine's sampling settings, or `None` for greedy decoding.
     pub fn sampling(&self) -> Option<crate::engine::Sampling> {
-        (self.temperature > 0.0).then(|| crate::engine::Sampling {
+        (self.temperature > 0.0).then_some(crate::engine::Sampling {
             temperature: self.temperature as f32,
             top_k: self.top_k,
             top_p: self.top_p as f32,
