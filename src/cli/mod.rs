@@ -122,8 +122,8 @@ pub struct SetArgs {
     /// tokens), which is -n/--n-predict where a command generates.
     #[arg(long)]
     pub n: Option<usize>,
-    /// Seed of the --n sample. Not llama.cpp's -s/--seed (the token sampler's seed):
-    /// persona-gate decodes greedily, and -s is not a flag here.
+    /// Seed of the --n sample. Not llama.cpp's -s/--seed (the token sampler's seed), which is
+    /// generate's -s/--seed.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
 }
@@ -468,8 +468,8 @@ mod tests {
             Command::Demo(d) => assert_eq!((d.n, d.max_new_tokens), (3, 7)),
             c => panic!("{c:?}"),
         }
-        // Where nothing is generated, -n is no flag at all; -s is no flag anywhere (--seed
-        // seeds the prompt sample, not a token sampler); -b and -ub are one value.
+        // Where nothing is generated, -n is no flag at all; -s is only generate's (the token
+        // sampler's seed; --seed elsewhere seeds the prompt sample); -b and -ub are one value.
         for bad in [
             &["extract", "refusal", "-m", "x", "-o", "o", "-n", "3"][..],
             &["select", "-m", "x", "-d", "d", "-n", "3"],
@@ -479,6 +479,13 @@ mod tests {
             &["info", "-m", "x", "--ctx", "64", "-c", "64"],
         ] {
             assert!(parse(bad).is_err(), "{bad:?} parsed");
+        }
+        match parse(&["generate", "-m", "x", "-s", "3", "--temp", "0.7"])
+            .unwrap()
+            .command
+        {
+            Command::Generate(g) => assert_eq!((g.sample.seed, g.sample.temperature), (3, 0.7)),
+            c => panic!("{c:?}"),
         }
     }
 
