@@ -4,17 +4,18 @@
 //! `plan.json` written last.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use sha2::{Digest, Sha256};
 
 use super::spec::{Builtins, Condition, DirectionSpec, Intervention, Scale, Source, Spec};
 use crate::chat::{ChatTemplate, Prompt, SystemPrompt};
+use crate::directions::import::{self, Convention, Stated};
 use crate::directions::select::select_refusal;
 use crate::directions::{self, Direction, DirectionFile, PersonaPositions, RefusalPositions};
 use crate::error::{
-    Empty, Error, InterventionFault, LayerOf, Named, PromptsProblem, Result, ValueOf,
+    Empty, Error, ImportProblem, InterventionFault, LayerOf, Named, PromptsProblem, Result, ValueOf,
 };
 use crate::fsio::write_atomic;
 use crate::hooks::{Capture, EditKind, HookPoint, HookSet, LayerSet, Position};
@@ -132,7 +133,16 @@ fn fingerprint(
     }
     for d in spec.directions.values() {
         if let DirectionSpec::File { path, .. } = d {
-            parts.push(crate::model::file_sha256(Path::new(path))?.into_bytes());
+            let (file, _) = import::split_stated(Path::new(path))?;
+            parts.push(crate::model::file_sha256(&file)?.into_bytes());
+            // refusal_direction's layer of a 1-D direction.pt lives beside it.
+            let side = file
+                .parent()
+                .unwrap_or(Path::new("."))
+                .join(import::SIDECAR);
+            if side.is_file() {
+                parts.push(crate::model::file_sha256(&side)?.into_bytes());
+            }
         }
     }
     let refs: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
@@ -161,6 +171,71 @@ fn render(
         &system_of(spec),
         v.iter().map(|i| i.text.as_str()),
     )
+}
+
+/// The file of a spec's file direction and what the spec states about it: the path's own
+/// `FILE:CONVENTION[.LAYER]` suffix, or `convention` and `layer`, not both.
+fn file_source(
+    path: &str,
+    convention: Option<Convention>,
+    layer: Option<usize>,
+) -> Result<(PathBuf, Stated)> {
+    let (file, mut stated) = import::split_stated(Path::new(path))?;
+    if stated.convention.is_some() && (convention.is_some() || layer.is_some()) {
+        return Err(Error::Import(ImportProblem::StatedTwice).in_file(&file));
+    }
+    stated.convention = stated.convention.or(convention);
+    stated.layer = stated.layer.or(layer);
+    Ok((file, stated))
+}
+
+fn load_file(
+    path: &str,
+    convention: Option<Convention>,
+    layer: Option<usize>,
+) -> Result<DirectionFile> {
+    let (file, stated) = file_source(path, convention, layer)?;
+    DirectionFile::load_stated(&file, &stated)
+}
+
+/// The `{refusal_layer}` a spec's file directions give by themselves: the layer of an
+/// imported 1-D vector (refusal_direction's `direction.pt`) whose spec sets no
+/// `refusal_layer`. Several that disagree are an error, not a choice.
+///
+/// # Errors
+/// A file that does not load; two files with different layers.
+fn layer_from_files(
+    spec: &Spec,
+    loaded: &BTreeMap<String, DirectionFile>,
+) -> Result<Option<(String, usize)>> {
+    let mut found: Option<(String, usize)> = None;
+    for (name, d) in &spec.directions {
+        let DirectionSpec::File {
+            refusal_layer: None,
+            ..
+        } = d
+        else {
+            continue;
+        };
+        let Some(l) = loaded.get(name).and_then(DirectionFile::layer) else {
+            continue;
+        };
+        match &found {
+            Some((other, m)) if *m != l => {
+                return Err(Error::Field {
+                    field: format!("directions.{name}"),
+                    err: Box::new(Error::Import(ImportProblem::LayerDefault {
+                        layer: l,
+                        other: other.clone(),
+                        other_layer: *m,
+                    })),
+                })
+            }
+            Some(_) => {}
+            None => found = Some((name.clone(), l)),
+        }
+    }
+    Ok(found)
 }
 
 /// Placeholder built-ins for checking a spec before calibration has run.
@@ -203,6 +278,26 @@ fn provisional(spec: &Spec, n_layer: usize) -> Result<Builtins> {
                 b.refusal_layer = Some(0);
             }
         }
+    }
+    if b.refusal_layer.is_none() {
+        let mut loaded = BTreeMap::new();
+        for (name, d) in &spec.directions {
+            if let DirectionSpec::File {
+                path,
+                refusal_layer: None,
+                convention,
+                layer,
+                ..
+            } = d
+            {
+                let f = load_file(path, *convention, *layer).map_err(|e| Error::Field {
+                    field: format!("directions.{name}"),
+                    err: Box::new(e),
+                })?;
+                loaded.insert(name.clone(), f);
+            }
+        }
+        b.refusal_layer = layer_from_files(spec, &loaded)?.map(|(_, l)| l);
     }
     Ok(b)
 }
@@ -446,6 +541,7 @@ fn directions_for(
     // Directions: non-random first, then random ones (which may match another's norms).
     let mut dirs: BTreeMap<String, Direction> = BTreeMap::new();
     let mut seeds = BTreeMap::new();
+    let mut file_dirs: BTreeMap<String, DirectionFile> = BTreeMap::new();
     for (name, d) in &spec.directions {
         let ctx = |e: Error| Error::Field {
             field: format!("directions.{name}"),
@@ -456,15 +552,20 @@ fn directions_for(
                 path,
                 name: n,
                 refusal_layer,
+                convention,
+                layer,
             } => {
-                let f = DirectionFile::load(Path::new(path)).map_err(ctx)?;
-                f.check_model(&model.info).map_err(ctx)?;
+                let f = load_file(path, *convention, *layer)
+                    .and_then(|f| f.fit_model(&model.info))
+                    .map_err(ctx)?;
                 if let Some(l) = refusal_layer {
                     resolved.refusal_layer = Some(*l);
                     resolved.refusal_selection =
                         Some(format!("given with the direction file: layer {l}"));
                 }
-                f.get(n.as_deref()).map_err(ctx)?.clone()
+                let d = f.get(n.as_deref()).map_err(ctx)?.clone();
+                file_dirs.insert(name.clone(), f);
+                d
             }
             DirectionSpec::Refusal {
                 harmful,
@@ -577,6 +678,19 @@ fn directions_for(
                 rows: dir.rows,
             },
         );
+    }
+    if resolved.refusal_layer.is_none() {
+        if let Some((name, l)) = layer_from_files(spec, &file_dirs)? {
+            let src = file_dirs[&name]
+                .meta
+                .get(import::SOURCE_LAYER)
+                .cloned()
+                .unwrap_or_default();
+            resolved.refusal_layer = Some(l);
+            resolved.refusal_selection = Some(format!(
+                "the layer of directions.{name}'s 1-D vector: resid_post.{l}, {src}"
+            ));
+        }
     }
     for (name, d) in &spec.directions {
         if let DirectionSpec::Random { seed, like } = d {
