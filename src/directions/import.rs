@@ -406,7 +406,7 @@ impl DirectionFile {
     pub fn fit_model(self, m: &ModelInfo) -> Result<DirectionFile> {
         if let (true, Some(l)) = (self.is_broadcast(), self.layer()) {
             if l >= m.n_layer {
-                return Err(self.misfit(m, format!("layer resid_post.{l}"), None));
+                return Err(self.misfit(m, String::new(), None));
             }
         }
         let f = self.broadcast(m.n_layer)?;
@@ -448,10 +448,9 @@ impl DirectionFile {
 
     fn misfit(&self, m: &ModelInfo, gives: String, hint: Option<String>) -> Error {
         let get = |k: &str| self.meta.get(k).cloned().unwrap_or_default();
-        let gives = if self.n_embd() != m.n_embd && self.meta.contains_key(BROADCAST) {
-            format!("one vector of width {}", self.n_embd())
-        } else {
-            gives
+        let gives = match (self.meta.contains_key(BROADCAST), self.layer()) {
+            (true, Some(l)) => format!("one vector of width {} for resid_post.{l}", self.n_embd()),
+            _ => gives,
         };
         Error::ImportFit {
             file: get(SOURCE_FILE),
@@ -641,14 +640,14 @@ mod tests {
         let f = assemble(path, foreign(&[2]), &one(4)).unwrap();
         assert_eq!(
             f.fit_model(&m).unwrap_err().to_string(),
-            "/nonexistent/pv.pt: shape [2] read as resid_pre.4 is layer resid_post.3, but the model has n_layer 3, n_embd 2"
+            "/nonexistent/pv.pt: shape [2] read as resid_pre.4 is one vector of width 2 for resid_post.3, but the model has n_layer 3, n_embd 2"
         );
         let f = assemble(path, foreign(&[3]), &one(2)).unwrap();
         assert!(f
             .fit_model(&m)
             .unwrap_err()
             .to_string()
-            .contains("read as resid_pre.2 is one vector of width 3"));
+            .contains("read as resid_pre.2 is one vector of width 3 for resid_post.1, but"));
         let f = assemble(path, foreign(&[2]), &one(3))
             .unwrap()
             .fit_model(&m)

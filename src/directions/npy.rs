@@ -75,7 +75,7 @@ pub(crate) fn read(bytes: &[u8], name: &str) -> Result<Foreign> {
         }));
     }
     Ok(Foreign {
-        format: format!("npy {descr}"),
+        format: format!("numpy .npy {descr}"),
         tensors: vec![Tensor {
             name: name.to_string(),
             shape,
@@ -130,7 +130,7 @@ mod tests {
         let f = read(&npy(">f8", false, "(2,)", &f64s), "v").unwrap();
         assert_eq!(
             (f.format.as_str(), f.tensors[0].data.clone()),
-            ("npy >f8", vec![0.1f32, 2.0])
+            ("numpy .npy >f8", vec![0.1f32, 2.0])
         );
         let f16s: Vec<u8> = [half::f16::from_f32(0.5), half::f16::from_f32(-3.0)]
             .iter()

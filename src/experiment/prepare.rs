@@ -238,8 +238,9 @@ fn layer_from_files(
     Ok(found)
 }
 
-/// Placeholder built-ins for checking a spec before calibration has run.
-fn provisional(spec: &Spec, n_layer: usize) -> Result<Builtins> {
+/// Placeholder built-ins for checking a spec before calibration has run; `file_layer` is
+/// the `{refusal_layer}` file directions give by themselves ([`layer_from_files`]).
+fn provisional(spec: &Spec, n_layer: usize, file_layer: Option<usize>) -> Result<Builtins> {
     let mut b = Builtins {
         n_layer,
         ..Default::default()
@@ -280,24 +281,7 @@ fn provisional(spec: &Spec, n_layer: usize) -> Result<Builtins> {
         }
     }
     if b.refusal_layer.is_none() {
-        let mut loaded = BTreeMap::new();
-        for (name, d) in &spec.directions {
-            if let DirectionSpec::File {
-                path,
-                refusal_layer: None,
-                convention,
-                layer,
-                ..
-            } = d
-            {
-                let f = load_file(path, *convention, *layer).map_err(|e| Error::Field {
-                    field: format!("directions.{name}"),
-                    err: Box::new(e),
-                })?;
-                loaded.insert(name.clone(), f);
-            }
-        }
-        b.refusal_layer = layer_from_files(spec, &loaded)?.map(|(_, l)| l);
+        b.refusal_layer = file_layer;
     }
     Ok(b)
 }
@@ -321,7 +305,32 @@ pub type PromptSets = BTreeMap<String, Vec<Instruction>>;
 pub fn check(spec: &Spec, model: &Model) -> Result<(PromptSets, Vec<Condition>)> {
     let sets = load_sets(spec).map_err(|e| spec.located(e))?;
     let ids = ids_of(&sets);
-    let conds = expand_provisional(spec, model.info.n_layer, &ids)?;
+    // File directions are read and fitted here, so a dry run refuses one that does not fit,
+    // and a 1-D vector's layer can stand for {refusal_layer}.
+    let mut files = BTreeMap::new();
+    for (name, d) in &spec.directions {
+        if let DirectionSpec::File {
+            path,
+            convention,
+            layer,
+            ..
+        } = d
+        {
+            let f = load_file(path, *convention, *layer)
+                .and_then(|f| f.fit_model(&model.info))
+                .map_err(|e| {
+                    spec.located(Error::Field {
+                        field: format!("directions.{name}"),
+                        err: Box::new(e),
+                    })
+                })?;
+            files.insert(name.clone(), f);
+        }
+    }
+    let file_layer = layer_from_files(spec, &files)
+        .map_err(|e| spec.located(e))?
+        .map(|(_, l)| l);
+    let conds = expand_provisional(spec, model.info.n_layer, file_layer, &ids)?;
     Ok((sets, conds))
 }
 
@@ -330,9 +339,10 @@ pub fn check(spec: &Spec, model: &Model) -> Result<(PromptSets, Vec<Condition>)>
 fn expand_provisional(
     spec: &Spec,
     n_layer: usize,
+    file_layer: Option<usize>,
     ids: &BTreeMap<String, Vec<String>>,
 ) -> Result<Vec<Condition>> {
-    let b = provisional(spec, n_layer).map_err(|e| spec.located(e))?;
+    let b = provisional(spec, n_layer, file_layer).map_err(|e| spec.located(e))?;
     let conds = spec.expand(&b, ids)?;
     if let Some(s) = &spec.steer {
         // `provisional` parsed these layers already.
@@ -967,13 +977,13 @@ intervention = [ { direction = "p", op = "project", layers = "{steer_layer + aft
         let spec = |w: &str| Spec::parse(&SPEC.replace("WIDTH", w), "t.toml").unwrap();
         let ids = BTreeMap::new();
         // The grid returned is the first candidate's (2): windows 3-4 and 4-5.
-        let c = expand_provisional(&spec("2"), 10, &ids).unwrap();
+        let c = expand_provisional(&spec("2"), 10, None, &ids).unwrap();
         assert_eq!(c[0].interventions[0].layers, [3, 4]);
         assert_eq!(c[1].interventions[0].layers_text(), "4-5");
-        let c = expand_provisional(&spec("tail"), 10, &ids).unwrap();
+        let c = expand_provisional(&spec("tail"), 10, None, &ids).unwrap();
         assert_eq!(c[0].interventions[0].layers_text(), "3-9");
         // 6 + 2 + 3 layers overflow 10 layers: found before calibration, naming the candidate.
-        let e = expand_provisional(&spec("3"), 10, &ids)
+        let e = expand_provisional(&spec("3"), 10, None, &ids)
             .unwrap_err()
             .to_string();
         assert_eq!(
