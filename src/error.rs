@@ -111,19 +111,10 @@ pub enum Error {
     /// [`Error::In`] naming the file).
     #[error("{0}")]
     Import(ImportProblem),
-    /// An imported direction file (`file`, `shape` read as `convention`) that does not fit
-    /// the model: what the file amounts to (`gives`), the model's sizes, and a hint when the
-    /// shape would fit another convention.
-    #[error(fmt = fmt_import_fit)]
-    ImportFit {
-        file: String,
-        shape: String,
-        convention: String,
-        gives: String,
-        n_layer: usize,
-        n_embd: usize,
-        hint: Option<String>,
-    },
+    /// An imported direction file that does not fit the model (boxed: it holds several
+    /// strings, and every `Result` carries the largest variant).
+    #[error("{0}")]
+    ImportFit(Box<Misfit>),
     /// A record of an input that does not parse: where in the input (a line, an element,
     /// a CSV record) and why. Wrapped in [`Error::In`] when the input is a file.
     #[error(fmt = fmt_record)]
@@ -417,6 +408,39 @@ pub enum TensorProblem {
     },
     /// Its data runs past the end of the file.
     PastEnd,
+}
+
+/// An imported file (`file`, `shape` read as `convention`) that does not fit the model
+/// ([`Error::ImportFit`]): what the file amounts to (`gives`), the model's sizes, and a hint
+/// when the shape would fit another convention.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Misfit {
+    pub file: String,
+    pub shape: String,
+    pub convention: String,
+    pub gives: String,
+    pub n_layer: usize,
+    pub n_embd: usize,
+    pub hint: Option<String>,
+}
+
+impl fmt::Display for Misfit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}: shape {} read as {} is {}, but the model has n_layer {}, n_embd {}",
+            shown(&self.file),
+            self.shape,
+            self.convention,
+            self.gives,
+            self.n_layer,
+            self.n_embd
+        )?;
+        if let Some(h) = &self.hint {
+            write!(f, "; {h}")?;
+        }
+        Ok(())
+    }
 }
 
 /// Why a direction file of another tool cannot be imported ([`Error::Import`]).
@@ -926,28 +950,6 @@ fn fmt_tensor(tensor: &str, problem: &TensorProblem, f: &mut fmt::Formatter<'_>)
         }
         TensorProblem::PastEnd => write!(f, "tensor '{t}' runs past the end of the file"),
     }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn fmt_import_fit(
-    file: &str,
-    shape: &str,
-    convention: &str,
-    gives: &str,
-    n_layer: &usize,
-    n_embd: &usize,
-    hint: &Option<String>,
-    f: &mut fmt::Formatter<'_>,
-) -> fmt::Result {
-    write!(
-        f,
-        "{}: shape {shape} read as {convention} is {gives}, but the model has n_layer {n_layer}, n_embd {n_embd}",
-        shown(file)
-    )?;
-    if let Some(h) = hint {
-        write!(f, "; {h}")?;
-    }
-    Ok(())
 }
 
 fn fmt_record(at: &At, reason: &str, f: &mut fmt::Formatter<'_>) -> fmt::Result {

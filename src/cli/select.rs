@@ -55,7 +55,7 @@ pub fn run(a: &SelectArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let f = DirectionFile::load(&a.directions)?
         .fit_model(&model.info)
         .map_err(|e| match e {
-            persona_gate::error::Error::ImportFit { .. } => anyhow::Error::new(e),
+            persona_gate::error::Error::ImportFit(_) => anyhow::Error::new(e),
             e => anyhow::Error::new(e).context(a.directions.display().to_string()),
         })?;
     let layers = match &a.layers {

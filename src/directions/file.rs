@@ -227,7 +227,11 @@ impl DirectionFile {
     }
 
     fn from_safetensors(b: &[u8], stated: &Stated, path: &Path) -> Result<DirectionFile> {
-        let (tensors, meta, dtypes) = parse_safetensors(b)?;
+        let Parsed {
+            tensors,
+            meta,
+            dtypes,
+        } = parse_safetensors(b)?;
         if !Self::is_ours(&meta) {
             let foreign = Foreign {
                 format: format!("safetensors {}", dtypes.join("/")),
@@ -367,10 +371,15 @@ fn float_dtype(d: &str) -> Option<usize> {
 
 /// The tensors of safetensors bytes in name order, as f32, with the metadata and the dtypes
 /// seen (for messages).
-///
+struct Parsed {
+    tensors: Vec<Tensor>,
+    meta: BTreeMap<String, String>,
+    dtypes: Vec<String>,
+}
+
 /// # Errors
 /// As [`DirectionFile::from_bytes`].
-fn parse_safetensors(b: &[u8]) -> Result<(Vec<Tensor>, BTreeMap<String, String>, Vec<String>)> {
+fn parse_safetensors(b: &[u8]) -> Result<Parsed> {
     let whole = |reason: String| Error::record(At::Whole, reason);
     let tensor = |name: &str, problem| Error::Tensor {
         tensor: name.to_string(),
@@ -485,7 +494,11 @@ fn parse_safetensors(b: &[u8]) -> Result<(Vec<Tensor>, BTreeMap<String, String>,
     if tensors.is_empty() {
         return Err(whole("no tensors in the file".into()));
     }
-    Ok((tensors, meta, dtypes))
+    Ok(Parsed {
+        tensors,
+        meta,
+        dtypes,
+    })
 }
 
 #[cfg(test)]

@@ -37,7 +37,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use super::{Direction, DirectionFile};
-use crate::error::{At, Error, ImportProblem, Result, ShapesOf};
+use crate::error::{At, Error, ImportProblem, Misfit, Result, ShapesOf};
 use crate::model::ModelInfo;
 
 /// Where in the residual stream a file's rows were read.
@@ -210,6 +210,30 @@ fn sidecar(file: &Path) -> Result<Option<(PathBuf, usize, Option<i64>)>> {
     Ok(Some((p, layer as usize, pos)))
 }
 
+/// How a tensor's rows become ours.
+#[derive(Debug, Clone, Copy)]
+enum RowMap {
+    /// A 1-D vector: one row (broadcast later).
+    One,
+    /// resid_post: row L is ours L.
+    Same,
+    /// hidden_states: row L+1 is ours L, row 0 (the embeddings) dropped.
+    SkipFirst,
+    /// resid_pre: as hidden_states, and the last layer's output, which it lacks, zero.
+    SkipFirstZeroLast,
+}
+
+impl RowMap {
+    fn rows(self, data: &[f32], width: usize) -> Vec<Vec<f32>> {
+        let rows = data.chunks(width).map(<[f32]>::to_vec);
+        match self {
+            RowMap::One | RowMap::Same => rows.collect(),
+            RowMap::SkipFirst => rows.skip(1).collect(),
+            RowMap::SkipFirstZeroLast => rows.skip(1).chain([vec![0.0; width]]).collect(),
+        }
+    }
+}
+
 /// Maps the tensors of a file of another tool onto our rows under the stated convention.
 ///
 /// # Errors
@@ -256,7 +280,7 @@ pub(crate) fn assemble(path: &Path, f: Foreign, stated: &Stated) -> Result<Direc
     meta.insert(SOURCE_CONVENTION.into(), convention.to_string());
     meta.insert(SOURCE_SHAPE.into(), format!("{shape:?}"));
     let width = *shape.last().expect("rank 1 or 2");
-    let map_rows: Box<dyn Fn(&[f32]) -> Vec<Vec<f32>>> = if shape.len() == 1 {
+    let rows_of = if shape.len() == 1 {
         let (layer, from) = match (stated.layer, sidecar(path)?) {
             (Some(l), Some((p, sl, _))) if l != sl => {
                 return Err(Error::Import(ImportProblem::LayerConflict {
@@ -289,7 +313,7 @@ pub(crate) fn assemble(path: &Path, f: Foreign, stated: &Stated) -> Result<Direc
             SOURCE_ROWS.into(),
             format!("one vector, {convention}.{layer} = resid_post.{ours}, used at every layer"),
         );
-        Box::new(|d: &[f32]| vec![d.to_vec()])
+        RowMap::One
     } else {
         if stated.layer.is_some() {
             return Err(Error::Import(ImportProblem::LayerFor2d { shape }));
@@ -298,7 +322,7 @@ pub(crate) fn assemble(path: &Path, f: Foreign, stated: &Stated) -> Result<Direc
         match convention {
             Convention::ResidPost => {
                 meta.insert(SOURCE_ROWS.into(), "row L = resid_post.L".into());
-                Box::new(move |d: &[f32]| d.chunks(width).map(<[f32]>::to_vec).collect())
+                RowMap::Same
             }
             Convention::HiddenStates => {
                 if rows < 2 {
@@ -314,7 +338,7 @@ pub(crate) fn assemble(path: &Path, f: Foreign, stated: &Stated) -> Result<Direc
                         rows - 1
                     ),
                 );
-                Box::new(move |d: &[f32]| d.chunks(width).skip(1).map(<[f32]>::to_vec).collect())
+                RowMap::SkipFirst
             }
             Convention::ResidPre => {
                 meta.insert(
@@ -324,12 +348,7 @@ pub(crate) fn assemble(path: &Path, f: Foreign, stated: &Stated) -> Result<Direc
                         rows - 1
                     ),
                 );
-                Box::new(move |d: &[f32]| {
-                    let mut r: Vec<Vec<f32>> =
-                        d.chunks(width).skip(1).map(<[f32]>::to_vec).collect();
-                    r.push(vec![0.0; width]);
-                    r
-                })
+                RowMap::SkipFirstZeroLast
             }
         }
     };
@@ -338,7 +357,7 @@ pub(crate) fn assemble(path: &Path, f: Foreign, stated: &Stated) -> Result<Direc
         .iter()
         .map(|t| Direction {
             name: t.name.clone(),
-            rows: map_rows(&t.data),
+            rows: rows_of.rows(&t.data, width),
         })
         .collect();
     DirectionFile::new(directions, meta)
@@ -452,7 +471,7 @@ impl DirectionFile {
             (true, Some(l)) => format!("one vector of width {} for resid_post.{l}", self.n_embd()),
             _ => gives,
         };
-        Error::ImportFit {
+        Error::ImportFit(Box::new(Misfit {
             file: get(SOURCE_FILE),
             shape: get(SOURCE_SHAPE),
             convention: self
@@ -464,7 +483,7 @@ impl DirectionFile {
             n_layer: m.n_layer,
             n_embd: m.n_embd,
             hint,
-        }
+        }))
     }
 }
 

@@ -266,7 +266,7 @@ impl<'a> Machine<'a> {
         }
     }
     fn set_items(&mut self, items: Vec<V>) -> std::result::Result<(), String> {
-        if items.len() % 2 != 0 {
+        if !items.len().is_multiple_of(2) {
             return Err("SETITEMS with a key and no value".into());
         }
         match self.top()? {
