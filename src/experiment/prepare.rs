@@ -696,10 +696,10 @@ fn directions_for(
                 .get(import::SOURCE_LAYER)
                 .cloned()
                 .unwrap_or_default();
+            let how = format!("the layer of directions.{name}'s 1-D vector: resid_post.{l}, {src}");
+            note(format!("refusal layer {l}: {how}"));
             resolved.refusal_layer = Some(l);
-            resolved.refusal_selection = Some(format!(
-                "the layer of directions.{name}'s 1-D vector: resid_post.{l}, {src}"
-            ));
+            resolved.refusal_selection = Some(how);
         }
     }
     for (name, d) in &spec.directions {
