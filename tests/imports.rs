@@ -182,16 +182,24 @@ fn what_cannot_be_imported_says_why_in_one_line() {
     assert_eq!(g.directions[0].rows, matrix(4, 8));
     assert_eq!(g.meta["source_convention"], "resid_post");
     assert_eq!(g.meta["hook_point"], "resid_post");
-    // Every cut of each fixture is an error, never a panic.
+    // Every cut of each fixture is an error, and every flipped byte an error or a file,
+    // never a panic (the test would abort).
     for f in ["t_dict.pt", "n_fortran.npy", "s_f16.safetensors"] {
         let b = std::fs::read(fixtures().join(f)).unwrap();
+        let p = d.join(format!("bad-{f}"));
+        let at = format!("{}:resid_post", p.display());
         for n in (0..b.len()).step_by(7) {
-            let p = d.join(format!("cut-{f}"));
             std::fs::write(&p, &b[..n]).unwrap();
             assert!(
-                DirectionFile::load(Path::new(&format!("{}:resid_post", p.display()))).is_err(),
+                DirectionFile::load(Path::new(&at)).is_err(),
                 "{f} cut at {n}"
             );
+        }
+        for i in 0..b.len() {
+            let mut c = b.clone();
+            c[i] ^= 0xa5;
+            std::fs::write(&p, &c).unwrap();
+            let _ = DirectionFile::load(Path::new(&at));
         }
     }
 }

@@ -11,6 +11,10 @@
 //! values, tensors and placeholders: no Python object is ever called. Budgets on pickle
 //! size, nesting and copied values bound what a hostile file can make it allocate.
 //!
+//! A container stored in the memo and fetched again reads as it was when stored (values are
+//! copied, not shared); torch.save memoizes tensors only once they are built, so a tensor
+//! saved twice (tied weights) reads whole both times.
+//!
 //! A tensor is gathered through its offset and strides, so a view saved with its whole
 //! storage (refusal_direction's `direction.pt` is `mean_diffs[pos, layer]`, saved with all of
 //! `mean_diffs` behind it) reads as the view.
