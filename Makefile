@@ -39,10 +39,11 @@ demo: build models
 	@echo "report: $(CURDIR)/runs/demo/report.html (open it in a browser)"
 
 # The browser tests (tests/browser.rs, and the report's) fail here rather than skip when
-# Chromium or chromedriver is missing: setup.sh test installs them.
+# Chromium or chromedriver is missing, and the Python read-back test (tests/imports.rs) when
+# numpy or safetensors is: setup.sh test installs them.
 test: build models
 	@scripts/setup.sh test
-	PERSONA_GATE_REQUIRE_BROWSER=1 $(CARGO) test --release --locked --no-fail-fast -- --test-threads=1
+	PERSONA_GATE_REQUIRE_BROWSER=1 PERSONA_GATE_REQUIRE_PYTHON=1 $(CARGO) test --release --locked --no-fail-fast -- --test-threads=1
 
 # cargo deny: licenses, bans (duplicate versions warn) and sources from deny.toml; RustSec
 # advisories only where its advisory database (a git repository, not a package registry) can

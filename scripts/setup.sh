@@ -3,6 +3,8 @@
 # libclang (bindgen, which generates the llama.cpp bindings). Debian/Ubuntu via apt-get, macOS
 # via Homebrew. `scripts/setup.sh test` also installs what the browser tests drive: Chromium
 # and chromedriver (Debian's chromium and chromium-driver; on macOS it prints a hint).
+# It also makes a Python virtual environment with numpy and safetensors for the test that reads
+# our direction files back in Python (tests/imports.rs), in ~/.cache/persona-gate/python.
 # `scripts/setup.sh lint` installs what `make lint` needs besides: jq (scripts/check-msrv.sh)
 # and cargo-deny (cargo install --locked: several minutes of compiling, once).
 # Prints nothing when everything is present.
@@ -14,7 +16,17 @@ if ! ldconfig -p 2>/dev/null | grep -q 'libclang\(-[0-9.]*\)\?\.so' && [ -z "${L
 fi
 command -v c++ >/dev/null || need+=(g++)
 browser=()
+pyenv="$HOME/.cache/persona-gate/python"
+pyneed=0
 if [ "${1:-}" = test ]; then
+  if ! "$pyenv/bin/python3" -c 'import safetensors, numpy' >/dev/null 2>&1; then
+    pyneed=1
+    command -v python3 >/dev/null || need+=(python3)
+    # Debian's python3 makes virtual environments only with python3-venv.
+    if command -v python3 >/dev/null && ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
+      need+=(python3-venv)
+    fi
+  fi
   # Where tests/common/browser.rs looks for them by default.
   [ -x /usr/bin/chromium ] || browser+=(chromium)
   command -v chromedriver >/dev/null || [ -x /usr/bin/chromedriver ] || browser+=(chromium-driver)
@@ -26,7 +38,16 @@ if [ "${1:-}" = lint ]; then
     ${CARGO:-cargo} install cargo-deny --locked --quiet
   fi
 fi
-[ $((${#need[@]} + ${#browser[@]})) -eq 0 ] && exit 0
+python_env() {
+  [ "$pyneed" -eq 1 ] || return 0
+  echo "setup: making $pyenv with numpy and safetensors (the Python read-back test)" >&2
+  python3 -m venv "$pyenv"
+  "$pyenv/bin/python3" -m pip install --quiet --disable-pip-version-check numpy safetensors
+}
+if [ $((${#need[@]} + ${#browser[@]})) -eq 0 ]; then
+  python_env
+  exit 0
+fi
 if command -v apt-get >/dev/null; then
   [ ${#browser[@]} -gt 0 ] && need+=("${browser[@]}")
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
@@ -35,7 +56,9 @@ if command -v apt-get >/dev/null; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
 elif command -v brew >/dev/null; then
   build=0
-  for p in ${need[@]+"${need[@]}"}; do [ "$p" = jq ] && brew install jq || build=1; done
+  for p in ${need[@]+"${need[@]}"}; do
+    case $p in jq) brew install jq ;; python3) brew install python ;; *) build=1 ;; esac
+  done
   [ $build -eq 0 ] || brew install cmake llvm
   if [ ${#browser[@]} -gt 0 ]; then
     echo "setup: the browser tests need Chromium and chromedriver: brew install --cask chromium" \
@@ -44,3 +67,4 @@ elif command -v brew >/dev/null; then
 else
   echo "setup: please install: ${need[*]-} ${browser[*]-}" >&2; exit 1
 fi
+python_env

@@ -107,6 +107,14 @@ pub enum Error {
         tensor: String,
         problem: TensorProblem,
     },
+    /// A direction file of another tool that cannot be imported as given: why (wrapped in
+    /// [`Error::In`] naming the file).
+    #[error("{0}")]
+    Import(ImportProblem),
+    /// An imported direction file that does not fit the model (boxed: it holds several
+    /// strings, and every `Result` carries the largest variant).
+    #[error("{0}")]
+    ImportFit(Box<Misfit>),
     /// A record of an input that does not parse: where in the input (a line, an element,
     /// a CSV record) and why. Wrapped in [`Error::In`] when the input is a file.
     #[error(fmt = fmt_record)]
@@ -369,7 +377,7 @@ pub enum ValueOf {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TensorProblem {
     NoDtype,
-    /// Its dtype, which is not F32.
+    /// Its dtype, which is not a float type.
     Dtype(String),
     BadShape,
     /// A shape that is not `[n_layer, n_embd]`.
@@ -400,6 +408,168 @@ pub enum TensorProblem {
     },
     /// Its data runs past the end of the file.
     PastEnd,
+}
+
+/// An imported file (`file`, `shape` read as `convention`) that does not fit the model
+/// ([`Error::ImportFit`]): what the file amounts to (`gives`), the model's sizes, and a hint
+/// when the shape would fit another convention.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Misfit {
+    pub file: String,
+    pub shape: String,
+    pub convention: String,
+    pub gives: String,
+    pub n_layer: usize,
+    pub n_embd: usize,
+    pub hint: Option<String>,
+}
+
+impl fmt::Display for Misfit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}: shape {} read as {} is {}, but the model has n_layer {}, n_embd {}",
+            shown(&self.file),
+            self.shape,
+            self.convention,
+            self.gives,
+            self.n_layer,
+            self.n_embd
+        )?;
+        if let Some(h) = &self.hint {
+            write!(f, "; {h}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Why a direction file of another tool cannot be imported ([`Error::Import`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImportProblem {
+    /// No persona-gate metadata and no stated convention; `format` as detected.
+    NoConvention { format: String },
+    /// A convention or layer stated for a file that records its own hook point.
+    Ours { stated: String },
+    /// A control vector (llama.cpp's layer numbering) with another convention stated.
+    ControlVector { stated: String },
+    /// The convention given both in the path (`FILE:CONV`) and in the spec.
+    StatedTwice,
+    /// A path suffix `:CONV.L` whose layer is not a number.
+    BadLayer { suffix: String },
+    /// A 1-D vector of `width` values and no layer for it.
+    NoLayer { width: usize },
+    /// A layer stated for a tensor of `shape`, which has one row per layer already.
+    LayerFor2d { shape: Vec<usize> },
+    /// Layer 0 of a convention whose layer 0 is the embedding output.
+    Embeddings { convention: String },
+    /// A layer stated in the path or spec that differs from the one in `sidecar`.
+    LayerConflict {
+        stated: usize,
+        sidecar: String,
+        file_layer: usize,
+    },
+    /// Two file directions whose 1-D vectors have different layers, neither with an explicit
+    /// `refusal_layer`: which is `{refusal_layer}` is not guessed.
+    LayerDefault {
+        layer: usize,
+        other: String,
+        other_layer: usize,
+    },
+    /// A tensor that is neither `[rows, n_embd]` nor `[n_embd]`.
+    Rank { tensor: String, shape: Vec<usize> },
+    /// hidden_states with fewer than two rows (it needs the embedding output and a layer).
+    TooFewRows { tensor: String, rows: usize },
+    /// A tensor of a dtype that is not floating point.
+    NotFloat { tensor: String, dtype: String },
+    /// More values than any direction file has.
+    TooLarge { tensor: String, values: u128 },
+    /// The torch.save pickle: where (byte offset) and why.
+    Pickle { at: usize, why: String },
+    /// The torch.save ZIP archive: why.
+    Archive(String),
+    /// No float tensors at all; `root` says what the file holds instead.
+    NoTensors { root: String },
+}
+
+impl fmt::Display for ImportProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ImportProblem::NoConvention { format } => write!(
+                f,
+                "a {format} file without persona-gate's hook_point metadata: say which residual stream its rows are, FILE:resid_post (row L after layer L, llama.cpp's l_out-L), FILE:hidden_states (Hugging Face output_hidden_states: row 0 the embeddings, row L+1 after layer L) or FILE:resid_pre (row L entering layer L), or convention = \"...\" in a spec"
+            ),
+            ImportProblem::Ours { stated } => write!(
+                f,
+                "records its own hook_point (resid_post); drop the stated '{stated}'"
+            ),
+            ImportProblem::ControlVector { stated } => write!(
+                f,
+                "a llama.cpp control vector (direction.L acts after layer L, resid_post); '{stated}' does not apply"
+            ),
+            ImportProblem::StatedTwice => f.write_str(
+                "the path states a convention (FILE:CONVENTION) and the spec gives convention or layer too; keep one",
+            ),
+            ImportProblem::BadLayer { suffix } => {
+                write!(f, "'{}': the layer after the dot is not a number", shown(suffix))
+            }
+            ImportProblem::NoLayer { width } => write!(
+                f,
+                "a 1-D vector [{width}] needs the layer it was taken at: FILE:CONVENTION.LAYER (e.g. :resid_pre.12), layer = N in a spec, or refusal_direction's direction_metadata.json beside it"
+            ),
+            ImportProblem::LayerFor2d { shape } => write!(
+                f,
+                "shape {shape:?} has a row per layer; a layer applies to 1-D vectors only"
+            ),
+            ImportProblem::Embeddings { convention } => write!(
+                f,
+                "{convention} layer 0 is the embedding output, before any decoder layer; no resid_post row holds it"
+            ),
+            ImportProblem::LayerConflict {
+                stated,
+                sidecar,
+                file_layer,
+            } => write!(
+                f,
+                "layer {stated} was stated but {sidecar} says layer {file_layer}"
+            ),
+            ImportProblem::LayerDefault {
+                layer,
+                other,
+                other_layer,
+            } => write!(
+                f,
+                "its 1-D vector is at layer {layer} and directions.{other}'s at {other_layer}; set refusal_layer to say which {{refusal_layer}} is"
+            ),
+            ImportProblem::Rank { tensor, shape } => write!(
+                f,
+                "tensor '{}': shape {shape:?}, expected [rows, n_embd] (a row per layer) or [n_embd] (one vector)",
+                shown(tensor)
+            ),
+            ImportProblem::TooFewRows { tensor, rows } => write!(
+                f,
+                "tensor '{}': {rows} row(s) as hidden_states, which needs the embedding output and at least one layer",
+                shown(tensor)
+            ),
+            ImportProblem::NotFloat { tensor, dtype } => write!(
+                f,
+                "tensor '{}': dtype {}, expected a float type (F32, F16, BF16, F64)",
+                shown(tensor),
+                shown(dtype)
+            ),
+            ImportProblem::TooLarge { tensor, values } => write!(
+                f,
+                "tensor '{}': {values} values, more than any direction file holds",
+                shown(tensor)
+            ),
+            ImportProblem::Pickle { at, why } => {
+                write!(f, "torch.save pickle, byte {at}: {why}")
+            }
+            ImportProblem::Archive(why) => write!(f, "torch.save archive: {why}"),
+            ImportProblem::NoTensors { root } => {
+                write!(f, "holds no float tensors (its root is {root})")
+            }
+        }
+    }
 }
 
 /// Where in an input a [`Error::Record`] is.
@@ -749,7 +919,11 @@ fn fmt_tensor(tensor: &str, problem: &TensorProblem, f: &mut fmt::Formatter<'_>)
     let t = shown(tensor);
     match problem {
         TensorProblem::NoDtype => write!(f, "tensor '{t}': no dtype"),
-        TensorProblem::Dtype(d) => write!(f, "tensor '{t}': dtype {}, expected F32", shown(d)),
+        TensorProblem::Dtype(d) => write!(
+            f,
+            "tensor '{t}': dtype {}, expected F32 (or, from another tool, F16, BF16 or F64)",
+            shown(d)
+        ),
         TensorProblem::BadShape => write!(f, "tensor '{t}': bad shape"),
         TensorProblem::Shape(s) => {
             write!(f, "tensor '{t}': shape {s:?}, expected [n_layer, n_embd]")
@@ -1514,15 +1688,18 @@ mod tests {
         let b = f.to_bytes();
         let at = b.windows(5).position(|w| w == b"\"F32\"").unwrap();
         let mut c = b.clone();
-        c[at + 1..at + 4].copy_from_slice(b"F16");
+        c[at + 1..at + 4].copy_from_slice(b"I32");
         let e = DirectionFile::from_bytes(&c).unwrap_err();
         assert!(matches!(
             e,
-            Error::Tensor { ref tensor, problem: TensorProblem::Dtype(ref d) } if tensor == "a" && d == "F16"
+            Error::Tensor { ref tensor, problem: TensorProblem::Dtype(ref d) } if tensor == "a" && d == "I32"
         ));
         assert_eq!(
             one_line(&e),
-            format!("tensor '{}': dtype {}, expected F32", "a", "F16")
+            format!(
+                "tensor '{}': dtype {}, expected F32 (or, from another tool, F16, BF16 or F64)",
+                "a", "I32"
+            )
         );
         let path = dir.join("d.safetensors");
         std::fs::write(&path, &c).unwrap();
@@ -1531,10 +1708,10 @@ mod tests {
         assert_eq!(
             one_line(&e),
             format!(
-                "{}: tensor '{}': dtype {}, expected F32",
+                "{}: tensor '{}': dtype {}, expected F32 (or, from another tool, F16, BF16 or F64)",
                 path.display(),
                 "a",
-                "F16"
+                "I32"
             )
         );
         let e = DirectionFile::from_bytes(&b[..4]).unwrap_err();

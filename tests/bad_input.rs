@@ -25,8 +25,10 @@ fn safetensors(name: &str, n_layer: usize, n_embd: usize, meta: &[(&str, &str)])
     let data: Vec<u8> = (0..n_layer * n_embd)
         .flat_map(|i| (((i % 7) as f32 + 1.0) * 0.01).to_le_bytes())
         .collect();
-    let meta: serde_json::Map<String, serde_json::Value> = meta
+    // A file of ours: it records its hook point (another tool's file would need a convention).
+    let meta: serde_json::Map<String, serde_json::Value> = [("hook_point", "resid_post")]
         .iter()
+        .chain(meta)
         .map(|(k, v)| (k.to_string(), serde_json::Value::from(*v)))
         .collect();
     let header = serde_json::json!({

@@ -504,7 +504,7 @@ fn values_llama_cpp_would_assert_on_are_refused_first() {
 fn safetensors(name: &str, rows: &[Vec<f32>]) -> Vec<u8> {
     let (nl, ne) = (rows.len(), rows[0].len());
     let header = format!(
-        "{{\"{name}\":{{\"dtype\":\"F32\",\"shape\":[{nl},{ne}],\"data_offsets\":[0,{}]}},\"__metadata__\":{{\"arch\":\"llama\"}}}}",
+        "{{\"{name}\":{{\"dtype\":\"F32\",\"shape\":[{nl},{ne}],\"data_offsets\":[0,{}]}},\"__metadata__\":{{\"arch\":\"llama\",\"hook_point\":\"resid_post\"}}}}",
         nl * ne * 4
     );
     let mut b = (header.len() as u64).to_le_bytes().to_vec();
@@ -596,7 +596,7 @@ fn file_text_is_escaped_when_printed() {
     let d = scratch("escape");
     // A tensor name with an escape sequence, and metadata that clears the screen and fakes a
     // second line.
-    let header = "{\"d\\u001b[31m\":{\"dtype\":\"F32\",\"shape\":[2,2],\"data_offsets\":[0,16]},\"__metadata__\":{\"arch\":\"llama\\u001b[2J\\nfake: line\"}}";
+    let header = "{\"d\\u001b[31m\":{\"dtype\":\"F32\",\"shape\":[2,2],\"data_offsets\":[0,16]},\"__metadata__\":{\"hook_point\":\"resid_post\",\"arch\":\"llama\\u001b[2J\\nfake: line\"}}";
     let mut b = (header.len() as u64).to_le_bytes().to_vec();
     b.extend(header.as_bytes());
     for x in [1f32, 2.0, 3.0, 4.0] {

@@ -20,7 +20,8 @@ pub enum DirectionsCmd {
 
 #[derive(Args, Debug)]
 pub struct RandomArgs {
-    /// Direction file whose shape (and, with --norm-matched, per-layer norms) to copy.
+    /// Direction file whose shape (and, with --norm-matched, per-layer norms) to copy; another
+    /// tool's as FILE:CONVENTION (see inspect).
     #[arg(long)]
     pub like: PathBuf,
     /// Direction name in --like (needed when it holds several).
@@ -39,9 +40,10 @@ pub struct RandomArgs {
 
 #[derive(Args, Debug)]
 pub struct CosArgs {
-    /// First direction file.
+    /// First direction file (another tool's as FILE:CONVENTION, see inspect).
     pub a: PathBuf,
-    /// Second direction file (same number of layers and width).
+    /// Second direction file (same number of layers and width; a 1-D vector is used at
+    /// every layer of the other).
     pub b: PathBuf,
     /// Direction name in A (needed when A holds several).
     #[arg(long)]
@@ -59,7 +61,7 @@ pub struct CosArgs {
 
 #[derive(Args, Debug)]
 pub struct ExportCvecArgs {
-    /// Direction file (safetensors) to export from.
+    /// Direction file to export from (another tool's as FILE:CONVENTION, see inspect).
     #[arg(long, short = 'd')]
     pub directions: PathBuf,
     /// Direction name (needed when the file holds several).
@@ -80,7 +82,11 @@ pub struct ExportCvecArgs {
 
 #[derive(Args, Debug)]
 pub struct InspectArgs {
-    /// Direction file (safetensors).
+    /// Direction file: ours (safetensors), a llama.cpp control vector (.gguf), or another
+    /// tool's safetensors, .npy or torch.save .pt as FILE:CONVENTION, CONVENTION being
+    /// resid_post (row L after layer L), hidden_states (Hugging Face output_hidden_states,
+    /// row 0 the embeddings) or resid_pre (row L entering layer L); a 1-D vector adds its
+    /// layer, FILE:resid_pre.12, unless refusal_direction's direction_metadata.json is beside it.
     pub file: PathBuf,
     /// Print JSON instead: the metadata, and each direction's shape and per-layer norms.
     #[arg(long)]
@@ -96,6 +102,9 @@ pub fn run(cmd: &DirectionsCmd, out: &mut dyn Write) -> anyhow::Result<()> {
 
 fn cos(a: &CosArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let (fa, fb) = (DirectionFile::load(&a.a)?, DirectionFile::load(&a.b)?);
+    // A 1-D vector stands for every layer: compare it with each of the other's.
+    let n = fa.n_layer().max(fb.n_layer());
+    let (fa, fb) = (fa.broadcast(n)?, fb.broadcast(n)?);
     let da = fa
         .get(a.a_name.as_deref())
         .with_context(|| format!("{}", a.a.display()))?;
@@ -142,9 +151,27 @@ pub fn export_cvec(a: &ExportCvecArgs, out: &mut dyn Write) -> anyhow::Result<()
     let d = f
         .get(a.name.as_deref())
         .with_context(|| format!("{}", a.directions.display()))?;
-    let layers = hooks::LayerSet::parse(&a.layers, d.n_layer())
+    // A 1-D vector has no layer count of its own: explicit layers are taken as they are (up
+    // to llama.cpp's largest models), but `all` or `S..` would have nothing to end at.
+    let bound = if f.is_broadcast() {
+        1 << 12
+    } else {
+        d.n_layer()
+    };
+    let layers = hooks::LayerSet::parse(&a.layers, bound)
         .context("--layers")?
         .into_vec();
+    if f.is_broadcast() && layers.last() == Some(&(bound - 1)) {
+        anyhow::bail!(
+            "--layers {}: {} is one vector with no layer count; give the layers explicitly (e.g. 10-14)",
+            a.layers,
+            a.directions.display()
+        );
+    }
+    let f = f.broadcast(layers.iter().max().map_or(1, |l| l + 1))?;
+    let d = f
+        .get(a.name.as_deref())
+        .with_context(|| format!("{}", a.directions.display()))?;
     let arch = f.meta.get("arch").cloned().unwrap_or_else(|| "any".into());
     let bytes = cvec::export(d, &arch, a.coefficient, &layers).context("export-cvec")?;
     super::write_file(&a.out, &bytes)?;

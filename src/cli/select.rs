@@ -18,7 +18,7 @@ pub struct SelectArgs {
     pub prompt: super::PromptArgs,
     #[command(flatten)]
     pub set: super::SetArgs,
-    /// Direction file from `extract`.
+    /// Direction file from `extract`, or another tool's as FILE:CONVENTION (see inspect).
     #[arg(long, short = 'd')]
     pub directions: PathBuf,
     /// Harmful validation instructions.
@@ -51,9 +51,13 @@ pub fn run(a: &SelectArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     }
     let model = super::load(&a.model)?;
     let tmpl = super::template(&model, &a.prompt)?;
-    let f = DirectionFile::load(&a.directions)?;
-    f.check_model(&model.info)
-        .with_context(|| format!("{}", a.directions.display()))?;
+    // An imported file's misfit names the file itself; ours get the path in front.
+    let f = DirectionFile::load(&a.directions)?
+        .fit_model(&model.info)
+        .map_err(|e| match e {
+            persona_gate::error::Error::ImportFit(_) => anyhow::Error::new(e),
+            e => anyhow::Error::new(e).context(a.directions.display().to_string()),
+        })?;
     let layers = match &a.layers {
         Some(s) => hooks::LayerSet::parse(s, model.info.n_layer)
             .context("--layers")?

@@ -3,13 +3,16 @@
 //! positions, prompt-set hashes and counts, per-layer norms, tool version).
 //!
 //! We write the format ourselves with sorted keys, so the same directions give byte-identical
-//! files, and read it with every offset checked against the file size.
+//! files, and read it with every offset checked against the file size. [`DirectionFile::load`]
+//! also reads the files of other tools (safetensors of any float type, `.npy`, torch.save
+//! `.pt`, llama.cpp control vectors) by their first bytes; see [`super::import`].
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde_json::{json, Value};
 
+use super::import::{self, Foreign, Stated, Tensor};
 use super::Direction;
 use crate::error::{At, Empty, Error, Named, Result, Shaped, ShapesOf, TensorProblem, ValueOf};
 use crate::hooks::Site;
@@ -142,11 +145,16 @@ impl DirectionFile {
         }
     }
 
-    /// Checks that these directions were made for a model of this shape.
+    /// Checks that these directions were made for a model of this shape. A 1-D vector must
+    /// have been broadcast first: commands with a model call [`DirectionFile::fit_model`].
     ///
     /// # Errors
-    /// A different architecture, n_embd or n_layer, named with both values.
+    /// A different architecture, n_embd or n_layer, named with both values; for an imported
+    /// file, [`Error::ImportFit`] naming the file, its shape and convention.
     pub fn check_model(&self, m: &ModelInfo) -> Result<()> {
+        if let Some(e) = self.import_misfit(m) {
+            return Err(e);
+        }
         if let Some(arch) = self.meta.get("arch") {
             if arch != &m.arch && arch != "any" {
                 return Err(Error::ArchMismatch {
@@ -199,103 +207,50 @@ impl DirectionFile {
         out
     }
 
-    /// Parses safetensors bytes (the fuzz target calls this).
+    /// Parses safetensors bytes (the fuzz target calls this): one of our files, or one of
+    /// another tool's, which then needs a stated convention (see [`DirectionFile::load`]).
     ///
     /// # Errors
     /// [`Error::Record`] for the header (size, JSON, metadata, no tensors, the hook site),
     /// [`Error::Tensor`] naming a tensor and its dtype, shape or offsets, [`Error::Shapes`]
-    /// for tensors of different shapes.
+    /// for tensors of different shapes, [`Error::Import`] for another tool's file.
     pub fn from_bytes(b: &[u8]) -> Result<DirectionFile> {
-        let whole = |reason: String| Error::record(At::Whole, reason);
-        let tensor = |name: &str, problem| Error::Tensor {
-            tensor: name.to_string(),
-            problem,
-        };
-        if b.len() < 8 {
-            return Err(whole(format!(
-                "too short for safetensors ({} bytes)",
-                b.len()
-            )));
+        Self::from_safetensors(b, &Stated::default(), Path::new("safetensors bytes"))
+    }
+
+    /// Our files record `hook_point`; those from before the key have our `tool_version`.
+    fn is_ours(meta: &BTreeMap<String, String>) -> bool {
+        meta.contains_key(HOOK_POINT_KEY)
+            || meta
+                .get("tool_version")
+                .is_some_and(|v| v.starts_with("persona-gate"))
+    }
+
+    fn from_safetensors(b: &[u8], stated: &Stated, path: &Path) -> Result<DirectionFile> {
+        let Parsed {
+            tensors,
+            meta,
+            dtypes,
+        } = parse_safetensors(b)?;
+        if !Self::is_ours(&meta) {
+            let foreign = Foreign {
+                format: format!("safetensors {}", dtypes.join("/")),
+                tensors,
+                meta,
+            };
+            return import::assemble(path, foreign, stated);
         }
-        let n = u64::from_le_bytes(b[..8].try_into().expect("8 bytes"));
-        if n > MAX_HEADER || n > (b.len() - 8) as u64 {
-            return Err(whole(format!(
-                "corrupt safetensors header: length {n} exceeds the file ({} bytes)",
-                b.len()
-            )));
-        }
-        let data = &b[8 + n as usize..];
-        let header: Entries = serde_json::from_slice(&b[8..8 + n as usize])
-            .map_err(|e| whole(format!("corrupt safetensors header: {e}")))?;
-        let mut header = header.0;
-        header.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut meta = BTreeMap::new();
+        import::check_own(stated, false)?;
         let mut directions = Vec::new();
-        for (name, v) in &header {
-            if *name == "__metadata__" {
-                let m = v
-                    .as_object()
-                    .ok_or_else(|| whole("__metadata__ is not an object".into()))?;
-                for (k, v) in m {
-                    meta.insert(
-                        k.clone(),
-                        v.as_str()
-                            .ok_or_else(|| {
-                                Error::record(At::Metadata(k.clone()), "is not a string")
-                            })?
-                            .to_string(),
-                    );
-                }
-                continue;
-            }
-            let dtype = v
-                .get("dtype")
-                .and_then(Value::as_str)
-                .ok_or_else(|| tensor(name, TensorProblem::NoDtype))?;
-            if dtype != "F32" {
-                return Err(tensor(name, TensorProblem::Dtype(dtype.to_string())));
-            }
-            let shape: Vec<u64> = v
-                .get("shape")
-                .and_then(Value::as_array)
-                .and_then(|a| a.iter().map(Value::as_u64).collect())
-                .ok_or_else(|| tensor(name, TensorProblem::BadShape))?;
-            let [nl, ne] = shape[..] else {
-                return Err(tensor(name, TensorProblem::Shape(shape)));
+        for t in tensors {
+            let [_, ne] = t.shape[..] else {
+                return Err(Error::Tensor {
+                    tensor: t.name,
+                    problem: TensorProblem::Shape(t.shape.iter().map(|&x| x as u64).collect()),
+                });
             };
-            let off: Vec<u64> = v
-                .get("data_offsets")
-                .and_then(Value::as_array)
-                .and_then(|a| a.iter().map(Value::as_u64).collect())
-                .ok_or_else(|| tensor(name, TensorProblem::BadOffsets))?;
-            let [s, e] = off[..] else {
-                return Err(tensor(name, TensorProblem::BadOffsets));
-            };
-            let need = nl.checked_mul(ne).and_then(|x| x.checked_mul(4));
-            if e < s || e > data.len() as u64 || Some(e - s) != need || nl == 0 || ne == 0 {
-                return Err(tensor(
-                    name,
-                    TensorProblem::Offsets {
-                        start: s,
-                        end: e,
-                        shape,
-                        data: data.len(),
-                    },
-                ));
-            }
-            let raw = &data[s as usize..e as usize];
-            let vals: Vec<f32> = raw
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
-                .collect();
-            let rows = vals.chunks(ne as usize).map(<[f32]>::to_vec).collect();
-            directions.push(Direction {
-                name: name.clone(),
-                rows,
-            });
-        }
-        if directions.is_empty() {
-            return Err(whole("no tensors in the file".into()));
+            let rows = t.data.chunks(ne).map(<[f32]>::to_vec).collect();
+            directions.push(Direction { name: t.name, rows });
         }
         let f = DirectionFile { directions, meta };
         let first = &f.directions[0];
@@ -342,19 +297,49 @@ impl DirectionFile {
             .map_err(|e| Error::file(path, e.to_string()))
     }
 
-    /// Reads a direction file: safetensors, or a llama.cpp control-vector GGUF (by magic).
+    /// Reads a direction file, telling the format by its first bytes: ours (safetensors), a
+    /// llama.cpp control-vector GGUF, or another tool's safetensors, `.npy` or torch.save
+    /// `.pt`. Another tool's file states its convention in the path, `FILE:CONVENTION` or
+    /// `FILE:CONVENTION.LAYER` ([`import::split_stated`]); every command that takes a
+    /// direction file reads it here, so all of them take that syntax.
     ///
     /// # Errors
     /// Missing file; corrupt contents, as [`Error::In`] the path around the error of
-    /// [`DirectionFile::from_bytes`] or [`super::cvec::import`], or a NaN or inf
-    /// ([`Error::Value`]).
+    /// [`DirectionFile::from_bytes`], [`super::cvec::import`] or the importers, or a NaN or
+    /// inf ([`Error::Value`]).
     pub fn load(path: &Path) -> Result<DirectionFile> {
-        let b = crate::fsio::read_input(path, "a .safetensors or control-vector .gguf file")?;
+        let (file, stated) = import::split_stated(path)?;
+        Self::load_stated(&file, &stated)
+    }
+
+    /// [`DirectionFile::load`] of `path` as it is, with what the caller states about it (a
+    /// spec's `convention` and `layer`).
+    ///
+    /// # Errors
+    /// As [`DirectionFile::load`].
+    pub fn load_stated(path: &Path, stated: &Stated) -> Result<DirectionFile> {
+        let b = crate::fsio::read_input(
+            path,
+            "a direction file (.safetensors, .npy, torch.save .pt or control-vector .gguf)",
+        )?;
+        let stem = path
+            .file_stem()
+            .map_or_else(|| "direction".into(), |s| s.to_string_lossy().into_owned());
         let f = if b.starts_with(b"GGUF") {
-            super::cvec::import(&b).map_err(|e| e.in_file(path))?
+            import::check_own(stated, true).and_then(|()| super::cvec::import(&b))
+        } else if b.starts_with(b"\x93NUMPY") {
+            super::npy::read(&b, &stem).and_then(|f| import::assemble(path, f, stated))
+        } else if b.starts_with(b"PK\x03\x04") {
+            super::torch::read(&b, &stem).and_then(|f| import::assemble(path, f, stated))
+        } else if b.starts_with(b"\x80\x02\x8a\x0a") {
+            Err(Error::record(
+                At::Whole,
+                "a torch.save file in the format of PyTorch before 1.6; load and save it again with a current PyTorch",
+            ))
         } else {
-            DirectionFile::from_bytes(&b).map_err(|e| e.in_file(path))?
-        };
+            Self::from_safetensors(&b, stated, path)
+        }
+        .map_err(|e| e.in_file(path))?;
         for d in &f.directions {
             if let Some((l, x)) = d
                 .rows
@@ -372,6 +357,148 @@ impl DirectionFile {
         }
         Ok(f)
     }
+}
+
+/// The safetensors dtypes we read, with their size in bytes.
+fn float_dtype(d: &str) -> Option<usize> {
+    match d {
+        "F32" => Some(4),
+        "F16" | "BF16" => Some(2),
+        "F64" => Some(8),
+        _ => None,
+    }
+}
+
+/// The tensors of safetensors bytes in name order, as f32, with the metadata and the dtypes
+/// seen (for messages).
+struct Parsed {
+    tensors: Vec<Tensor>,
+    meta: BTreeMap<String, String>,
+    dtypes: Vec<String>,
+}
+
+/// # Errors
+/// As [`DirectionFile::from_bytes`].
+fn parse_safetensors(b: &[u8]) -> Result<Parsed> {
+    let whole = |reason: String| Error::record(At::Whole, reason);
+    let tensor = |name: &str, problem| Error::Tensor {
+        tensor: name.to_string(),
+        problem,
+    };
+    if b.len() < 8 {
+        return Err(whole(format!(
+            "too short for safetensors ({} bytes)",
+            b.len()
+        )));
+    }
+    let n = u64::from_le_bytes(b[..8].try_into().expect("8 bytes"));
+    if n > MAX_HEADER || n > (b.len() - 8) as u64 {
+        return Err(whole(format!(
+            "corrupt safetensors header: length {n} exceeds the file ({} bytes)",
+            b.len()
+        )));
+    }
+    let data = &b[8 + n as usize..];
+    let header: Entries = serde_json::from_slice(&b[8..8 + n as usize])
+        .map_err(|e| whole(format!("corrupt safetensors header: {e}")))?;
+    let mut header = header.0;
+    header.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut meta = BTreeMap::new();
+    let mut tensors = Vec::new();
+    let mut dtypes: Vec<String> = Vec::new();
+    for (name, v) in &header {
+        if *name == "__metadata__" {
+            let m = v
+                .as_object()
+                .ok_or_else(|| whole("__metadata__ is not an object".into()))?;
+            for (k, v) in m {
+                meta.insert(
+                    k.clone(),
+                    v.as_str()
+                        .ok_or_else(|| Error::record(At::Metadata(k.clone()), "is not a string"))?
+                        .to_string(),
+                );
+            }
+            continue;
+        }
+        let dtype = v
+            .get("dtype")
+            .and_then(Value::as_str)
+            .ok_or_else(|| tensor(name, TensorProblem::NoDtype))?;
+        let size = float_dtype(dtype)
+            .ok_or_else(|| tensor(name, TensorProblem::Dtype(dtype.to_string())))?;
+        let shape: Vec<u64> = v
+            .get("shape")
+            .and_then(Value::as_array)
+            .and_then(|a| a.iter().map(Value::as_u64).collect())
+            .ok_or_else(|| tensor(name, TensorProblem::BadShape))?;
+        let off: Vec<u64> = v
+            .get("data_offsets")
+            .and_then(Value::as_array)
+            .and_then(|a| a.iter().map(Value::as_u64).collect())
+            .ok_or_else(|| tensor(name, TensorProblem::BadOffsets))?;
+        let [s, e] = off[..] else {
+            return Err(tensor(name, TensorProblem::BadOffsets));
+        };
+        let need = shape
+            .iter()
+            .try_fold(1u64, |a, &x| a.checked_mul(x))
+            .and_then(|x| x.checked_mul(size as u64));
+        if e < s
+            || e > data.len() as u64
+            || Some(e - s) != need
+            || shape.contains(&0)
+            || shape.len() > 2
+        {
+            if shape.len() > 2 {
+                return Err(tensor(name, TensorProblem::Shape(shape)));
+            }
+            return Err(tensor(
+                name,
+                TensorProblem::Offsets {
+                    start: s,
+                    end: e,
+                    shape,
+                    data: data.len(),
+                },
+            ));
+        }
+        let raw = &data[s as usize..e as usize];
+        let vals: Vec<f32> = match dtype {
+            "F32" => raw
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+                .collect(),
+            "F64" => raw
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32)
+                .collect(),
+            "F16" => raw
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            _ => raw
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+        };
+        if !dtypes.iter().any(|d| d == dtype) {
+            dtypes.push(dtype.to_string());
+        }
+        tensors.push(Tensor {
+            name: name.clone(),
+            shape: shape.iter().map(|&x| x as usize).collect(),
+            data: vals,
+        });
+    }
+    if tensors.is_empty() {
+        return Err(whole("no tensors in the file".into()));
+    }
+    Ok(Parsed {
+        tensors,
+        meta,
+        dtypes,
+    })
 }
 
 #[cfg(test)]

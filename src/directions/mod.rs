@@ -8,8 +8,11 @@
 pub mod cvec;
 pub mod extract;
 pub mod file;
+pub mod import;
+mod npy;
 pub mod random;
 pub mod select;
+mod torch;
 
 use crate::error::{Error, Result, ShapesOf, ValueOf};
 
@@ -18,6 +21,7 @@ pub use extract::{
     RefusalPositions,
 };
 pub use file::DirectionFile;
+pub use import::{Convention, Stated};
 pub use random::{random, random_like};
 
 /// One direction: a row per layer.
@@ -166,9 +170,11 @@ mod tests {
             (g.meta[HOOK_POINT_KEY].as_str(), g.site()),
             ("resid_post", Site::ResidPost)
         );
-        // A file from before the key loads as resid_post.
+        // A file of ours from before the key (it has our tool_version) loads as resid_post.
         let mut old = f.clone();
         old.meta.remove(HOOK_POINT_KEY);
+        old.meta
+            .insert("tool_version".into(), "persona-gate 0.1.0".into());
         let g = DirectionFile::from_bytes(&old.to_bytes()).unwrap();
         assert_eq!(
             (g.meta.get(HOOK_POINT_KEY), g.site()),

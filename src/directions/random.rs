@@ -49,6 +49,10 @@ pub fn random_like(
             meta.insert(k.to_string(), v.clone());
         }
     }
+    // A control for a 1-D vector is one too: its row stands for every layer.
+    if file.is_broadcast() {
+        meta.insert(super::import::BROADCAST.into(), "every layer".into());
+    }
     meta.insert("kind".into(), "random".into());
     meta.insert("seed".into(), seed.to_string());
     let how = if norm_matched {
@@ -82,5 +86,27 @@ mod tests {
         assert!((cosine_per_layer(&a, &m).unwrap()[2] - 1.0).abs() < 1e-6);
     }
 
-    // Here rather than in file.rs, whose tests module another change is editing.
+    #[test]
+    fn a_control_for_a_one_d_vector_is_broadcast_too() {
+        let one = DirectionFile::new(
+            vec![super::Direction {
+                name: "v".into(),
+                rows: vec![vec![3.0, 4.0]],
+            }],
+            [(
+                super::super::import::BROADCAST.to_string(),
+                "every layer".to_string(),
+            )]
+            .into(),
+        )
+        .unwrap();
+        let r = random_like(&one, &one.directions[0], 1, true).unwrap();
+        assert!(r.is_broadcast());
+        let r = DirectionFile::from_bytes(&r.to_bytes())
+            .unwrap()
+            .broadcast(4)
+            .unwrap();
+        assert_eq!(r.n_layer(), 4);
+        assert!((r.directions[0].norms()[3] - 5.0).abs() < 1e-6);
+    }
 }

@@ -4,16 +4,19 @@
 //! `plan.json` written last.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use sha2::{Digest, Sha256};
 
 use super::spec::{Builtins, Condition, DirectionSpec, Spec};
 use crate::chat::{ChatTemplate, Prompt, SystemPrompt};
+use crate::directions::import::{self, Convention, Stated};
 use crate::directions::select::select_refusal;
 use crate::directions::{self, Direction, DirectionFile, PersonaPositions, RefusalPositions};
-use crate::error::{Empty, Error, LayerOf, Named, PromptsProblem, Result, ValueOf};
+use crate::error::{
+    Empty, Error, ImportProblem, LayerOf, Named, PromptsProblem, Result, ValueOf,
+};
 use crate::fsio::write_atomic;
 use crate::hooks::{LayerSet, Scope};
 use crate::model::Model;
@@ -130,7 +133,16 @@ fn fingerprint(
     }
     for d in spec.directions.values() {
         if let DirectionSpec::File { path, .. } = d {
-            parts.push(crate::model::file_sha256(Path::new(path))?.into_bytes());
+            let (file, _) = import::split_stated(Path::new(path))?;
+            parts.push(crate::model::file_sha256(&file)?.into_bytes());
+            // refusal_direction's layer of a 1-D direction.pt lives beside it.
+            let side = file
+                .parent()
+                .unwrap_or(Path::new("."))
+                .join(import::SIDECAR);
+            if side.is_file() {
+                parts.push(crate::model::file_sha256(&side)?.into_bytes());
+            }
         }
     }
     let refs: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
@@ -161,8 +173,74 @@ fn render(
     )
 }
 
-/// Placeholder built-ins for checking a spec before calibration has run.
-fn provisional(spec: &Spec, n_layer: usize) -> Result<Builtins> {
+/// The file of a spec's file direction and what the spec states about it: the path's own
+/// `FILE:CONVENTION[.LAYER]` suffix, or `convention` and `layer`, not both.
+fn file_source(
+    path: &str,
+    convention: Option<Convention>,
+    layer: Option<usize>,
+) -> Result<(PathBuf, Stated)> {
+    let (file, mut stated) = import::split_stated(Path::new(path))?;
+    if stated.convention.is_some() && (convention.is_some() || layer.is_some()) {
+        return Err(Error::Import(ImportProblem::StatedTwice).in_file(&file));
+    }
+    stated.convention = stated.convention.or(convention);
+    stated.layer = stated.layer.or(layer);
+    Ok((file, stated))
+}
+
+fn load_file(
+    path: &str,
+    convention: Option<Convention>,
+    layer: Option<usize>,
+) -> Result<DirectionFile> {
+    let (file, stated) = file_source(path, convention, layer)?;
+    DirectionFile::load_stated(&file, &stated)
+}
+
+/// The `{refusal_layer}` a spec's file directions give by themselves: the layer of an
+/// imported 1-D vector (refusal_direction's `direction.pt`) whose spec sets no
+/// `refusal_layer`. Several that disagree are an error, not a choice.
+///
+/// # Errors
+/// A file that does not load; two files with different layers.
+fn layer_from_files(
+    spec: &Spec,
+    loaded: &BTreeMap<String, DirectionFile>,
+) -> Result<Option<(String, usize)>> {
+    let mut found: Option<(String, usize)> = None;
+    for (name, d) in &spec.directions {
+        let DirectionSpec::File {
+            refusal_layer: None,
+            ..
+        } = d
+        else {
+            continue;
+        };
+        let Some(l) = loaded.get(name).and_then(DirectionFile::layer) else {
+            continue;
+        };
+        match &found {
+            Some((other, m)) if *m != l => {
+                return Err(Error::Field {
+                    field: format!("directions.{name}"),
+                    err: Box::new(Error::Import(ImportProblem::LayerDefault {
+                        layer: l,
+                        other: other.clone(),
+                        other_layer: *m,
+                    })),
+                })
+            }
+            Some(_) => {}
+            None => found = Some((name.clone(), l)),
+        }
+    }
+    Ok(found)
+}
+
+/// Placeholder built-ins for checking a spec before calibration has run; `file_layer` is
+/// the `{refusal_layer}` file directions give by themselves ([`layer_from_files`]).
+fn provisional(spec: &Spec, n_layer: usize, file_layer: Option<usize>) -> Result<Builtins> {
     let mut b = Builtins {
         n_layer,
         ..Default::default()
@@ -202,6 +280,9 @@ fn provisional(spec: &Spec, n_layer: usize) -> Result<Builtins> {
             }
         }
     }
+    if b.refusal_layer.is_none() {
+        b.refusal_layer = file_layer;
+    }
     Ok(b)
 }
 
@@ -224,7 +305,32 @@ pub type PromptSets = BTreeMap<String, Vec<Instruction>>;
 pub fn check(spec: &Spec, model: &Model) -> Result<(PromptSets, Vec<Condition>)> {
     let sets = load_sets(spec).map_err(|e| spec.located(e))?;
     let ids = ids_of(&sets);
-    let conds = expand_provisional(spec, model.info.n_layer, &ids)?;
+    // File directions are read and fitted here, so a dry run refuses one that does not fit,
+    // and a 1-D vector's layer can stand for {refusal_layer}.
+    let mut files = BTreeMap::new();
+    for (name, d) in &spec.directions {
+        if let DirectionSpec::File {
+            path,
+            convention,
+            layer,
+            ..
+        } = d
+        {
+            let f = load_file(path, *convention, *layer)
+                .and_then(|f| f.fit_model(&model.info))
+                .map_err(|e| {
+                    spec.located(Error::Field {
+                        field: format!("directions.{name}"),
+                        err: Box::new(e),
+                    })
+                })?;
+            files.insert(name.clone(), f);
+        }
+    }
+    let file_layer = layer_from_files(spec, &files)
+        .map_err(|e| spec.located(e))?
+        .map(|(_, l)| l);
+    let conds = expand_provisional(spec, model.info.n_layer, file_layer, &ids)?;
     Ok((sets, conds))
 }
 
@@ -233,9 +339,10 @@ pub fn check(spec: &Spec, model: &Model) -> Result<(PromptSets, Vec<Condition>)>
 fn expand_provisional(
     spec: &Spec,
     n_layer: usize,
+    file_layer: Option<usize>,
     ids: &BTreeMap<String, Vec<String>>,
 ) -> Result<Vec<Condition>> {
-    let b = provisional(spec, n_layer).map_err(|e| spec.located(e))?;
+    let b = provisional(spec, n_layer, file_layer).map_err(|e| spec.located(e))?;
     let conds = spec.expand(&b, ids)?;
     if let Some(s) = &spec.steer {
         // `provisional` parsed these layers already.
@@ -444,6 +551,7 @@ fn directions_for(
     // Directions: non-random first, then random ones (which may match another's norms).
     let mut dirs: BTreeMap<String, Direction> = BTreeMap::new();
     let mut seeds = BTreeMap::new();
+    let mut file_dirs: BTreeMap<String, DirectionFile> = BTreeMap::new();
     for (name, d) in &spec.directions {
         let ctx = |e: Error| Error::Field {
             field: format!("directions.{name}"),
@@ -454,15 +562,20 @@ fn directions_for(
                 path,
                 name: n,
                 refusal_layer,
+                convention,
+                layer,
             } => {
-                let f = DirectionFile::load(Path::new(path)).map_err(ctx)?;
-                f.check_model(&model.info).map_err(ctx)?;
+                let f = load_file(path, *convention, *layer)
+                    .and_then(|f| f.fit_model(&model.info))
+                    .map_err(ctx)?;
                 if let Some(l) = refusal_layer {
                     resolved.refusal_layer = Some(*l);
                     resolved.refusal_selection =
                         Some(format!("given with the direction file: layer {l}"));
                 }
-                f.get(n.as_deref()).map_err(ctx)?.clone()
+                let d = f.get(n.as_deref()).map_err(ctx)?.clone();
+                file_dirs.insert(name.clone(), f);
+                d
             }
             DirectionSpec::Refusal {
                 harmful,
@@ -575,6 +688,19 @@ fn directions_for(
                 rows: dir.rows,
             },
         );
+    }
+    if resolved.refusal_layer.is_none() {
+        if let Some((name, l)) = layer_from_files(spec, &file_dirs)? {
+            let src = file_dirs[&name]
+                .meta
+                .get(import::SOURCE_LAYER)
+                .cloned()
+                .unwrap_or_default();
+            let how = format!("the layer of directions.{name}'s 1-D vector: resid_post.{l}, {src}");
+            note(format!("refusal layer {l}: {how}"));
+            resolved.refusal_layer = Some(l);
+            resolved.refusal_selection = Some(how);
+        }
     }
     for (name, d) in &spec.directions {
         if let DirectionSpec::Random { seed, like } = d {
@@ -783,13 +909,13 @@ intervention = [ { direction = "p", op = "project", layers = "{steer_layer + aft
         let spec = |w: &str| Spec::parse(&SPEC.replace("WIDTH", w), "t.toml").unwrap();
         let ids = BTreeMap::new();
         // The grid returned is the first candidate's (2): windows 3-4 and 4-5.
-        let c = expand_provisional(&spec("2"), 10, &ids).unwrap();
+        let c = expand_provisional(&spec("2"), 10, None, &ids).unwrap();
         assert_eq!(c[0].interventions[0].layers, [3, 4]);
         assert_eq!(c[1].interventions[0].layers_text(), "4-5");
-        let c = expand_provisional(&spec("tail"), 10, &ids).unwrap();
+        let c = expand_provisional(&spec("tail"), 10, None, &ids).unwrap();
         assert_eq!(c[0].interventions[0].layers_text(), "3-9");
         // 6 + 2 + 3 layers overflow 10 layers: found before calibration, naming the candidate.
-        let e = expand_provisional(&spec("3"), 10, &ids)
+        let e = expand_provisional(&spec("3"), 10, None, &ids)
             .unwrap_err()
             .to_string();
         assert_eq!(

@@ -77,6 +77,8 @@ fn cross_spec(spec: &Spec, ref_dir: &Path) -> Result<Spec> {
             path: file.clone(),
             name: Some(name.clone()),
             refusal_layer,
+            convention: None,
+            layer: None,
         };
     }
     if let (Some(st), Some(l), Some(c)) = (

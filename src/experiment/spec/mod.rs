@@ -228,14 +228,24 @@ pub struct PromptSetSpec {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
 pub enum DirectionSpec {
-    /// A direction file from `extract` (safetensors) or a control-vector GGUF.
+    /// A direction file from `extract` (safetensors), a control-vector GGUF, or another
+    /// tool's safetensors, `.npy` or torch.save `.pt` (with `convention`).
     File {
         path: String,
         #[serde(default)]
         name: Option<String>,
-        /// For a refusal direction from a file: the layer `{refusal_layer}` names.
+        /// For a refusal direction from a file: the layer `{refusal_layer}` names (default: a
+        /// 1-D vector's own layer).
         #[serde(default)]
         refusal_layer: Option<usize>,
+        /// Where another tool's rows are: `resid_post`, `hidden_states` or `resid_pre`.
+        /// Left out of the serialized spec when absent, so older runs keep their fingerprint.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        convention: Option<crate::directions::Convention>,
+        /// A 1-D vector's layer in that convention (refusal_direction's
+        /// `direction_metadata.json` gives it when absent).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        layer: Option<usize>,
     },
     /// Extracted now: mean(harmful) − mean(harmless) at the last prompt token.
     Refusal {
