@@ -45,7 +45,6 @@ pub mod plot;
 pub mod prompts;
 pub mod rng;
 pub mod stats;
-pub mod steer;
 pub mod studies;
 pub mod text;
 

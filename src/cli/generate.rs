@@ -9,8 +9,8 @@ use persona_gate::chat::Prompt;
 use persona_gate::directions::DirectionFile;
 use persona_gate::engine::{sequence_seed, GenConfig, Sampling};
 use persona_gate::error::Error;
+use persona_gate::experiment::steer::{self, ControlVectors, Given};
 use persona_gate::hooks::{HookSet, Scope};
-use persona_gate::steer::{self, ControlVectors, Given};
 use persona_gate::{label, prompts};
 
 #[derive(Args, Debug)]

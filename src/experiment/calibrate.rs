@@ -10,10 +10,10 @@ use crate::chat::Prompt;
 use crate::directions::select::{refusal_score, refusal_tokens, score_conditions};
 use crate::directions::Direction;
 use crate::error::{Error, Result, ValueOf};
+use crate::experiment::steer::add_vector;
 use crate::hooks::{Edit, HookSet, LayerSet, Scope};
 use crate::model::Model;
 use crate::stats::mean;
-use crate::steer::add_vector;
 
 /// Calibrates `s` with direction `d` on the rendered prompts `ps` (with their residual norms
 /// when the scale is relative), and records layer, coefficient, rows and baseline in

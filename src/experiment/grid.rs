@@ -27,7 +27,7 @@ impl Ready<'_> {
         seqs: Vec<usize>,
     ) -> Result<Edit> {
         let norms = self.plan.resolved.resid_norms.get(&cond.prompts);
-        crate::steer::edit(
+        crate::experiment::steer::edit(
             &cond.id,
             index,
             &self.directions[&iv.direction],

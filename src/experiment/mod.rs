@@ -18,6 +18,7 @@ pub mod prepare;
 pub mod preset;
 pub mod report;
 pub mod spec;
+pub mod steer;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;

@@ -14,9 +14,7 @@ use crate::chat::{ChatTemplate, Prompt, SystemPrompt};
 use crate::directions::import::{self, Convention, Stated};
 use crate::directions::select::select_refusal;
 use crate::directions::{self, Direction, DirectionFile, PersonaPositions, RefusalPositions};
-use crate::error::{
-    Empty, Error, ImportProblem, LayerOf, Named, PromptsProblem, Result, ValueOf,
-};
+use crate::error::{Empty, Error, ImportProblem, LayerOf, Named, PromptsProblem, Result, ValueOf};
 use crate::fsio::write_atomic;
 use crate::hooks::{LayerSet, Scope};
 use crate::model::Model;
@@ -752,7 +750,7 @@ fn residual_norms(
         progress("norms", 0, 1, n);
         out.insert(
             n.clone(),
-            crate::steer::resid_norms(&mut session, &rendered[n])?,
+            crate::experiment::steer::resid_norms(&mut session, &rendered[n])?,
         );
     }
     Ok(out)
@@ -843,7 +841,14 @@ fn check_edits(plan: &Plan, dirs: &BTreeMap<String, Direction>) -> Result<()> {
         let norms = plan.resolved.resid_norms.get(&cond.prompts);
         for (k, iv) in cond.interventions.iter().enumerate() {
             let d = &dirs[&iv.direction];
-            crate::steer::edit(&cond.id, k + 1, d, iv, norms.map(Vec::as_slice), Scope::All)?;
+            crate::experiment::steer::edit(
+                &cond.id,
+                k + 1,
+                d,
+                iv,
+                norms.map(Vec::as_slice),
+                Scope::All,
+            )?;
         }
     }
     Ok(())
