@@ -27,8 +27,98 @@ fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/imports")
 }
 
+/// Where fixture `name` (file name first, `:CONVENTION` after) is: the safetensors ones
+/// (`s_*`) are written here at test time rather than committed, the rest are in tests/fixtures.
+fn fixture_dir(name: &str) -> PathBuf {
+    if name.starts_with("s_") {
+        safetensors_fixtures().clone()
+    } else {
+        fixtures()
+    }
+}
+
 fn fixture(name: &str) -> String {
-    fixtures().join(name).display().to_string()
+    fixture_dir(name).join(name).display().to_string()
+}
+
+/// A safetensors file as the format defines it (what make_imports.py's `save_file` wrote
+/// before these were generated here): an 8-byte little-endian header length, a JSON header
+/// of dtype, shape and data offsets per tensor (and `__metadata__`), padded with spaces to 8
+/// bytes, then the tensors' bytes.
+fn safetensors(tensors: &[(&str, &str, Vec<usize>, Vec<u8>)], meta: &[(&str, &str)]) -> Vec<u8> {
+    let mut head = serde_json::Map::new();
+    if !meta.is_empty() {
+        let m: serde_json::Map<String, serde_json::Value> = meta
+            .iter()
+            .map(|(k, v)| (k.to_string(), (*v).into()))
+            .collect();
+        head.insert("__metadata__".into(), m.into());
+    }
+    let mut data = Vec::new();
+    for (name, dtype, shape, bytes) in tensors {
+        let start = data.len();
+        data.extend_from_slice(bytes);
+        head.insert(
+            name.to_string(),
+            serde_json::json!({ "dtype": dtype, "shape": shape, "data_offsets": [start, data.len()] }),
+        );
+    }
+    let mut h = serde_json::to_vec(&head).unwrap();
+    while h.len() % 8 != 0 {
+        h.push(b' ');
+    }
+    let mut out = (h.len() as u64).to_le_bytes().to_vec();
+    out.extend(h);
+    out.extend(data);
+    out
+}
+
+/// s_f16 (`x` = value, `y` = -value, F16, another tool's metadata), s_bf16 (`x`, BF16) and
+/// s_1d (`v` = row 1, F32), all [4, 8] or [8].
+fn safetensors_fixtures() -> &'static PathBuf {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let d = scratch("safetensors-fixtures");
+        let m = matrix(4, 8);
+        let flat = |neg: bool| {
+            m.concat()
+                .into_iter()
+                .map(move |x| if neg { -x } else { x })
+        };
+        let f16 = |neg| -> Vec<u8> {
+            flat(neg)
+                .flat_map(|x| half::f16::from_f32(x).to_le_bytes())
+                .collect()
+        };
+        let bf16: Vec<u8> = flat(false)
+            .flat_map(|x| half::bf16::from_f32(x).to_le_bytes())
+            .collect();
+        let row1: Vec<u8> = m[1].iter().flat_map(|x| x.to_le_bytes()).collect();
+        let files = [
+            (
+                "s_f16.safetensors",
+                safetensors(
+                    &[
+                        ("x", "F16", vec![4, 8], f16(false)),
+                        ("y", "F16", vec![4, 8], f16(true)),
+                    ],
+                    &[("tool", "some other steering tool")],
+                ),
+            ),
+            (
+                "s_bf16.safetensors",
+                safetensors(&[("x", "BF16", vec![4, 8], bf16)], &[]),
+            ),
+            (
+                "s_1d.safetensors",
+                safetensors(&[("v", "F32", vec![8], row1)], &[]),
+            ),
+        ];
+        for (name, bytes) in files {
+            std::fs::write(d.join(name), bytes).unwrap();
+        }
+        d
+    })
 }
 
 fn load(spec: &str) -> DirectionFile {
@@ -185,7 +275,7 @@ fn what_cannot_be_imported_says_why_in_one_line() {
     // Every cut of each fixture is an error, and every flipped byte an error or a file,
     // never a panic (the test would abort).
     for f in ["t_dict.pt", "n_fortran.npy", "s_f16.safetensors"] {
-        let b = std::fs::read(fixtures().join(f)).unwrap();
+        let b = std::fs::read(fixture_dir(f).join(f)).unwrap();
         let p = d.join(format!("bad-{f}"));
         let at = format!("{}:resid_post", p.display());
         for n in (0..b.len()).step_by(7) {
