@@ -172,40 +172,30 @@ fn control_vector_flags_fail_clearly() {
     let f = d.join("x.gguf");
     std::fs::write(&f, b"GGUF\x03\x00\x00\x00garbage").unwrap();
     let f = f.to_str().unwrap();
-    common::fails(
-        &d,
-        &["generate", "-m", &smol(), "-p", "hi", "--control-vector", f],
-        &[f],
-    );
-    common::fails(
-        &d,
-        &[
-            "generate",
-            "-m",
-            &smol(),
-            "-p",
-            "hi",
-            "--control-vector-scaled",
-            "y.gguf",
-        ],
-        &["--control-vector-scaled", "FILE:SCALE"],
-    );
     let w = d.join("wide.gguf");
     cvec(&w, &[3], 1.0, 3);
-    common::fails(
-        &d,
-        &[
-            "generate",
-            "-m",
-            &smol(),
-            "-p",
-            "hi",
-            "--control-vector",
-            w.to_str().unwrap(),
-            "--control-vector-layer-range",
-            "40",
-            "50",
-        ],
-        &["--control-vector-layer-range", "selects no layer"],
-    );
+    let w = w.to_str().unwrap();
+    let m = smol();
+    let cases: &[(&[&str], &[&str])] = &[
+        (&["--control-vector", f], &[f]),
+        (
+            &["--control-vector-scaled", "y.gguf"],
+            &["--control-vector-scaled", "FILE:SCALE"],
+        ),
+        (
+            &[
+                "--control-vector",
+                w,
+                "--control-vector-layer-range",
+                "40",
+                "50",
+            ],
+            &["--control-vector-layer-range", "selects no layer"],
+        ),
+    ];
+    for (extra, needles) in cases {
+        let mut a = vec!["generate", "-m", &m, "-p", "hi"];
+        a.extend_from_slice(extra);
+        common::fails(&d, &a, needles);
+    }
 }

@@ -74,15 +74,7 @@ intervention = [ { direction = "refusal", op = "add", layers = "{refusal_layer}"
 const GROUPS: usize = 12;
 
 fn cmd(spec: &Path, out: &Path, extra: &[&str]) -> Command {
-    let mut c = bin();
-    c.args(["reproduce", "-t", "2", "--ctx", "256", "-m"])
-        .arg(common::model_path(common::SMOL))
-        .arg("--spec")
-        .arg(spec)
-        .arg("-o")
-        .arg(out)
-        .args(extra);
-    c
+    common::reproduce_smol(spec, out, extra)
 }
 
 fn ok(o: Output) -> String {

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use common::browser::start_or_skip;
-use common::{bin, run_ok, scratch};
+use common::{run_ok, scratch};
 
 /// Every role the claims read, small enough for SmolLM2 in well under a minute.
 const SPEC: &str = concat!(
@@ -101,15 +101,7 @@ intervention = [ { direction = "refusal", op = "add", layers = "{refusal_layer}"
 );
 
 fn reproduce(spec: &Path, out: &Path) {
-    run_ok(
-        bin()
-            .args(["reproduce", "-t", "2", "--ctx", "256", "-m"])
-            .arg(common::model_path(common::SMOL))
-            .arg("--spec")
-            .arg(spec)
-            .arg("-o")
-            .arg(out),
-    );
+    run_ok(&mut common::reproduce_smol(spec, out, &[]));
 }
 
 fn read(p: &Path) -> String {

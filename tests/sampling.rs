@@ -43,15 +43,7 @@ intervention = [ { direction = "rand", op = "add", layers = "10", coefficient = 
 "#;
 
 fn cmd(spec: &Path, out: &Path, extra: &[&str]) -> Command {
-    let mut c = bin();
-    c.args(["reproduce", "-t", "2", "--ctx", "256", "-m"])
-        .arg(common::model_path(common::SMOL))
-        .arg("--spec")
-        .arg(spec)
-        .arg("-o")
-        .arg(out)
-        .args(extra);
-    c
+    common::reproduce_smol(spec, out, extra)
 }
 
 fn read(p: &Path) -> Vec<u8> {

@@ -218,18 +218,19 @@ pub fn run(a: &GenerateArgs, out: &mut dyn Write) -> anyhow::Result<()> {
         .iter()
         .flat_map(|p| std::iter::repeat_n(p.clone(), n))
         .collect();
-    let seeds: Vec<u32> = texts
-        .iter()
-        .flat_map(|t| (0..n).map(move |k| sequence_seed(a.sample.seed, &format!("{k}\u{1f}{t}"))))
-        .collect();
+    let seeds: Vec<u32> = match sampling {
+        None => Vec::new(),
+        Some(_) => texts
+            .iter()
+            .flat_map(|t| {
+                (0..n).map(move |k| sequence_seed(a.sample.seed, &format!("{k}\u{1f}{t}")))
+            })
+            .collect(),
+    };
     let cfg = GenConfig {
         max_new_tokens: a.max_new_tokens,
         sampling,
-        seeds: if sampling.is_some() {
-            seeds.clone()
-        } else {
-            Vec::new()
-        },
+        seeds,
         ..GenConfig::default()
     };
     let g = session.generate(&batch, &cfg, &mut hooks, &mut |_, _| false, &mut |_| {})?;
@@ -251,7 +252,7 @@ pub fn run(a: &GenerateArgs, out: &mut dyn Write) -> anyhow::Result<()> {
                     "prompt_index": i,
                     "prompt": texts[i],
                     "sample": k,
-                    "seed": sampling.map(|_| seeds[j]),
+                    "seed": cfg.seeds.get(j),
                     "label": lab.to_string(),
                     "stop": g.stop.name(),
                     "tokens": g.tokens.len(),

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use crate::chat::Prompt;
 use crate::directions::{self, cvec, Direction};
 use crate::engine::Session;
-use crate::error::{Error, InterventionFault, LayerOf, Result, Shaped};
+use crate::error::{Error, InterventionFault, LayerOf, Result, Shaped, ValueOf};
 use crate::experiment::spec::{self, Builtins, Intervention, Scale, Source};
 use crate::hooks::{Capture, Edit, EditKind, HookPoint, HookSet, Position, Scope};
 
@@ -71,20 +71,25 @@ pub fn edit(
                 }
                 v
             }
-            EditKind::Project => {
-                let n = directions::norm(row(l));
-                if !(n.is_finite() && n > 0.0) {
-                    let why = format!("has norm {n}, so it cannot be projected out");
-                    return Err(fault(l, InterventionFault::Unusable { index, why }));
-                }
-                row(l).clone()
-            }
+            EditKind::Project => row(l).clone(),
         };
         vectors.insert(l, v);
     }
     Ok(match iv.op {
         EditKind::Add => Edit::add(vectors, scope),
-        EditKind::Project => Edit::project(vectors, scope)?,
+        // Edit::project refuses a direction it cannot normalise; here that is this
+        // intervention's fault, named.
+        EditKind::Project => Edit::project(vectors, scope).map_err(|e| match e {
+            Error::Value {
+                what: ValueOf::Projection,
+                layer,
+                value,
+            } => {
+                let why = format!("has norm {value}, so it cannot be projected out");
+                fault(layer, InterventionFault::Unusable { index, why })
+            }
+            e => e,
+        })?,
     })
 }
 

@@ -186,6 +186,20 @@ pub fn run_ok(c: &mut Command) -> String {
     format!("{so}{se}")
 }
 
+/// `reproduce` of `spec` into `out` on SmolLM2 with the small settings the end-to-end tests
+/// share (2 threads, a 256-token context), then `extra`.
+pub fn reproduce_smol(spec: &Path, out: &Path, extra: &[&str]) -> Command {
+    let mut c = bin();
+    c.args(["reproduce", "-t", "2", "--ctx", "256", "-m"])
+        .arg(model_path(SMOL))
+        .arg("--spec")
+        .arg(spec)
+        .arg("-o")
+        .arg(out)
+        .args(extra);
+    c
+}
+
 pub fn smol() -> String {
     model_path(SMOL).to_str().unwrap().to_string()
 }
