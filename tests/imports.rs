@@ -64,7 +64,7 @@ fn safetensors(tensors: &[(&str, &str, Vec<usize>, Vec<u8>)], meta: &[(&str, &st
         );
     }
     let mut h = serde_json::to_vec(&head).unwrap();
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let mut out = (h.len() as u64).to_le_bytes().to_vec();
