@@ -96,6 +96,22 @@ pub struct Prompt {
     pub post_instruction: Range<usize>,
 }
 
+/// One message of a conversation, as an API request gives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+impl Message {
+    pub fn new(role: &str, content: &str) -> Message {
+        Message {
+            role: role.to_string(),
+            content: content.to_string(),
+        }
+    }
+}
+
 /// A sentinel no template alters: private-use code points.
 const SENTINEL: &str = "\u{E000}persona-gate-instruction\u{E001}";
 
@@ -182,10 +198,19 @@ impl ChatTemplate {
         let mut messages = Vec::new();
         match system {
             SystemPrompt::TemplateDefault => {}
-            SystemPrompt::Empty => messages.push(context! { role => "system", content => "" }),
-            SystemPrompt::Text(t) => messages.push(context! { role => "system", content => t }),
+            SystemPrompt::Empty => messages.push(Message::new("system", "")),
+            SystemPrompt::Text(t) => messages.push(Message::new("system", t)),
         }
-        messages.push(context! { role => "user", content => user });
+        messages.push(Message::new("user", user));
+        self.render_messages(&messages)
+    }
+
+    /// The template over a whole conversation, with the generation prompt.
+    fn render_messages(&self, messages: &[Message]) -> Result<String> {
+        let messages: Vec<minijinja::Value> = messages
+            .iter()
+            .map(|m| context! { role => &m.role, content => &m.content })
+            .collect();
         let err = |e: minijinja::Error| {
             let why = match e.kind() {
                 ErrorKind::OutOfFuel => format!(
@@ -221,9 +246,36 @@ impl ChatTemplate {
     /// [`Error::Template`] when rendering fails.
     pub fn render(&self, system: &SystemPrompt, user: &str) -> Result<Formatted> {
         let text = self.render_raw(system, user)?;
-        // Locate the instruction through a sentinel rendering, which works even when the
-        // template trims the content; fall back to the last occurrence of the text.
         let marked = self.render_raw(system, SENTINEL)?;
+        self.locate(text, &marked, user)
+    }
+
+    /// Renders a conversation (an API request's messages) and the generation prompt; the
+    /// instruction is the last user message, read as [`ChatTemplate::render`] reads its one.
+    /// A conversation of one user message, after an optional system message, renders
+    /// exactly as `render` with that system prompt.
+    ///
+    /// # Errors
+    /// [`Error::Template`] when rendering fails (templates may refuse role orders).
+    pub fn render_conversation(&self, messages: &[Message]) -> Result<Formatted> {
+        let text = self.render_messages(messages)?;
+        let Some(u) = messages.iter().rposition(|m| m.role == "user") else {
+            return Ok(Formatted {
+                instruction: text.len()..text.len(),
+                text,
+                special: self.special,
+            });
+        };
+        let mut marked = messages.to_vec();
+        marked[u].content = SENTINEL.to_string();
+        let marked = self.render_messages(&marked)?;
+        self.locate(text, &marked, &messages[u].content)
+    }
+
+    /// Finds the instruction `user` in `text` through `marked`, the same rendering with the
+    /// instruction replaced by [`SENTINEL`], which works even when the template trims the
+    /// content; falls back to the last occurrence of the text.
+    fn locate(&self, text: String, marked: &str, user: &str) -> Result<Formatted> {
         if let Some((pre, post)) = marked.split_once(SENTINEL) {
             if text.len() >= pre.len() + post.len() && text.starts_with(pre) && text.ends_with(post)
             {

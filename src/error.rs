@@ -37,6 +37,9 @@ pub enum Error {
     /// closed pipe can be told apart.
     #[error("writing output")]
     Output(#[source] std::io::Error),
+    /// The server could not start or run (bind, runtime, engine thread).
+    #[error("serve: {0}")]
+    Serve(String),
 
     /// A layer outside the model's `n_layer` layers (or outside llama.cpp's control-vector
     /// slots, 1 to `n_layer - 1`), and what the layer was for.

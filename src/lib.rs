@@ -44,6 +44,7 @@ pub mod model;
 pub mod plot;
 pub mod prompts;
 pub mod rng;
+pub mod serve;
 pub mod stats;
 pub mod studies;
 pub mod text;

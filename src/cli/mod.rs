@@ -15,6 +15,7 @@ pub mod judge;
 pub mod progress;
 pub mod reproduce;
 pub mod select;
+pub mod serve;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -82,6 +83,9 @@ pub enum Command {
     /// How two finished runs of one grid agree across conditions (Spearman's rho), e.g.
     /// --metric generate against --metric score.
     Agreement(agreement::AgreementArgs),
+    /// Serve the model over an OpenAI-compatible HTTP API, each request with its own
+    /// steering (`steering` in the request body), all requests batched together.
+    Serve(serve::ServeArgs),
     /// Print a shell completion script: bash, zsh, fish, elvish or powershell (e.g.
     /// `persona-gate completions bash > ~/.local/share/bash-completion/completions/persona-gate`).
     Completions(completions::CompletionsArgs),
@@ -95,6 +99,7 @@ pub fn dispatch(command: &Command, out: &mut dyn Write) -> Result<()> {
     match command {
         Command::Info(a) => info::run(a, out),
         Command::Generate(a) => generate::run(a, out),
+        Command::Serve(a) => serve::run(a, out),
         Command::Demo(a) => demo::run(a, out),
         Command::Bench(a) => bench::run(a, out),
         Command::Extract(c) => extract::run(c, out),

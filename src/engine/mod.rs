@@ -35,7 +35,9 @@
 //! same cells in the same order whatever the neighbours.
 
 pub mod schedule;
+pub mod serve;
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
@@ -255,6 +257,8 @@ impl Model {
 /// A sequence in a generation slot.
 struct Live {
     prompt: usize,
+    /// New tokens at most (0: score the prompt only).
+    max_new: usize,
     /// The sequence's own sampler (sampled decoding), else greedy.
     sampler: Option<ffi::Sampler>,
     tokens: Vec<Token>,
@@ -265,11 +269,17 @@ struct Live {
 
 impl Live {
     fn new(prompt: usize, cfg: &GenConfig) -> Live {
+        let seed = cfg.sampling.map_or(0, |_| cfg.seeds[prompt]);
+        Live::with(prompt, cfg.max_new_tokens, cfg.sampling, seed)
+    }
+
+    /// A sequence with its own length cap and sampler (the server's requests differ).
+    fn with(prompt: usize, max_new: usize, sampling: Option<Sampling>, seed: u32) -> Live {
         Live {
             prompt,
-            sampler: cfg.sampling.map(|x| {
-                ffi::Sampler::new(x.temperature, x.top_k, x.top_p, x.min_p, cfg.seeds[prompt])
-            }),
+            max_new,
+            sampler: sampling
+                .map(|x| ffi::Sampler::new(x.temperature, x.top_k, x.top_p, x.min_p, seed)),
             tokens: vec![],
             done: None,
             first_logits: None,
@@ -292,7 +302,8 @@ enum Cached {
 
 /// What one `generate` call decodes: the prompts, their clusters, and the callbacks.
 struct Job<'a> {
-    prompts: &'a [Prompt],
+    /// Borrowed for a batch; owned by the server, which puts each request in a lane.
+    prompts: Cow<'a, [Prompt]>,
     cfg: &'a GenConfig,
     /// Cluster index of each prompt, if it shares a prefix.
     cluster_of: Vec<Option<usize>>,
@@ -485,7 +496,7 @@ impl<'m> Session<'m> {
             .map(|(i, p)| p.tokens.len() - cluster_of[i].map_or(0, |c| clusters[c].len))
             .collect();
         Job {
-            prompts,
+            prompts: Cow::Borrowed(prompts),
             cfg,
             order: schedule::admission_order(
                 &own,
@@ -896,7 +907,7 @@ impl<'m> Session<'m> {
         if cfg.keep_first_logits && s.first_logits.is_none() {
             s.first_logits = Some(logits.to_vec());
         }
-        if cfg.max_new_tokens == 0 {
+        if s.max_new == 0 {
             s.done = Some(StopReason::MaxTokens);
             return Ok(());
         }
@@ -909,7 +920,7 @@ impl<'m> Session<'m> {
             return Ok(());
         }
         s.tokens.push(t);
-        if s.tokens.len() >= cfg.max_new_tokens {
+        if s.tokens.len() >= s.max_new {
             s.done = Some(StopReason::MaxTokens);
         } else if stop(s.prompt, &s.tokens) {
             s.done = Some(StopReason::Predicate);

@@ -174,6 +174,33 @@ impl HookSet {
         Ok(self.edits.len() - 1)
     }
 
+    /// Replaces the edits that act on sequence `seq` alone with `edits` (their scopes set to
+    /// `seq`): the server reuses a sequence index for request after request. Edits that act
+    /// on other sequences too are kept.
+    ///
+    /// # Errors
+    /// A layer out of range or a vector of the wrong size; nothing changes then.
+    pub fn set_seq_edits(&mut self, seq: usize, edits: Vec<Edit>) -> Result<()> {
+        for e in &edits {
+            self.check(e.layers(), e.vectors.values().map(Vec::len))?;
+        }
+        let alone = Scope::Only(vec![seq]);
+        self.edits.retain(|e| e.scope != alone);
+        self.edits.extend(edits.into_iter().map(|mut e| {
+            e.scope = alone.clone();
+            e
+        }));
+        self.want = vec![false; self.n_layer];
+        for l in self.edits.iter().flat_map(|e| e.vectors.keys().copied()) {
+            self.want[l] = true;
+        }
+        for l in self.captures.iter().flat_map(|c| c.layers.iter().copied()) {
+            self.want[l] = true;
+        }
+        self.by_seq.clear();
+        Ok(())
+    }
+
     /// # Errors
     /// A layer out of range.
     pub fn add_capture(&mut self, c: Capture) -> Result<usize> {

@@ -1,0 +1,154 @@
+//! Continuous serving: requests join the running batch between decode steps and leave it as
+//! soon as they stop, each with its own edits, length cap and sampler.
+//!
+//! The batch engine's rules hold unchanged (one ubatch per call, rows in slot order, no
+//! one-token prompt chunks, finished sequences moved out of the batch), so a request's
+//! tokens are the same bit for bit whatever else is decoded beside it, and equal to a
+//! [`Session::generate`] of the same prompt under the same edits. Each live request holds a
+//! *lane*: its sequence index for the hooks, reused by the next request once it is done.
+//! Shared-prefix reuse is off here: requests arrive one by one, so there is nothing to
+//! plan a prefix over (results are the same either way).
+
+use std::borrow::Cow;
+
+use super::{GenConfig, Generation, Job, Live, Sampling, Session, Stats};
+use crate::chat::Prompt;
+use crate::error::Result;
+use crate::ffi::Token;
+use crate::hooks::{Edit, HookSet};
+
+/// One request for the engine.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub prompt: Prompt,
+    /// At least 1.
+    pub max_new_tokens: usize,
+    /// `None`: greedy.
+    pub sampling: Option<Sampling>,
+    pub seed: u32,
+    /// This request's edits (their scopes are set to its lane).
+    pub edits: Vec<Edit>,
+}
+
+/// Where requests come from and results go: the server's side of [`Session::serve`].
+pub trait Feed {
+    /// Up to `room` new requests, each with the caller's id. `idle` says nothing is being
+    /// decoded, so the feed may block until a request comes. `None` ends serving: every
+    /// request still live is finished with [`CANCELLED`].
+    fn take(&mut self, room: usize, idle: bool) -> Option<Vec<(u64, Request)>>;
+    /// A request's tokens so far, after each new one; `true` stops it there (a stop
+    /// string, a client that went away).
+    fn token(&mut self, id: u64, tokens: &[Token]) -> bool;
+    /// A request's end: its generation, or why it failed.
+    fn finish(&mut self, id: u64, result: std::result::Result<Generation, String>);
+    /// Called once per engine loop turn with the session's counters and the live count.
+    fn tick(&mut self, _stats: &Stats, _live: usize) {}
+}
+
+/// The error text of a request still live when serving ends.
+pub const CANCELLED: &str = "the server is shutting down";
+
+impl<'m> Session<'m> {
+    /// Serves requests from `feed` until it returns `None`. A decode failure (an edit that
+    /// overflows, non-finite logits) fails the requests in that batch, not the server: their
+    /// sequences are dropped and serving goes on.
+    ///
+    /// # Errors
+    /// None from requests; only a failure to reset the context after a failed batch.
+    pub fn serve(&mut self, feed: &mut dyn Feed) -> Result<()> {
+        let info = &self.model.info;
+        let mut hooks = HookSet::new(info.n_layer, info.n_embd);
+        let lanes = self.slots;
+        let empty = Prompt {
+            text: String::new(),
+            tokens: Vec::new(),
+            instruction: 0..0,
+            post_instruction: 0..0,
+        };
+        let cfg = GenConfig::default();
+        let mut job = Job {
+            prompts: Cow::Owned(vec![empty; lanes]),
+            cfg: &cfg,
+            cluster_of: vec![None; lanes],
+            clusters: Vec::new(),
+            cached: Vec::new(),
+            copied: Vec::new(),
+            order: Vec::new(),
+        };
+        let ctx_len = self.model.options.ctx as usize;
+        let mut ids: Vec<Option<u64>> = vec![None; lanes];
+        let mut free: Vec<usize> = (0..lanes).rev().collect();
+        let mut live: Vec<Live> = Vec::with_capacity(lanes);
+        self.ctx.clear_kv();
+        loop {
+            let mut ended = Vec::new();
+            self.retire(&mut live, &mut |lane, g| {
+                ended.push((lane, g));
+                Ok(())
+            })?;
+            for (lane, g) in ended {
+                let id = ids[lane].take().expect("a live lane has an id");
+                hooks.set_seq_edits(lane, Vec::new())?;
+                free.push(lane);
+                feed.finish(id, Ok(g));
+            }
+            feed.tick(&self.stats, live.len());
+            let room = lanes - live.len();
+            let first = live.len();
+            if room > 0 {
+                let Some(reqs) = feed.take(room, live.is_empty()) else {
+                    for s in live.drain(..) {
+                        let id = ids[s.prompt].take().expect("a live lane has an id");
+                        feed.finish(id, Err(CANCELLED.to_string()));
+                    }
+                    self.ctx.clear_kv();
+                    return Ok(());
+                };
+                for (id, r) in reqs.into_iter().take(room) {
+                    let n = r.prompt.tokens.len();
+                    if n == 0 || n + r.max_new_tokens > ctx_len || r.max_new_tokens == 0 {
+                        feed.finish(
+                            id,
+                            Err(format!(
+                                "a prompt of {n} tokens and {} new tokens do not fit the context of {ctx_len}",
+                                r.max_new_tokens
+                            )),
+                        );
+                        continue;
+                    }
+                    let lane = free.pop().expect("room means a free lane");
+                    if let Err(e) = hooks.set_seq_edits(lane, r.edits) {
+                        free.push(lane);
+                        feed.finish(id, Err(e.to_string()));
+                        continue;
+                    }
+                    ids[lane] = Some(id);
+                    job.prompts.to_mut()[lane] = r.prompt;
+                    live.push(Live::with(lane, r.max_new_tokens, r.sampling, r.seed));
+                }
+            }
+            let res = if live.len() > first {
+                let mut stop = |lane: usize, t: &[Token]| feed.token(ids[lane].expect("live"), t);
+                self.prefill(&mut live, first, &mut job, &mut hooks, &mut stop)
+            } else if !live.is_empty() {
+                let mut stop = |lane: usize, t: &[Token]| feed.token(ids[lane].expect("live"), t);
+                self.step(&mut live, &job, &mut hooks, &mut stop)
+            } else {
+                Ok(())
+            };
+            if let Err(e) = res {
+                // The whole call failed: every sequence in it (all live ones) ends with the
+                // error, the rest of the server goes on from an empty cache.
+                let why = e.to_string();
+                for s in live.drain(..) {
+                    let lane = s.prompt;
+                    let id = ids[lane].take().expect("a live lane has an id");
+                    hooks.set_seq_edits(lane, Vec::new())?;
+                    free.push(lane);
+                    feed.finish(id, Err(why.clone()));
+                }
+                self.ctx.clear_kv();
+            }
+        }
+    }
+}
