@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Build llama.cpp's own llama-bench, llama-batched-bench and llama-completion, outside the repo:
-# the benchmark comparison in the README (`make bench-ref`), and the reference output that
-# tests/control_vector.rs compares `generate --control-vector` against.
+# Build llama.cpp's own llama-bench, llama-batched-bench, llama-completion and llama-server,
+# outside the repo: the benchmark comparisons in the README (`make bench-ref`, `make
+# bench-serve`), and the reference output that tests/control_vector.rs compares
+# `generate --control-vector` against.
 #
 # The llama.cpp vendored by our pinned llama-cpp-sys-2 0.1.161 ships without the tools/ sources,
 # so we take llama.cpp from the llama-cpp-python sdist on PyPI whose vendor/llama.cpp is closest:
@@ -14,7 +15,8 @@
 # default): the same -march level and the same GGML_AVX* options llama-cpp-sys-2 derives from
 # the Rust target features, so the two are compared on equal kernels.
 #
-# Usage: scripts/build-llama-ref.sh [--built]
+# Usage: [LLAMA_REF_SERVER=1] scripts/build-llama-ref.sh [--built]
+# LLAMA_REF_SERVER=1 also builds llama-server (for `make bench-serve`).
 #
 # Idempotent: download, unpack, configure and build are each skipped when already done.
 # Progress goes to stderr; stdout is only the bin directory.
@@ -86,7 +88,7 @@ if [ ! -f "$build/CMakeCache.txt" ]; then
     -DLLAMA_CURL=OFF \
     -DLLAMA_BUILD_TESTS=OFF \
     -DLLAMA_BUILD_EXAMPLES=OFF \
-    -DLLAMA_BUILD_SERVER=OFF \
+    -DLLAMA_BUILD_SERVER=ON \
     -DLLAMA_BUILD_TOOLS=ON \
     -DBUILD_SHARED_LIBS=OFF >&2
 fi
@@ -94,6 +96,13 @@ fi
 if [ ! -x "$bin/llama-bench" ] || [ ! -x "$bin/llama-batched-bench" ] || [ ! -x "$bin/llama-completion" ]; then
   log "building llama-bench, llama-batched-bench and llama-completion (-j$jobs)"
   cmake --build "$build" --config Release -j"$jobs" --target llama-bench llama-batched-bench llama-completion >&2
+fi
+# llama-server only for the serving benchmark (a build configured before it was added
+# needs -DLLAMA_BUILD_SERVER=ON: reconfigure in place).
+if [ "${LLAMA_REF_SERVER:-0}" = 1 ] && [ ! -x "$bin/llama-server" ]; then
+  grep -q '^LLAMA_BUILD_SERVER:BOOL=ON' "$build/CMakeCache.txt" || cmake -S "$src" -B "$build" -DLLAMA_BUILD_SERVER=ON >&2
+  log "building llama-server (-j$jobs)"
+  cmake --build "$build" --config Release -j"$jobs" --target llama-server >&2
 fi
 
 echo "$bin"

@@ -4,7 +4,8 @@
 # via Homebrew. `scripts/setup.sh test` also installs what the browser tests drive: Chromium
 # and chromedriver (Debian's chromium and chromium-driver; on macOS it prints a hint).
 # It also makes a Python virtual environment with numpy and safetensors for the test that reads
-# our direction files back in Python (tests/imports.rs), in ~/.cache/persona-gate/python.
+# our direction files back in Python (tests/imports.rs) and the official openai client for the
+# server tests (tests/serve.rs), in ~/.cache/persona-gate/python, and installs curl.
 # `scripts/setup.sh lint` installs what `make lint` needs besides: jq (scripts/check-msrv.sh)
 # and cargo-deny (cargo install --locked: several minutes of compiling, once).
 # Prints nothing when everything is present.
@@ -19,7 +20,8 @@ browser=()
 pyenv="$HOME/.cache/persona-gate/python"
 pyneed=0
 if [ "${1:-}" = test ]; then
-  if ! "$pyenv/bin/python3" -c 'import safetensors, numpy' >/dev/null 2>&1; then
+  command -v curl >/dev/null || need+=(curl)
+  if ! "$pyenv/bin/python3" -c 'import safetensors, numpy, openai' >/dev/null 2>&1; then
     pyneed=1
     command -v python3 >/dev/null || need+=(python3)
     # Debian's python3 makes virtual environments only with python3-venv.
@@ -40,9 +42,9 @@ if [ "${1:-}" = lint ]; then
 fi
 python_env() {
   [ "$pyneed" -eq 1 ] || return 0
-  echo "setup: making $pyenv with numpy and safetensors (the Python read-back test)" >&2
+  echo "setup: making $pyenv with numpy, safetensors and openai (the Python tests)" >&2
   python3 -m venv "$pyenv"
-  "$pyenv/bin/python3" -m pip install --quiet --disable-pip-version-check numpy safetensors
+  "$pyenv/bin/python3" -m pip install --quiet --disable-pip-version-check numpy safetensors openai
 }
 if [ $((${#need[@]} + ${#browser[@]})) -eq 0 ]; then
   python_env
