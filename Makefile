@@ -18,7 +18,7 @@ RUSTFLAGS := $(shell ISA=$(ISA) scripts/cpu-flags.sh)
 endif
 export RUSTFLAGS
 
-.PHONY: setup build models models-science demo test lint bench bench-ref science-directions science-reproduce science-score science-compare clean fuzz
+.PHONY: setup build models models-science demo test lint bench bench-ref bench-serve science-directions science-reproduce science-score science-compare clean fuzz
 
 setup:
 	@scripts/setup.sh
@@ -71,6 +71,11 @@ bench-ref: models
 	@bin=$$(scripts/build-llama-ref.sh) && \
 	$$bin/llama-bench -m $(QWEN05) -t $(THREADS) -p 512 -n 32 -r 3 -fa 0 && \
 	$$bin/llama-batched-bench -m $(QWEN05) -t $(THREADS) -c 4096 -b 512 -ub 512 -npp 50 -ntg 32 -npl 1,16,24 -fa off
+
+# persona-gate serve (unsteered, and every client steering its own way) beside llama-server,
+# same model, threads, slots and instruction set, one load generator (scripts/bench-serve.sh).
+bench-serve: build models
+	@MODEL=$(QWEN05) THREADS=$(THREADS) scripts/bench-serve.sh
 
 # Issue 3's science check on Qwen2.5-Coder-1.5B (outside CI: ~10 min on 2 cores): extract
 # the refusal direction from the refusal_direction train splits, select a layer on the

@@ -190,13 +190,6 @@ impl HookSet {
             e.scope = alone.clone();
             e
         }));
-        self.want = vec![false; self.n_layer];
-        for l in self.edits.iter().flat_map(|e| e.vectors.keys().copied()) {
-            self.want[l] = true;
-        }
-        for l in self.captures.iter().flat_map(|c| c.layers.iter().copied()) {
-            self.want[l] = true;
-        }
         self.by_seq.clear();
         Ok(())
     }
@@ -504,6 +497,35 @@ mod tests {
         hs.visit(1, &mut d, 2).unwrap();
         assert_eq!(d, vec![0.0, 0.0, 1.0, 1.0]);
         hs.check_touched().unwrap();
+    }
+
+    #[test]
+    fn a_sequence_s_edits_are_replaced_and_others_kept() {
+        let mut hs = HookSet::new(2, 1);
+        hs.add_edit(Edit::add([(0, vec![1.0])].into(), Scope::All))
+            .unwrap();
+        hs.set_seq_edits(1, vec![Edit::add([(1, vec![10.0])].into(), Scope::All)])
+            .unwrap();
+        hs.set_seq_edits(0, vec![Edit::add([(1, vec![20.0])].into(), Scope::All)])
+            .unwrap();
+        // Sequence 1's next request: its old edit goes, sequence 0's and the global stay.
+        hs.set_seq_edits(1, vec![Edit::add([(1, vec![30.0])].into(), Scope::All)])
+            .unwrap();
+        hs.set_rows(rows(2), vec![]);
+        let mut d = vec![0.0, 0.0];
+        hs.visit(0, &mut d, 2).unwrap();
+        hs.visit(1, &mut d, 2).unwrap();
+        assert_eq!(d, vec![21.0, 31.0]);
+        // A bad edit changes nothing.
+        assert!(hs
+            .set_seq_edits(1, vec![Edit::add([(5, vec![1.0])].into(), Scope::All)])
+            .is_err());
+        assert_eq!(hs.edits.len(), 3);
+        hs.set_seq_edits(1, vec![]).unwrap();
+        hs.set_seq_edits(0, vec![]).unwrap();
+        assert_eq!(hs.edits.len(), 1);
+        hs.set_rows(rows(2), vec![]);
+        assert!(hs.wants(0) && !hs.wants(1), "no edit is left at layer 1");
     }
 
     #[test]

@@ -408,3 +408,31 @@ pub fn run(served: Served, config: Config) -> Result<()> {
     tracing::debug!("served for {:?}", served_at.elapsed());
     res.and(eng)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(v: &[&str]) -> Vec<String> {
+        v.iter().map(|x| x.to_string()).collect()
+    }
+
+    #[test]
+    fn the_first_stop_string_cuts_the_text() {
+        assert_eq!(stop_at("a\nb END c", &s(&["END", "\n"])), Some(1));
+        assert_eq!(stop_at("abc", &s(&["x"])), None);
+        assert_eq!(stop_at("abc", &[]), None);
+    }
+
+    #[test]
+    fn streaming_holds_back_what_may_begin_a_stop_or_a_character() {
+        // "EN" may become "END": held; "E" alone too; text without a stop prefix goes out.
+        assert_eq!(safe_end("hello EN", &s(&["END"])), 6);
+        assert_eq!(safe_end("hello E", &s(&["END"])), 6);
+        assert_eq!(safe_end("hello", &s(&["END"])), 5);
+        // A character whose last byte has not come yet shows as U+FFFD.
+        assert_eq!(safe_end("ok\u{FFFD}", &[]), 2);
+        // Multi-byte stops are cut on character boundaries only.
+        assert_eq!(safe_end("café é", &s(&["éx"])), "café ".len());
+    }
+}
