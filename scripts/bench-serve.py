@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Load generator for OpenAI-compatible chat servers (persona-gate serve, llama-server).
 
-Each of C clients sends R chat requests one after another (greedy, max_tokens fixed, prompts
-from a fixed list), for every C given; prints one JSON line per concurrency level: wall time,
+Each of C clients sends R chat requests one after another (greedy, exactly max_tokens new
+tokens each via ignore_eos, prompts from a fixed list), for every C given; prints one JSON line per concurrency level: wall time,
 generated tokens per second (usage.completion_tokens summed over all requests / wall time),
 requests per second and request latency (p50, p90, max). With --steer DIRECTION each client
 steers with its own intervention (a different coefficient and layer per client), which only
@@ -53,6 +53,10 @@ def run_level(args, clients):
                 "messages": [{"role": "user", "content": PROMPTS[(i * args.requests + k) % len(PROMPTS)]}],
                 "temperature": 0,
                 "max_tokens": args.max_tokens,
+                # Every request generates exactly max_tokens on both servers (llama-server's
+                # field, which persona-gate also reads), so steering that changes completion
+                # lengths does not change the work.
+                "ignore_eos": True,
             }
             if args.steer:
                 layer = args.layers[i % len(args.layers)]

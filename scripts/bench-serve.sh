@@ -37,15 +37,21 @@ up() {
 gen() { python3 scripts/bench-serve.py "$@" --model bench --clients "$clients" --requests "$requests" --max-tokens "$max_tokens"; }
 : > "$out/results.jsonl"
 
-"$pg" serve -m "$model" -t "$threads" --parallel "$np" --ctx "$ctx" --port 8391 \
-  --directions "$dir" --max-tokens "$max_tokens" --alias bench 2>"$out/persona-gate.log" &
-pid=$!
-trap 'kill $pid 2>/dev/null || true' EXIT
-up http://127.0.0.1:8391 $pid
-name=$(curl -sf http://127.0.0.1:8391/v1/directions | python3 -c 'import json,sys; print(json.load(sys.stdin)["data"][0]["name"])')
-gen http://127.0.0.1:8391 --label persona-gate | tee -a "$out/results.jsonl"
-gen http://127.0.0.1:8391 --label persona-gate-steered --steer "$name" | tee -a "$out/results.jsonl"
-kill -TERM $pid; wait $pid || true
+# persona-gate with its default row-invariant kernels (a request's text is the same bit for
+# bit whatever else is decoded), then with llama.cpp's own kernels (--kernels llama: faster
+# for few sequences; steering stays per request, the last bits then depend on the batch).
+for kernels in invariant llama; do
+  suffix=""; [ "$kernels" = invariant ] || suffix="-$kernels-kernels"
+  "$pg" serve -m "$model" -t "$threads" --parallel "$np" --ctx "$ctx" --port 8391 --kernels "$kernels" \
+    --directions "$dir" --max-tokens "$max_tokens" --alias bench 2>"$out/persona-gate$suffix.log" &
+  pid=$!
+  trap 'kill $pid 2>/dev/null || true' EXIT
+  up http://127.0.0.1:8391 $pid
+  name=$(curl -sf http://127.0.0.1:8391/v1/directions | python3 -c 'import json,sys; print(json.load(sys.stdin)["data"][0]["name"])')
+  gen http://127.0.0.1:8391 --label "persona-gate$suffix" | tee -a "$out/results.jsonl"
+  gen http://127.0.0.1:8391 --label "persona-gate$suffix-steered" --steer "$name" | tee -a "$out/results.jsonl"
+  kill -TERM $pid; wait $pid || true
+done
 
 "$llama_bin/llama-server" -m "$model" -t "$threads" -np "$np" -c $((np * ctx)) -fa off \
   --port 8392 --alias bench 2>"$out/llama-server.log" &
@@ -63,12 +69,13 @@ print("| clients | server | tok/s | req/s | latency p50 / p90 (s) | errors | vs 
 print("|---:|---|---:|---:|---:|---:|---:|---:|")
 for c in sorted({r["clients"] for r in rows}):
     ref = by.get(("llama-server", c))
-    un = by.get(("persona-gate", c))
-    for lab in ["llama-server", "persona-gate", "persona-gate-steered"]:
+    for lab in ["llama-server", "persona-gate", "persona-gate-steered",
+                "persona-gate-llama-kernels", "persona-gate-llama-kernels-steered"]:
         r = by.get((lab, c))
         if not r:
             continue
+        un = by.get((lab.removesuffix("-steered"), c))
         vs = f'{r["tok_per_s"] / ref["tok_per_s"]:.2f}x' if ref and lab != "llama-server" else ""
-        st = f'{r["tok_per_s"] / un["tok_per_s"]:.2f}x' if un and lab == "persona-gate-steered" else ""
+        st = f'{r["tok_per_s"] / un["tok_per_s"]:.2f}x' if un and lab.endswith("-steered") else ""
         print(f'| {c} | {lab} | {r["tok_per_s"]} | {r["req_per_s"]} | {r["latency_p50_s"]} / {r["latency_p90_s"]} | {r["errors"]} | {vs} | {st} |')
 PY

@@ -259,6 +259,8 @@ struct Live {
     prompt: usize,
     /// New tokens at most (0: score the prompt only).
     max_new: usize,
+    /// Keep generating past end-of-generation tokens.
+    ignore_eog: bool,
     /// The sequence's own sampler (sampled decoding), else greedy.
     sampler: Option<ffi::Sampler>,
     tokens: Vec<Token>,
@@ -270,7 +272,9 @@ struct Live {
 impl Live {
     fn new(prompt: usize, cfg: &GenConfig) -> Live {
         let seed = cfg.sampling.map_or(0, |_| cfg.seeds[prompt]);
-        Live::with(prompt, cfg.max_new_tokens, cfg.sampling, seed)
+        let mut s = Live::with(prompt, cfg.max_new_tokens, cfg.sampling, seed);
+        s.ignore_eog = cfg.ignore_eog;
+        s
     }
 
     /// A sequence with its own length cap and sampler (the server's requests differ).
@@ -278,6 +282,7 @@ impl Live {
         Live {
             prompt,
             max_new,
+            ignore_eog: false,
             sampler: sampling
                 .map(|x| ffi::Sampler::new(x.temperature, x.top_k, x.top_p, x.min_p, seed)),
             tokens: vec![],
@@ -915,7 +920,7 @@ impl<'m> Session<'m> {
             Some(x) => x.sample(logits),
             None => argmax(logits),
         };
-        if self.model.is_eog(t) && !cfg.ignore_eog {
+        if self.model.is_eog(t) && !s.ignore_eog {
             s.done = Some(StopReason::Eog);
             return Ok(());
         }

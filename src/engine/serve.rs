@@ -26,6 +26,9 @@ pub struct Request {
     /// `None`: greedy.
     pub sampling: Option<Sampling>,
     pub seed: u32,
+    /// Generate past end-of-generation tokens, to `max_new_tokens` (llama-server's
+    /// `ignore_eos`; benchmarks).
+    pub ignore_eos: bool,
     /// This request's edits (their scopes are set to its lane).
     pub edits: Vec<Edit>,
 }
@@ -124,7 +127,9 @@ impl<'m> Session<'m> {
                     }
                     ids[lane] = Some(id);
                     job.prompts.to_mut()[lane] = r.prompt;
-                    live.push(Live::with(lane, r.max_new_tokens, r.sampling, r.seed));
+                    let mut s = Live::with(lane, r.max_new_tokens, r.sampling, r.seed);
+                    s.ignore_eog = r.ignore_eos;
+                    live.push(s);
                 }
             }
             let res = if live.len() > first {

@@ -92,7 +92,7 @@ pub struct StreamOptions {
 }
 
 /// What chat and text completions share.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone)]
 pub struct Common {
     pub model: Option<String>,
     pub max_tokens: Option<i64>,
@@ -105,13 +105,14 @@ pub struct Common {
     pub seed: Option<i64>,
     pub stop: Option<Stop>,
     pub n: Option<i64>,
-    #[serde(default)]
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
     /// Interventions for this request alone, in the spec's grammar.
     pub steering: Option<Vec<Value>>,
     /// Accepted and ignored, as OpenAI's own end-user tag.
     pub user: Option<String>,
+    /// llama-server's extension: generate to max_tokens past end-of-generation tokens.
+    pub ignore_eos: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -133,6 +134,8 @@ pub struct ChatRequest {
     pub stream_options: Option<StreamOptions>,
     pub steering: Option<Vec<Value>>,
     pub user: Option<String>,
+    #[serde(default)]
+    pub ignore_eos: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -160,6 +163,8 @@ pub struct CompletionRequest {
     pub stream_options: Option<StreamOptions>,
     pub steering: Option<Vec<Value>>,
     pub user: Option<String>,
+    #[serde(default)]
+    pub ignore_eos: bool,
 }
 
 impl ChatRequest {
@@ -179,6 +184,7 @@ impl ChatRequest {
             stream_options: self.stream_options.clone(),
             steering: self.steering.clone(),
             user: self.user.clone(),
+            ignore_eos: self.ignore_eos,
         }
     }
 }
@@ -200,6 +206,7 @@ impl CompletionRequest {
             stream_options: self.stream_options.clone(),
             steering: self.steering.clone(),
             user: self.user.clone(),
+            ignore_eos: self.ignore_eos,
         }
     }
 }
@@ -254,6 +261,7 @@ pub struct Decoding {
     pub seed: Option<u64>,
     pub stops: Vec<String>,
     pub n: usize,
+    pub ignore_eos: bool,
 }
 
 /// Most stop strings a request may give (OpenAI allows 4; llama.cpp more).
@@ -336,6 +344,7 @@ pub fn decoding(c: &Common, lim: &Limits) -> Result<Decoding, ApiError> {
         seed,
         stops,
         n: n as usize,
+        ignore_eos: c.ignore_eos,
     })
 }
 

@@ -494,6 +494,7 @@ fn submit(
                     max_new_tokens: p.max_new[pi],
                     sampling,
                     seed,
+                    ignore_eos: p.dec.ignore_eos,
                     edits: p.edits.clone(),
                 },
                 stream,
