@@ -649,6 +649,16 @@ impl<'m> Context<'m> {
         }
     }
 
+    /// Drops a sequence's cells at positions `from` and after (a cached template header
+    /// keeps only its own rows). Removing from a sequence's end always succeeds.
+    pub fn seq_truncate(&mut self, seq: i32, from: usize) {
+        // SAFETY: valid context; a partial removal at the end is always supported.
+        unsafe {
+            let mem = sys::llama_get_memory(self.ptr.as_ptr());
+            sys::llama_memory_seq_rm(mem, seq, from as i32, -1);
+        }
+    }
+
     /// Copies sequence `src`'s cells to `dst` (which must be empty). With one KV stream per
     /// sequence this copies `src`'s whole stream, so `src` must hold exactly what `dst` should
     /// start with; llama.cpp performs the copy before the next decode.

@@ -194,6 +194,15 @@ fn chat_plain_and_streamed_agree_and_prompts_are_not_logged() {
     assert_eq!(st, 200, "{v}");
     assert_eq!(v["object"], "text_completion");
     assert!(v["choices"][0]["text"].as_str().unwrap().len() > 2, "{v}");
+    // ignore_eos (llama-server's field) generates to max_tokens past the end of the reply.
+    let (_, v) = post(&s, "/v1/chat/completions", &chat_body("Say hello.", json!([]), 200));
+    assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
+    let n = v["usage"]["completion_tokens"].as_u64().unwrap() + 10;
+    let mut b = chat_body("Say hello.", json!([]), n as u32);
+    b["ignore_eos"] = json!(true);
+    let (_, v) = post(&s, "/v1/chat/completions", &b);
+    let got = (v["usage"]["completion_tokens"].as_u64(), v["choices"][0]["finish_reason"].as_str());
+    assert_eq!(got, (Some(n), Some("length")), "{v}");
     // Models and directions.
     let (_, _, m) = curl(&s.url, "/v1/models", None, &[]);
     let m: Value = serde_json::from_str(&m).unwrap();
@@ -207,12 +216,21 @@ fn chat_plain_and_streamed_agree_and_prompts_are_not_logged() {
     // Metrics count what was served.
     let (_, _, met) = curl(&s.url, "/metrics", None, &[]);
     assert!(
-        met.contains(r#"persona_gate_requests_total{endpoint="/v1/chat/completions",status="200"} 4"#),
+        met.contains(r#"persona_gate_requests_total{endpoint="/v1/chat/completions",status="200"} 6"#),
         "{met}"
     );
     for name in ["queue_depth", "batch_occupancy", "seconds_per_token", "completion_tokens_total"] {
         assert!(met.contains(&format!("\npersona_gate_{name} ")), "{name}: {met}");
     }
+    // The template header (SmolLM2's default system prompt and user header) was decoded
+    // once and copied into the later requests.
+    let cached: u64 = met
+        .lines()
+        .find_map(|l| l.strip_prefix("persona_gate_prompt_tokens_cached_total "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(cached >= 4 * 8, "{met}");
     // Research data stays out of the log.
     let log = s.log();
     assert!(!log.contains(USER) && !log.contains(&text), "{log}");
@@ -263,6 +281,29 @@ fn steered_responses_equal_generate_with_the_same_intervention() {
         assert!(echo["layers"].is_array(), "{v}");
         assert_eq!(echo["scale"], "raw");
     }
+    // Sampled: the same seed and settings give generate's samples, choice k = sample k.
+    let mut b = chat_body(USER, json!([]), 16);
+    for (k, v) in [("temperature", json!(0.8)), ("top_k", json!(40)), ("top_p", json!(0.95)),
+                   ("min_p", json!(0.05)), ("seed", json!(1)), ("n", json!(2))] {
+        b[k] = v;
+    }
+    let (st, v) = post(&s, "/v1/chat/completions", &b);
+    assert_eq!(st, 200, "{v}");
+    let got: Vec<&str> = (0..2)
+        .map(|i| v["choices"][i]["message"]["content"].as_str().unwrap())
+        .collect();
+    let mut c = bin();
+    c.args(["generate", "-t", "2", "--ctx", "512", "--format", "jsonl", "-p", USER, "-n", "16",
+            "--temp", "0.8", "-s", "1", "--samples", "2", "-m"])
+        .arg(model_path(SMOL));
+    let out = run_ok(&mut c);
+    let want: Vec<String> = out
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["text"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(got, want, "sampled choices differ from generate's samples");
+    assert_ne!(got[0], got[1]);
 }
 
 #[test]

@@ -318,6 +318,9 @@ struct Job<'a> {
     copied: Vec<usize>,
     /// The order prompts enter slots: see [`schedule::admission_order`].
     order: Vec<usize>,
+    /// Prompts whose first rows the caller already copied into their slot, and how many
+    /// (the server's template-header cache); empty for batch jobs.
+    resume: Vec<usize>,
 }
 
 impl<'m> Session<'m> {
@@ -513,6 +516,7 @@ impl<'m> Session<'m> {
             cached: vec![Cached::NotYet; clusters.len()],
             copied: vec![0; clusters.len()],
             clusters,
+            resume: Vec::new(),
         }
     }
 
@@ -593,7 +597,7 @@ impl<'m> Session<'m> {
     /// stream; returns where its own tokens start.
     fn copy_prefix(&mut self, slot: usize, p: usize, job: &mut Job<'_>) -> usize {
         let Some(c) = job.cluster_of[p] else {
-            return 0;
+            return job.resume.get(p).copied().unwrap_or(0);
         };
         let Cached::In(st) = job.cached[c] else {
             return 0;

@@ -6,11 +6,16 @@
 //! tokens are the same bit for bit whatever else is decoded beside it, and equal to a
 //! [`Session::generate`] of the same prompt under the same edits. Each live request holds a
 //! *lane*: its sequence index for the hooks, reused by the next request once it is done.
-//! Shared-prefix reuse is off here: requests arrive one by one, so there is nothing to
-//! plan a prefix over (results are the same either way).
+//! Requests arrive one by one, so instead of the batch engine's planned prefix clusters the
+//! server keeps *template headers*: the rows before a request's last user message (system
+//! prompt, earlier turns, the user header), decoded once into a cache stream and copied into
+//! the slot of each later request that begins with the same tokens under edits with the same
+//! fingerprint (llama-server's prompt cache, made exact: the copied rows are the rows that
+//! request would have computed, so results are the same with or without the cache).
 
 use std::borrow::Cow;
 
+use super::schedule::MIN_SHARED;
 use super::{GenConfig, Generation, Job, Live, Sampling, Session, Stats};
 use crate::chat::Prompt;
 use crate::error::Result;
@@ -48,6 +53,64 @@ pub trait Feed {
     fn tick(&mut self, _stats: &Stats, _live: usize) {}
 }
 
+/// A template header kept in a cache stream.
+struct Header {
+    tokens: Vec<Token>,
+    /// The fingerprint of the edits it was decoded under.
+    sig: u64,
+    stream: i32,
+    /// When it was last copied (for least-recently-used eviction).
+    used: u64,
+}
+
+/// The cache streams' headers.
+struct Headers {
+    entries: Vec<Header>,
+    streams: Vec<i32>,
+    clock: u64,
+}
+
+impl Headers {
+    /// The longest header that `tokens` begins with under `sig`, leaving at least two
+    /// tokens of its own (a one-token chunk would take another attention kernel).
+    fn find(&mut self, tokens: &[Token], sig: u64) -> Option<(i32, usize)> {
+        self.clock += 1;
+        let now = self.clock;
+        let e = self
+            .entries
+            .iter_mut()
+            .filter(|e| e.sig == sig && e.tokens.len() + 2 <= tokens.len())
+            .filter(|e| tokens.starts_with(&e.tokens))
+            .max_by_key(|e| e.tokens.len())?;
+        e.used = now;
+        Some((e.stream, e.tokens.len()))
+    }
+
+    fn has(&self, tokens: &[Token], sig: u64) -> bool {
+        self.entries.iter().any(|e| e.sig == sig && e.tokens == tokens)
+    }
+
+    /// A stream for a new header: a free one, or the least recently used one's.
+    fn stream_for_new(&mut self) -> Option<i32> {
+        if let Some(&st) = self
+            .streams
+            .iter()
+            .find(|st| !self.entries.iter().any(|e| e.stream == **st))
+        {
+            return Some(st);
+        }
+        let (i, _) = self.entries.iter().enumerate().min_by_key(|(_, e)| e.used)?;
+        Some(self.entries.swap_remove(i).stream)
+    }
+}
+
+/// The fingerprint of a request's edits, in order.
+fn edits_sig(edits: &[Edit]) -> u64 {
+    edits.iter().fold(0x9e37_79b9_7f4a_7c15, |h, e| {
+        (h ^ e.fingerprint()).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
 /// The error text of a request still live when serving ends.
 pub const CANCELLED: &str = "the server is shutting down";
 
@@ -77,7 +140,16 @@ impl<'m> Session<'m> {
             cached: Vec::new(),
             copied: Vec::new(),
             order: Vec::new(),
+            resume: vec![0; lanes],
         };
+        let cache_base = lanes as i32;
+        let mut headers = Headers {
+            entries: Vec::new(),
+            streams: (cache_base..cache_base + self.cache_streams as i32).collect(),
+            clock: 0,
+        };
+        // Headers to keep once their request's prompt is decoded: (slot, tokens, sig).
+        let mut to_save: Vec<(usize, Vec<Token>, u64)> = Vec::new();
         let ctx_len = self.model.options.ctx as usize;
         let mut ids: Vec<Option<u64>> = vec![None; lanes];
         let mut free: Vec<usize> = (0..lanes).rev().collect();
@@ -120,12 +192,30 @@ impl<'m> Session<'m> {
                         continue;
                     }
                     let lane = free.pop().expect("room means a free lane");
+                    let sig = edits_sig(&r.edits);
                     if let Err(e) = hooks.set_seq_edits(lane, r.edits) {
                         free.push(lane);
                         feed.finish(id, Err(e.to_string()));
                         continue;
                     }
                     ids[lane] = Some(id);
+                    let slot = live.len();
+                    let toks = &r.prompt.tokens;
+                    job.resume[lane] = match headers.find(toks, sig) {
+                        Some((st, len)) => {
+                            self.ctx.seq_cp(st, slot as i32);
+                            self.stats.stream_copies += 1;
+                            self.stats.shared_tokens += len as u64;
+                            len
+                        }
+                        None => {
+                            let h = r.prompt.instruction.start.min(n.saturating_sub(2));
+                            if h >= MIN_SHARED && !headers.streams.is_empty() {
+                                to_save.push((slot, toks[..h].to_vec(), sig));
+                            }
+                            0
+                        }
+                    };
                     job.prompts.to_mut()[lane] = r.prompt;
                     let mut s = Live::with(lane, r.max_new_tokens, r.sampling, r.seed);
                     s.ignore_eog = r.ignore_eos;
@@ -134,7 +224,30 @@ impl<'m> Session<'m> {
             }
             let res = if live.len() > first {
                 let mut stop = |lane: usize, t: &[Token]| feed.token(ids[lane].expect("live"), t);
-                self.prefill(&mut live, first, &mut job, &mut hooks, &mut stop)
+                let r = self.prefill(&mut live, first, &mut job, &mut hooks, &mut stop);
+                if r.is_ok() {
+                    // Keep the new headers: each slot's stream (its prompt, decoded by the
+                    // call above) copied, cut back to the header. The copy runs at the start
+                    // of the next decode, before anything is written.
+                    for (slot, tokens, sig) in to_save.drain(..) {
+                        if headers.has(&tokens, sig) {
+                            continue;
+                        }
+                        let Some(st) = headers.stream_for_new() else { break };
+                        self.ctx.seq_rm(st);
+                        self.ctx.seq_cp(slot as i32, st);
+                        self.ctx.seq_truncate(st, tokens.len());
+                        self.stats.stream_copies += 1;
+                        headers.entries.push(Header {
+                            tokens,
+                            sig,
+                            stream: st,
+                            used: headers.clock,
+                        });
+                    }
+                }
+                to_save.clear();
+                r
             } else if !live.is_empty() {
                 let mut stop = |lane: usize, t: &[Token]| feed.token(ids[lane].expect("live"), t);
                 self.step(&mut live, &job, &mut hooks, &mut stop)
@@ -153,6 +266,7 @@ impl<'m> Session<'m> {
                     feed.finish(id, Err(why.clone()));
                 }
                 self.ctx.clear_kv();
+                headers.entries.clear();
             }
         }
     }

@@ -92,6 +92,19 @@ impl Edit {
     pub fn layers(&self) -> impl Iterator<Item = usize> + '_ {
         self.vectors.keys().copied()
     }
+    /// A hash of what the edit does (kind, layers, vector bits), not whom it acts on: two
+    /// requests with equal fingerprints get identical activations from identical tokens.
+    pub fn fingerprint(&self) -> u64 {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut mix = |x: u64| h = (h ^ x).wrapping_mul(0x0100_0000_01b3);
+        mix(self.kind as u64);
+        for (l, v) in &self.vectors {
+            mix(*l as u64);
+            v.iter().for_each(|x| mix(x.to_bits() as u64));
+        }
+        h
+    }
+
     /// Rows × layers this edit changed so far.
     pub fn touched(&self) -> u64 {
         self.touched

@@ -258,6 +258,7 @@ pub fn metrics_text(s: &Shared) -> String {
     metric("decode_steps_total", "counter", "Generation steps (one decode call each).", steps.to_string());
     metric("generation_seconds_total", "counter", "Time in generation steps.", format!("{gen_s:.6}"));
     metric("prompt_tokens_decoded_total", "counter", "Prompt tokens decoded by the engine.", ld(&m.prompt_decoded).to_string());
+    metric("prompt_tokens_cached_total", "counter", "Prompt tokens copied from cached template headers.", ld(&m.prompt_cached).to_string());
     metric("prompt_seconds_total", "counter", "Time in prompt decoding.", format!("{:.6}", ld(&m.prompt_micros) as f64 / 1e6));
     metric(
         "batch_occupancy",

@@ -109,6 +109,8 @@ pub struct Metrics {
     /// Microseconds.
     pub gen_micros: AtomicU64,
     pub prompt_decoded: AtomicU64,
+    /// Prompt tokens copied from cached template headers instead of decoded.
+    pub prompt_cached: AtomicU64,
     pub prompt_micros: AtomicU64,
     pub request_micros: AtomicU64,
     pub request_count: AtomicU64,
@@ -351,6 +353,7 @@ impl Feed for EngineFeed<'_> {
         m.gen_micros
             .store(stats.gen_time.as_micros() as u64, Ordering::Relaxed);
         m.prompt_decoded.store(stats.prompt_tokens, Ordering::Relaxed);
+        m.prompt_cached.store(stats.shared_tokens, Ordering::Relaxed);
         m.prompt_micros
             .store(stats.prompt_time.as_micros() as u64, Ordering::Relaxed);
     }
