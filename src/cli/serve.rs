@@ -11,7 +11,6 @@ use clap::Args;
 use persona_gate::chat::{ChatTemplate, Prompt, SystemPrompt};
 use persona_gate::directions::DirectionFile;
 use persona_gate::error::Error;
-use persona_gate::experiment::steer;
 use persona_gate::prompts;
 use persona_gate::serve::{self, Config, Named, Served};
 
@@ -129,16 +128,12 @@ pub fn run(a: &ServeArgs, _out: &mut dyn Write) -> anyhow::Result<()> {
         .into_iter()
         .map(|i| i.text)
         .collect();
-    let ps = Prompt::render_all(
+    let reference = Prompt::render_all(
         &model,
         &template,
         &SystemPrompt::TemplateDefault,
         reference.iter().map(String::as_str),
     )?;
-    let resid_norms = {
-        let mut session = model.session()?;
-        steer::resid_norms(&mut session, &ps)?
-    };
     let model_sha256 = model.sha256()?;
     let model_id = a.alias.clone().unwrap_or_else(|| {
         a.model
@@ -162,7 +157,8 @@ pub fn run(a: &ServeArgs, _out: &mut dyn Write) -> anyhow::Result<()> {
             model,
             template,
             directions,
-            resid_norms,
+            reference,
+            resid_norms: std::sync::OnceLock::new(),
             model_sha256,
         },
         config,

@@ -210,7 +210,7 @@ async fn directions(State(s): State<App>, headers: HeaderMap) -> Response {
         "object": "list",
         "data": data,
         "model_sha256": s.served.model_sha256,
-        "resid_norms": s.served.resid_norms,
+        "resid_norms": s.served.resid_norms.get(),
     }))
     .into_response()
 }
@@ -346,7 +346,7 @@ fn prepare(s: &Shared, c: &Common, inputs: Inputs) -> std::result::Result<Prepar
                 ),
             ));
         };
-        let e = steer::edit(&at, i + 1, &d.direction, iv, Some(&s.served.resid_norms), Scope::All)
+        let e = steer::edit(&at, i + 1, &d.direction, iv, s.served.resid_norms.get().map(Vec::as_slice), Scope::All)
             .map_err(|e| ApiError::bad(at.clone(), e.to_string()))?;
         edits.push(e);
     }

@@ -65,10 +65,11 @@ pub struct Served {
     pub model: Model,
     pub template: ChatTemplate,
     pub directions: Vec<Named>,
-    /// Mean residual norm per layer over the built-in harmless prompts: what
-    /// `scale = "resid"` is relative to here (fixed at start, so a request's output does not
-    /// depend on other requests).
-    pub resid_norms: Vec<f64>,
+    /// The prompts `scale = "resid"` is relative to (the built-in harmless set).
+    pub reference: Vec<crate::chat::Prompt>,
+    /// Mean residual norm per layer over `reference`, measured by the engine thread before
+    /// the server listens (fixed, so a request's output does not depend on other requests).
+    pub resid_norms: std::sync::OnceLock<Vec<f64>>,
     pub model_sha256: String,
 }
 
@@ -377,13 +378,31 @@ pub fn run(served: Served, config: Config) -> Result<()> {
         slots,
         queue: Mutex::new(Some(tx)),
     });
+    // All llama.cpp work runs on the engine thread: a second OpenMP team (on the main
+    // thread) measurably slowed every decode step of the engine's.
+    let (ready_tx, ready_rx) = mpsc::channel::<std::result::Result<(), String>>();
     let engine = {
         let shared = Arc::clone(&shared);
         std::thread::Builder::new()
             .name("engine".into())
             .spawn(move || -> Result<()> {
                 let model = &shared.served.model;
-                let mut session = model.session()?;
+                let start = model.session().and_then(|mut session| {
+                    let norms =
+                        crate::experiment::steer::resid_norms(&mut session, &shared.served.reference)?;
+                    let _ = shared.served.resid_norms.set(norms);
+                    Ok(session)
+                });
+                let mut session = match start {
+                    Ok(s) => {
+                        let _ = ready_tx.send(Ok(()));
+                        s
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e.to_string()));
+                        return Err(e);
+                    }
+                };
                 let mut feed = EngineFeed {
                     rx,
                     model,
@@ -394,6 +413,15 @@ pub fn run(served: Served, config: Config) -> Result<()> {
             })
             .map_err(|e| Error::Serve(format!("cannot start the engine thread: {e}")))?
     };
+    match ready_rx.recv() {
+        Ok(Ok(())) => {}
+        _ => {
+            return match engine.join() {
+                Ok(Err(e)) => Err(e),
+                _ => Err(Error::Serve("the engine thread failed to start".into())),
+            }
+        }
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
