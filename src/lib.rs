@@ -9,7 +9,9 @@
 //!   token spans;
 //! - [`hooks`]: hook points (`resid_post.L` = llama.cpp's `l_out-L`) and the capture, add
 //!   and project hooks that run there;
-//! - [`engine`]: batched evaluation and greedy generation with hooks.
+//! - [`engine`]: batched evaluation and greedy or sampled generation with hooks, and
+//!   continuous serving (requests joining between decode steps);
+//! - [`serve`]: the OpenAI-compatible HTTP server, each request with its own steering.
 //!
 //! ```no_run
 //! use persona_gate::{chat::{ChatTemplate, Prompt, SystemPrompt}, engine::GenConfig, hooks::HookSet, model::{Model, ModelOptions}};

@@ -16,7 +16,7 @@ const LAYERS: &[&[&str]] = &[
     &["engine"],
     &["directions", "judge"],
     &["experiment"],
-    &["studies"],
+    &["studies", "serve"],
 ];
 
 fn rank() -> BTreeMap<&'static str, usize> {

@@ -85,12 +85,19 @@ fn curl(url: &str, path: &str, body: Option<&str>, extra: &[&str]) -> (u16, Stri
     let mut c = Command::new("curl");
     c.args(["-s", "-S", "-D", "-", "--max-time", "120"]);
     if body.is_some() {
-        c.args(["-H", "Content-Type: application/json", "--data-binary", "@-"]);
+        c.args([
+            "-H",
+            "Content-Type: application/json",
+            "--data-binary",
+            "@-",
+        ]);
         c.stdin(Stdio::piped());
     }
     c.args(extra).arg(format!("{url}{path}"));
     c.stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut child = c.spawn().expect("curl is installed (scripts/setup.sh test)");
+    let mut child = c
+        .spawn()
+        .expect("curl is installed (scripts/setup.sh test)");
     if let Some(b) = body {
         use std::io::Write;
         let mut stdin = child.stdin.take().unwrap();
@@ -98,7 +105,11 @@ fn curl(url: &str, path: &str, body: Option<&str>, extra: &[&str]) -> (u16, Stri
     }
     let o = child.wait_with_output().unwrap();
     let out = String::from_utf8_lossy(&o.stdout).into_owned();
-    assert!(o.status.success(), "curl failed: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "curl failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
     let status: u16 = head.split_whitespace().nth(1).unwrap().parse().unwrap();
     (status, head.to_string(), body.to_string())
@@ -106,7 +117,10 @@ fn curl(url: &str, path: &str, body: Option<&str>, extra: &[&str]) -> (u16, Stri
 
 fn post(s: &Server, path: &str, body: &Value) -> (u16, Value) {
     let (st, _, b) = curl(&s.url, path, Some(&body.to_string()), &[]);
-    (st, serde_json::from_str(&b).unwrap_or_else(|_| panic!("not JSON: {b}")))
+    (
+        st,
+        serde_json::from_str(&b).unwrap_or_else(|_| panic!("not JSON: {b}")),
+    )
 }
 
 fn chat_body(user: &str, steering: Value, max_tokens: u32) -> Value {
@@ -161,18 +175,33 @@ fn chat_plain_and_streamed_agree_and_prompts_are_not_logged() {
     let mut body = chat_body(USER, json!([]), 24);
     body["stream"] = json!(true);
     body["stream_options"] = json!({"include_usage": true});
-    let (st, head, sse) = curl(&s.url, "/v1/chat/completions", Some(&body.to_string()), &["-N"]);
+    let (st, head, sse) = curl(
+        &s.url,
+        "/v1/chat/completions",
+        Some(&body.to_string()),
+        &["-N"],
+    );
     assert_eq!(st, 200);
     assert!(head.to_lowercase().contains("text/event-stream"), "{head}");
     let ev = events(&sse);
     assert_eq!(ev[0]["choices"][0]["delta"]["role"], "assistant");
-    assert_eq!(streamed_text(&ev), text, "streamed text differs from the plain response");
+    assert_eq!(
+        streamed_text(&ev),
+        text,
+        "streamed text differs from the plain response"
+    );
     let fin: Vec<&Value> = ev
         .iter()
-        .filter(|e| !e["choices"][0]["finish_reason"].is_null() && e["choices"].as_array().is_some_and(|c| !c.is_empty()))
+        .filter(|e| {
+            !e["choices"][0]["finish_reason"].is_null()
+                && e["choices"].as_array().is_some_and(|c| !c.is_empty())
+        })
         .collect();
     assert_eq!(fin.len(), 1);
-    assert_eq!(fin[0]["choices"][0]["finish_reason"], v["choices"][0]["finish_reason"]);
+    assert_eq!(
+        fin[0]["choices"][0]["finish_reason"],
+        v["choices"][0]["finish_reason"]
+    );
     assert_eq!(ev.last().unwrap()["usage"], *usage, "stream usage differs");
     // Stop strings cut the text before the stop, plain and streamed alike.
     let stop = text.chars().skip(4).take(3).collect::<String>();
@@ -183,7 +212,12 @@ fn chat_plain_and_streamed_agree_and_prompts_are_not_logged() {
     assert_eq!(content(&v2), want);
     assert_eq!(v2["choices"][0]["finish_reason"], "stop");
     b["stream"] = json!(true);
-    let (_, _, sse) = curl(&s.url, "/v1/chat/completions", Some(&b.to_string()), &["-N"]);
+    let (_, _, sse) = curl(
+        &s.url,
+        "/v1/chat/completions",
+        Some(&b.to_string()),
+        &["-N"],
+    );
     assert_eq!(streamed_text(&events(&sse)), want);
     // Text completions take the prompt as is.
     let (st, v) = post(
@@ -195,13 +229,20 @@ fn chat_plain_and_streamed_agree_and_prompts_are_not_logged() {
     assert_eq!(v["object"], "text_completion");
     assert!(v["choices"][0]["text"].as_str().unwrap().len() > 2, "{v}");
     // ignore_eos (llama-server's field) generates to max_tokens past the end of the reply.
-    let (_, v) = post(&s, "/v1/chat/completions", &chat_body("Say hello.", json!([]), 200));
+    let (_, v) = post(
+        &s,
+        "/v1/chat/completions",
+        &chat_body("Say hello.", json!([]), 200),
+    );
     assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
     let n = v["usage"]["completion_tokens"].as_u64().unwrap() + 10;
     let mut b = chat_body("Say hello.", json!([]), n as u32);
     b["ignore_eos"] = json!(true);
     let (_, v) = post(&s, "/v1/chat/completions", &b);
-    let got = (v["usage"]["completion_tokens"].as_u64(), v["choices"][0]["finish_reason"].as_str());
+    let got = (
+        v["usage"]["completion_tokens"].as_u64(),
+        v["choices"][0]["finish_reason"].as_str(),
+    );
     assert_eq!(got, (Some(n), Some("length")), "{v}");
     // Models and directions.
     let (_, _, m) = curl(&s.url, "/v1/models", None, &[]);
@@ -216,11 +257,21 @@ fn chat_plain_and_streamed_agree_and_prompts_are_not_logged() {
     // Metrics count what was served.
     let (_, _, met) = curl(&s.url, "/metrics", None, &[]);
     assert!(
-        met.contains(r#"persona_gate_requests_total{endpoint="/v1/chat/completions",status="200"} 6"#),
+        met.contains(
+            r#"persona_gate_requests_total{endpoint="/v1/chat/completions",status="200"} 6"#
+        ),
         "{met}"
     );
-    for name in ["queue_depth", "batch_occupancy", "seconds_per_token", "completion_tokens_total"] {
-        assert!(met.contains(&format!("\npersona_gate_{name} ")), "{name}: {met}");
+    for name in [
+        "queue_depth",
+        "batch_occupancy",
+        "seconds_per_token",
+        "completion_tokens_total",
+    ] {
+        assert!(
+            met.contains(&format!("\npersona_gate_{name} ")),
+            "{name}: {met}"
+        );
     }
     // The template header (SmolLM2's default system prompt and user header) was decoded
     // once and copied into the later requests.
@@ -239,10 +290,12 @@ fn chat_plain_and_streamed_agree_and_prompts_are_not_logged() {
 /// `generate --format jsonl`'s text for USER under `intervention` (none: unsteered).
 fn generate(intervention: Option<&str>, n: u32) -> String {
     let mut c = bin();
-    c.args(["generate", "-t", "2", "--ctx", "512", "--format", "jsonl", "-p", USER, "-n"])
-        .arg(n.to_string())
-        .arg("-m")
-        .arg(model_path(SMOL));
+    c.args([
+        "generate", "-t", "2", "--ctx", "512", "--format", "jsonl", "-p", USER, "-n",
+    ])
+    .arg(n.to_string())
+    .arg("-m")
+    .arg(model_path(SMOL));
     if let Some(i) = intervention {
         c.args(["--intervention", i]);
     }
@@ -268,9 +321,17 @@ fn steered_responses_equal_generate_with_the_same_intervention() {
         ),
     ];
     let (_, plain) = post(&s, "/v1/chat/completions", &chat_body(USER, json!([]), 24));
-    assert_eq!(content(&plain), generate(None, 24), "unsteered differs from generate");
+    assert_eq!(
+        content(&plain),
+        generate(None, 24),
+        "unsteered differs from generate"
+    );
     for (steer, flag) in cases {
-        let (st, v) = post(&s, "/v1/chat/completions", &chat_body(USER, steer.clone(), 24));
+        let (st, v) = post(
+            &s,
+            "/v1/chat/completions",
+            &chat_body(USER, steer.clone(), 24),
+        );
         assert_eq!(st, 200, "{v}");
         let got = content(&v);
         assert_eq!(got, generate(Some(&flag), 24), "{steer}");
@@ -283,8 +344,14 @@ fn steered_responses_equal_generate_with_the_same_intervention() {
     }
     // Sampled: the same seed and settings give generate's samples, choice k = sample k.
     let mut b = chat_body(USER, json!([]), 16);
-    for (k, v) in [("temperature", json!(0.8)), ("top_k", json!(40)), ("top_p", json!(0.95)),
-                   ("min_p", json!(0.05)), ("seed", json!(1)), ("n", json!(2))] {
+    for (k, v) in [
+        ("temperature", json!(0.8)),
+        ("top_k", json!(40)),
+        ("top_p", json!(0.95)),
+        ("min_p", json!(0.05)),
+        ("seed", json!(1)),
+        ("n", json!(2)),
+    ] {
         b[k] = v;
     }
     let (st, v) = post(&s, "/v1/chat/completions", &b);
@@ -293,14 +360,37 @@ fn steered_responses_equal_generate_with_the_same_intervention() {
         .map(|i| v["choices"][i]["message"]["content"].as_str().unwrap())
         .collect();
     let mut c = bin();
-    c.args(["generate", "-t", "2", "--ctx", "512", "--format", "jsonl", "-p", USER, "-n", "16",
-            "--temp", "0.8", "-s", "1", "--samples", "2", "-m"])
-        .arg(model_path(SMOL));
+    c.args([
+        "generate",
+        "-t",
+        "2",
+        "--ctx",
+        "512",
+        "--format",
+        "jsonl",
+        "-p",
+        USER,
+        "-n",
+        "16",
+        "--temp",
+        "0.8",
+        "-s",
+        "1",
+        "--samples",
+        "2",
+        "-m",
+    ])
+    .arg(model_path(SMOL));
     let out = run_ok(&mut c);
     let want: Vec<String> = out
         .lines()
         .filter(|l| l.starts_with('{'))
-        .map(|l| serde_json::from_str::<Value>(l).unwrap()["text"].as_str().unwrap().to_string())
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["text"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
         .collect();
     assert_eq!(got, want, "sampled choices differ from generate's samples");
     assert_ne!(got[0], got[1]);
@@ -314,7 +404,7 @@ fn eight_concurrent_clients_each_get_their_solo_text() {
             0 => json!([]),
             1 => json!([{"direction": "persona", "op": "project", "layers": "all"}]),
             _ => json!([{"direction": "persona", "op": "add", "layers": format!("{}-{}", i, i + 4),
-                         "coefficient": if i % 2 == 0 { 0.5 } else { -0.5 }}]),
+                         "coefficient": if i.is_multiple_of(2) { 0.5 } else { -0.5 }}]),
         }
     };
     let bodies: Vec<Value> = (0..8)
@@ -325,7 +415,10 @@ fn eight_concurrent_clients_each_get_their_solo_text() {
         .map(|b| content(&post(&s, "/v1/chat/completions", b).1))
         .collect();
     let distinct: std::collections::BTreeSet<&String> = solo.iter().collect();
-    assert!(distinct.len() >= 4, "steering made too little difference: {solo:?}");
+    assert!(
+        distinct.len() >= 4,
+        "steering made too little difference: {solo:?}"
+    );
     for round in 0..2 {
         let url = s.url.clone();
         let handles: Vec<_> = bodies
@@ -334,14 +427,18 @@ fn eight_concurrent_clients_each_get_their_solo_text() {
             .map(|b| {
                 let url = url.clone();
                 std::thread::spawn(move || {
-                    let (st, _, body) = curl(&url, "/v1/chat/completions", Some(&b.to_string()), &[]);
+                    let (st, _, body) =
+                        curl(&url, "/v1/chat/completions", Some(&b.to_string()), &[]);
                     assert_eq!(st, 200, "{body}");
                     content(&serde_json::from_str(&body).unwrap())
                 })
             })
             .collect();
         let together: Vec<String> = handles.into_iter().map(|h| h.join().unwrap()).collect();
-        assert_eq!(together, solo, "round {round}: batched text differs from solo");
+        assert_eq!(
+            together, solo,
+            "round {round}: batched text differs from solo"
+        );
     }
 }
 
@@ -369,7 +466,11 @@ fn bad_requests_get_400_naming_the_field() {
         (json!({"prompt": "", "max_tokens": 4}).to_string(), 400, "prompt"),
     ];
     for (body, want, needle) in cases {
-        let path = if body.contains("\"prompt\"") { "/v1/completions" } else { "/v1/chat/completions" };
+        let path = if body.contains("\"prompt\"") {
+            "/v1/completions"
+        } else {
+            "/v1/chat/completions"
+        };
         let (st, _, b) = curl(&s.url, path, Some(&body), &[]);
         let v: Value = serde_json::from_str(&b).unwrap_or_else(|_| panic!("{body}: not JSON: {b}"));
         assert_eq!(st, want, "{body}: {b}");
@@ -387,7 +488,16 @@ fn bad_requests_get_400_naming_the_field() {
 
 #[test]
 fn limits_and_keys_413_401_and_503_with_retry_after() {
-    let s = Server::start(&["--max-body", "4K", "--api-key", "sesame", "--parallel", "1", "--queue", "1"]);
+    let s = Server::start(&[
+        "--max-body",
+        "4K",
+        "--api-key",
+        "sesame",
+        "--parallel",
+        "1",
+        "--queue",
+        "1",
+    ]);
     let key = ["-H", "Authorization: Bearer sesame"];
     let big = json!({"messages": [{"role": "user", "content": "y".repeat(8000)}]}).to_string();
     let (st, _, b) = curl(&s.url, "/v1/chat/completions", Some(&big), &key);
@@ -396,19 +506,32 @@ fn limits_and_keys_413_401_and_503_with_retry_after() {
     let small = chat_body(USER, json!([]), 4).to_string();
     let (st, _, b) = curl(&s.url, "/v1/chat/completions", Some(&small), &[]);
     assert_eq!(st, 401, "{b}");
-    let (st, _, _) = curl(&s.url, "/v1/chat/completions", Some(&small), &["-H", "Authorization: Bearer sesamf"]);
+    let (st, _, _) = curl(
+        &s.url,
+        "/v1/chat/completions",
+        Some(&small),
+        &["-H", "Authorization: Bearer sesamf"],
+    );
     assert_eq!(st, 401);
     let (st, _, _) = curl(&s.url, "/v1/models", None, &[]);
     assert_eq!(st, 401);
     let (st, _, _) = curl(&s.url, "/health", None, &[]);
     assert_eq!(st, 200, "/health needs no key");
     // One slot and a queue of one: of six long requests at once, some wait, the rest 503.
-    let long = json!({"prompt": "Once upon a time", "max_tokens": 120, "temperature": 0}).to_string();
+    let long =
+        json!({"prompt": "Once upon a time", "max_tokens": 120, "temperature": 0}).to_string();
     let url = s.url.clone();
     let handles: Vec<_> = (0..6)
         .map(|_| {
             let (url, long) = (url.clone(), long.clone());
-            std::thread::spawn(move || curl(&url, "/v1/completions", Some(&long), &["-H", "Authorization: Bearer sesame"]))
+            std::thread::spawn(move || {
+                curl(
+                    &url,
+                    "/v1/completions",
+                    Some(&long),
+                    &["-H", "Authorization: Bearer sesame"],
+                )
+            })
         })
         .collect();
     let got: Vec<(u16, String, String)> = handles.into_iter().map(|h| h.join().unwrap()).collect();
@@ -427,9 +550,17 @@ fn a_client_that_disconnects_frees_its_slot() {
     let s = Server::start(&["--parallel", "1"]);
     // A long streamed request on the only slot, dropped after its first piece of text.
     let body = json!({"prompt": "Once upon a time", "max_tokens": 400, "temperature": 0,
-                      "stream": true}).to_string();
+                      "stream": true})
+    .to_string();
     let mut c = Command::new("curl")
-        .args(["-s", "-N", "-H", "Content-Type: application/json", "-d", &body])
+        .args([
+            "-s",
+            "-N",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            &body,
+        ])
         .arg(format!("{}/v1/completions", s.url))
         .stdout(Stdio::piped())
         .spawn()
@@ -447,17 +578,28 @@ fn a_client_that_disconnects_frees_its_slot() {
     drop(out);
     // The next request gets the slot long before 400 tokens could have been generated.
     let t = Instant::now();
-    let (st, v) = post(&s, "/v1/completions", &json!({"prompt": "Hi", "max_tokens": 4, "temperature": 0}));
+    let (st, v) = post(
+        &s,
+        "/v1/completions",
+        &json!({"prompt": "Hi", "max_tokens": 4, "temperature": 0}),
+    );
     assert_eq!(st, 200, "{v}");
     let (_, _, met) = curl(&s.url, "/metrics", None, &[]);
-    assert!(met.contains("persona_gate_requests_cancelled_total 1\n"), "{met}");
+    assert!(
+        met.contains("persona_gate_requests_cancelled_total 1\n"),
+        "{met}"
+    );
     let gen: u64 = met
         .lines()
         .find_map(|l| l.strip_prefix("persona_gate_completion_tokens_total "))
         .unwrap()
         .parse()
         .unwrap();
-    assert!(gen < 200, "the dropped stream kept decoding: {gen} tokens, {:?}", t.elapsed());
+    assert!(
+        gen < 200,
+        "the dropped stream kept decoding: {gen} tokens, {:?}",
+        t.elapsed()
+    );
 }
 
 #[test]
@@ -485,12 +627,19 @@ fn sigterm_finishes_requests_in_flight_then_exits() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let pid = s.child.id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
     for h in handles {
         let (st, _, body) = h.join().unwrap();
         assert_eq!(st, 200);
         let ev = events(&body);
-        let fin = ev.iter().filter(|e| !e["choices"][0]["finish_reason"].is_null()).count();
+        let fin = ev
+            .iter()
+            .filter(|e| !e["choices"][0]["finish_reason"].is_null())
+            .count();
         assert_eq!(fin, 1, "a request in flight did not finish: {body}");
     }
     let t = Instant::now();
@@ -519,7 +668,10 @@ fn python_openai(test: &str) -> Option<PathBuf> {
     if ok {
         return Some(py);
     }
-    let why = format!("{} cannot import openai (scripts/setup.sh test installs it)", py.display());
+    let why = format!(
+        "{} cannot import openai (scripts/setup.sh test installs it)",
+        py.display()
+    );
     assert!(
         std::env::var("PERSONA_GATE_REQUIRE_PYTHON").map_or(true, |v| v != "1"),
         "PERSONA_GATE_REQUIRE_PYTHON=1 but {why}"
@@ -532,7 +684,11 @@ fn python(py: &PathBuf, script: &str, url: &str) -> Value {
     let d = scratch("py");
     let f = d.join("client.py");
     std::fs::write(&f, script).unwrap();
-    let o = Command::new(py).arg(&f).arg(format!("{url}/v1")).output().unwrap();
+    let o = Command::new(py)
+        .arg(&f)
+        .arg(format!("{url}/v1"))
+        .output()
+        .unwrap();
     assert!(
         o.status.success(),
         "python failed:\n{}\n{}",
@@ -600,7 +756,10 @@ fn the_openai_client_chats_streams_completes_and_steers() {
     let sm = v["sampled"].as_array().unwrap();
     assert_eq!(sm[0], sm[1], "same seed, different samples");
     assert_ne!(sm[0][0], sm[0][1], "n=2 gave the same sample twice: {v}");
-    assert_eq!(v["error"], json!({"status": 400, "param": "steering[0].direction"}));
+    assert_eq!(
+        v["error"],
+        json!({"status": 400, "param": "steering[0].direction"})
+    );
 }
 
 const LOAD: &str = r#"
@@ -626,14 +785,17 @@ fn two_hundred_requests_from_sixteen_clients_all_answered() {
     let v = python(&py, LOAD, &s.url);
     let rows = v.as_array().unwrap();
     assert_eq!(rows.len(), 200);
-    let ids: std::collections::BTreeSet<&str> = rows.iter().map(|r| r[1].as_str().unwrap()).collect();
+    let ids: std::collections::BTreeSet<&str> =
+        rows.iter().map(|r| r[1].as_str().unwrap()).collect();
     assert_eq!(ids.len(), 200, "response ids repeat");
     for r in rows {
         assert!(r[3].as_u64().unwrap() >= 1, "{r}");
     }
     let (_, _, met) = curl(&s.url, "/metrics", None, &[]);
     assert!(
-        met.contains(r#"persona_gate_requests_total{endpoint="/v1/chat/completions",status="200"} 200"#),
+        met.contains(
+            r#"persona_gate_requests_total{endpoint="/v1/chat/completions",status="200"} 200"#
+        ),
         "{met}"
     );
     assert!(met.contains("persona_gate_queue_depth 0"), "{met}");

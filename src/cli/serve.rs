@@ -106,7 +106,11 @@ pub fn run(a: &ServeArgs, _out: &mut dyn Write) -> anyhow::Result<()> {
     if !(a.grace.is_finite() && a.grace >= 0.0) {
         return Err(Error::flag("--grace", Some(a.grace.to_string()), "must be 0 or more").into());
     }
-    for (flag, v) in [("--max-tokens", a.max_tokens), ("--max-n", a.max_n), ("--queue", a.queue)] {
+    for (flag, v) in [
+        ("--max-tokens", a.max_tokens),
+        ("--max-n", a.max_n),
+        ("--queue", a.queue),
+    ] {
         if v == 0 {
             return Err(Error::flag(flag, Some("0".into()), "must be at least 1").into());
         }

@@ -87,7 +87,9 @@ impl Headers {
     }
 
     fn has(&self, tokens: &[Token], sig: u64) -> bool {
-        self.entries.iter().any(|e| e.sig == sig && e.tokens == tokens)
+        self.entries
+            .iter()
+            .any(|e| e.sig == sig && e.tokens == tokens)
     }
 
     /// A stream for a new header: a free one, or the least recently used one's.
@@ -99,7 +101,11 @@ impl Headers {
         {
             return Some(st);
         }
-        let (i, _) = self.entries.iter().enumerate().min_by_key(|(_, e)| e.used)?;
+        let (i, _) = self
+            .entries
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, e)| e.used)?;
         Some(self.entries.swap_remove(i).stream)
     }
 }
@@ -155,6 +161,8 @@ impl<'m> Session<'m> {
         let mut free: Vec<usize> = (0..lanes).rev().collect();
         let mut live: Vec<Live> = Vec::with_capacity(lanes);
         self.ctx.clear_kv();
+        // The counters describe serving alone (not what the session did before).
+        self.stats = Stats::default();
         loop {
             let mut ended = Vec::new();
             self.retire(&mut live, &mut |lane, g| {
@@ -233,7 +241,9 @@ impl<'m> Session<'m> {
                         if headers.has(&tokens, sig) {
                             continue;
                         }
-                        let Some(st) = headers.stream_for_new() else { break };
+                        let Some(st) = headers.stream_for_new() else {
+                            break;
+                        };
                         self.ctx.seq_rm(st);
                         self.ctx.seq_cp(slot as i32, st);
                         self.ctx.seq_truncate(st, tokens.len());

@@ -296,7 +296,10 @@ pub fn decoding(c: &Common, lim: &Limits) -> Result<Decoding, ApiError> {
     };
     let t = c.temperature.unwrap_or(1.0);
     if !(t.is_finite() && (0.0..=2.0).contains(&t)) {
-        return Err(ApiError::bad("temperature", format!("{t} is not in [0, 2]")));
+        return Err(ApiError::bad(
+            "temperature",
+            format!("{t} is not in [0, 2]"),
+        ));
     }
     let top_p = c.top_p.unwrap_or(1.0);
     if !(top_p.is_finite() && top_p > 0.0 && top_p <= 1.0) {
@@ -308,7 +311,10 @@ pub fn decoding(c: &Common, lim: &Limits) -> Result<Decoding, ApiError> {
     }
     let top_k = c.top_k.unwrap_or(0);
     if !(0..=i32::MAX as i64).contains(&top_k) {
-        return Err(ApiError::bad("top_k", format!("{top_k} is negative or too large")));
+        return Err(ApiError::bad(
+            "top_k",
+            format!("{top_k} is negative or too large"),
+        ));
     }
     let n = c.n.unwrap_or(1);
     if n < 1 || n as u64 > lim.max_n as u64 {

@@ -145,7 +145,10 @@ fn authorize(s: &Shared, headers: &HeaderMap) -> std::result::Result<(), ApiErro
     }
 }
 
-fn body_bytes(b: std::result::Result<Bytes, BytesRejection>, limit: usize) -> std::result::Result<Bytes, ApiError> {
+fn body_bytes(
+    b: std::result::Result<Bytes, BytesRejection>,
+    limit: usize,
+) -> std::result::Result<Bytes, ApiError> {
     b.map_err(|r| {
         if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::status(
@@ -217,7 +220,11 @@ async fn directions(State(s): State<App>, headers: HeaderMap) -> Response {
 
 async fn health(State(s): State<App>) -> Response {
     if s.draining.load(Ordering::SeqCst) {
-        let mut r = (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "shutting down"}))).into_response();
+        let mut r = (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "shutting down"})),
+        )
+            .into_response();
         r.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         return r;
@@ -230,11 +237,7 @@ async fn metrics(State(s): State<App>, headers: HeaderMap) -> Response {
         return error_response(&e);
     }
     let body = metrics_text(&s);
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        body,
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 
 /// `/metrics` in Prometheus' text format.
@@ -250,21 +253,78 @@ pub fn metrics_text(s: &Shared) -> String {
     let steps = ld(&m.gen_steps);
     let toks = ld(&m.gen_tokens);
     let gen_s = ld(&m.gen_micros) as f64 / 1e6;
-    metric("prompt_tokens_total", "counter", "Prompt tokens of accepted requests.", ld(&m.prompt_tokens).to_string());
-    metric("completion_tokens_total", "counter", "Tokens generated for requests.", ld(&m.completion_tokens).to_string());
-    metric("queue_depth", "gauge", "Choices waiting for a slot.", m.queue_depth.load(Ordering::Relaxed).to_string());
-    metric("sequences_live", "gauge", "Sequences being decoded now.", m.live.load(Ordering::Relaxed).to_string());
-    metric("slots", "gauge", "Sequences the engine decodes together at most.", s.slots.to_string());
-    metric("decode_steps_total", "counter", "Generation steps (one decode call each).", steps.to_string());
-    metric("generation_seconds_total", "counter", "Time in generation steps.", format!("{gen_s:.6}"));
-    metric("prompt_tokens_decoded_total", "counter", "Prompt tokens decoded by the engine.", ld(&m.prompt_decoded).to_string());
-    metric("prompt_tokens_cached_total", "counter", "Prompt tokens copied from cached template headers.", ld(&m.prompt_cached).to_string());
-    metric("prompt_seconds_total", "counter", "Time in prompt decoding.", format!("{:.6}", ld(&m.prompt_micros) as f64 / 1e6));
+    metric(
+        "prompt_tokens_total",
+        "counter",
+        "Prompt tokens of accepted requests.",
+        ld(&m.prompt_tokens).to_string(),
+    );
+    metric(
+        "completion_tokens_total",
+        "counter",
+        "Tokens generated for requests.",
+        ld(&m.completion_tokens).to_string(),
+    );
+    metric(
+        "queue_depth",
+        "gauge",
+        "Choices waiting for a slot.",
+        m.queue_depth.load(Ordering::Relaxed).to_string(),
+    );
+    metric(
+        "sequences_live",
+        "gauge",
+        "Sequences being decoded now.",
+        m.live.load(Ordering::Relaxed).to_string(),
+    );
+    metric(
+        "slots",
+        "gauge",
+        "Sequences the engine decodes together at most.",
+        s.slots.to_string(),
+    );
+    metric(
+        "decode_steps_total",
+        "counter",
+        "Generation steps (one decode call each).",
+        steps.to_string(),
+    );
+    metric(
+        "generation_seconds_total",
+        "counter",
+        "Time in generation steps.",
+        format!("{gen_s:.6}"),
+    );
+    metric(
+        "prompt_tokens_decoded_total",
+        "counter",
+        "Prompt tokens decoded by the engine.",
+        ld(&m.prompt_decoded).to_string(),
+    );
+    metric(
+        "prompt_tokens_cached_total",
+        "counter",
+        "Prompt tokens copied from cached template headers.",
+        ld(&m.prompt_cached).to_string(),
+    );
+    metric(
+        "prompt_seconds_total",
+        "counter",
+        "Time in prompt decoding.",
+        format!("{:.6}", ld(&m.prompt_micros) as f64 / 1e6),
+    );
     metric(
         "batch_occupancy",
         "gauge",
         "Mean sequences per generation step over slots, since start.",
-        format!("{:.4}", if steps == 0 { 0.0 } else { toks as f64 / steps as f64 / s.slots as f64 }),
+        format!(
+            "{:.4}",
+            if steps == 0 {
+                0.0
+            } else {
+                toks as f64 / steps as f64 / s.slots as f64
+            }
+        ),
     );
     metric(
         "seconds_per_token",
@@ -272,12 +332,31 @@ pub fn metrics_text(s: &Shared) -> String {
         "Mean generation time per generated token, since start.",
         format!("{:.6}", if toks == 0 { 0.0 } else { gen_s / toks as f64 }),
     );
-    metric("requests_cancelled_total", "counter", "Choices whose client went away.", ld(&m.cancelled).to_string());
-    let _ = writeln!(o, "# HELP persona_gate_request_duration_seconds Completed request durations.");
+    metric(
+        "requests_cancelled_total",
+        "counter",
+        "Choices whose client went away.",
+        ld(&m.cancelled).to_string(),
+    );
+    let _ = writeln!(
+        o,
+        "# HELP persona_gate_request_duration_seconds Completed request durations."
+    );
     let _ = writeln!(o, "# TYPE persona_gate_request_duration_seconds summary");
-    let _ = writeln!(o, "persona_gate_request_duration_seconds_sum {:.6}", ld(&m.request_micros) as f64 / 1e6);
-    let _ = writeln!(o, "persona_gate_request_duration_seconds_count {}", ld(&m.request_count));
-    let _ = writeln!(o, "# HELP persona_gate_requests_total HTTP requests by endpoint and status.");
+    let _ = writeln!(
+        o,
+        "persona_gate_request_duration_seconds_sum {:.6}",
+        ld(&m.request_micros) as f64 / 1e6
+    );
+    let _ = writeln!(
+        o,
+        "persona_gate_request_duration_seconds_count {}",
+        ld(&m.request_count)
+    );
+    let _ = writeln!(
+        o,
+        "# HELP persona_gate_requests_total HTTP requests by endpoint and status."
+    );
     let _ = writeln!(o, "# TYPE persona_gate_requests_total counter");
     let mut reqs: Vec<_> = m
         .requests
@@ -288,7 +367,10 @@ pub fn metrics_text(s: &Shared) -> String {
         .collect();
     reqs.sort();
     for ((ep, st), n) in reqs {
-        let _ = writeln!(o, "persona_gate_requests_total{{endpoint=\"{ep}\",status=\"{st}\"}} {n}");
+        let _ = writeln!(
+            o,
+            "persona_gate_requests_total{{endpoint=\"{ep}\",status=\"{st}\"}} {n}"
+        );
     }
     o
 }
@@ -336,18 +418,34 @@ fn prepare(s: &Shared, c: &Common, inputs: Inputs) -> std::result::Result<Prepar
     for (i, iv) in ivs.iter().enumerate() {
         let at = format!("steering[{i}]");
         let Some(d) = s.served.directions.iter().find(|d| d.name == iv.direction) else {
-            let known: Vec<&str> = s.served.directions.iter().map(|d| d.name.as_str()).collect();
+            let known: Vec<&str> = s
+                .served
+                .directions
+                .iter()
+                .map(|d| d.name.as_str())
+                .collect();
             return Err(ApiError::bad(
                 format!("{at}.direction"),
                 format!(
                     "unknown direction '{}' (this server has: {})",
                     iv.direction,
-                    if known.is_empty() { "none; start it with --directions FILE".to_string() } else { known.join(", ") }
+                    if known.is_empty() {
+                        "none; start it with --directions FILE".to_string()
+                    } else {
+                        known.join(", ")
+                    }
                 ),
             ));
         };
-        let e = steer::edit(&at, i + 1, &d.direction, iv, s.served.resid_norms.get().map(Vec::as_slice), Scope::All)
-            .map_err(|e| ApiError::bad(at.clone(), e.to_string()))?;
+        let e = steer::edit(
+            &at,
+            i + 1,
+            &d.direction,
+            iv,
+            s.served.resid_norms.get().map(Vec::as_slice),
+            Scope::All,
+        )
+        .map_err(|e| ApiError::bad(at.clone(), e.to_string()))?;
         edits.push(e);
     }
     let (prompts, what) = match inputs {
@@ -361,7 +459,8 @@ fn prepare(s: &Shared, c: &Common, inputs: Inputs) -> std::result::Result<Prepar
                 if t.is_empty() {
                     return Err(ApiError::bad(format!("prompt[{i}]"), "is empty"));
                 }
-                let p = Prompt::raw(model, t).map_err(|e| ApiError::bad("prompt", e.to_string()))?;
+                let p =
+                    Prompt::raw(model, t).map_err(|e| ApiError::bad("prompt", e.to_string()))?;
                 v.push((p, t.clone()));
             }
             (v, "prompt")
@@ -397,7 +496,10 @@ fn prepare(s: &Shared, c: &Common, inputs: Inputs) -> std::result::Result<Prepar
 /// The prompt of a chat request: the messages through the model's template. Only the last
 /// user message may hold special-token strings (read as plain text, as `generate` reads an
 /// instruction); anywhere else they would forge the conversation's structure.
-fn chat_prompt(s: &Shared, msgs: &[api::ChatMessage]) -> std::result::Result<(Prompt, String), ApiError> {
+fn chat_prompt(
+    s: &Shared,
+    msgs: &[api::ChatMessage],
+) -> std::result::Result<(Prompt, String), ApiError> {
     if msgs.is_empty() {
         return Err(ApiError::bad("messages", "is empty"));
     }
@@ -405,7 +507,10 @@ fn chat_prompt(s: &Shared, msgs: &[api::ChatMessage]) -> std::result::Result<(Pr
     let last_user = msgs.iter().rposition(|m| m.role == "user");
     let mut out = Vec::new();
     for (i, m) in msgs.iter().enumerate() {
-        if !matches!(m.role.as_str(), "system" | "user" | "assistant" | "developer") {
+        if !matches!(
+            m.role.as_str(),
+            "system" | "user" | "assistant" | "developer"
+        ) {
             return Err(ApiError::bad(
                 format!("messages[{i}].role"),
                 format!("'{}' is not system, developer, user or assistant", m.role),
@@ -413,19 +518,22 @@ fn chat_prompt(s: &Shared, msgs: &[api::ChatMessage]) -> std::result::Result<(Pr
         }
         let content = match &m.content {
             None if m.role == "assistant" => String::new(),
-            None => return Err(ApiError::bad(format!("messages[{i}].content"), "is missing")),
+            None => {
+                return Err(ApiError::bad(
+                    format!("messages[{i}].content"),
+                    "is missing",
+                ))
+            }
             Some(api::Content::Text(t)) => t.clone(),
             Some(api::Content::Parts(parts)) => {
                 let mut t = String::new();
                 for (j, p) in parts.iter().enumerate() {
                     match (p.kind.as_str(), &p.text) {
                         ("text", Some(x)) => t.push_str(x),
-                        _ => {
-                            return Err(ApiError::bad(
-                                format!("messages[{i}].content[{j}]"),
-                                "only text parts ({\"type\": \"text\", \"text\": ...}) are supported",
-                            ))
-                        }
+                        _ => return Err(ApiError::bad(
+                            format!("messages[{i}].content[{j}]"),
+                            "only text parts ({\"type\": \"text\", \"text\": ...}) are supported",
+                        )),
                     }
                 }
                 t
@@ -443,7 +551,11 @@ fn chat_prompt(s: &Shared, msgs: &[api::ChatMessage]) -> std::result::Result<(Pr
                 }
             }
         }
-        let role = if m.role == "developer" { "system" } else { m.role.as_str() };
+        let role = if m.role == "developer" {
+            "system"
+        } else {
+            m.role.as_str()
+        };
         out.push(Message::new(role, &content));
     }
     let f = s
@@ -452,7 +564,9 @@ fn chat_prompt(s: &Shared, msgs: &[api::ChatMessage]) -> std::result::Result<(Pr
         .render_conversation(&out)
         .map_err(|e| ApiError::bad("messages", e.to_string()))?;
     let p = Prompt::new(model, f).map_err(|e| ApiError::bad("messages", e.to_string()))?;
-    let key = last_user.map(|u| out[u].content.clone()).unwrap_or_default();
+    let key = last_user
+        .map(|u| out[u].content.clone())
+        .unwrap_or_default();
     Ok((p, key))
 }
 
@@ -461,7 +575,10 @@ fn fresh_seed(s: &Shared) -> u64 {
     let t = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);
-    t ^ s.next_id.fetch_add(1, Ordering::Relaxed).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+    t ^ s
+        .next_id
+        .fetch_add(1, Ordering::Relaxed)
+        .wrapping_mul(0x9e37_79b9_7f4a_7c15)
 }
 
 /// Queues one job per choice; returns the receiver of their events.
@@ -588,7 +705,13 @@ async fn complete(
     let c2 = c.clone();
     let prepared = tokio::task::spawn_blocking(move || prepare(&s2, &c2, inputs))
         .await
-        .unwrap_or_else(|_| Err(ApiError::status(500, "server_error", "request preparation failed")));
+        .unwrap_or_else(|_| {
+            Err(ApiError::status(
+                500,
+                "server_error",
+                "request preparation failed",
+            ))
+        });
     let p = match prepared {
         Ok(p) => p,
         Err(e) => {
@@ -605,7 +728,11 @@ async fn complete(
     };
     let id = format!(
         "{}-{:016x}",
-        if kind == Kind::Chat { "chatcmpl" } else { "cmpl" },
+        if kind == Kind::Chat {
+            "chatcmpl"
+        } else {
+            "cmpl"
+        },
         fresh_seed(&s)
     );
     let created = SystemTime::now()
@@ -677,7 +804,14 @@ async fn collect(
     while left > 0 {
         match rx.recv().await {
             Some((_, Event::Delta(_))) => {}
-            Some((i, Event::Done { text, finish, tokens })) => {
+            Some((
+                i,
+                Event::Done {
+                    text,
+                    finish,
+                    tokens,
+                },
+            )) => {
                 done[i] = Some((text, finish, tokens));
                 left -= 1;
             }
@@ -685,7 +819,8 @@ async fn collect(
             None => return Err(failure(CANCELLED)),
         }
     }
-    let done: Vec<(String, Finish, usize)> = done.into_iter().map(|d| d.expect("all done")).collect();
+    let done: Vec<(String, Finish, usize)> =
+        done.into_iter().map(|d| d.expect("all done")).collect();
     let completion: usize = done.iter().map(|d| d.2).sum();
     let choices: Vec<Value> = done
         .into_iter()
@@ -719,7 +854,13 @@ async fn collect(
 
 impl Head {
     /// One streamed chunk with one choice.
-    fn chunk(&self, index: usize, delta: Option<&str>, role: bool, finish: Option<Finish>) -> Value {
+    fn chunk(
+        &self,
+        index: usize,
+        delta: Option<&str>,
+        role: bool,
+        finish: Option<Finish>,
+    ) -> Value {
         let choice = match self.kind {
             Kind::Chat => {
                 let mut d = serde_json::Map::new();

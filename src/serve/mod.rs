@@ -226,13 +226,22 @@ pub fn safe_end(text: &str, stops: &[String]) -> usize {
 
 impl EngineFeed<'_> {
     fn admit(&mut self, j: Job, out: &mut Vec<(u64, Request)>) {
-        self.shared.metrics.queue_depth.fetch_sub(1, Ordering::SeqCst);
+        self.shared
+            .metrics
+            .queue_depth
+            .fetch_sub(1, Ordering::SeqCst);
         if j.tx.is_closed() {
-            self.shared.metrics.cancelled.fetch_add(1, Ordering::Relaxed);
+            self.shared
+                .metrics
+                .cancelled
+                .fetch_add(1, Ordering::Relaxed);
             return;
         }
         if self.shared.draining.load(Ordering::SeqCst) {
-            let _ = j.tx.send((j.choice, Event::Failed(crate::engine::serve::CANCELLED.into())));
+            let _ = j.tx.send((
+                j.choice,
+                Event::Failed(crate::engine::serve::CANCELLED.into()),
+            ));
             return;
         }
         self.active.insert(
@@ -269,7 +278,11 @@ impl Feed for EngineFeed<'_> {
                     Ok(j) => self.admit(j, &mut out),
                     Err(mpsc::TryRecvError::Empty) => break,
                     Err(mpsc::TryRecvError::Disconnected) => {
-                        return if out.is_empty() && idle { None } else { Some(out) }
+                        return if out.is_empty() && idle {
+                            None
+                        } else {
+                            Some(out)
+                        }
                     }
                 }
             }
@@ -353,8 +366,10 @@ impl Feed for EngineFeed<'_> {
         m.gen_tokens.store(stats.gen_tokens, Ordering::Relaxed);
         m.gen_micros
             .store(stats.gen_time.as_micros() as u64, Ordering::Relaxed);
-        m.prompt_decoded.store(stats.prompt_tokens, Ordering::Relaxed);
-        m.prompt_cached.store(stats.shared_tokens, Ordering::Relaxed);
+        m.prompt_decoded
+            .store(stats.prompt_tokens, Ordering::Relaxed);
+        m.prompt_cached
+            .store(stats.shared_tokens, Ordering::Relaxed);
         m.prompt_micros
             .store(stats.prompt_time.as_micros() as u64, Ordering::Relaxed);
     }
@@ -388,8 +403,10 @@ pub fn run(served: Served, config: Config) -> Result<()> {
             .spawn(move || -> Result<()> {
                 let model = &shared.served.model;
                 let start = model.session().and_then(|mut session| {
-                    let norms =
-                        crate::experiment::steer::resid_norms(&mut session, &shared.served.reference)?;
+                    let norms = crate::experiment::steer::resid_norms(
+                        &mut session,
+                        &shared.served.reference,
+                    )?;
                     let _ = shared.served.resid_norms.set(norms);
                     Ok(session)
                 });
