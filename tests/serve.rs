@@ -152,6 +152,15 @@ fn events(body: &str) -> Vec<Value> {
         .collect()
 }
 
+/// The value of `persona_gate_<name>` in a /metrics text.
+fn metric(met: &str, name: &str) -> u64 {
+    met.lines()
+        .find_map(|l| l.strip_prefix(&format!("persona_gate_{name} ")))
+        .unwrap_or_else(|| panic!("no {name} in {met}"))
+        .parse()
+        .unwrap()
+}
+
 fn streamed_text(ev: &[Value]) -> String {
     ev.iter()
         .filter_map(|e| e["choices"][0]["delta"]["content"].as_str())
@@ -275,13 +284,7 @@ fn chat_plain_and_streamed_agree_and_prompts_are_not_logged() {
     }
     // The template header (SmolLM2's default system prompt and user header) was decoded
     // once and copied into the later requests.
-    let cached: u64 = met
-        .lines()
-        .find_map(|l| l.strip_prefix("persona_gate_prompt_tokens_cached_total "))
-        .unwrap()
-        .parse()
-        .unwrap();
-    assert!(cached >= 4 * 8, "{met}");
+    assert!(metric(&met, "prompt_tokens_cached_total") >= 4 * 8, "{met}");
     // Research data stays out of the log.
     let log = s.log();
     assert!(!log.contains(USER) && !log.contains(&text), "{log}");
@@ -589,12 +592,7 @@ fn a_client_that_disconnects_frees_its_slot() {
         met.contains("persona_gate_requests_cancelled_total 1\n"),
         "{met}"
     );
-    let gen: u64 = met
-        .lines()
-        .find_map(|l| l.strip_prefix("persona_gate_completion_tokens_total "))
-        .unwrap()
-        .parse()
-        .unwrap();
+    let gen = metric(&met, "completion_tokens_total");
     assert!(
         gen < 200,
         "the dropped stream kept decoding: {gen} tokens, {:?}",

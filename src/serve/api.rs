@@ -91,8 +91,9 @@ pub struct StreamOptions {
     pub include_usage: bool,
 }
 
-/// What chat and text completions share.
-#[derive(Debug, Clone)]
+/// What chat and text completions share: every field of a request but its `messages` or
+/// `prompt`.
+#[derive(Debug, Clone, Deserialize)]
 pub struct Common {
     pub model: Option<String>,
     pub max_tokens: Option<i64>,
@@ -105,6 +106,7 @@ pub struct Common {
     pub seed: Option<i64>,
     pub stop: Option<Stop>,
     pub n: Option<i64>,
+    #[serde(default)]
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
     /// Interventions for this request alone, in the spec's grammar.
@@ -112,32 +114,33 @@ pub struct Common {
     /// Accepted and ignored, as OpenAI's own end-user tag.
     pub user: Option<String>,
     /// llama-server's extension: generate to max_tokens past end-of-generation tokens.
-    pub ignore_eos: bool,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ChatRequest {
-    pub messages: Vec<ChatMessage>,
-    pub model: Option<String>,
-    pub max_tokens: Option<i64>,
-    pub max_completion_tokens: Option<i64>,
-    pub temperature: Option<f64>,
-    pub top_p: Option<f64>,
-    pub top_k: Option<i64>,
-    pub min_p: Option<f64>,
-    pub seed: Option<i64>,
-    pub stop: Option<Stop>,
-    pub n: Option<i64>,
-    #[serde(default)]
-    pub stream: bool,
-    pub stream_options: Option<StreamOptions>,
-    pub steering: Option<Vec<Value>>,
-    pub user: Option<String>,
     #[serde(default)]
     pub ignore_eos: bool,
 }
 
+impl Common {
+    /// Its field names: any other key of a request (besides `messages` or `prompt`) is
+    /// refused, so a misspelt option is an error instead of silently ignored.
+    const FIELDS: &'static [&'static str] = &[
+        "model",
+        "max_tokens",
+        "max_completion_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "seed",
+        "stop",
+        "n",
+        "stream",
+        "stream_options",
+        "steering",
+        "user",
+        "ignore_eos",
+    ];
+}
+
+/// A text completion's `prompt`: one text or several.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
 pub enum PromptText {
@@ -145,97 +148,45 @@ pub enum PromptText {
     Many(Vec<String>),
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CompletionRequest {
-    pub prompt: PromptText,
-    pub model: Option<String>,
-    pub max_tokens: Option<i64>,
-    pub temperature: Option<f64>,
-    pub top_p: Option<f64>,
-    pub top_k: Option<i64>,
-    pub min_p: Option<f64>,
-    pub seed: Option<i64>,
-    pub stop: Option<Stop>,
-    pub n: Option<i64>,
-    #[serde(default)]
-    pub stream: bool,
-    pub stream_options: Option<StreamOptions>,
-    pub steering: Option<Vec<Value>>,
-    pub user: Option<String>,
-    #[serde(default)]
-    pub ignore_eos: bool,
+/// `value` as `T`, a failure named by where in the request it is (`messages[0].role`).
+fn typed<T: serde::de::DeserializeOwned>(value: Value, at: &str) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let param = match (at, path.as_str()) {
+            (a, ".") => a.to_string(),
+            ("", p) => p.to_string(),
+            (a, p) if p.starts_with('[') => format!("{a}{p}"),
+            (a, p) => format!("{a}.{p}"),
+        };
+        ApiError::bad(param, e.into_inner().to_string())
+    })
 }
 
-impl ChatRequest {
-    pub fn common(&self) -> Common {
-        Common {
-            model: self.model.clone(),
-            max_tokens: self.max_tokens,
-            max_completion_tokens: self.max_completion_tokens,
-            temperature: self.temperature,
-            top_p: self.top_p,
-            top_k: self.top_k,
-            min_p: self.min_p,
-            seed: self.seed,
-            stop: self.stop.clone(),
-            n: self.n,
-            stream: self.stream,
-            stream_options: self.stream_options.clone(),
-            steering: self.steering.clone(),
-            user: self.user.clone(),
-            ignore_eos: self.ignore_eos,
-        }
-    }
-}
-
-impl CompletionRequest {
-    pub fn common(&self) -> Common {
-        Common {
-            model: self.model.clone(),
-            max_tokens: self.max_tokens,
-            max_completion_tokens: None,
-            temperature: self.temperature,
-            top_p: self.top_p,
-            top_k: self.top_k,
-            min_p: self.min_p,
-            seed: self.seed,
-            stop: self.stop.clone(),
-            n: self.n,
-            stream: self.stream,
-            stream_options: self.stream_options.clone(),
-            steering: self.steering.clone(),
-            user: self.user.clone(),
-            ignore_eos: self.ignore_eos,
-        }
-    }
-}
-
-/// A request body parsed as `T`, with serde's complaint made one OpenAI-style error that
-/// names the field (`unknown field \`foo\``, `invalid type … at line 1 column 9`).
+/// A request body: its own field `own` (`messages` or `prompt`) as `T` and the rest as
+/// [`Common`], every problem an OpenAI-style error naming the field.
 ///
 /// # Errors
-/// Malformed JSON or a field of the wrong type or name.
-pub fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+/// Malformed JSON, a body that is not an object, an unknown or missing field, a field of
+/// the wrong type.
+pub fn parse_request<T: serde::de::DeserializeOwned>(
+    body: &[u8],
+    own: &str,
+) -> Result<(T, Common), ApiError> {
     let v: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::bad("", format!("the body is not valid JSON: {e}")))?;
-    if !v.is_object() {
+    let Value::Object(mut m) = v else {
         return Err(ApiError::bad("", "the body must be a JSON object"));
+    };
+    if let Some(k) = m
+        .keys()
+        .find(|k| *k != own && !Common::FIELDS.contains(&k.as_str()))
+    {
+        return Err(ApiError::bad(k.clone(), "unknown field"));
     }
-    serde_json::from_value(v).map_err(|e| {
-        let msg = e.to_string();
-        // serde names unknown and missing fields in backquotes.
-        let param = msg
-            .split('`')
-            .nth(1)
-            .filter(|_| msg.starts_with("unknown field") || msg.starts_with("missing field"))
-            .unwrap_or("")
-            .to_string();
-        ApiError {
-            param: (!param.is_empty()).then_some(param),
-            ..ApiError::bad("", msg)
-        }
-    })
+    let x = m
+        .remove(own)
+        .ok_or_else(|| ApiError::bad(own, "missing field"))?;
+    Ok((typed(x, own)?, typed(Value::Object(m), "")?))
 }
 
 /// The limits a request is checked against.
@@ -454,8 +405,8 @@ mod tests {
         }
     }
 
-    fn chat(body: &str) -> Result<ChatRequest, ApiError> {
-        parse_body(body.as_bytes())
+    fn chat(body: &str) -> Result<Common, ApiError> {
+        parse_request::<Vec<ChatMessage>>(body.as_bytes(), "messages").map(|(_, c)| c)
     }
 
     #[test]
@@ -464,6 +415,16 @@ mod tests {
         assert_eq!(e.param.as_deref(), Some("temprature"), "{e:?}");
         let e = chat(r#"{"model": "x"}"#).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("messages"), "{e:?}");
+        let e = chat(r#"{"messages": [{"role": "user", "content": 3}]}"#).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("messages[0].content"), "{e:?}");
+        let e = chat(r#"{"messages": [], "temperature": "hot"}"#).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("temperature"), "{e:?}");
+        let e = chat(r#"{"messages": [], "stream_options": {"include_usage": 1}}"#).unwrap_err();
+        assert_eq!(
+            e.param.as_deref(),
+            Some("stream_options.include_usage"),
+            "{e:?}"
+        );
         let e = chat("{not json").unwrap_err();
         assert!(e.message.contains("not valid JSON"), "{e:?}");
         assert_eq!(chat("[1]").unwrap_err().status, 400);
@@ -480,14 +441,12 @@ mod tests {
             (r#"{"messages": [], "seed": -3}"#, "seed"),
             (r#"{"messages": [], "stop": [""]}"#, "stop"),
         ] {
-            let e = decoding(&chat(body).unwrap().common(), &lim()).unwrap_err();
+            let e = decoding(&chat(body).unwrap(), &lim()).unwrap_err();
             assert_eq!(e.param.as_deref(), Some(param), "{body}: {e:?}");
             assert_eq!(e.status, 400);
         }
         let d = decoding(
-            &chat(r#"{"messages": [], "stop": "\n", "seed": 7}"#)
-                .unwrap()
-                .common(),
+            &chat(r#"{"messages": [], "stop": "\n", "seed": 7}"#).unwrap(),
             &lim(),
         )
         .unwrap();

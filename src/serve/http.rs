@@ -219,10 +219,16 @@ async fn directions(State(s): State<App>, headers: HeaderMap) -> Response {
 }
 
 async fn health(State(s): State<App>) -> Response {
-    if s.draining.load(Ordering::SeqCst) {
+    let down = s.engine_down.load(Ordering::SeqCst);
+    if down || s.draining.load(Ordering::SeqCst) {
+        let status = if down {
+            "engine stopped"
+        } else {
+            "shutting down"
+        };
         let mut r = (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "shutting down"})),
+            Json(json!({ "status": status })),
         )
             .into_response();
         r.headers_mut()
@@ -625,6 +631,8 @@ fn submit(
     if !s.enqueue(jobs) {
         let why = if s.draining.load(Ordering::SeqCst) {
             "the server is shutting down"
+        } else if s.engine_down.load(Ordering::SeqCst) {
+            "the engine has stopped (see the server's log)"
         } else {
             "the server's queue is full; retry later"
         };
@@ -657,13 +665,7 @@ async fn chat(
     headers: HeaderMap,
     body: std::result::Result<Bytes, BytesRejection>,
 ) -> Response {
-    let r = async {
-        authorize(&s, &headers)?;
-        let body = body_bytes(body, s.config.max_body)?;
-        let req: api::ChatRequest = api::parse_body(&body)?;
-        Ok::<_, ApiError>((req.common(), Inputs::Chat(req.messages)))
-    }
-    .await;
+    let r = parse(&s, &headers, body, "messages").map(|(m, c)| (c, Inputs::Chat(m)));
     complete(s, Kind::Chat, r).await
 }
 
@@ -672,18 +674,26 @@ async fn completions(
     headers: HeaderMap,
     body: std::result::Result<Bytes, BytesRejection>,
 ) -> Response {
-    let r = async {
-        authorize(&s, &headers)?;
-        let body = body_bytes(body, s.config.max_body)?;
-        let req: api::CompletionRequest = api::parse_body(&body)?;
-        let texts = match &req.prompt {
-            api::PromptText::One(t) => vec![t.clone()],
-            api::PromptText::Many(v) => v.clone(),
+    let r = parse(&s, &headers, body, "prompt").map(|(p, c)| {
+        let texts = match p {
+            api::PromptText::One(t) => vec![t],
+            api::PromptText::Many(v) => v,
         };
-        Ok::<_, ApiError>((req.common(), Inputs::Text(texts)))
-    }
-    .await;
+        (c, Inputs::Text(texts))
+    });
     complete(s, Kind::Text, r).await
+}
+
+/// The key, the body's size, then the body as `own` (`messages` or `prompt`) and the rest.
+fn parse<T: serde::de::DeserializeOwned>(
+    s: &Shared,
+    headers: &HeaderMap,
+    body: std::result::Result<Bytes, BytesRejection>,
+    own: &str,
+) -> std::result::Result<(T, Common), ApiError> {
+    authorize(s, headers)?;
+    let body = body_bytes(body, s.config.max_body)?;
+    api::parse_request(&body, own)
 }
 
 async fn complete(

@@ -137,6 +137,9 @@ pub struct Shared {
     pub draining: AtomicBool,
     /// Set when the grace period is over: the engine cancels what is left.
     pub stop_now: AtomicBool,
+    /// Set when the engine thread has ended, however (a panic included): /health says so
+    /// and requests get 503 instead of waiting.
+    pub engine_down: AtomicBool,
     pub next_id: AtomicU64,
     pub slots: usize,
     pub queue: Mutex<Option<mpsc::Sender<Job>>>,
@@ -150,7 +153,7 @@ impl Shared {
     /// `false` when the queue is full or the server is draining.
     pub fn enqueue(&self, jobs: Vec<Job>) -> bool {
         let n = jobs.len();
-        if self.draining.load(Ordering::SeqCst) {
+        if self.draining.load(Ordering::SeqCst) || self.engine_down.load(Ordering::SeqCst) {
             return false;
         }
         let q = &self.metrics.queue_depth;
@@ -389,6 +392,7 @@ pub fn run(served: Served, config: Config) -> Result<()> {
         metrics: Metrics::default(),
         draining: AtomicBool::new(false),
         stop_now: AtomicBool::new(false),
+        engine_down: AtomicBool::new(false),
         next_id: AtomicU64::new(1),
         slots,
         queue: Mutex::new(Some(tx)),
@@ -401,6 +405,14 @@ pub fn run(served: Served, config: Config) -> Result<()> {
         std::thread::Builder::new()
             .name("engine".into())
             .spawn(move || -> Result<()> {
+                /// Marks the engine down when the thread ends, by return or by panic.
+                struct Down<'a>(&'a AtomicBool);
+                impl Drop for Down<'_> {
+                    fn drop(&mut self) {
+                        self.0.store(true, Ordering::SeqCst);
+                    }
+                }
+                let _down = Down(&shared.engine_down);
                 let model = &shared.served.model;
                 let start = model.session().and_then(|mut session| {
                     let norms = crate::experiment::steer::resid_norms(
