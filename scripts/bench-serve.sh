@@ -38,9 +38,10 @@ gen() { python3 scripts/bench-serve.py "$@" --model bench --clients "$clients" -
 : > "$out/results.jsonl"
 
 # persona-gate with its default row-invariant kernels (a request's text is the same bit for
-# bit whatever else is decoded), then with llama.cpp's own kernels (--kernels llama: faster
-# for few sequences; steering stays per request, the last bits then depend on the batch).
-for kernels in invariant llama; do
+# bit whatever else is decoded), with the row-wise invariant ones (--kernels rowwise: the same
+# guarantee, faster for few sequences), then with llama.cpp's own kernels (--kernels llama:
+# steering stays per request, but the last bits then depend on the batch).
+for kernels in invariant rowwise llama; do
   suffix=""; [ "$kernels" = invariant ] || suffix="-$kernels-kernels"
   "$pg" serve -m "$model" -t "$threads" --parallel "$np" --ctx "$ctx" --port 8391 --kernels "$kernels" \
     --directions "$dir" --max-tokens "$max_tokens" --alias bench 2>"$out/persona-gate$suffix.log" &
@@ -70,6 +71,7 @@ print("|---:|---|---:|---:|---:|---:|---:|---:|")
 for c in sorted({r["clients"] for r in rows}):
     ref = by.get(("llama-server", c))
     for lab in ["llama-server", "persona-gate", "persona-gate-steered",
+                "persona-gate-rowwise-kernels", "persona-gate-rowwise-kernels-steered",
                 "persona-gate-llama-kernels", "persona-gate-llama-kernels-steered"]:
         r = by.get((lab, c))
         if not r:

@@ -60,7 +60,9 @@ fn decode_reason(code: i32) -> &'static str {
 
 static INIT: Once = Once::new();
 /// The kernel mode this process committed to (None until the first model load).
-static ROW_INVARIANT: Mutex<Option<bool>> = Mutex::new(None);
+/// The process's kernel mode once chosen: 0 llama.cpp's, 1 row-invariant tiled, 2 row-invariant
+/// row-wise.
+static ROW_INVARIANT: Mutex<Option<u8>> = Mutex::new(None);
 static LAST_ERROR: Mutex<Option<String>> = Mutex::new(None);
 static LOG_LINE: Mutex<String> = Mutex::new(String::new());
 
@@ -126,45 +128,60 @@ pub fn init() {
 }
 
 /// Chooses, once per process and before any matrix product, whether ggml's CPU kernels are
-/// row-invariant: `true` forces the tiled K-quant matmul at every row count (ggml takes it
+/// row-invariant (`on`), and how (`tiled`): `true` forces the tiled K-quant matmul at every row count (ggml takes it
 /// only from eight rows on, and rounds differently below), so each row's result is the same
 /// in any batch. Repacked weights must be off too (`LoadParams::use_extra_bufts`); the
 /// engine's module docs list what else invariance needs.
 ///
 /// # Errors
 /// When the process already runs in the other mode (ggml reads these switches once).
-pub fn set_row_invariant(on: bool) -> Result<(), String> {
+pub fn set_row_invariant(on: bool, tiled: bool) -> Result<(), String> {
+    let mode = match (on, tiled) {
+        (false, _) => 0,
+        (true, true) => 1,
+        (true, false) => 2,
+    };
     let mut m = ROW_INVARIANT
         .lock()
         .map_err(|_| "kernel mode lock poisoned".to_string())?;
+    let name = |m: u8| match m {
+        0 => "llama.cpp's default",
+        1 => "row-invariant (tiled)",
+        _ => "row-invariant (row-wise)",
+    };
     match *m {
-        Some(v) if v == on => return Ok(()),
+        Some(v) if v == mode => return Ok(()),
         Some(v) => {
             return Err(format!(
-            "this process already runs {} kernels; the kernel mode cannot change within a process",
-            if v {
-                "row-invariant"
-            } else {
-                "llama.cpp's default"
-            }
-        ))
+                "this process already runs {} kernels; the kernel mode cannot change within a process",
+                name(v)
+            ))
         }
         None => {}
     }
-    if on {
+    match mode {
         // ggml-cpu's tiled.cpp reads these once, at the first K-quant matmul, which comes
         // after this (no model is loaded yet). Set unconditionally: a user's
         // GGML_CPU_TILED_MM=0 would otherwise break invariance silently.
-        std::env::set_var("GGML_CPU_TILED_MM", "1");
-        std::env::set_var("GGML_CPU_TILED_MM_FORCE", "1");
+        1 => {
+            std::env::set_var("GGML_CPU_TILED_MM", "1");
+            std::env::set_var("GGML_CPU_TILED_MM_FORCE", "1");
+        }
+        // No tiled kernel at all: every K-quant product element is one vec_dot of a weight
+        // row and an activation row, whatever the number of rows.
+        2 => {
+            std::env::set_var("GGML_CPU_TILED_MM", "0");
+            std::env::remove_var("GGML_CPU_TILED_MM_FORCE");
+        }
+        _ => {}
     }
-    *m = Some(on);
+    *m = Some(mode);
     Ok(())
 }
 
 /// Whether this process runs row-invariant kernels (None: no model loaded yet).
 pub fn row_invariant() -> Option<bool> {
-    ROW_INVARIANT.lock().ok().and_then(|m| *m)
+    ROW_INVARIANT.lock().ok().and_then(|m| *m).map(|m| m != 0)
 }
 
 /// llama.cpp's description of the compiled CPU features and backends.

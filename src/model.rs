@@ -95,6 +95,11 @@ pub enum Kernels {
     /// several times slower for one to seven sequences on K-quant models.
     #[default]
     Invariant,
+    /// Row-invariant too, through llama.cpp's plain per-row dot products: no tiled kernel, no
+    /// repacking. One to a few sequences generate at llama.cpp's own speed (the server's
+    /// case: measured 1.5x the default at one sequence); prompts and many sequences are
+    /// slower than the tiled kernel.
+    Rowwise,
     /// llama.cpp's own choice: repacked weights, kernels picked by the number of rows. The
     /// fastest for a single sequence; results then move in the last bits with the batch, so
     /// greedy text can differ between a prompt run alone and in a batch.
@@ -105,6 +110,7 @@ impl Kernels {
     pub fn name(self) -> &'static str {
         match self {
             Kernels::Invariant => "invariant",
+            Kernels::Rowwise => "rowwise",
             Kernels::Llama => "llama",
         }
     }
@@ -281,7 +287,10 @@ impl Model {
                 msg.trim_start_matches("persona-gate: ").to_string(),
             )));
         }
-        ffi::set_row_invariant(options.kernels == Kernels::Invariant)
+        ffi::set_row_invariant(
+            options.kernels != Kernels::Llama,
+            options.kernels == Kernels::Invariant,
+        )
             .map_err(|e| Error::Run(RunError::Unsupported(e)))?;
         let raw = ffi::Model::load(
             path,

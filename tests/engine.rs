@@ -641,3 +641,50 @@ on_both!(
     clusters_are_bit_identical,
     threads_do_not_change_results
 );
+
+/// `--kernels rowwise` is row-invariant too: the batch-versus-solo and schedule tests, rerun
+/// in a child process of this binary that loads every model with those kernels (ggml reads
+/// its kernel switches once per process).
+#[test]
+fn rowwise_kernels_are_row_invariant_too() {
+    if std::env::var_os("PERSONA_GATE_TEST_KERNELS").is_some() {
+        return; // the child itself
+    }
+    let tests = [
+        "the_child_runs_the_kernels_asked_for",
+        "smol::batch_matches_solo",
+        "qwen05::batch_matches_solo",
+        "smol::schedules_are_bit_identical",
+        "qwen05::schedules_are_bit_identical",
+        "qwen05::clusters_are_bit_identical",
+        "qwen05::per_sequence_hook_touches_only_its_sequence",
+    ];
+    let o = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(tests)
+        .args(["--exact", "--test-threads=1"])
+        .env("PERSONA_GATE_TEST_KERNELS", "rowwise")
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        out.contains(&format!("test result: ok. {} passed", tests.len())),
+        "{out}"
+    );
+}
+
+/// In the child of the test above: its models really were loaded with row-wise kernels
+/// (ggml's tiled kernel switched off); elsewhere, the default forces it on.
+#[test]
+fn the_child_runs_the_kernels_asked_for() {
+    let _m = load(SMOL, 1);
+    let want = match std::env::var("PERSONA_GATE_TEST_KERNELS").as_deref() {
+        Ok("rowwise") => "0",
+        _ => "1",
+    };
+    assert_eq!(std::env::var("GGML_CPU_TILED_MM").as_deref(), Ok(want));
+}

@@ -70,11 +70,23 @@ pub fn model_path(file: &str) -> PathBuf {
     p
 }
 
+/// The kernels the tests load models with: the default, or `PERSONA_GATE_TEST_KERNELS`
+/// (`rowwise`, `llama`), which tests/engine.rs sets to rerun its invariance tests in a child
+/// process (the kernel mode is one per process).
+pub fn kernels() -> persona_gate::model::Kernels {
+    use clap::ValueEnum;
+    std::env::var("PERSONA_GATE_TEST_KERNELS").map_or_else(
+        |_| persona_gate::model::Kernels::default(),
+        |k| persona_gate::model::Kernels::from_str(&k, true).expect("PERSONA_GATE_TEST_KERNELS"),
+    )
+}
+
 pub fn load(file: &str, parallel: u32) -> Model {
     let opts = ModelOptions {
         threads: 2,
         parallel,
         ctx: 512,
+        kernels: kernels(),
         ..ModelOptions::default()
     };
     Model::load(&model_path(file), &opts).expect("model loads")
