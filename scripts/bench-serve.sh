@@ -7,7 +7,9 @@
 # kept in runs/bench-serve/.
 #
 # Usage: MODEL=FILE.gguf [THREADS=2] [PARALLEL=16] [CTX=1024] [REQUESTS=4] [MAX_TOKENS=64]
-#        [CLIENTS=1,4,16] scripts/bench-serve.sh
+#        [CLIENTS=1,4,16] [ROUNDS=2] [KERNELS="default invariant llama"] scripts/bench-serve.sh
+# Each round runs every server once, in the same order; the table gives the median over the
+# rounds and the range (noise on a shared VM is large: compare only rows of one table).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 model=${MODEL:?MODEL=FILE.gguf}
@@ -17,6 +19,8 @@ ctx=${CTX:-1024}
 requests=${REQUESTS:-4}
 max_tokens=${MAX_TOKENS:-64}
 clients=${CLIENTS:-1,4,16}
+rounds=${ROUNDS:-2}
+kernels_list=${KERNELS:-default invariant llama}
 pg=target/release/persona-gate
 out=runs/bench-serve
 mkdir -p "$out"
@@ -37,47 +41,54 @@ up() {
 gen() { python3 scripts/bench-serve.py "$@" --model bench --clients "$clients" --requests "$requests" --max-tokens "$max_tokens"; }
 : > "$out/results.jsonl"
 
-# persona-gate with its default row-invariant kernels (a request's text is the same bit for
-# bit whatever else is decoded), with the row-wise invariant ones (--kernels rowwise: the same
-# guarantee, faster for few sequences), then with llama.cpp's own kernels (--kernels llama:
-# steering stays per request, but the last bits then depend on the batch).
-for kernels in invariant rowwise llama; do
-  suffix=""; [ "$kernels" = invariant ] || suffix="-$kernels-kernels"
-  "$pg" serve -m "$model" -t "$threads" --parallel "$np" --ctx "$ctx" --port 8391 --kernels "$kernels" \
-    --directions "$dir" --max-tokens "$max_tokens" --alias bench 2>"$out/persona-gate$suffix.log" &
+# Per round: persona-gate with serve's default kernels (rowwise: row-invariant, a request's
+# text is the same bit for bit whatever else is decoded), with the tiled invariant ones of
+# the other commands, with llama.cpp's own (--kernels llama: steering stays per request, the
+# last bits then depend on the batch), each unsteered and steered; then llama-server.
+for round in $(seq "$rounds"); do
+  for kernels in $kernels_list; do
+    suffix=""; flag=()
+    [ "$kernels" = default ] || { suffix="-$kernels-kernels"; flag=(--kernels "$kernels"); }
+    "$pg" serve -m "$model" -t "$threads" --parallel "$np" --ctx "$ctx" --port 8391 "${flag[@]}" \
+      --directions "$dir" --max-tokens "$max_tokens" --alias bench 2>"$out/persona-gate$suffix.log" &
+    pid=$!
+    trap 'kill $pid 2>/dev/null || true' EXIT
+    up http://127.0.0.1:8391 $pid
+    name=$(curl -sf http://127.0.0.1:8391/v1/directions | python3 -c 'import json,sys; print(json.load(sys.stdin)["data"][0]["name"])')
+    gen http://127.0.0.1:8391 --label "persona-gate$suffix" | tee -a "$out/results.jsonl"
+    gen http://127.0.0.1:8391 --label "persona-gate$suffix-steered" --steer "$name" | tee -a "$out/results.jsonl"
+    kill -TERM $pid; wait $pid || true
+  done
+  "$llama_bin/llama-server" -m "$model" -t "$threads" -np "$np" -c $((np * ctx)) -fa off \
+    --port 8392 --alias bench 2>"$out/llama-server.log" &
   pid=$!
-  trap 'kill $pid 2>/dev/null || true' EXIT
-  up http://127.0.0.1:8391 $pid
-  name=$(curl -sf http://127.0.0.1:8391/v1/directions | python3 -c 'import json,sys; print(json.load(sys.stdin)["data"][0]["name"])')
-  gen http://127.0.0.1:8391 --label "persona-gate$suffix" | tee -a "$out/results.jsonl"
-  gen http://127.0.0.1:8391 --label "persona-gate$suffix-steered" --steer "$name" | tee -a "$out/results.jsonl"
+  up http://127.0.0.1:8392 $pid
+  gen http://127.0.0.1:8392 --label llama-server | tee -a "$out/results.jsonl"
   kill -TERM $pid; wait $pid || true
 done
-
-"$llama_bin/llama-server" -m "$model" -t "$threads" -np "$np" -c $((np * ctx)) -fa off \
-  --port 8392 --alias bench 2>"$out/llama-server.log" &
-pid=$!
-up http://127.0.0.1:8392 $pid
-gen http://127.0.0.1:8392 --label llama-server | tee -a "$out/results.jsonl"
-kill -TERM $pid; wait $pid || true
 trap - EXIT
 
 python3 - "$out/results.jsonl" <<'PY'
-import json, sys
+import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
-by = {(r["label"], r["clients"]): r for r in rows}
-print("| clients | server | tok/s | req/s | latency p50 / p90 (s) | errors | vs llama-server | steered vs unsteered |")
+by = {}
+for r in rows:
+    by.setdefault((r["label"], r["clients"]), []).append(r)
+def med(rs, k):
+    return statistics.median(r[k] for r in rs)
+labels = ["llama-server"] + [l for l in dict.fromkeys(r["label"] for r in rows) if l != "llama-server"]
+print("| clients | server | tok/s (median, range) | req/s | latency p50 / p90 (s) | errors | vs llama-server | steered vs unsteered |")
 print("|---:|---|---:|---:|---:|---:|---:|---:|")
 for c in sorted({r["clients"] for r in rows}):
     ref = by.get(("llama-server", c))
-    for lab in ["llama-server", "persona-gate", "persona-gate-steered",
-                "persona-gate-rowwise-kernels", "persona-gate-rowwise-kernels-steered",
-                "persona-gate-llama-kernels", "persona-gate-llama-kernels-steered"]:
-        r = by.get((lab, c))
-        if not r:
+    for lab in labels:
+        rs = by.get((lab, c))
+        if not rs:
             continue
+        t = med(rs, "tok_per_s")
         un = by.get((lab.removesuffix("-steered"), c))
-        vs = f'{r["tok_per_s"] / ref["tok_per_s"]:.2f}x' if ref and lab != "llama-server" else ""
-        st = f'{r["tok_per_s"] / un["tok_per_s"]:.2f}x' if un and lab.endswith("-steered") else ""
-        print(f'| {c} | {lab} | {r["tok_per_s"]} | {r["req_per_s"]} | {r["latency_p50_s"]} / {r["latency_p90_s"]} | {r["errors"]} | {vs} | {st} |')
+        vs = f'{t / med(ref, "tok_per_s"):.2f}x' if ref and lab != "llama-server" else ""
+        st = f'{t / med(un, "tok_per_s"):.2f}x' if un and lab.endswith("-steered") else ""
+        lo, hi = min(r["tok_per_s"] for r in rs), max(r["tok_per_s"] for r in rs)
+        print(f'| {c} | {lab} | {t:.1f} ({lo}–{hi}) | {med(rs, "req_per_s"):.2f} | {med(rs, "latency_p50_s"):.2f} / {med(rs, "latency_p90_s"):.2f} | {sum(r["errors"] for r in rs)} | {vs} | {st} |')
 PY

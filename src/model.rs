@@ -291,7 +291,7 @@ impl Model {
             options.kernels != Kernels::Llama,
             options.kernels == Kernels::Invariant,
         )
-            .map_err(|e| Error::Run(RunError::Unsupported(e)))?;
+        .map_err(|e| Error::Run(RunError::Unsupported(e)))?;
         let raw = ffi::Model::load(
             path,
             &ffi::LoadParams {

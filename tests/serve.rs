@@ -294,7 +294,19 @@ fn chat_plain_and_streamed_agree_and_prompts_are_not_logged() {
 fn generate(intervention: Option<&str>, n: u32) -> String {
     let mut c = bin();
     c.args([
-        "generate", "-t", "2", "--ctx", "512", "--format", "jsonl", "-p", USER, "-n",
+        // The server's default kernels are rowwise; generate's are not.
+        "generate",
+        "--kernels",
+        "rowwise",
+        "-t",
+        "2",
+        "--ctx",
+        "512",
+        "--format",
+        "jsonl",
+        "-p",
+        USER,
+        "-n",
     ])
     .arg(n.to_string())
     .arg("-m")
@@ -365,6 +377,8 @@ fn steered_responses_equal_generate_with_the_same_intervention() {
     let mut c = bin();
     c.args([
         "generate",
+        "--kernels",
+        "rowwise",
         "-t",
         "2",
         "--ctx",
@@ -401,7 +415,14 @@ fn steered_responses_equal_generate_with_the_same_intervention() {
 
 #[test]
 fn eight_concurrent_clients_each_get_their_solo_text() {
-    let s = Server::start(&[]);
+    // serve's default kernels (rowwise), and the tiled invariant ones of every other command.
+    for kernels in ["rowwise", "invariant"] {
+        eight_concurrent_clients_with(kernels);
+    }
+}
+
+fn eight_concurrent_clients_with(kernels: &str) {
+    let s = Server::start(&["--kernels", kernels]);
     let steer = |i: usize| -> Value {
         match i {
             0 => json!([]),

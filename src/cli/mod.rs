@@ -171,12 +171,13 @@ pub struct ModelArgs {
     /// builds whose extra kernels crash, e.g. AMX under target-cpu=native).
     #[arg(long)]
     pub no_extra_bufts: bool,
-    /// CPU matrix kernels: invariant (default: every sequence's numbers are the same bit
-    /// for bit in any batch, alone, resumed or sharded) or llama (llama.cpp's own choice:
-    /// faster for one to seven sequences on K-quant models, but results then depend in the
-    /// last bits on what else is in the batch).
-    #[arg(long, value_enum, default_value_t = Kernels::Invariant)]
-    pub kernels: Kernels,
+    /// CPU matrix kernels: invariant (the default, `serve` excepted: every sequence's
+    /// numbers are the same bit for bit in any batch, alone, resumed or sharded), rowwise
+    /// (as invariant, through plain per-row dot products: fast for few sequences, slower
+    /// prompts; `serve`'s default) or llama (llama.cpp's own choice: fast for few
+    /// sequences, but results then depend in the last bits on what else is in the batch).
+    #[arg(long, value_enum)]
+    pub kernels: Option<Kernels>,
     /// Flash attention: off (default; batched and solo runs then agree bit for bit), on, or
     /// auto (llama.cpp decides; llama.cpp's own default). llama.cpp's -fa works too.
     #[arg(long, value_enum, default_value_t = FlashAttn::Off)]
@@ -197,7 +198,7 @@ impl ModelArgs {
             batch: self.batch,
             parallel: self.parallel,
             use_extra_bufts: !self.no_extra_bufts,
-            kernels: self.kernels,
+            kernels: self.kernels.unwrap_or_default(),
             flash_attn: self.flash_attn,
             max_memory: self.max_memory,
         }

@@ -118,7 +118,14 @@ pub fn run(a: &ServeArgs, _out: &mut dyn Write) -> anyhow::Result<()> {
     if a.api_key.as_deref() == Some("") {
         return Err(Error::flag("--api-key", Some(String::new()), "is empty").into());
     }
-    let model = super::load(&a.model)?;
+    // Few clients at a time is the common case here: row-wise invariant kernels generate one
+    // sequence at llama.cpp's speed and keep every response independent of the batch.
+    let mut opts = a.model.options();
+    opts.kernels = a
+        .model
+        .kernels
+        .unwrap_or(persona_gate::model::Kernels::Rowwise);
+    let model = persona_gate::model::Model::load(&a.model.model, &opts)?;
     let directions = load_directions(&a.directions, &model.info)?;
     let src = match &a.chat_template {
         Some(f) => Some(
