@@ -151,10 +151,12 @@ pub fn set_row_invariant(on: bool, tiled: bool) -> Result<(), String> {
     };
     match *m {
         Some(v) if v == mode => return Ok(()),
-        Some(v) => return Err(format!(
+        Some(v) => {
+            return Err(format!(
             "this process already runs {} kernels; the kernel mode cannot change within a process",
             name(v)
-        )),
+        ))
+        }
         None => {}
     }
     match mode {

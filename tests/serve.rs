@@ -292,9 +292,18 @@ fn chat_plain_and_streamed_agree_and_prompts_are_not_logged() {
 
 /// `generate --format jsonl`'s text for USER under `intervention` (none: unsteered).
 fn generate(intervention: Option<&str>, n: u32) -> String {
+    let mut extra = vec![];
+    if let Some(i) = intervention {
+        extra = vec!["--intervention", i];
+    }
+    generate_all(n, &extra).remove(0)
+}
+
+/// Every completion `generate --format jsonl` prints for USER with `extra` flags, with the
+/// server's default kernels (rowwise; generate's default is invariant).
+fn generate_all(n: u32, extra: &[&str]) -> Vec<String> {
     let mut c = bin();
     c.args([
-        // The server's default kernels are rowwise; generate's are not.
         "generate",
         "--kernels",
         "rowwise",
@@ -302,24 +311,20 @@ fn generate(intervention: Option<&str>, n: u32) -> String {
         "2",
         "--ctx",
         "512",
-        "--format",
-        "jsonl",
-        "-p",
-        USER,
-        "-n",
     ])
-    .arg(n.to_string())
-    .arg("-m")
-    .arg(model_path(SMOL));
-    if let Some(i) = intervention {
-        c.args(["--intervention", i]);
-    }
-    let out = run_ok(&mut c);
-    let line = out.lines().find(|l| l.starts_with('{')).unwrap();
-    serde_json::from_str::<Value>(line).unwrap()["text"]
-        .as_str()
-        .unwrap()
-        .to_string()
+    .args(["--format", "jsonl", "-p", USER, "-n", &n.to_string(), "-m"])
+    .arg(model_path(SMOL))
+    .args(extra);
+    run_ok(&mut c)
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["text"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect()
 }
 
 #[test]
@@ -374,41 +379,7 @@ fn steered_responses_equal_generate_with_the_same_intervention() {
     let got: Vec<&str> = (0..2)
         .map(|i| v["choices"][i]["message"]["content"].as_str().unwrap())
         .collect();
-    let mut c = bin();
-    c.args([
-        "generate",
-        "--kernels",
-        "rowwise",
-        "-t",
-        "2",
-        "--ctx",
-        "512",
-        "--format",
-        "jsonl",
-        "-p",
-        USER,
-        "-n",
-        "16",
-        "--temp",
-        "0.8",
-        "-s",
-        "1",
-        "--samples",
-        "2",
-        "-m",
-    ])
-    .arg(model_path(SMOL));
-    let out = run_ok(&mut c);
-    let want: Vec<String> = out
-        .lines()
-        .filter(|l| l.starts_with('{'))
-        .map(|l| {
-            serde_json::from_str::<Value>(l).unwrap()["text"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
-        .collect();
+    let want = generate_all(16, &["--temp", "0.8", "-s", "1", "--samples", "2"]);
     assert_eq!(got, want, "sampled choices differ from generate's samples");
     assert_ne!(got[0], got[1]);
 }
