@@ -193,13 +193,7 @@ pub fn run(a: &GenerateArgs, out: &mut dyn Write) -> anyhow::Result<()> {
         None
     };
     for (i, g) in given.iter().enumerate() {
-        // An imported file's misfit names the file itself; ours get the path in front.
-        let f = DirectionFile::load(&g.file)?
-            .fit_model(&model.info)
-            .map_err(|e| match e {
-                Error::ImportFit(_) => e,
-                e => e.in_file(&g.file),
-            })?;
+        let f = DirectionFile::load_fitted(&g.file, &model.info)?;
         let d = f.get(g.name.as_deref()).map_err(|e| e.in_file(&g.file))?;
         let id = format!("{} {}", steer::INTERVENTION_FLAG, i + 1);
         hooks.add_edit(steer::edit(

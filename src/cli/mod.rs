@@ -240,13 +240,18 @@ fn load(m: &ModelArgs) -> Result<Model> {
 }
 
 fn template(model: &Model, p: &PromptArgs) -> Result<ChatTemplate> {
-    let src = match &p.chat_template {
+    let mut t = template_file(model, p.chat_template.as_deref())?;
+    t.set_special_tokens(p.special_tokens);
+    Ok(t)
+}
+
+/// The model's chat template, or the `--chat-template` FILE's.
+fn template_file(model: &Model, file: Option<&Path>) -> Result<ChatTemplate> {
+    let src = match file {
         Some(f) => Some(fsio::read_text(f, "a Jinja chat template").context("--chat-template")?),
         None => None,
     };
-    let mut t = ChatTemplate::for_model(model, src)?;
-    t.set_special_tokens(p.special_tokens);
-    Ok(t)
+    Ok(ChatTemplate::for_model(model, src)?)
 }
 
 fn load_set(spec: &str, a: &SetArgs, flag: &str) -> Result<Vec<prompts::Instruction>> {

@@ -51,13 +51,7 @@ pub fn run(a: &SelectArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     }
     let model = super::load(&a.model)?;
     let tmpl = super::template(&model, &a.prompt)?;
-    // An imported file's misfit names the file itself; ours get the path in front.
-    let f = DirectionFile::load(&a.directions)?
-        .fit_model(&model.info)
-        .map_err(|e| match e {
-            persona_gate::error::Error::ImportFit(_) => anyhow::Error::new(e),
-            e => anyhow::Error::new(e).context(a.directions.display().to_string()),
-        })?;
+    let f = DirectionFile::load_fitted(&a.directions, &model.info)?;
     let layers = match &a.layers {
         Some(s) => hooks::LayerSet::parse(s, model.info.n_layer)
             .context("--layers")?

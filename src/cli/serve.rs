@@ -5,10 +5,9 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::Context;
 use clap::Args;
 
-use persona_gate::chat::{ChatTemplate, Prompt, SystemPrompt};
+use persona_gate::chat::{Prompt, SystemPrompt};
 use persona_gate::directions::DirectionFile;
 use persona_gate::error::Error;
 use persona_gate::prompts;
@@ -69,12 +68,7 @@ fn load_directions(
             _ => (None, s.as_str()),
         };
         let path = PathBuf::from(file);
-        let f = DirectionFile::load(&path)?
-            .fit_model(info)
-            .map_err(|e| match e {
-                Error::ImportFit(_) => e,
-                e => e.in_file(&path),
-            })?;
+        let f = DirectionFile::load_fitted(&path, info)?;
         if name.is_some() && f.directions.len() != 1 {
             anyhow::bail!(
                 "--directions {s}: {} holds {} directions; NAME= renames a file of one (give the file alone to serve them under their own names)",
@@ -127,13 +121,7 @@ pub fn run(a: &ServeArgs, _out: &mut dyn Write) -> anyhow::Result<()> {
         .unwrap_or(persona_gate::model::Kernels::Rowwise);
     let model = persona_gate::model::Model::load(&a.model.model, &opts)?;
     let directions = load_directions(&a.directions, &model.info)?;
-    let src = match &a.chat_template {
-        Some(f) => Some(
-            persona_gate::fsio::read_text(f, "a Jinja chat template").context("--chat-template")?,
-        ),
-        None => None,
-    };
-    let template = ChatTemplate::for_model(&model, src)?;
+    let template = super::template_file(&model, a.chat_template.as_deref())?;
     // `scale = "resid"` is relative to a fixed reference: the built-in harmless prompts.
     let reference: Vec<String> = prompts::builtin("harmless")?
         .into_iter()

@@ -433,6 +433,21 @@ impl DirectionFile {
         Ok(f)
     }
 
+    /// [`DirectionFile::load`] then [`DirectionFile::fit_model`], as every command that takes
+    /// a direction file for its model reads it.
+    ///
+    /// # Errors
+    /// As `load`; a misfit, named by the imported file itself ([`Error::ImportFit`]) or,
+    /// for one of ours, with `path` in front.
+    pub fn load_fitted(path: &Path, m: &ModelInfo) -> Result<DirectionFile> {
+        DirectionFile::load(path)?
+            .fit_model(m)
+            .map_err(|e| match e {
+                Error::ImportFit(_) => e,
+                e => e.in_file(path),
+            })
+    }
+
     /// For an imported file that does not fit `m`: the error naming the file, its shape and
     /// convention, the model's sizes, and a hint when another convention would fit.
     pub(crate) fn import_misfit(&self, m: &ModelInfo) -> Option<Error> {
