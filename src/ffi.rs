@@ -60,9 +60,7 @@ fn decode_reason(code: i32) -> &'static str {
 
 static INIT: Once = Once::new();
 /// The kernel mode this process committed to (None until the first model load).
-/// The process's kernel mode once chosen: 0 llama.cpp's, 1 row-invariant tiled, 2 row-invariant
-/// row-wise.
-static ROW_INVARIANT: Mutex<Option<u8>> = Mutex::new(None);
+static KERNEL_MODE: Mutex<Option<KernelMode>> = Mutex::new(None);
 static LAST_ERROR: Mutex<Option<String>> = Mutex::new(None);
 static LOG_LINE: Mutex<String> = Mutex::new(String::new());
 
@@ -127,53 +125,63 @@ pub fn init() {
     });
 }
 
-/// Chooses, once per process and before any matrix product, whether ggml's CPU kernels are
-/// row-invariant (`on`), and how (`tiled`): `true` forces the tiled K-quant matmul at every row count (ggml takes it
-/// only from eight rows on, and rounds differently below), so each row's result is the same
-/// in any batch. Repacked weights must be off too (`LoadParams::use_extra_bufts`); the
-/// engine's module docs list what else invariance needs.
+/// How ggml's CPU kernels compute matrix products, chosen once per process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelMode {
+    /// llama.cpp's own choice, by the number of rows.
+    Llama,
+    /// Row-invariant: the tiled K-quant matmul forced at every row count (ggml takes it only
+    /// from eight rows on, and rounds differently below).
+    Tiled,
+    /// Row-invariant: no tiled kernel at all, so every K-quant product element is one
+    /// vec_dot of a weight row and an activation row, whatever the number of rows.
+    Rowwise,
+}
+
+impl KernelMode {
+    fn describe(self) -> &'static str {
+        match self {
+            KernelMode::Llama => "llama.cpp's default",
+            KernelMode::Tiled => "row-invariant (tiled)",
+            KernelMode::Rowwise => "row-invariant (row-wise)",
+        }
+    }
+}
+
+/// Sets the kernel mode, once per process and before any matrix product, so that in the
+/// row-invariant modes each row's result is the same in any batch. Repacked weights must be
+/// off too (`LoadParams::use_extra_bufts`); the engine's module docs list what else
+/// invariance needs.
 ///
 /// # Errors
-/// When the process already runs in the other mode (ggml reads these switches once).
-pub fn set_row_invariant(on: bool, tiled: bool) -> Result<(), String> {
-    let mode = match (on, tiled) {
-        (false, _) => 0,
-        (true, true) => 1,
-        (true, false) => 2,
-    };
-    let mut m = ROW_INVARIANT
+/// When the process already runs in another mode (ggml reads these switches once).
+pub fn set_kernel_mode(mode: KernelMode) -> Result<(), String> {
+    let mut m = KERNEL_MODE
         .lock()
         .map_err(|_| "kernel mode lock poisoned".to_string())?;
-    let name = |m: u8| match m {
-        0 => "llama.cpp's default",
-        1 => "row-invariant (tiled)",
-        _ => "row-invariant (row-wise)",
-    };
     match *m {
         Some(v) if v == mode => return Ok(()),
         Some(v) => {
             return Err(format!(
             "this process already runs {} kernels; the kernel mode cannot change within a process",
-            name(v)
+            v.describe()
         ))
         }
         None => {}
     }
+    // ggml-cpu's tiled.cpp reads these once, at the first K-quant matmul, which comes after
+    // this (no model is loaded yet). Set unconditionally: a user's GGML_CPU_TILED_MM would
+    // otherwise break invariance silently.
     match mode {
-        // ggml-cpu's tiled.cpp reads these once, at the first K-quant matmul, which comes
-        // after this (no model is loaded yet). Set unconditionally: a user's
-        // GGML_CPU_TILED_MM=0 would otherwise break invariance silently.
-        1 => {
+        KernelMode::Tiled => {
             std::env::set_var("GGML_CPU_TILED_MM", "1");
             std::env::set_var("GGML_CPU_TILED_MM_FORCE", "1");
         }
-        // No tiled kernel at all: every K-quant product element is one vec_dot of a weight
-        // row and an activation row, whatever the number of rows.
-        2 => {
+        KernelMode::Rowwise => {
             std::env::set_var("GGML_CPU_TILED_MM", "0");
             std::env::remove_var("GGML_CPU_TILED_MM_FORCE");
         }
-        _ => {}
+        KernelMode::Llama => {}
     }
     *m = Some(mode);
     Ok(())
@@ -181,7 +189,11 @@ pub fn set_row_invariant(on: bool, tiled: bool) -> Result<(), String> {
 
 /// Whether this process runs row-invariant kernels (None: no model loaded yet).
 pub fn row_invariant() -> Option<bool> {
-    ROW_INVARIANT.lock().ok().and_then(|m| *m).map(|m| m != 0)
+    KERNEL_MODE
+        .lock()
+        .ok()
+        .and_then(|m| *m)
+        .map(|m| m != KernelMode::Llama)
 }
 
 /// llama.cpp's description of the compiled CPU features and backends.

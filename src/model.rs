@@ -287,10 +287,11 @@ impl Model {
                 msg.trim_start_matches("persona-gate: ").to_string(),
             )));
         }
-        ffi::set_row_invariant(
-            options.kernels != Kernels::Llama,
-            options.kernels == Kernels::Invariant,
-        )
+        ffi::set_kernel_mode(match options.kernels {
+            Kernels::Invariant => ffi::KernelMode::Tiled,
+            Kernels::Rowwise => ffi::KernelMode::Rowwise,
+            Kernels::Llama => ffi::KernelMode::Llama,
+        })
         .map_err(|e| Error::Run(RunError::Unsupported(e)))?;
         let raw = ffi::Model::load(
             path,
