@@ -272,17 +272,28 @@ struct Live {
 impl Live {
     fn new(prompt: usize, cfg: &GenConfig) -> Live {
         let seed = cfg.sampling.map_or(0, |_| cfg.seeds[prompt]);
-        let mut s = Live::with(prompt, cfg.max_new_tokens, cfg.sampling, seed);
-        s.ignore_eog = cfg.ignore_eog;
-        s
+        Live::with(
+            prompt,
+            cfg.max_new_tokens,
+            cfg.ignore_eog,
+            cfg.sampling,
+            seed,
+        )
     }
 
-    /// A sequence with its own length cap and sampler (the server's requests differ).
-    fn with(prompt: usize, max_new: usize, sampling: Option<Sampling>, seed: u32) -> Live {
+    /// A sequence with its own length cap, end rule and sampler (the server's requests
+    /// differ).
+    fn with(
+        prompt: usize,
+        max_new: usize,
+        ignore_eog: bool,
+        sampling: Option<Sampling>,
+        seed: u32,
+    ) -> Live {
         Live {
             prompt,
             max_new,
-            ignore_eog: false,
+            ignore_eog,
             sampler: sampling
                 .map(|x| ffi::Sampler::new(x.temperature, x.top_k, x.top_p, x.min_p, seed)),
             tokens: vec![],

@@ -225,9 +225,13 @@ impl<'m> Session<'m> {
                         }
                     };
                     job.prompts.to_mut()[lane] = r.prompt;
-                    let mut s = Live::with(lane, r.max_new_tokens, r.sampling, r.seed);
-                    s.ignore_eog = r.ignore_eos;
-                    live.push(s);
+                    live.push(Live::with(
+                        lane,
+                        r.max_new_tokens,
+                        r.ignore_eos,
+                        r.sampling,
+                        r.seed,
+                    ));
                 }
             }
             let res = if live.len() > first {

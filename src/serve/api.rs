@@ -196,8 +196,6 @@ pub struct Limits {
     pub max_tokens: usize,
     /// The largest `n`.
     pub max_n: usize,
-    /// Tokens per sequence (`--ctx`).
-    pub ctx: usize,
 }
 
 /// Decoding settings of a request, checked.
@@ -401,7 +399,6 @@ mod tests {
         Limits {
             max_tokens: 100,
             max_n: 8,
-            ctx: 512,
         }
     }
 

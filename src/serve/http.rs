@@ -256,9 +256,8 @@ pub fn metrics_text(s: &Shared) -> String {
         let _ = writeln!(o, "persona_gate_{name} {v}");
     };
     let ld = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-    let steps = ld(&m.gen_steps);
-    let toks = ld(&m.gen_tokens);
-    let gen_s = ld(&m.gen_micros) as f64 / 1e6;
+    let e = m.engine.lock().expect("metrics lock").clone();
+    let gen_s = e.gen_time.as_secs_f64();
     metric(
         "prompt_tokens_total",
         "counter",
@@ -293,7 +292,7 @@ pub fn metrics_text(s: &Shared) -> String {
         "decode_steps_total",
         "counter",
         "Generation steps (one decode call each).",
-        steps.to_string(),
+        e.gen_steps.to_string(),
     );
     metric(
         "generation_seconds_total",
@@ -305,38 +304,31 @@ pub fn metrics_text(s: &Shared) -> String {
         "prompt_tokens_decoded_total",
         "counter",
         "Prompt tokens decoded by the engine.",
-        ld(&m.prompt_decoded).to_string(),
+        e.prompt_tokens.to_string(),
     );
     metric(
         "prompt_tokens_cached_total",
         "counter",
         "Prompt tokens copied from cached template headers.",
-        ld(&m.prompt_cached).to_string(),
+        e.shared_tokens.to_string(),
     );
     metric(
         "prompt_seconds_total",
         "counter",
         "Time in prompt decoding.",
-        format!("{:.6}", ld(&m.prompt_micros) as f64 / 1e6),
+        format!("{:.6}", e.prompt_time.as_secs_f64()),
     );
     metric(
         "batch_occupancy",
         "gauge",
         "Mean sequences per generation step over slots, since start.",
-        format!(
-            "{:.4}",
-            if steps == 0 {
-                0.0
-            } else {
-                toks as f64 / steps as f64 / s.slots as f64
-            }
-        ),
+        format!("{:.4}", e.occupancy() / s.slots as f64),
     );
     metric(
         "seconds_per_token",
         "gauge",
         "Mean generation time per generated token, since start.",
-        format!("{:.6}", if toks == 0 { 0.0 } else { gen_s / toks as f64 }),
+        format!("{:.6}", gen_s / e.gen_tokens.max(1) as f64),
     );
     metric(
         "requests_cancelled_total",
@@ -397,6 +389,13 @@ struct Prepared {
     echo: Vec<Value>,
 }
 
+impl Prepared {
+    /// Prompt tokens of the request (each prompt once, whatever `n`), as `usage` counts them.
+    fn prompt_tokens(&self) -> usize {
+        self.prompts.iter().map(|(q, _)| q.tokens.len()).sum()
+    }
+}
+
 /// Checks the fields, builds the edits, renders and tokenises the prompts.
 fn prepare(s: &Shared, c: &Common, inputs: Inputs) -> std::result::Result<Prepared, ApiError> {
     if let Some(m) = &c.model {
@@ -416,7 +415,6 @@ fn prepare(s: &Shared, c: &Common, inputs: Inputs) -> std::result::Result<Prepar
     let lim = Limits {
         max_tokens: s.config.max_tokens,
         max_n: s.config.max_n,
-        ctx,
     };
     let dec = api::decoding(c, &lim)?;
     let ivs = api::steering(c.steering.as_deref().unwrap_or(&[]), model.info.n_layer)?;
@@ -638,10 +636,9 @@ fn submit(
         };
         return Err(ApiError::status(503, "server_error", why));
     }
-    let prompt_tokens: usize = p.prompts.iter().map(|(q, _)| q.tokens.len()).sum();
     s.metrics
         .prompt_tokens
-        .fetch_add(prompt_tokens as u64, Ordering::Relaxed);
+        .fetch_add(p.prompt_tokens() as u64, Ordering::Relaxed);
     Ok((rx, total))
 }
 
@@ -754,7 +751,7 @@ async fn complete(
         model: s.config.model_id.clone(),
         kind,
         echo: p.echo.clone(),
-        prompt_tokens: p.prompts.iter().map(|(q, _)| q.tokens.len()).sum(),
+        prompt_tokens: p.prompt_tokens(),
     };
     if c.stream {
         s.metrics.count(ep, 200);
@@ -767,10 +764,7 @@ async fn complete(
         Err(e) => e.status,
     };
     s.metrics.count(ep, status);
-    s.metrics
-        .request_micros
-        .fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
-    s.metrics.request_count.fetch_add(1, Ordering::Relaxed);
+    s.metrics.answered(t0);
     match r {
         Ok(v) => Json(v).into_response(),
         Err(e) => error_response(&e),
@@ -956,10 +950,7 @@ fn stream_response(
             }
         }
         let _ = tx.send(SseEvent::default().data("[DONE]")).await;
-        s.metrics
-            .request_micros
-            .fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
-        s.metrics.request_count.fetch_add(1, Ordering::Relaxed);
+        s.metrics.answered(t0);
     });
     Sse::new(ReceiverStream::new(out).map(Ok::<_, Infallible>)).into_response()
 }

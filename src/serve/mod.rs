@@ -105,19 +105,21 @@ pub struct Metrics {
     pub queue_depth: AtomicUsize,
     pub live: AtomicUsize,
     pub cancelled: AtomicU64,
-    pub gen_steps: AtomicU64,
-    pub gen_tokens: AtomicU64,
-    /// Microseconds.
-    pub gen_micros: AtomicU64,
-    pub prompt_decoded: AtomicU64,
-    /// Prompt tokens copied from cached template headers instead of decoded.
-    pub prompt_cached: AtomicU64,
-    pub prompt_micros: AtomicU64,
+    /// The engine session's counters as of its last loop turn (decode steps, tokens, time,
+    /// prompt tokens decoded and copied from template headers).
+    pub engine: Mutex<Stats>,
     pub request_micros: AtomicU64,
     pub request_count: AtomicU64,
 }
 
 impl Metrics {
+    /// One more request answered, `t0` being when it came.
+    pub fn answered(&self, t0: Instant) {
+        self.request_micros
+            .fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
+        self.request_count.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub fn count(&self, endpoint: &'static str, status: u16) {
         *self
             .requests
@@ -365,16 +367,7 @@ impl Feed for EngineFeed<'_> {
     fn tick(&mut self, stats: &Stats, live: usize) {
         let m = &self.shared.metrics;
         m.live.store(live, Ordering::Relaxed);
-        m.gen_steps.store(stats.gen_steps, Ordering::Relaxed);
-        m.gen_tokens.store(stats.gen_tokens, Ordering::Relaxed);
-        m.gen_micros
-            .store(stats.gen_time.as_micros() as u64, Ordering::Relaxed);
-        m.prompt_decoded
-            .store(stats.prompt_tokens, Ordering::Relaxed);
-        m.prompt_cached
-            .store(stats.shared_tokens, Ordering::Relaxed);
-        m.prompt_micros
-            .store(stats.prompt_time.as_micros() as u64, Ordering::Relaxed);
+        m.engine.lock().expect("metrics lock").clone_from(stats);
     }
 }
 
